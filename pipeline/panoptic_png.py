@@ -1,0 +1,77 @@
+"""PNG codec for COCO panoptic id maps: an 8-bit RGB PNG whose pixel value is the segment id
+``id = R + 256 * G + 256**2 * B`` (0 = void).
+
+Decoding goes through libspng (``pyspng``), about twice as fast as PIL on COCO's PNGs; ids come
+from decoding to RGBA and reading each pixel's 4 bytes as one little-endian uint32, with no
+per-channel arithmetic. Encoding writes the PNG chunks directly with zlib (filter 0 rows), which
+suits these maps of long runs and is several times faster than PIL's encoder.
+The shards store segment-index maps run-length encoded instead (see ``pipeline.shards``).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pyspng
+
+MAX_SEGMENT_ID = 256**3 - 1
+_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 -> [H, W] uint32 segment ids."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an [H, W, 3] array, got shape {rgb.shape}")
+    rgb = rgb.astype(np.uint32, copy=False)
+    return rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16)
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """[H, W] integer segment ids (< 256**3) -> [H, W, 3] uint8."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() > MAX_SEGMENT_ID):
+        raise ValueError(f"segment ids must lie in [0, {MAX_SEGMENT_ID}]")
+    ids = ids.astype(np.uint32, copy=False)
+    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
+
+
+def _header(data: bytes) -> tuple[int, int, int, int]:
+    """(width, height, bit depth, colour type) from a PNG's IHDR; ValueError if not a PNG."""
+    if len(data) < 33 or not data.startswith(_SIGNATURE) or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG file")
+    w, h, depth, ctype = struct.unpack(">IIBB", data[16:26])
+    return w, h, depth, ctype
+
+
+def _decode(data: bytes, fmt: str | None) -> np.ndarray:
+    try:
+        return pyspng.load(data, format=fmt)
+    except RuntimeError as e:  # pyspng's only error type
+        raise ValueError(str(e).removeprefix("pyspng: ")) from None
+
+
+def decode_id_png(data: bytes) -> np.ndarray:
+    """Encoded COCO panoptic PNG -> [H, W] uint32 ids. Raises ValueError on a bad file."""
+    _, _, depth, _ = _header(data)
+    if depth != 8:
+        raise ValueError(f"panoptic PNGs are 8 bits per channel, this one has {depth}")
+    rgba = _decode(data, "RGBA")
+    return rgba.view("<u4")[..., 0] & np.uint32(0xFFFFFF)
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def encode_id_png(ids: np.ndarray, level: int = 6) -> bytes:
+    """[H, W] segment ids -> 8-bit RGB PNG bytes in COCO panoptic format."""
+    rgb = id_to_rgb(ids)
+    h, w = rgb.shape[:2]
+    raw = np.empty((h, 3 * w + 1), np.uint8)
+    raw[:, 0] = 0  # filter type None on every row
+    raw[:, 1:] = rgb.reshape(h, 3 * w)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw.tobytes(), level))
+            + _chunk(b"IEND", b""))

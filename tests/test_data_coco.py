@@ -1,0 +1,209 @@
+"""Reading COCO panoptic: every bad-input case gives a clear error naming the image and problem."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import coco
+from pipeline.panoptic_png import decode_id_png, encode_id_png, rgb_to_id
+from pipeline.shards import convert_record
+
+
+def _load(src: dict) -> coco.CocoPanoptic:
+    return coco.load_panoptic_json(src["panoptic_json"])
+
+
+def _convert_all(src: dict) -> tuple[list[dict], list[coco.RecordError]]:
+    """Validate every record of a dataset the way the data stage does."""
+    ds = _load(src)
+    images, panoptic = coco.resolve(src["images"]), coco.resolve(src["panoptic_dir"])
+    rows, errors = [], list(ds.rejects)
+    for rec in ds.records:
+        try:
+            rows.append(convert_record(rec, images, panoptic))
+        except coco.RecordError as e:
+            errors.append(e)
+    return rows, errors
+
+
+def _edit_json(src: dict, fn) -> None:
+    with open(src["panoptic_json"]) as f:
+        doc = json.load(f)
+    fn(doc)
+    with open(src["panoptic_json"], "w") as f:
+        json.dump(doc, f)
+
+
+def _png_path(src: dict, k: int) -> str:
+    with open(src["panoptic_json"]) as f:
+        return os.path.join(src["panoptic_dir"], json.load(f)["annotations"][k]["file_name"])
+
+
+def _only_error(src: dict) -> coco.RecordError:
+    rows, errors = _convert_all(src)
+    assert len(errors) == 1, [str(e) for e in errors]
+    assert len(rows) == 5  # the other images of the 6-image set still convert
+    return errors[0]
+
+
+def test_clean_dataset_has_no_errors(synth_small):
+    rows, errors = _convert_all(synth_small)
+    assert errors == [] and len(rows) == 6
+
+
+def test_rgb_id_roundtrip():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 2**24, size=(7, 9)).astype(np.uint32)
+    ids[0, 0] = 2**24 - 1
+    assert np.array_equal(decode_id_png(encode_id_png(ids)), ids)
+    rgb = np.array([[[1, 2, 3]]], np.uint8)
+    assert rgb_to_id(rgb)[0, 0] == 1 + 256 * 2 + 256 * 256 * 3
+
+
+def test_png_id_missing_from_json(synth_copy):
+    path = _png_path(synth_copy, 2)
+    ids = decode_id_png(open(path, "rb").read())
+    ids[:3, :3] = 4242
+    open(path, "wb").write(encode_id_png(ids))
+    e = _only_error(synth_copy)
+    assert "image 3 (synth_0007_000002.jpg)" in str(e) and "missing from segments_info" in str(e)
+    assert "4242" in str(e)
+
+
+def test_json_id_missing_from_png(synth_copy):
+    _edit_json(synth_copy, lambda d: d["annotations"][1]["segments_info"].append(
+        {"id": 777, "category_id": 1, "iscrowd": 0}))
+    e = _only_error(synth_copy)
+    assert "image 2 " in str(e) and "not in the panoptic PNG" in str(e) and "777" in str(e)
+
+
+def test_unknown_category(synth_copy):
+    _edit_json(synth_copy, lambda d: d["annotations"][0]["segments_info"][0].update(category_id=9999))
+    e = _only_error(synth_copy)
+    assert "image 1 " in str(e) and "unknown category_id 9999" in str(e)
+
+
+def test_png_size_differs_from_image(synth_copy):
+    path = _png_path(synth_copy, 4)
+    ids = decode_id_png(open(path, "rb").read())
+    open(path, "wb").write(encode_id_png(ids[:, :100]))
+    e = _only_error(synth_copy)
+    assert "image 5 " in str(e) and "panoptic PNG is 100x96 but the image is 128x96" in str(e)
+
+
+def test_image_size_differs_from_json(synth_copy):
+    path = os.path.join(synth_copy["images"], "synth_0007_000003.jpg")
+    Image.open(path).resize((64, 48)).save(path)
+    e = _only_error(synth_copy)
+    assert "image 4 " in str(e) and "image is 64x48 but the JSON says 128x96" in str(e)
+
+
+@pytest.mark.parametrize("which", ["image", "panoptic"])
+def test_truncated_files(synth_copy, which):
+    path = (os.path.join(synth_copy["images"], "synth_0007_000001.jpg") if which == "image"
+            else _png_path(synth_copy, 1))
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    e = _only_error(synth_copy)
+    assert "image 2 " in str(e) and "unreadable or truncated" in str(e)
+
+
+def test_unreadable_garbage_file(synth_copy):
+    open(_png_path(synth_copy, 0), "wb").write(b"this is not a png")
+    e = _only_error(synth_copy)
+    assert "image 1 " in str(e) and "panoptic PNG is unreadable" in str(e)
+
+
+@pytest.mark.parametrize("which", ["image", "panoptic"])
+def test_missing_files(synth_copy, which):
+    path = (os.path.join(synth_copy["images"], "synth_0007_000005.jpg") if which == "image"
+            else _png_path(synth_copy, 5))
+    os.remove(path)
+    e = _only_error(synth_copy)
+    assert "image 6 " in str(e) and "is missing" in str(e) and os.path.basename(path) in str(e)
+
+
+def test_duplicate_segment_ids(synth_copy):
+    def dup(d):
+        infos = d["annotations"][2]["segments_info"]
+        infos.append(dict(infos[0]))
+    _edit_json(synth_copy, dup)
+    e = _only_error(synth_copy)
+    assert "image 3 " in str(e) and "duplicate segment ids" in str(e)
+
+
+def test_duplicate_image_ids_rejects_every_copy(synth_copy):
+    _edit_json(synth_copy, lambda d: d["images"].append(dict(d["images"][3])))
+    rows, errors = _convert_all(synth_copy)
+    assert len(rows) == 5 and len(errors) == 1
+    assert "image 4 " in str(errors[0]) and "duplicate image id" in str(errors[0])
+
+
+def test_void_segment_id_and_annotation_mismatches(synth_copy):
+    def edit(d):
+        d["annotations"][0]["segments_info"][0]["id"] = 0
+        d["annotations"].append({"image_id": 99, "file_name": "x.png", "segments_info": []})
+        d["images"].append({"id": 100, "file_name": "y.jpg", "height": 1, "width": 1})
+    _edit_json(synth_copy, edit)
+    rows, errors = _convert_all(synth_copy)
+    msgs = sorted(str(e) for e in errors)
+    assert len(rows) == 5 and len(msgs) == 3
+    assert any("image 1 " in m and "segment id 0 is outside" in m for m in msgs)
+    assert any("image 99" in m and "missing from 'images'" in m for m in msgs)
+    assert any("image 100 (y.jpg)" in m and "no annotation" in m for m in msgs)
+
+
+def test_area_and_bbox_must_match_png(synth_copy):
+    _edit_json(synth_copy, lambda d: d["annotations"][3]["segments_info"][0].update(area=1))
+    e = _only_error(synth_copy)
+    assert "image 4 " in str(e) and "JSON area 1" in str(e)
+
+
+def test_dataset_level_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(coco.DatasetError, match="bad.json: cannot read panoptic JSON"):
+        coco.load_panoptic_json(str(bad))
+    with pytest.raises(coco.DatasetError, match="file not found"):
+        coco.load_panoptic_json(str(tmp_path / "absent.json"))
+    bad.write_text(json.dumps({"images": [], "annotations": [], "categories": [
+        {"id": 1, "name": "a", "isthing": 1}, {"id": 1, "name": "b", "isthing": 0}]}))
+    with pytest.raises(coco.DatasetError, match=r"duplicate category ids \[1\]"):
+        coco.load_panoptic_json(str(bad))
+
+
+def test_reads_through_uris(synth_small):
+    """file:// goes through pyarrow's filesystem, memory:// through fsspec."""
+    import fsspec
+
+    ds = coco.load_panoptic_json("file://" + synth_small["panoptic_json"])
+    assert len(ds.records) == 6
+    mem = fsspec.filesystem("memory")
+    with open(synth_small["panoptic_json"], "rb") as f:
+        mem.pipe("/ciae-test/panoptic.json", f.read())
+    for name in os.listdir(synth_small["panoptic_dir"]):
+        mem.pipe(f"/ciae-test/panoptic/{name}", open(os.path.join(synth_small["panoptic_dir"], name), "rb").read())
+    for name in os.listdir(synth_small["images"]):
+        mem.pipe(f"/ciae-test/images/{name}", open(os.path.join(synth_small["images"], name), "rb").read())
+    rows, errors = _convert_all({"images": "memory://ciae-test/images",
+                                 "panoptic_json": "memory://ciae-test/panoptic.json",
+                                 "panoptic_dir": "memory://ciae-test/panoptic"})
+    assert errors == [] and len(rows) == 6
+
+
+def test_measure_segments_matches_masks():
+    rng = np.random.default_rng(1)
+    index = rng.integers(0, 5, size=(13, 17)).astype(np.int32)
+    index[index == 3] = 0  # segment 3 is empty
+    areas, boxes = coco.measure_segments(index, 4)
+    for i in range(1, 5):
+        ys, xs = np.nonzero(index == i)
+        assert areas[i - 1] == len(ys)
+        expect = [0, 0, 0, 0] if len(ys) == 0 else [xs.min(), ys.min(), xs.max() - xs.min() + 1,
+                                                      ys.max() - ys.min() + 1]
+        assert boxes[i - 1].tolist() == expect

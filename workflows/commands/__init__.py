@@ -1,0 +1,1 @@
+"""Subcommands of the ciae CLI, one module each."""
