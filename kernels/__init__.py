@@ -1,1 +1,6 @@
-"""kernels"""
+"""Fused operations of the CIAE method, each a PyTorch twin (the exact reference) behind a
+dispatcher. Import the entry points from here; ``kernels.dispatch.BACKENDS`` lists the backends."""
+
+from kernels.dispatch import BACKENDS, assign, assign_upsampled, embedding_loss, segment_sums
+
+__all__ = ["BACKENDS", "assign", "assign_upsampled", "embedding_loss", "segment_sums"]

@@ -11,6 +11,7 @@ _ENV_DEFAULTS = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # a 2 s stall per report otherwise
+    "RAY_DATA_LOG_LEVEL": "WARNING",  # the stages report progress themselves
 }
 
 

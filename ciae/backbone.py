@@ -1,0 +1,265 @@
+"""ResNet backbone (He et al., 2016) returning C2-C5, with torchvision's parameter names.
+
+The module tree matches torchvision's ``resnet18/34/50/101`` (``conv1``, ``bn1``,
+``layer1``..``layer4``, blocks with ``conv{1,2,3}``, ``bn{1,2,3}`` and ``downsample.0/.1``;
+bottlenecks stride on the 3x3 conv, "v1.5"), so torchvision-format ImageNet state dicts load
+with :func:`load_torchvision_weights`. ``width`` scales every stage (torchvision's is 64), which
+makes a width-16 net small enough for a CPU.
+
+Norm layers (``BackboneConfig.norm``): ``frozen_bn`` (:class:`FrozenBatchNorm2d`, for
+pretrained weights), ``bn`` (``nn.BatchNorm2d``) or ``gn`` (``nn.GroupNorm`` with the largest
+group count <= 32 that divides the channels). ``freeze_at`` = k freezes the first k of
+(stem, layer1, ..., layer4), as detectron2 does: no gradients, and their norms stay in eval
+mode, so ``bn`` statistics of frozen stages do not drift either.
+
+Without pretrained weights, convs are kaiming-normal (fan_out) and norms weight 1, bias 0,
+except that the last norm of each residual block starts at weight 0 (Goyal et al., 2017:
+every block starts as the identity) wherever that weight is trained.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ciae.config import BackboneConfig
+
+LEVELS = ("c2", "c3", "c4", "c5")
+STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters, all buffers.
+
+    Loads torchvision ``BatchNorm2d`` keys (``weight``, ``bias``, ``running_mean``,
+    ``running_var``; ``num_batches_tracked`` is dropped). x [B, C, H, W] -> [B, C, H, W].
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def group_count(channels: int) -> int:
+    """The largest number of GroupNorm groups <= 32 that divides ``channels``."""
+    return max(g for g in range(1, 33) if channels % g == 0)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "frozen_bn":
+        return FrozenBatchNorm2d(channels)
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        return nn.GroupNorm(group_count(channels), channels)
+    raise ValueError(f"unknown norm {kind!r}: expected 'frozen_bn', 'bn' or 'gn'")
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+def shortcut(in_channels: int, out_channels: int, stride: int, norm: str) -> nn.Module | None:
+    """The projection shortcut (``downsample``) where the block changes shape, else None."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.Sequential(conv1x1(in_channels, out_channels, stride), make_norm(norm, out_channels))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34). x [B, in, H, W] -> [B, channels, H/stride, W/stride]."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, channels: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, channels, stride)
+        self.bn1 = make_norm(norm, channels)
+        self.conv2 = conv3x3(channels, channels)
+        self.bn2 = make_norm(norm, channels)
+        self.downsample = shortcut(in_channels, channels, stride, norm)
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu_(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return torch.relu_(out)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand x4 (ResNet-50/101).
+
+    x [B, in, H, W] -> [B, 4 * channels, H/stride, W/stride].
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1 = conv1x1(in_channels, channels)
+        self.bn1 = make_norm(norm, channels)
+        self.conv2 = conv3x3(channels, channels, stride)
+        self.bn2 = make_norm(norm, channels)
+        self.conv3 = conv1x1(channels, channels * self.expansion)
+        self.bn3 = make_norm(norm, channels * self.expansion)
+        self.downsample = shortcut(in_channels, channels * self.expansion, stride, norm)
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu_(self.bn1(self.conv1(x)))
+        out = torch.relu_(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return torch.relu_(out)
+
+
+ARCHITECTURES: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """ResNet without its classifier: x [B, 3, H, W] (normalised) -> C2-C5.
+
+    ``out_channels`` and ``strides`` map "c2".."c5" to channels (width * (1, 2, 4, 8), x4 for
+    bottlenecks) and strides (4, 8, 16, 32). A level of stride s is ceil(H / s) x ceil(W / s).
+    """
+
+    def __init__(self, depth: int, width: int = 64, norm: str = "frozen_bn", freeze_at: int = 0):
+        super().__init__()
+        if depth not in ARCHITECTURES:
+            raise ValueError(f"unsupported ResNet depth {depth}: expected one of {sorted(ARCHITECTURES)}")
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"freeze_at must be in 0..5 (stem, layer1..layer4), got {freeze_at}")
+        block, counts = ARCHITECTURES[depth]
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = make_norm(norm, width)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        in_channels = width
+        for i, count in enumerate(counts):
+            channels = width * 2**i
+            blocks = []
+            for j in range(count):
+                blocks.append(block(in_channels, channels, 2 if i > 0 and j == 0 else 1, norm))
+                in_channels = channels * block.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.out_channels = {level: width * 2**i * block.expansion for i, level in enumerate(LEVELS)}
+        self.strides = dict(STRIDES)
+
+        stages = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+        self.frozen = tuple(name for stage in stages[:freeze_at] for name in stage)
+        for name in self.frozen:
+            getattr(self, name).requires_grad_(False)
+        self._init_weights()
+        self.train()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():  # trained norms only: a fixed zero would kill the block
+            if isinstance(m, (BasicBlock, Bottleneck)) and m.last_norm.weight.requires_grad:
+                nn.init.zeros_(m.last_norm.weight)
+
+    def train(self, mode: bool = True) -> "ResNet":
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self, name).eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x [B, 3, H, W] -> {"c2": [B, out_channels["c2"], H/4, W/4], ..., "c5": [.., H/32, W/32]}."""
+        x = self.maxpool(torch.relu_(self.bn1(self.conv1(x))))
+        out = {}
+        for level, layer in zip(LEVELS, (self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            out[level] = x
+        return out
+
+
+def load_torchvision_weights(model: ResNet, path: str) -> None:
+    """Load a local torchvision-format ResNet state dict into ``model``.
+
+    The file is read with ``weights_only=True`` (tensors and plain containers only; pickled
+    code is refused). It may wrap the state dict in ``{"state_dict": ...}`` or
+    ``{"model": ...}``. ``fc.*`` and ``num_batches_tracked`` are ignored; any other missing,
+    unexpected or shape-mismatched key raises a ValueError naming the file and the keys.
+    """
+    if any(isinstance(m, nn.GroupNorm) for m in model.modules()):
+        raise ValueError(f"cannot load {path} into a GroupNorm ResNet: ImageNet weights carry "
+                         "BatchNorm statistics; use norm 'frozen_bn' or 'bn'")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} is not a plain state dict (refused by weights_only loading): {e}") from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+
+    def kept(key: str) -> bool:
+        return not key.startswith("fc.") and not key.endswith("num_batches_tracked")
+
+    given = {k: v for k, v in state.items() if kept(k)}
+    expected = {k: v for k, v in model.state_dict().items() if kept(k)}
+    missing = [f"{k} {tuple(v.shape)}" for k, v in expected.items() if k not in given]
+    unexpected = [f"{k} {tuple(v.shape)}" for k, v in given.items() if k not in expected]
+    mismatched = [f"{k} {tuple(given[k].shape)} in file, {tuple(v.shape)} in model"
+                  for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    problems = [f"{len(keys)} {what}: {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                   ("shape-mismatched", mismatched)) if keys]
+    if problems:
+        raise ValueError(f"{path} does not fit this ResNet; " + "; ".join(problems))
+    model.load_state_dict(given, strict=False)
+
+
+def build_backbone(cfg: BackboneConfig) -> ResNet:
+    """The ResNet that ``cfg`` describes, with ``cfg.weights`` loaded when set."""
+    depth = {f"resnet{d}": d for d in ARCHITECTURES}.get(cfg.name)
+    if depth is None:
+        raise ValueError(f"unknown backbone {cfg.name!r}: expected resnet18, resnet34, resnet50 or resnet101")
+    model = ResNet(depth, width=cfg.width, norm=cfg.norm, freeze_at=cfg.freeze_at)
+    if cfg.weights:
+        load_torchvision_weights(model, cfg.weights)
+    return model

@@ -1,0 +1,73 @@
+"""The CIAE loss (paper Eq. 3-12) on top of the fused operations in ``kernels``.
+
+Per image, with pre-normalisation embeddings E [D, H, W] at full resolution:
+
+* L_CAE: every pixel with a category (``sem`` != 255) against the category memory M (all CAE
+  categories), no box filter.
+* L_IAE: every pixel with a segment (``seg`` != -1) against the stuff memory plus the instance
+  means m_s (normalised sums of E over each instance, Eq. 4 — they carry gradient back to E),
+  instance similarity zeroed outside the instance's ground-truth box expanded ``box_expand``x,
+  thing pixels weighted ``thing_weight``x.
+* each is the sum of per-pixel top-K triplet losses over the batch's valid pixels, divided by
+  their number; L_CIAE = L_CAE + alpha * L_IAE.
+
+It also returns the batch's category sums and counts (of E, per CAE category) for the memory
+update of Eq. 14, which the caller applies (after an all-reduce when training on many workers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ciae.box_ops import expand_boxes
+from ciae.config import EmbeddingConfig
+from ciae.embedding import normalize
+from kernels import dispatch
+
+IGNORE_SEM = 255
+
+
+def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: list[torch.Tensor],
+              memory: torch.Tensor, num_stuff: int, cfg: EmbeddingConfig,
+              backend: str = "auto") -> dict[str, torch.Tensor]:
+    """emb [B, D, H, W] pre-normalisation; sem, seg [B, H, W] int64 (see pipeline.targets);
+    boxes: per image [N_b, 4] xyxy ground-truth thing boxes (instance j <-> seg value C_st + j);
+    memory [C, D] unit vectors.
+
+    Returns loss_cae, loss_iae, loss_ciae (scalars), category_sums [C, D], category_counts [C]."""
+    b, _, h, w = emb.shape
+    c = memory.shape[0]
+    sem_t = torch.where(sem == IGNORE_SEM, torch.full_like(sem, -1), sem)
+    # one pass of segment sums: categories (for the memory) and instances (for the IAE queries)
+    n_seg = num_stuff + max((len(x) for x in boxes), default=0)
+    cat_sums, cat_counts = dispatch.segment_sums(emb.detach(), sem_t, c, backend=backend)
+    seg_sums, _ = dispatch.segment_sums(emb, seg, n_seg, backend=backend)
+
+    full = emb.new_tensor([[0.0, 0.0, float(w), float(h)]])
+    mem_boxes = full.expand(c, 4)
+    stuff_boxes = full.expand(num_stuff, 4)
+    cae = emb.new_zeros(())
+    iae = emb.new_zeros(())
+    n_cae = emb.new_zeros(())
+    n_iae = emb.new_zeros(())
+    for i in range(b):
+        ones = torch.ones((h, w), dtype=emb.dtype, device=emb.device)
+        loss, n = dispatch.embedding_loss(emb[i], memory, mem_boxes, sem_t[i], ones,
+                                          margin=cfg.margin, top_k=cfg.top_k,
+                                          chunk=cfg.pixel_chunk, backend=backend)
+        cae, n_cae = cae + loss, n_cae + n
+
+        n_inst = len(boxes[i])
+        inst = normalize(seg_sums[i, num_stuff:num_stuff + n_inst], dim=1)
+        queries = torch.cat([memory[:num_stuff], inst.to(memory.dtype)], dim=0)
+        qboxes = torch.cat([stuff_boxes, expand_boxes(boxes[i].to(emb.dtype), cfg.box_expand)], dim=0)
+        weight = torch.where(seg[i] >= num_stuff, cfg.thing_weight, 1.0).to(emb.dtype)
+        loss, n = dispatch.embedding_loss(emb[i], queries, qboxes, seg[i], weight,
+                                          margin=cfg.margin, top_k=cfg.top_k,
+                                          chunk=cfg.pixel_chunk, backend=backend)
+        iae, n_iae = iae + loss, n_iae + n
+
+    loss_cae = cae / n_cae.clamp_min(1)
+    loss_iae = iae / n_iae.clamp_min(1)
+    return {"loss_cae": loss_cae, "loss_iae": loss_iae, "loss_ciae": loss_cae + cfg.alpha * loss_iae,
+            "category_sums": cat_sums.sum(0), "category_counts": cat_counts.sum(0)}

@@ -1,0 +1,252 @@
+"""The proposal head (Section IV-A): FCOS on P3-P7 with positives only inside instance masks.
+
+Layout shared by the targets, the losses and the detector: the locations of all levels are
+concatenated in level order (P3 first), each level row-major (``y`` slow, ``x`` fast), so a
+level's slice of ``L = sum(H_l * W_l)`` is ``head_out[key][l].flatten(2)`` in the same order.
+Location ``(i, j)`` of a level with stride ``s`` sits at pixel ``(x, y) = (s // 2 + j * s,
+s // 2 + i * s)``. Regression is in pixels throughout: ``box_reg`` and the ``reg`` targets are
+the distances (left, top, right, bottom) from the location to the box sides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ciae.box_ops import batched_nms, clip_boxes, giou_loss, iou_loss, sigmoid_focal_loss
+from ciae.config import FCOSConfig
+
+
+class FCOSHead(nn.Module):
+    """Shared over levels: a classification tower and a box tower of ``cfg.num_convs`` 3x3
+    convs (+ GroupNorm + ReLU). Class logits come from the classification tower; centerness,
+    box regression and the D-channel box embedding from the box tower.
+
+    ``forward(feats)``, with ``feats`` the P3..P7 maps [B, in_channels, H_l, W_l] (one per
+    ``cfg.strides``), returns a dict of per-level lists:
+
+    * ``cls_logits`` [B, C_th, H_l, W_l]
+    * ``centerness`` [B, 1, H_l, W_l] (logits)
+    * ``box_reg``    [B, 4, H_l, W_l] ltrb in pixels: ``relu(scale_l * x) * stride_l``
+    * ``box_embed``  [B, D, H_l, W_l] (not supervised here; fused by the embedding branch)
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, embed_dim: int, cfg: FCOSConfig,
+                 norm: str = "gn"):
+        super().__init__()
+        if norm not in ("gn", "none"):
+            raise ValueError(f"norm must be 'gn' or 'none', got {norm!r}")
+        self.strides = tuple(cfg.strides)
+        self.cls_tower = _tower(in_channels, cfg.num_convs, norm)
+        self.box_tower = _tower(in_channels, cfg.num_convs, norm)
+        self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
+        self.centerness = nn.Conv2d(in_channels, 1, 3, padding=1)
+        self.box_reg = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.box_embed = nn.Conv2d(in_channels, embed_dim, 3, padding=1)
+        self.scales = nn.Parameter(torch.ones(len(self.strides)))  # one learnable scale per level
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        if len(feats) != len(self.strides):
+            raise ValueError(f"expected {len(self.strides)} feature maps, got {len(feats)}")
+        out: dict[str, list[torch.Tensor]] = {"cls_logits": [], "centerness": [], "box_reg": [],
+                                              "box_embed": []}
+        for level, (x, stride) in enumerate(zip(feats, self.strides)):
+            c, b = self.cls_tower(x), self.box_tower(x)
+            out["cls_logits"].append(self.cls_logits(c))
+            out["centerness"].append(self.centerness(b))
+            out["box_reg"].append(F.relu(self.scales[level] * self.box_reg(b)) * stride)
+            out["box_embed"].append(self.box_embed(b))
+        return out
+
+
+def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(num_convs):
+        layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=norm == "none"))
+        if norm == "gn":
+            layers.append(nn.GroupNorm(math.gcd(32, channels), channels))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def compute_locations(sizes: Sequence[tuple[int, int]], strides: Sequence[int],
+                      device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """Per level (H_l, W_l) and stride -> [H_l * W_l, 2] float32 (x, y) pixel of each location,
+    row-major: ``(stride // 2 + j * stride, stride // 2 + i * stride)``."""
+    locations = []
+    for (h, w), s in zip(sizes, strides):
+        ys = torch.arange(h, dtype=torch.float32, device=device) * s + s // 2
+        xs = torch.arange(w, dtype=torch.float32, device=device) * s + s // 2
+        y, x = torch.meshgrid(ys, xs, indexing="ij")
+        locations.append(torch.stack([x.reshape(-1), y.reshape(-1)], dim=1))
+    return locations
+
+
+def fcos_targets(locations: Sequence[torch.Tensor], strides: Sequence[int],
+                 size_ranges: Sequence[tuple[float, float]], seg: torch.Tensor,
+                 boxes: Sequence[torch.Tensor], classes: Sequence[torch.Tensor], num_stuff: int,
+                 center_sample_radius: float) -> dict[str, torch.Tensor]:
+    """Per-location targets of a batch, over the concatenated locations (module docstring).
+
+    A location is positive for thing instance ``j`` of image ``b`` iff
+
+    * its pixel (clamped into the padded ``seg``) is on the instance: ``seg == num_stuff + j``
+      (stuff, void and crowd pixels, -1, are never positive; masks are exclusive, so a location
+      has at most one candidate instance);
+    * it lies strictly within ``center_sample_radius * stride`` of the box centre in x and in y
+      (``<= 0`` turns centre sampling off; the region is implicitly clipped to the box, since
+      mask pixels lie in the box);
+    * ``lo <= max(l, t, r, b) <= hi`` for its level's size range (FCOS's bounds).
+
+    Args: ``locations`` per level [H_l * W_l, 2] (:func:`compute_locations`); ``seg`` [B, H, W]
+    int64; per image ``boxes`` [N_b, 4] xyxy (exclusive ends) and ``classes`` [N_b] int64.
+
+    Returns a dict, with ``L = sum(H_l * W_l)``:
+
+    * ``labels``     [B, L] int64: thing class 0..C_th-1, or -1 for background
+    * ``reg``        [B, L, 4] float32: ltrb distances in pixels (0 at background)
+    * ``centerness`` [B, L] float32: ``sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b))`` (0 at background)
+    * ``instance``   [B, L] int64: the instance index ``j`` of a positive, -1 at background
+    """
+    device = seg.device
+    locs = torch.cat(list(locations)).to(device)
+    counts = [len(loc) for loc in locations]
+    stride = torch.repeat_interleave(torch.tensor(strides, dtype=torch.float32, device=device),
+                                     torch.tensor(counts, device=device))
+    bounds = torch.tensor(size_ranges, dtype=torch.float32, device=device)
+    lo, hi = torch.repeat_interleave(bounds, torch.tensor(counts, device=device), dim=0).unbind(1)
+    x, y = locs.unbind(1)
+    height, width = seg.shape[-2:]
+    px = x.long().clamp(0, width - 1)
+    py = y.long().clamp(0, height - 1)
+
+    out = {"labels": [], "reg": [], "centerness": [], "instance": []}
+    for b in range(seg.shape[0]):
+        bx = boxes[b].to(device=device, dtype=torch.float32).reshape(-1, 4)
+        cl = classes[b].to(device=device, dtype=torch.int64)
+        inst = seg[b, py, px] - num_stuff
+        pos = (inst >= 0) & (inst < len(bx))
+        j = inst.clamp(0, max(len(bx) - 1, 0))
+        if len(bx) == 0:  # gather from a dummy box; every location is background anyway
+            bx, cl = bx.new_zeros(1, 4), cl.new_zeros(1)
+        box = bx[j]
+        ltrb = torch.stack([x - box[:, 0], y - box[:, 1], box[:, 2] - x, box[:, 3] - y], dim=1)
+        if center_sample_radius > 0:
+            centre = (box[:, :2] + box[:, 2:]) / 2
+            reach = center_sample_radius * stride
+            pos &= ((x - centre[:, 0]).abs() < reach) & ((y - centre[:, 1]).abs() < reach)
+        extent = ltrb.max(dim=1).values
+        pos &= (extent >= lo) & (extent <= hi)
+
+        out["labels"].append(torch.where(pos, cl[j], -1))
+        out["reg"].append(torch.where(pos[:, None], ltrb, 0.0))
+        out["centerness"].append(torch.where(pos, _centerness(ltrb), 0.0))
+        out["instance"].append(torch.where(pos, j, -1))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def _centerness(ltrb: torch.Tensor) -> torch.Tensor:
+    """[N, 4] ltrb -> [N] FCOS centerness (finite for any input; meaningful where ltrb >= 0)."""
+    lr, tb = ltrb[:, 0::2].clamp_min(0), ltrb[:, 1::2].clamp_min(0)
+    tiny = torch.finfo(ltrb.dtype).tiny
+    ratio = (lr.min(1).values / lr.max(1).values.clamp_min(tiny)
+             * tb.min(1).values / tb.max(1).values.clamp_min(tiny))
+    return ratio.sqrt()
+
+
+def flatten_levels(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-level [B, C, H_l, W_l] -> [B, L, C] in the location layout of the module docstring."""
+    return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+
+
+def fcos_losses(head_out: dict[str, list[torch.Tensor]], locations: Sequence[torch.Tensor],
+                targets: dict[str, torch.Tensor], cfg: FCOSConfig,
+                reduce_fn: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                ) -> dict[str, torch.Tensor]:
+    """Losses of :class:`FCOSHead` outputs against :func:`fcos_targets`.
+
+    * ``loss_cls``: sigmoid focal loss over all locations and classes, summed, / num_pos
+    * ``loss_box``: ``cfg.box_loss`` ("iou": ``-log IoU``, "giou": ``1 - GIoU``) on positives,
+      weighted by their centerness targets, / the sum of those targets
+    * ``loss_ctr``: BCE-with-logits of centerness on positives, / num_pos
+
+    ``num_pos`` is clamped to >= 1. ``reduce_fn`` maps a local scalar (num_pos, the centerness
+    sum) to its mean over data-parallel workers (identity by default). With no positive,
+    ``loss_box`` and ``loss_ctr`` are zeros whose (zero) gradients still reach ``box_reg`` and
+    ``centerness`` (the sums run over empty selections of them); ``loss_cls`` is then the focal
+    loss of the negatives alone, as in FCOS. Computed in float32 whatever the head's dtype;
+    ``locations`` is only checked against the layout."""
+    cls = flatten_levels(head_out["cls_logits"]).float()         # [B, L, C]
+    ctr = flatten_levels(head_out["centerness"])[..., 0].float()  # [B, L]
+    reg = flatten_levels(head_out["box_reg"]).float()             # [B, L, 4]
+    if cls.shape[1] != sum(len(loc) for loc in locations):
+        raise ValueError("head outputs and locations disagree on the number of locations")
+    labels = targets["labels"]
+    pos = labels >= 0
+    num_pos = reduce_fn(pos.sum().float()).clamp_min(1)
+
+    onehot = torch.zeros_like(cls)
+    onehot[pos] = F.one_hot(labels[pos], cls.shape[-1]).float()
+    loss_cls = sigmoid_focal_loss(cls, onehot, cfg.focal_alpha, cfg.focal_gamma, "sum") / num_pos
+
+    ctr_t = targets["centerness"][pos].float()
+    box_fn = giou_loss if cfg.box_loss == "giou" else iou_loss
+    box = box_fn(reg[pos], targets["reg"][pos].float())
+    ctr_sum = reduce_fn(ctr_t.sum()).clamp_min(torch.finfo(ctr_t.dtype).eps)
+    loss_box = (box * ctr_t).sum() / ctr_sum
+    loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos], ctr_t, reduction="sum") / num_pos
+    return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}
+
+
+@torch.no_grad()
+def fcos_detect(head_out: dict[str, list[torch.Tensor]], locations: Sequence[torch.Tensor],
+                image_sizes: Sequence[tuple[int, int]], cfg: FCOSConfig) -> list[dict[str, torch.Tensor]]:
+    """Detections per image from :class:`FCOSHead` outputs.
+
+    Score of (location, class): ``sqrt(sigmoid(cls) * sigmoid(centerness))``, the geometric mean
+    (on a probability scale, unlike FCOS's product; the ranking is the same). Per level, the
+    (location, class) pairs with score > ``cfg.score_thresh``, at most ``cfg.pre_nms_topk`` of
+    the best; boxes decoded from location and ltrb, clipped to the image (h, w), empty ones
+    dropped; class-wise NMS at ``cfg.nms_thresh``; the best ``cfg.max_detections`` kept.
+
+    Returns one dict per image, sorted by decreasing score:
+
+    * ``boxes`` [K, 4] float xyxy, ``scores`` [K], ``classes`` [K] int64 (thing class)
+    * ``locations`` [K, 2] int64 (x, y): the pixel of the location that produced the detection
+      (clamped into the image), where the CIAE inference reads the query embedding
+    * ``levels`` [K] int64: 0 for P3 ... 4 for P7
+    """
+    results = []
+    for b, (h, w) in enumerate(image_sizes):
+        per_level = []
+        for level, loc in enumerate(locations):
+            cls = head_out["cls_logits"][level][b].flatten(1).t().sigmoid()   # [HW, C]
+            ctr = head_out["centerness"][level][b].flatten(1).t().sigmoid()   # [HW, 1]
+            scores = (cls * ctr).sqrt().flatten()
+            cand = (scores > cfg.score_thresh).nonzero()[:, 0]
+            if len(cand) > cfg.pre_nms_topk:
+                cand = cand[scores[cand].topk(cfg.pre_nms_topk).indices]
+            idx, cls_id = cand // cls.shape[1], cand % cls.shape[1]
+            ltrb = head_out["box_reg"][level][b].flatten(1).t()[idx]          # [K, 4]
+            xy = loc[idx].to(ltrb.device)
+            boxes = clip_boxes(torch.cat([xy - ltrb[:, :2], xy + ltrb[:, 2:]], dim=1), (h, w))
+            per_level.append((boxes, scores[cand], cls_id, xy, torch.full_like(cls_id, level)))
+        boxes, scores, cls_id, xy, levels = (torch.cat(t) for t in zip(*per_level))
+        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, scores, cls_id, xy, levels = (t[nonempty] for t in (boxes, scores, cls_id, xy, levels))
+        keep = batched_nms(boxes, scores, cls_id, cfg.nms_thresh)[:cfg.max_detections]
+        pixel = torch.stack([xy[keep, 0].long().clamp(0, w - 1), xy[keep, 1].long().clamp(0, h - 1)], 1)
+        results.append({"boxes": boxes[keep], "scores": scores[keep], "classes": cls_id[keep],
+                        "locations": pixel, "levels": levels[keep]})
+    return results

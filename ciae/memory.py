@@ -1,0 +1,46 @@
+"""The category-aware memory embeddings (paper Sec. III-C, Eq. 13-14).
+
+One unit vector per category of the CAE (stuff classes, then the merged thing class or each thing
+class). Randomly initialised, updated without gradient from the batch's category means:
+
+    lambda_t = 1 - momentum * (1 - t / T) ** 3
+    M_t = L2norm(lambda_t * M_{t-1} + (1 - lambda_t) * m_c)   for the categories present.
+
+Updates take category *sums* and pixel counts, so a distributed job can all-reduce them first and
+every worker applies the same update: the memory stays identical across workers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CategoryMemory(nn.Module):
+    def __init__(self, num_categories: int, dim: int, momentum: float = 1e-4, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        m = torch.randn(num_categories, dim, generator=g)
+        self.register_buffer("memory", m / m.norm(dim=1, keepdim=True))
+        self.momentum = momentum
+
+    def forward(self) -> torch.Tensor:
+        """[C, D] unit vectors (a detached view: the loss never moves the memory by gradient)."""
+        return self.memory.detach()
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """lambda_t of Eq. 13 (t clamped to [0, T])."""
+        frac = min(max(step / max(total_steps, 1), 0.0), 1.0)
+        return 1.0 - self.momentum * (1.0 - frac) ** 3
+
+    @torch.no_grad()
+    def update(self, sums: torch.Tensor, counts: torch.Tensor, step: int, total_steps: int) -> None:
+        """sums [C, D] of pre-normalisation embeddings per category, counts [C] pixels per category."""
+        present = counts > 0
+        if not present.any():
+            return
+        means = sums[present].float()
+        means = means / means.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        lam = self.momentum_at(step, total_steps)
+        new = lam * self.memory[present] + (1.0 - lam) * means.to(self.memory.dtype)
+        self.memory[present] = new / new.norm(dim=1, keepdim=True).clamp_min(1e-12)

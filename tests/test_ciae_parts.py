@@ -1,0 +1,209 @@
+"""The method's own parts: config, memory, embedding branch, the composed CIAE loss, assembly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ciae.ciae_loss import ciae_loss
+from ciae.config import Config, EmbeddingConfig
+from ciae.embedding import EmbeddingBranch, full_resolution, sample_at
+from ciae.inference import assemble, oracle_queries
+from ciae.memory import CategoryMemory
+
+
+def test_config_defaults_are_the_papers():
+    c = Config()
+    e = c.embedding
+    assert (e.dim, e.margin, e.top_k, e.alpha, e.thing_weight, e.box_expand) == (32, 0.15, 5, 2.0, 5.0, 1.5)
+    assert (e.coordconv, e.box_embedding, e.thing_mode, e.memory_momentum) == (True, True, "merged", 1e-4)
+    f = c.fcos
+    assert (f.score_thresh, f.pre_nms_topk, f.nms_thresh, f.max_detections) == (0.05, 1000, 0.6, 100)
+    assert (f.focal_alpha, f.focal_gamma, f.strides) == (0.25, 2.0, (8, 16, 32, 64, 128))
+    s = c.solver
+    assert (s.lr, s.momentum, s.weight_decay, s.batch_size, s.iterations, s.steps) == (
+        0.01, 0.9, 1e-4, 16, 90_000, (60_000, 80_000))
+    assert c.inference.stuff_area == 4096 and c.input.shorter_sides == (800,)
+    assert c.backbone.name == "resnet50"
+
+
+def test_config_round_trip_and_errors():
+    small = Config.small()
+    assert Config.from_dict(small.to_dict()) == small
+    assert small.merged({"embedding": {"top_k": 3}}).embedding.top_k == 3
+    with pytest.raises(ValueError, match="unknown config keys in embedding"):
+        Config.from_dict({"embedding": {"topk": 3}})
+    with pytest.raises(ValueError, match="thing_mode must be one of"):
+        small.merged({"embedding": {"thing_mode": "split"}})
+    with pytest.raises(ValueError, match="need embedding.thing_mode 'specific'"):
+        small.merged({"inference": {"instance_class_from": "embedding"}})
+
+
+def test_memory_update_follows_eq_13_14():
+    mem = CategoryMemory(4, 3, momentum=0.5)
+    before = mem.memory.clone()
+    sums = torch.tensor([[2.0, 0, 0], [0, 0, 0], [0, 0, 3.0], [1.0, 1.0, 0]])
+    counts = torch.tensor([5.0, 0.0, 2.0, 1.0])
+    mem.update(sums, counts, step=25, total_steps=100)
+    lam = 1 - 0.5 * (1 - 0.25) ** 3
+    assert mem.momentum_at(25, 100) == pytest.approx(lam)
+    for k in (0, 2, 3):
+        mean = sums[k] / sums[k].norm()
+        expect = lam * before[k] + (1 - lam) * mean
+        assert torch.allclose(mem.memory[k], expect / expect.norm(), atol=1e-6)
+    assert torch.equal(mem.memory[1], before[1])  # absent class untouched
+    assert torch.allclose(mem.memory.norm(dim=1), torch.ones(4))
+    assert mem.momentum_at(100, 100) == 1.0
+
+
+@pytest.mark.parametrize("coordconv,box", [(True, True), (False, False)])
+def test_embedding_branch_shapes(coordconv, box):
+    torch.manual_seed(0)
+    br = EmbeddingBranch(16, 8, 6, coordconv=coordconv, box_embedding=box)
+    feats = [torch.randn(2, 16, 72 // s, 88 // s) for s in (4, 8, 16, 32)]  # 72x88: not /32
+    boxes = [torch.randn(2, 6, -(-72 // s), -(-88 // s)) for s in (8, 16, 32, 64, 128)] if box else None
+    out = br(feats, boxes)
+    assert out.shape == (2, 6, 18, 22)
+    out.sum().backward()
+    assert all(p.grad is not None for p in br.parameters())
+
+
+def test_sample_at_equals_full_resolution():
+    torch.manual_seed(1)
+    emb4 = torch.randn(5, 6, 7)
+    full = full_resolution(emb4[None])[0]
+    xy = torch.tensor([[0, 0], [27, 23], [13, 5], [4, 22]])
+    got = sample_at(emb4, xy)
+    assert torch.allclose(got, full[:, xy[:, 1], xy[:, 0]].t(), atol=1e-5)
+
+
+def _loop_ciae(emb, sem, seg, boxes, memory, num_stuff, cfg):
+    """The CIAE loss pixel by pixel, straight from Eq. 2-12."""
+    b, d, h, w = emb.shape
+    cae = iae = 0.0
+    n_cae = n_iae = 0
+
+    def pixel_loss(p, queries, inside, t, weight):
+        s = [float(p @ q) if ok else 0.0 for q, ok in zip(queries, inside)]
+        dist = [1 - x for x in s]
+        ls = []
+        for k in range(len(queries)):
+            d_neg = 0.0 if k == t else dist[k]
+            lp = max(dist[t] - d_neg + cfg.margin, 0.0)
+            ls.append(-math.log(1 - lp / (2 + cfg.margin)))
+        return weight * sum(sorted(ls, reverse=True)[:cfg.top_k])
+
+    for i in range(b):
+        n_inst = len(boxes[i])
+        means = []
+        for j in range(n_inst):
+            m = emb[i][:, seg[i] == num_stuff + j].sum(1)
+            means.append(m / m.norm())
+        exp = []
+        for x0, y0, x1, y1 in boxes[i].tolist():
+            cx, cy, bw, bh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * cfg.box_expand, (y1 - y0) * cfg.box_expand
+            exp.append((cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2))
+        for y in range(h):
+            for x in range(w):
+                p = emb[i][:, y, x] / emb[i][:, y, x].norm()
+                if sem[i, y, x] != 255:
+                    cae += pixel_loss(p, list(memory), [True] * len(memory), int(sem[i, y, x]), 1.0)
+                    n_cae += 1
+                if seg[i, y, x] >= 0:
+                    inside = [True] * num_stuff + [bx0 <= x < bx1 and by0 <= y < by1 for bx0, by0, bx1, by1 in exp]
+                    t = int(seg[i, y, x])
+                    wgt = cfg.thing_weight if t >= num_stuff else 1.0
+                    iae += pixel_loss(p, list(memory[:num_stuff]) + means, inside, t, wgt)
+                    n_iae += 1
+    return cae / n_cae, iae / n_iae
+
+
+def _toy_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, h, w, c_st = 2, 7, 9, 2
+    seg = torch.randint(0, c_st, (b, h, w), generator=g)
+    seg[0, 1:4, 2:5] = c_st          # instance 0 of image 0
+    seg[0, 4:6, 6:9] = c_st + 1      # instance 1 of image 0
+    seg[1, 2:6, 1:3] = c_st          # instance 0 of image 1
+    seg[1, 0, :] = -1                # void
+    seg[0, 6, 0:2] = -1              # crowd: ignored by the IAE, a thing for the CAE
+    sem = torch.where(seg >= c_st, torch.full_like(seg, c_st), seg)
+    sem[1, 0, :] = 255
+    sem[0, 6, 0:2] = c_st
+    boxes = [torch.tensor([[2.0, 1, 5, 4], [6, 4, 9, 6]]), torch.tensor([[1.0, 2, 3, 6]])]
+    emb = torch.randn(b, 4, h, w, generator=g, dtype=torch.float64)
+    memory = torch.randn(c_st + 1, 4, generator=g, dtype=torch.float64)
+    memory = memory / memory.norm(dim=1, keepdim=True)
+    return emb, sem, seg, boxes, memory, c_st
+
+
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_ciae_loss_equals_per_pixel_loop(top_k):
+    emb, sem, seg, boxes, memory, c_st = _toy_batch()
+    cfg = EmbeddingConfig(top_k=top_k, pixel_chunk=16)
+    out = ciae_loss(emb, sem, seg, [b.double() for b in boxes], memory, c_st, cfg)
+    cae, iae = _loop_ciae(emb, sem, seg, boxes, memory, c_st, cfg)
+    assert float(out["loss_cae"]) == pytest.approx(cae, rel=1e-9)
+    assert float(out["loss_iae"]) == pytest.approx(iae, rel=1e-9)
+    assert float(out["loss_ciae"]) == pytest.approx(cae + 2 * iae, rel=1e-9)
+    # category sums for the memory: sums of the pre-normalisation embeddings per category
+    for k in range(c_st + 1):
+        m = (sem == k)
+        assert torch.allclose(out["category_sums"][k], emb.permute(1, 0, 2, 3)[:, m].sum(1))
+        assert float(out["category_counts"][k]) == float(m.sum())
+
+
+def test_ciae_loss_gradient_reaches_segment_means(monkeypatch):
+    emb, sem, seg, boxes, memory, c_st = _toy_batch(1)
+    cfg = EmbeddingConfig(pixel_chunk=32)
+    emb.requires_grad_(True)
+    ciae_loss(emb, sem, seg, boxes, memory, c_st, cfg)["loss_iae"].backward()
+    # the same loss with the instance means detached: the gradient differs on instance pixels only
+    from kernels import dispatch
+
+    sums = dispatch.segment_sums
+    monkeypatch.setattr(dispatch, "segment_sums", lambda e, *a, **k: sums(e.detach(), *a, **k))
+    emb2 = emb.detach().clone().requires_grad_(True)
+    ciae_loss(emb2, sem, seg, boxes, memory, c_st, cfg)["loss_iae"].backward()
+    diff = (emb.grad - emb2.grad).abs().sum(1)
+    assert diff[seg >= c_st].min() > 0
+    assert diff[seg < c_st].max() < 1e-12
+
+
+def test_oracle_on_perfect_embeddings_reproduces_ground_truth():
+    """Table IV's oracle on embeddings that are one unit vector per segment: exact output."""
+    from ciae.config import InferenceConfig
+
+    h, w, c_st = 24, 32, 2
+    seg = torch.zeros(h, w, dtype=torch.int64)
+    seg[:, 13:] = 1
+    seg[3:11, 4:12] = c_st          # instance 0, crossing the stuff boundary
+    seg[9:20, 10:27] = c_st + 1     # instance 1, occluding instance 0
+    basis = torch.eye(6, dtype=torch.float64)[: c_st + 2] * 3.0  # pre-normalisation: any length
+    emb = basis[seg].permute(2, 0, 1).contiguous()
+    boxes = torch.tensor([[4.0, 3, 12, 11], [10, 9, 27, 20]], dtype=torch.float64)
+    classes = torch.tensor([1, 0])
+    queries = oracle_queries(emb, seg, c_st, 2, stride=1)
+    ids, segments = assemble(emb, (h, w), basis[:c_st], queries, boxes, classes, stuff_ids=[100, 101],
+                             thing_ids=[1, 2], cfg=InferenceConfig(stuff_area=0), stride=1)
+    by_cat = {s["category_id"]: s for s in segments}
+    assert sorted(by_cat) == [1, 2, 100, 101]
+    for cat, label in ((100, 0), (101, 1), (2, c_st), (1, c_st + 1)):
+        mask = (seg == label).numpy()
+        s = by_cat[cat]
+        assert np.array_equal(ids == s["id"], mask)
+        ys, xs = np.nonzero(mask)
+        assert s["area"] == mask.sum()
+        assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+
+
+def test_stuff_area_threshold_scales_with_image_size():
+    from ciae.config import InferenceConfig
+    from ciae.inference import stuff_area_threshold
+
+    cfg = InferenceConfig()
+    assert stuff_area_threshold(cfg, 800, 1333) == pytest.approx(4096)
+    assert stuff_area_threshold(cfg, 400, 1333 // 2) == pytest.approx(4096 / 4, rel=1e-2)

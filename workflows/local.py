@@ -1,0 +1,91 @@
+"""Training and validation on prepared shards in one process (no Ray): the plain loop that the
+Ray Train driver wraps, and the streaming PQ of a model on held-out shards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ciae.config import Config
+from ciae.evaluation.pq import PQAccumulator
+from ciae.model import CIAEModel
+from ciae.train import Trainer, to_device
+from pipeline.coco import CategoryTable
+from pipeline.shards import decode_panoptic_row, read_manifest, read_table
+from pipeline.targets import ShardDataset, TargetConfig, TargetMaker, collate
+
+
+def train_target_config(cfg: Config) -> TargetConfig:
+    i = cfg.input
+    return TargetConfig(shorter_sides=i.shorter_sides, max_size=i.max_size, flip_prob=i.flip_prob,
+                        thing_mode=cfg.embedding.thing_mode)
+
+
+def test_target_config(cfg: Config) -> TargetConfig:
+    i = cfg.input
+    return TargetConfig(shorter_sides=(i.test_shorter_side,), max_size=i.max_size, flip_prob=0.0,
+                        thing_mode=cfg.embedding.thing_mode)
+
+
+def model_for_shards(cfg: Config, shards_uri: str) -> CIAEModel:
+    """A fresh model whose classes are the shards' categories."""
+    m = read_manifest(shards_uri)
+    stuff = sorted(m["stuff_index"], key=m["stuff_index"].get)
+    things = sorted(m["thing_index"], key=m["thing_index"].get)
+    return CIAEModel(cfg, [int(c) for c in stuff], [int(c) for c in things])
+
+
+def batch_stream(shards_uri: str, cfg: Config, seed: int = 0) -> Iterator[dict]:
+    """Endless shuffled training batches; each epoch draws new jitter and flips."""
+    ds = ShardDataset(shards_uri, {"config": train_target_config(cfg), "seed": seed})
+    g = torch.Generator().manual_seed(seed)
+    epoch = 0
+    while True:
+        ds.maker.epoch = epoch
+        order = torch.randperm(len(ds), generator=g).tolist()
+        bs = cfg.solver.batch_size
+        for k in range(0, len(order) - bs + 1, bs):
+            yield collate([ds[i] for i in order[k:k + bs]])
+        epoch += 1
+
+
+@torch.no_grad()
+def evaluate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: bool = False) -> dict:
+    """PQ of ``model`` on shards, streamed through the PQ accumulator (no PNG round trip).
+
+    Predictions are made at the test size and resized (nearest) to each image's own size."""
+    manifest = read_manifest(shards_uri)
+    acc = PQAccumulator(CategoryTable.from_json(manifest["categories"]))
+    maker = TargetMaker.from_manifest(manifest, config=test_target_config(model.cfg), train=False)
+    rows = read_table(shards_uri).to_pylist()
+    device = next(model.parameters()).device
+    model.eval()
+    for k in range(0, len(rows), batch_size):
+        chunk = rows[k:k + batch_size]
+        batch = to_device(collate([maker(r) for r in chunk]), device)
+        preds = model.predict(batch["images"], batch["image_sizes"], oracle=batch if oracle else None)
+        for row, pred in zip(chunk, preds):
+            gt_index, gt_segments = decode_panoptic_row(row)
+            ids = pred["panoptic"]
+            if ids.shape != gt_index.shape:
+                ids = np.asarray(Image.fromarray(ids).resize(gt_index.shape[::-1], Image.NEAREST))
+            acc.add_indexed(gt_index, gt_segments, ids, pred["segments_info"],
+                            image=f"image {row['image_id']} ({row['file_name']})")
+    return acc.summary()
+
+
+def train_local(train_shards: str, cfg: Config, steps: int, checkpoint: str | None = None,
+                on_step=None) -> Trainer:
+    """Train a fresh model (or resume ``checkpoint`` if it exists) for ``steps`` steps in all."""
+    model = model_for_shards(cfg, train_shards)
+    trainer = Trainer(model)
+    if checkpoint and os.path.exists(checkpoint):
+        trainer.load(checkpoint)
+    trainer.fit(batch_stream(train_shards, cfg, seed=cfg.solver.seed + trainer.step), steps,
+                on_step=on_step, checkpoint_path=checkpoint)
+    return trainer
