@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ciae.box_ops import box_iou
 from ciae.config import InferenceConfig
 from ciae.embedding import full_resolution, normalize, sample_at
 from kernels import dispatch
@@ -43,6 +44,27 @@ def oracle_queries(emb: torch.Tensor, seg: torch.Tensor, num_stuff: int, num_ins
     seg [H, W] (instance j = num_stuff + j) at full resolution -> [num_instances, D]."""
     sums, _ = dispatch.segment_sums(_full(emb, stride)[None], seg[None], num_stuff + num_instances)
     return normalize(sums[0, num_stuff:], dim=1)
+
+
+def select_instances(queries: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
+                     cfg: InferenceConfig) -> torch.Tensor:
+    """Indices of the detections that become instance queries, best first.
+
+    queries [K, D] unit, boxes [K, 4], scores [K] (any order). Drops detections under
+    ``instance_score_thresh``, then, greedily by score, any whose query has cosine >=
+    ``duplicate_similarity`` with a kept query whose box overlaps its own: such pairs are one
+    instance found from two locations, and two queries would split its pixels between them."""
+    order = torch.argsort(scores, descending=True)
+    order = order[scores[order] >= cfg.instance_score_thresh]
+    if len(order) < 2:
+        return order
+    sim = queries[order] @ queries[order].t()
+    overlap = box_iou(boxes[order], boxes[order]) > 0
+    dup = (sim >= cfg.duplicate_similarity) & overlap
+    keep = torch.ones(len(order), dtype=torch.bool)
+    for i in range(1, len(order)):
+        keep[i] = not bool((dup[i, :i] & keep[:i]).any())
+    return order[keep]
 
 
 def assemble(emb: torch.Tensor, image_size: tuple[int, int], stuff_memory: torch.Tensor,

@@ -17,7 +17,8 @@ from ciae.config import Config
 from ciae.embedding import EmbeddingBranch, full_resolution
 from ciae.fcos import FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_targets
 from ciae.fpn import FPN
-from ciae.inference import assemble, classes_from_embedding, detection_queries, oracle_queries
+from ciae.inference import (assemble, classes_from_embedding, detection_queries, oracle_queries,
+                            select_instances)
 from ciae.memory import CategoryMemory
 
 
@@ -95,7 +96,8 @@ class CIAEModel(nn.Module):
                 boxes, classes = oracle["boxes"][i], oracle["classes"][i]
             else:
                 queries = detection_queries(emb4[i], dets[i]["locations"])
-                boxes, classes = dets[i]["boxes"], dets[i]["classes"]
+                keep = select_instances(queries, dets[i]["boxes"], dets[i]["scores"], inf)
+                queries, boxes, classes = queries[keep], dets[i]["boxes"][keep], dets[i]["classes"][keep]
                 if inf.instance_class_from == "embedding":
                     thing_memory = memory[self.num_stuff:]
                     classes = classes_from_embedding(queries, thing_memory)

@@ -29,6 +29,9 @@ class RecordError(ValueError):
         self.image = image
         self.problem = problem
 
+    def __reduce__(self):  # picklable, so worker processes and Ray tasks can return it
+        return RecordError, (self.image, self.problem)
+
 
 class DatasetError(ValueError):
     """A problem that makes the whole dataset unusable (unreadable JSON, bad category table)."""
@@ -252,15 +255,20 @@ def parse_panoptic_json(doc: dict, source: str, categories: CategoryTable | None
     return CocoPanoptic(categories, records, rejects)
 
 
-def load_panoptic_json(uri: str, categories: CategoryTable | None = None) -> CocoPanoptic:
-    """Read and check a COCO panoptic JSON from a path or URI."""
+def read_json(uri: str, what: str = "JSON"):
+    """A JSON document from a path or URI; a missing or unparsable file is a DatasetError."""
     fs, path = resolve(uri)
     try:
-        doc = json.loads(read_bytes(fs, path))
+        return json.loads(read_bytes(fs, path))
     except FileNotFoundError:
         raise DatasetError(f"{uri}: file not found") from None
     except (OSError, ValueError) as e:
-        raise DatasetError(f"{uri}: cannot read panoptic JSON ({e})") from None
+        raise DatasetError(f"{uri}: cannot read {what} ({e})") from None
+
+
+def load_panoptic_json(uri: str, categories: CategoryTable | None = None) -> CocoPanoptic:
+    """Read and check a COCO panoptic JSON from a path or URI."""
+    doc = read_json(uri, "panoptic JSON")
     if not isinstance(doc, dict):
         raise DatasetError(f"{uri}: expected a JSON object")
     return parse_panoptic_json(doc, uri, categories)

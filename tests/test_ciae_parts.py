@@ -207,3 +207,18 @@ def test_stuff_area_threshold_scales_with_image_size():
     cfg = InferenceConfig()
     assert stuff_area_threshold(cfg, 800, 1333) == pytest.approx(4096)
     assert stuff_area_threshold(cfg, 400, 1333 // 2) == pytest.approx(4096 / 4, rel=1e-2)
+
+
+def test_select_instances_drops_low_scores_and_duplicates():
+    from ciae.config import InferenceConfig
+    from ciae.inference import select_instances
+
+    q = torch.tensor([[1.0, 0, 0], [0.99, 0.141, 0], [0, 1.0, 0], [1.0, 0, 0], [0, 0, 1.0]])
+    q = q / q.norm(dim=1, keepdim=True)
+    boxes = torch.tensor([[0.0, 0, 10, 10], [2, 2, 12, 12], [1, 1, 9, 9], [50, 50, 60, 60], [0, 0, 5, 5]])
+    scores = torch.tensor([0.6, 0.9, 0.5, 0.7, 0.1])
+    keep = select_instances(q, boxes, scores, InferenceConfig(instance_score_thresh=0.4, duplicate_similarity=0.9))
+    # 1 beats its duplicate 0; 2 differs in embedding; 3 is far away (no overlap); 4 scores too low
+    assert keep.tolist() == [1, 3, 2]
+    keep = select_instances(q, boxes, scores, InferenceConfig(instance_score_thresh=0.0, duplicate_similarity=1.01))
+    assert keep.tolist() == [1, 3, 0, 2, 4]

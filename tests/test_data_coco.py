@@ -207,3 +207,11 @@ def test_measure_segments_matches_masks():
         expect = [0, 0, 0, 0] if len(ys) == 0 else [xs.min(), ys.min(), xs.max() - xs.min() + 1,
                                                       ys.max() - ys.min() + 1]
         assert boxes[i - 1].tolist() == expect
+
+
+def test_record_error_pickles():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(coco.RecordError("image 5 (x.jpg)", "panoptic PNG is missing")))
+    assert isinstance(e, coco.RecordError) and str(e) == "image 5 (x.jpg): panoptic PNG is missing"
+    assert (e.image, e.problem) == ("image 5 (x.jpg)", "panoptic PNG is missing")

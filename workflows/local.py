@@ -4,7 +4,6 @@ Ray Train driver wraps, and the streaming PQ of a model on held-out shards.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 from ciae.config import Config
 from ciae.evaluation.pq import PQAccumulator
 from ciae.model import CIAEModel
-from ciae.train import Trainer, to_device
+from ciae.train import to_device
 from pipeline.coco import CategoryTable
 from pipeline.shards import decode_panoptic_row, read_manifest, read_table
 from pipeline.targets import ShardDataset, TargetConfig, TargetMaker, collate
@@ -77,15 +76,3 @@ def evaluate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: boo
             acc.add_indexed(gt_index, gt_segments, ids, pred["segments_info"],
                             image=f"image {row['image_id']} ({row['file_name']})")
     return acc.summary()
-
-
-def train_local(train_shards: str, cfg: Config, steps: int, checkpoint: str | None = None,
-                on_step=None) -> Trainer:
-    """Train a fresh model (or resume ``checkpoint`` if it exists) for ``steps`` steps in all."""
-    model = model_for_shards(cfg, train_shards)
-    trainer = Trainer(model)
-    if checkpoint and os.path.exists(checkpoint):
-        trainer.load(checkpoint)
-    trainer.fit(batch_stream(train_shards, cfg, seed=cfg.solver.seed + trainer.step), steps,
-                on_step=on_step, checkpoint_path=checkpoint)
-    return trainer

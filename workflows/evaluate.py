@@ -1,0 +1,193 @@
+"""PQ on COCO panoptic files: ground truth and predictions as JSON + PNG folders, local or URIs.
+
+The JSON side goes through ``pipeline.coco`` (the prediction JSON is checked against the
+ground-truth categories and images); each image pair is then read, decoded and added to a
+:class:`ciae.evaluation.pq.PQAccumulator`, over N worker processes whose partial states merge.
+Every problem, whichever image it comes from, is collected, and the evaluation fails with one
+:class:`EvaluationError` listing them rather than stopping at the first.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from ciae.evaluation.pq import PQAccumulator
+from pipeline.panoptic_png import decode_id_png
+from pipeline.coco import (CategoryTable, DatasetError, PanopticRecord, RecordError, join,
+                           load_panoptic_json, parse_panoptic_json, read_file, read_json,
+                           resolve, write_bytes_atomic)
+
+MAX_LISTED_ERRORS = 20
+
+
+class EvaluationError(ValueError):
+    """Images that cannot be evaluated; ``errors`` holds one RecordError per problem."""
+
+    def __init__(self, errors: Sequence[RecordError]):
+        self.errors = list(errors)
+        listed = "\n  ".join(str(e) for e in self.errors[:MAX_LISTED_ERRORS])
+        more = len(self.errors) - MAX_LISTED_ERRORS
+        super().__init__(f"{len(self.errors)} problem(s) prevent the evaluation:\n  {listed}"
+                         + (f"\n  ... and {more} more" if more > 0 else ""))
+
+
+# ------------------------------------------------------------------------------ decoding
+
+
+def read_ids(name: str, what: str, fs, path: str, height: int, width: int,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """Read and decode one panoptic PNG of a record (into ``out`` if given, see decode_id_png),
+    checking its size; errors are RecordErrors."""
+    data = read_file(name, what, fs, path)
+    try:
+        ids = decode_id_png(data, out)
+    except Exception as e:  # the decoders raise many types for corrupt data
+        raise RecordError(name, f"{what} {path} is unreadable or truncated ({type(e).__name__}: {e})") from None
+    if ids.shape != (height, width):
+        raise RecordError(name, f"{what} {path} is {ids.shape[1]}x{ids.shape[0]} "
+                                f"but the image is {width}x{height}")
+    return ids
+
+
+# ------------------------------------------------------------------------------- the JSON
+
+
+def load_predictions(uri: str, gt_records: Sequence[PanopticRecord], categories: CategoryTable,
+                     ) -> tuple[dict[int, PanopticRecord], list[RecordError], int]:
+    """Read a prediction JSON and check it against the ground truth.
+
+    Only ``annotations`` is read (prediction files often have nothing else); images, sizes and
+    categories are the ground truth's. Returns the predictions by image id, the problems (a
+    ground-truth image without prediction, bad segments) and the number of predictions for
+    images the ground truth does not have, which are ignored as panopticapi does."""
+    doc = read_json(uri, "prediction JSON")
+    if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
+        raise DatasetError(f"{uri}: expected a JSON object with an 'annotations' list")
+
+    gt_ids = {r.image_id for r in gt_records}
+    annotations, extra, errors = [], 0, []
+    for k, ann in enumerate(doc["annotations"]):
+        try:
+            iid = int(ann["image_id"])
+        except (KeyError, TypeError, ValueError):
+            errors.append(RecordError(f"annotations[{k}]", "prediction without a valid image_id"))
+            continue
+        if iid in gt_ids:
+            annotations.append(ann)
+        else:
+            extra += 1
+    predicted = {int(a["image_id"]) for a in annotations}
+    errors += [RecordError(r.name, f"no prediction in {uri}") for r in gt_records
+               if r.image_id not in predicted]
+    images = [{"id": r.image_id, "file_name": r.file_name, "height": r.height, "width": r.width}
+              for r in gt_records if r.image_id in predicted]
+    parsed = parse_panoptic_json({"images": images, "annotations": annotations}, uri, categories)
+    errors += [RecordError(e.image, f"prediction JSON: {e.problem}") for e in parsed.rejects]
+    return {r.image_id: r for r in parsed.records}, errors, extra
+
+
+# ------------------------------------------------------------------------------- per image
+
+
+_worker_folders: tuple | None = None  # (gt fs, gt path, pred fs, pred path) in a worker process
+
+
+def _init_worker(gt_dir: str, pred_dir: str) -> None:
+    global _worker_folders
+    _worker_folders = (*resolve(gt_dir), *resolve(pred_dir))
+
+
+def _evaluate_chunk(args: tuple) -> tuple[PQAccumulator, list[tuple[str, str]]]:
+    """One chunk in a worker process; problems travel as (image, problem) pairs because
+    RecordError does not survive pickling."""
+    pairs, categories = args
+    acc, errors = _evaluate(pairs, categories, *_worker_folders)
+    return acc, [(e.image, e.problem) for e in errors]
+
+
+def evaluate_pairs(pairs: Sequence[tuple[PanopticRecord, PanopticRecord]], categories: CategoryTable,
+                   gt_dir: str, pred_dir: str) -> tuple[PQAccumulator, list[RecordError]]:
+    """Read, decode and add each (ground truth, prediction) record pair, in this process;
+    returns the accumulator and the per-image problems."""
+    return _evaluate(pairs, categories, *resolve(gt_dir), *resolve(pred_dir))
+
+
+def _evaluate(pairs: Sequence[tuple[PanopticRecord, PanopticRecord]], categories: CategoryTable,
+              gt_fs, gt_path: str, pred_fs, pred_path: str) -> tuple[PQAccumulator, list[RecordError]]:
+    acc, errors = PQAccumulator(categories), []
+    buffers = np.empty((2, 0), dtype=np.uint32)  # ground truth and prediction decode here
+    for gt, pred in pairs:
+        size = gt.height * gt.width
+        if buffers.shape[1] < size:
+            buffers = np.empty((2, size), dtype=np.uint32)
+        gt_out, pred_out = (b[:size].reshape(gt.height, gt.width) for b in buffers)
+        try:
+            gt_ids = read_ids(gt.name, "ground-truth PNG", gt_fs, join(gt_path, gt.panoptic_file),
+                              gt.height, gt.width, out=gt_out)
+            pred_ids = read_ids(gt.name, "prediction PNG", pred_fs, join(pred_path, pred.panoptic_file),
+                                gt.height, gt.width, out=pred_out)
+            acc.add(gt_ids, gt.segments, pred_ids, pred.segments, image=gt.name)
+        except RecordError as e:
+            errors.append(e)
+    return acc, errors
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers fork from a fresh server process that has imported this module: as safe as
+    spawning (nothing inherited from a threaded parent) and about as quick to start as forking."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, workers: int | None = None,
+             log: Callable[[str], None] = lambda _: None) -> dict:
+    """PQ of a prediction set against a COCO panoptic ground truth; paths or URIs.
+
+    Returns :meth:`PQAccumulator.summary`. Raises DatasetError when a JSON is unusable and
+    EvaluationError listing every image that cannot be evaluated."""
+    gt = load_panoptic_json(gt_json)
+    errors = [RecordError(e.image, f"ground-truth JSON: {e.problem}") for e in gt.rejects]
+    preds, pred_errors, extra = load_predictions(pred_json, gt.records, gt.categories)
+    errors += pred_errors
+    if extra:
+        log(f"ignoring {extra} prediction(s) for images absent from the ground truth")
+    pairs = [(r, preds[r.image_id]) for r in gt.records if r.image_id in preds]
+    workers = max(1, min(workers or default_workers(), len(pairs)))
+    log(f"evaluating {len(pairs)} image(s) with {workers} worker(s)")
+
+    if workers == 1:
+        acc, image_errors = evaluate_pairs(pairs, gt.categories, gt_dir, pred_dir)
+        errors += image_errors
+    else:
+        # Small chunks keep the workers evenly loaded; results come back in image order.
+        size = max(1, min(64, len(pairs) // (8 * workers)))
+        chunks = [(pairs[i:i + size], gt.categories) for i in range(0, len(pairs), size)]
+        acc = PQAccumulator(gt.categories)
+        with ProcessPoolExecutor(workers, mp_context=_worker_context(),
+                                 initializer=_init_worker, initargs=(gt_dir, pred_dir)) as pool:
+            for part, image_errors in pool.map(_evaluate_chunk, chunks):
+                acc.merge(part)
+                errors += [RecordError(image, problem) for image, problem in image_errors]
+    if errors:
+        raise EvaluationError(errors)
+    return acc.summary()
+
+
+def write_metrics(uri: str, summary: dict) -> None:
+    """Write a summary as JSON to a path or URI (category ids become string keys)."""
+    fs, path = resolve(uri)
+    write_bytes_atomic(fs, path, (json.dumps(summary, indent=2) + "\n").encode())
+
