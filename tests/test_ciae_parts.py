@@ -198,6 +198,16 @@ def test_oracle_on_perfect_embeddings_reproduces_ground_truth():
         ys, xs = np.nonzero(mask)
         assert s["area"] == mask.sum()
         assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    # and through the PQ evaluator: 1.0
+    from ciae.evaluation.pq import PQAccumulator
+    from pipeline.coco import CategoryTable
+
+    table = CategoryTable.from_json([{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 1},
+                                     {"id": 100, "name": "c", "isthing": 0}, {"id": 101, "name": "d", "isthing": 0}])
+    gt_segments = [{"id": k + 1, "category_id": c, "iscrowd": 0} for k, c in enumerate((100, 101, 2, 1))]
+    acc = PQAccumulator(table)
+    acc.add_indexed((seg + 1).numpy(), gt_segments, ids, segments)
+    assert acc.summary()["All"]["pq"] == 1.0
 
 
 def test_stuff_area_threshold_scales_with_image_size():
