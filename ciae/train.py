@@ -95,7 +95,10 @@ class Trainer:
         device = next(self.model.parameters()).device
         it = iter(batches)
         while self.step < end:
-            stats = self.train_step(to_device(next(it), device))
+            batch = next(it, None)
+            if batch is None:
+                raise ValueError(f"the batches ran out at step {self.step}, before step {end}")
+            stats = self.train_step(to_device(batch, device))
             if on_step:
                 on_step(self.step, stats)
             if checkpoint_path and (self.step % self.solver.checkpoint_every == 0 or self.step == end):

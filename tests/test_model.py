@@ -142,6 +142,13 @@ def test_checkpoint_resume_is_exact(tmp_path):
     assert rebuilt.stuff_ids == [184, 187] and rebuilt.cfg == first.model.cfg
 
 
+def test_fit_reports_a_stream_that_runs_out(tmp_path):
+    cfg = tiny_config()
+    trainer = Trainer(CIAEModel(cfg, [184, 187], [1, 3]))
+    with pytest.raises(ValueError, match="the batches ran out at step 1, before step 3"):
+        trainer.fit([toy_batch()], 3)
+
+
 def test_non_finite_loss_names_step_and_term(model):
     trainer = Trainer(model)
     trainer.step = 7
