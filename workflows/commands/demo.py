@@ -24,7 +24,7 @@ def run(args) -> int:
     from pipeline.prepare import prepare
     from pipeline.ray_runtime import connect
     from pipeline.shards import Source
-    from pipeline.synth import write_dataset
+    from pipeline.synth import SynthSpec, write_dataset
 
     wd = os.path.abspath(args.workdir)
     splits = {"train": (args.train_images, args.seed), "val": (args.val_images, args.seed + 1000)}
@@ -32,7 +32,7 @@ def run(args) -> int:
         for split, (n, seed) in splits.items():
             src = os.path.join(wd, "synth", split)
             print(f"[demo] synthetic {split} split: {n} images -> {src}")
-            write_dataset(src, n, seed=seed, progress=True)
+            write_dataset(src, n, seed=seed, spec=SynthSpec(height=192, width=192), progress=True)  # Config.small()'s size
             out = os.path.join(wd, "shards", split)
             m = prepare(Source(os.path.join(src, "images"), os.path.join(src, "panoptic.json"),
                                os.path.join(src, "panoptic")), out, rows_per_shard=16)
