@@ -38,7 +38,7 @@ def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: li
     b, _, h, w = emb.shape
     c = memory.shape[0]
     sem_t = torch.where(sem == IGNORE_SEM, torch.full_like(sem, -1), sem)
-    # one pass of segment sums: categories (for the memory) and instances (for the IAE queries)
+    # segment sums: per category (for the memory, no gradient) and per segment (IAE queries)
     n_seg = num_stuff + max((len(x) for x in boxes), default=0)
     cat_sums, cat_counts = dispatch.segment_sums(emb.detach(), sem_t, c, backend=backend)
     seg_sums, _ = dispatch.segment_sums(emb, seg, n_seg, backend=backend)
@@ -50,8 +50,8 @@ def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: li
     iae = emb.new_zeros(())
     n_cae = emb.new_zeros(())
     n_iae = emb.new_zeros(())
+    ones = torch.ones((h, w), dtype=emb.dtype, device=emb.device)
     for i in range(b):
-        ones = torch.ones((h, w), dtype=emb.dtype, device=emb.device)
         loss, n = dispatch.embedding_loss(emb[i], memory, mem_boxes, sem_t[i], ones,
                                           margin=cfg.margin, top_k=cfg.top_k,
                                           chunk=cfg.pixel_chunk, backend=backend)
