@@ -379,15 +379,6 @@ def measure_runs(starts, run_index, lengths, width: int, n: int) -> tuple[np.nda
     return areas, boxes[1:]
 
 
-def index_segments(name: str, ids: np.ndarray, segment_ids: list[int]) -> np.ndarray:
-    """[H, W] uint32 ids -> [H, W] int32 map with 0 = void and i = (i-1)-th of ``segment_ids``.
-
-    Raises RecordError when the PNG holds ids the list lacks, or the list has ids the PNG lacks.
-    """
-    _, run_index, lengths = index_runs(name, ids, segment_ids)
-    return np.repeat(run_index.astype(np.int32), lengths).reshape(ids.shape)
-
-
 def measure_segments(index: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Areas [n] and COCO boxes [n, 4] (x, y, w, h; zeros when empty) of segments 1..n."""
     starts, values, lengths = row_runs(index)

@@ -20,14 +20,6 @@ MAX_SEGMENT_ID = 256**3 - 1
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """[H, W, 3] uint8 -> [H, W] uint32 segment ids."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an [H, W, 3] array, got shape {rgb.shape}")
-    rgb = rgb.astype(np.uint32, copy=False)
-    return rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16)
-
-
 def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     """[H, W] integer segment ids (< 256**3) -> [H, W, 3] uint8."""
     ids = np.asarray(ids)

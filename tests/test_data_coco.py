@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline import coco
-from pipeline.panoptic_png import decode_id_png, encode_id_png, rgb_to_id
+from pipeline.panoptic_png import decode_id_png, encode_id_png, id_to_rgb
 from pipeline.shards import convert_record
 
 
@@ -61,8 +61,7 @@ def test_rgb_id_roundtrip():
     ids = rng.integers(0, 2**24, size=(7, 9)).astype(np.uint32)
     ids[0, 0] = 2**24 - 1
     assert np.array_equal(decode_id_png(encode_id_png(ids)), ids)
-    rgb = np.array([[[1, 2, 3]]], np.uint8)
-    assert rgb_to_id(rgb)[0, 0] == 1 + 256 * 2 + 256 * 256 * 3
+    assert id_to_rgb(np.array([[1 + 256 * 2 + 256 * 256 * 3]])).tolist() == [[[1, 2, 3]]]
 
 
 def test_png_id_missing_from_json(synth_copy):

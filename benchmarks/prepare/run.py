@@ -17,7 +17,6 @@ Data: the real COCO sample (2 val2017 images, repeated) and COCO-sized synthetic
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
