@@ -17,6 +17,8 @@ update of Eq. 14, which the caller applies (after an all-reduce when training on
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ciae.box_ops import expand_boxes
@@ -28,11 +30,13 @@ IGNORE_SEM = 255
 
 
 def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: list[torch.Tensor],
-              memory: torch.Tensor, num_stuff: int, cfg: EmbeddingConfig,
-              backend: str = "auto") -> dict[str, torch.Tensor]:
+              memory: torch.Tensor, num_stuff: int, cfg: EmbeddingConfig, backend: str = "auto",
+              reduce_fn: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
     """emb [B, D, H, W] pre-normalisation; sem, seg [B, H, W] int64 (see pipeline.targets);
     boxes: per image [N_b, 4] xyxy ground-truth thing boxes (instance j <-> seg value C_st + j);
-    memory [C, D] unit vectors.
+    memory [C, D] unit vectors; ``reduce_fn`` maps a local pixel count to its mean over
+    data-parallel workers, so that averaged gradients equal those of one worker with the whole
+    batch.
 
     Returns loss_cae, loss_iae, loss_ciae (scalars), category_sums [C, D], category_counts [C]."""
     b, _, h, w = emb.shape
@@ -67,7 +71,7 @@ def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: li
                                           chunk=cfg.pixel_chunk, backend=backend)
         iae, n_iae = iae + loss, n_iae + n
 
-    loss_cae = cae / n_cae.clamp_min(1)
-    loss_iae = iae / n_iae.clamp_min(1)
+    loss_cae = cae / reduce_fn(n_cae).clamp_min(1)
+    loss_iae = iae / reduce_fn(n_iae).clamp_min(1)
     return {"loss_cae": loss_cae, "loss_iae": loss_iae, "loss_ciae": loss_cae + cfg.alpha * loss_iae,
             "category_sums": cat_sums.sum(0), "category_counts": cat_counts.sum(0)}

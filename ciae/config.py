@@ -96,6 +96,7 @@ class SolverConfig:
     clip_grad_norm: float | None = None
     checkpoint_every: int = 5000
     seed: int = 0
+    amp: bool = True            # bfloat16 autocast of the forward pass on CUDA (no effect on CPU)
 
 
 @dataclass

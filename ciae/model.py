@@ -8,6 +8,8 @@ Inference: ``model.predict(images, image_sizes)`` returns COCO panoptic id maps 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -41,6 +43,8 @@ class CIAEModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(cfg.input.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.input.pixel_std).view(1, 3, 1, 1), persistent=False)
         self.kernel_backend = "auto"
+        # the mean of a local scalar over data-parallel workers (set by the distributed trainer)
+        self.reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def num_stuff(self) -> int:
@@ -67,10 +71,12 @@ class CIAEModel(nn.Module):
         fc = self.cfg.fcos
         targets = fcos_targets(locations, fc.strides, fc.size_ranges, batch["seg"], batch["boxes"],
                                batch["classes"], self.num_stuff, fc.center_sample_radius)
-        out = fcos_losses(head, locations, targets, fc)
+        reduce = self.reduce_mean or (lambda t: t)
+        out = fcos_losses(head, locations, targets, fc, reduce_fn=reduce)
         emb = full_resolution(emb4)
         out.update(ciae_loss(emb, batch["sem"], batch["seg"], batch["boxes"], self.memory(),
-                             self.num_stuff, self.cfg.embedding, backend=self.kernel_backend))
+                             self.num_stuff, self.cfg.embedding, backend=self.kernel_backend,
+                             reduce_fn=reduce))
         out["loss"] = out["loss_cls"] + out["loss_box"] + out["loss_ctr"] + out["loss_ciae"]
         return out
 

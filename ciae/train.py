@@ -51,11 +51,17 @@ def build_optimizer(model: torch.nn.Module, solver: SolverConfig) -> torch.optim
 
 
 class Trainer:
-    """Owns a model, its optimiser and the step counter."""
+    """Owns a model, its optimiser and the step counter.
+
+    ``module`` is what a step calls: the model itself, or its DistributedDataParallel wrapper.
+    ``reduce_memory_stats`` sums the batch's category sums and counts over data-parallel workers
+    before the memory update, so that every worker's memory stays identical."""
 
     def __init__(self, model: CIAEModel, solver: SolverConfig | None = None,
-                 reduce_memory_stats: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None):
+                 reduce_memory_stats: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
+                 module: torch.nn.Module | None = None):
         self.model = model
+        self.module = module or model
         self.solver = solver or model.cfg.solver
         self.optimizer = build_optimizer(model, self.solver)
         self.step = 0
@@ -69,7 +75,10 @@ class Trainer:
         lr = lr_at(self.step, self.solver)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        out = self.model(batch)
+        device = batch["images"].device
+        with torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=self.solver.amp and device.type == "cuda"):
+            out = self.module(batch)
         for term in LOSS_TERMS + ("loss",):
             value = out[term]
             if not torch.isfinite(value):

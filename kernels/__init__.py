@@ -1,5 +1,6 @@
-"""Fused operations of the CIAE method, each a PyTorch twin (the exact reference) behind a
-dispatcher. Import the entry points from here; ``kernels.dispatch.BACKENDS`` lists the backends."""
+"""Fused operations of the CIAE method, each a PyTorch twin (the exact reference) and, where triton
+imports, a Triton kernel (``*_triton``), behind a dispatcher. Import the entry points from here;
+``kernels.dispatch.BACKENDS`` lists the backends."""
 
 from kernels.dispatch import BACKENDS, assign, assign_upsampled, embedding_loss, segment_sums
 

@@ -30,7 +30,7 @@ def _assign_pixels(e: torch.Tensor, q: torch.Tensor, boxes: torch.Tensor, row0: 
     boxes [Q, 4] float32 -> labels [C] int64, best [C] float32."""
     e = e.float()
     p = e / e.norm(dim=1, keepdim=True).clamp_min(EPS)
-    s = (p @ q.T).masked_fill_(outside_boxes(boxes, row0, row1, width), 0)
+    s = (q @ p.T).T.contiguous().masked_fill_(outside_boxes(boxes, row0, row1, width), 0)
     best, labels = s.max(dim=1)   # first maximum on ties
     return labels, best
 

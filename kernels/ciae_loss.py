@@ -71,9 +71,10 @@ def _hinge(e: torch.Tensor, q: torch.Tensor, outside: torch.Tensor, t: torch.Ten
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """e [C, D] pre-normalisation, q [Q, D], outside [C, Q], t [C] in [0, Q)
     -> p [C, D] normalised, norm [C, 1], z [C, Q] (the argument of the hinge, Eq. 7)."""
-    norm = e.norm(dim=1, keepdim=True)
+    norm = e.square().sum(1, keepdim=True).sqrt()   # 9x faster than .norm() on this strided view
     p = e / norm.clamp_min(EPS)
-    s = (p @ q.T).masked_fill_(outside, 0)                           # s_ik
+    # (q p^T)^T: MKL is up to 10x slower on p q^T with p column-major and few queries
+    s = (q @ p.T).T.contiguous().masked_fill_(outside, 0)           # s_ik
     c = margin - s.gather(1, t[:, None])                             # margin - s_it
     return p, norm, s.add_(c).scatter_(1, t[:, None], c + 1)
 

@@ -4,6 +4,11 @@ A backend is one entry of ``BACKENDS``: its four functions and ``accepts(tensor)
 "auto" may choose it for inputs like that tensor (device, dtype). ``backend="auto"`` takes the
 first entry, in table order, that accepts the operation's main input; the PyTorch twins accept
 everything and stay last. Adding a backend is one entry placed before "torch".
+
+"triton" (fused kernels, ``kernels.*_triton``) is listed when triton imports; "auto" gives it
+CUDA tensors. Forced with ``backend="triton"``, it also runs CPU tensors under the Triton
+interpreter (TRITON_INTERPRET=1 set before triton is first imported), which is how the tests
+run it. Without triton the table holds the twins only.
 """
 
 from __future__ import annotations
@@ -30,13 +35,29 @@ class Backend:
     accepts: Callable[[torch.Tensor], bool]
 
 
-BACKENDS: dict[str, Backend] = {
-    "torch": Backend(segment_sums=_segment_sums.segment_sums,
-                     embedding_loss=_ciae_loss.embedding_loss,
-                     assign=_assign.assign,
-                     assign_upsampled=_assign.assign_upsampled,
-                     accepts=lambda tensor: True),
-}
+BACKENDS: dict[str, Backend] = {}
+
+try:
+    import triton  # noqa: F401  (only whether it imports)
+except ImportError:     # no triton: the twins only
+    triton = None
+
+if triton is not None:
+    from kernels import assign_triton as _assign_triton
+    from kernels import ciae_loss_triton as _ciae_loss_triton
+    from kernels import segment_sums_triton as _segment_sums_triton
+
+    BACKENDS["triton"] = Backend(segment_sums=_segment_sums_triton.segment_sums,
+                                 embedding_loss=_ciae_loss_triton.embedding_loss,
+                                 assign=_assign_triton.assign,
+                                 assign_upsampled=_assign_triton.assign_upsampled,
+                                 accepts=lambda tensor: tensor.is_cuda)
+
+BACKENDS["torch"] = Backend(segment_sums=_segment_sums.segment_sums,
+                            embedding_loss=_ciae_loss.embedding_loss,
+                            assign=_assign.assign,
+                            assign_upsampled=_assign.assign_upsampled,
+                            accepts=lambda tensor: True)
 
 
 def _pick(backend: str, tensor: torch.Tensor) -> Backend:

@@ -199,6 +199,13 @@ def read_table(shards_uri: str) -> pa.Table:
         else SCHEMA.empty_table()
 
 
+def read_shard(uri: str) -> pa.Table:
+    """The rows of one shard file (a path or URI from ``shard_paths``)."""
+    fs, path = coco.resolve(uri)
+    with fs.open_input_file(path) as f:
+        return pq.read_table(f)
+
+
 def decode_panoptic_row(row: dict) -> tuple[np.ndarray, list[dict]]:
     """A shard row -> ([H, W] int32 segment-index map, its segments list)."""
     return decode_index_runs(row["panoptic"], row["height"], row["width"]), list(row["segments"])

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("synth", "prepare", "evaluate", "demo")
+COMMANDS = ("synth", "prepare", "train", "evaluate", "label", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from ciae.evaluation.pq import PQAccumulator
 from ciae.model import CIAEModel
 from ciae.train import to_device
 from pipeline.coco import CategoryTable
-from pipeline.shards import decode_panoptic_row, read_manifest, read_table
+from pipeline.shards import decode_panoptic_row, read_manifest, read_shard, shard_paths
 from pipeline.targets import ShardDataset, TargetConfig, TargetMaker, collate
 
 
@@ -55,17 +55,16 @@ def batch_stream(shards_uri: str, cfg: Config, seed: int = 0) -> Iterator[dict]:
 
 @torch.no_grad()
 def evaluate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: bool = False) -> dict:
-    """PQ of ``model`` on shards, streamed through the PQ accumulator (no PNG round trip).
-
-    Predictions are made at the test size and resized (nearest) to each image's own size."""
+    """PQ of ``model`` on shards, streamed shard by shard through the PQ accumulator (no PNG
+    round trip). Predictions are made at the test size and resized (nearest) to each image's
+    own size."""
     manifest = read_manifest(shards_uri)
     acc = PQAccumulator(CategoryTable.from_json(manifest["categories"]))
     maker = TargetMaker.from_manifest(manifest, config=test_target_config(model.cfg), train=False)
-    rows = read_table(shards_uri).to_pylist()
     device = next(model.parameters()).device
+    was_training = model.training
     model.eval()
-    for k in range(0, len(rows), batch_size):
-        chunk = rows[k:k + batch_size]
+    for chunk in _row_batches(shards_uri, manifest, batch_size):
         batch = to_device(collate([maker(r) for r in chunk]), device)
         preds = model.predict(batch["images"], batch["image_sizes"], oracle=batch if oracle else None)
         for row, pred in zip(chunk, preds):
@@ -75,4 +74,13 @@ def evaluate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: boo
                 ids = np.asarray(Image.fromarray(ids).resize(gt_index.shape[::-1], Image.NEAREST))
             acc.add_indexed(gt_index, gt_segments, ids, pred["segments_info"],
                             image=f"image {row['image_id']} ({row['file_name']})")
+    model.train(was_training)
     return acc.summary()
+
+
+def _row_batches(shards_uri: str, manifest: dict, batch_size: int) -> Iterator[list[dict]]:
+    """Rows of the shards, ``batch_size`` at a time, one shard in memory at a time."""
+    for path in shard_paths(shards_uri, manifest):
+        table = read_shard(path)
+        for k in range(0, table.num_rows, batch_size):
+            yield table.slice(k, batch_size).to_pylist()

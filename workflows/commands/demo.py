@@ -1,7 +1,12 @@
-"""Run the pipeline end to end on the embedded default: a synthetic dataset, prepared into
-Parquet shards by a Ray Data job on a local Ray.
+"""Run the whole pipeline end to end on the embedded default, on a local Ray:
 
-Training, registration and labeling stages join as they land.
+  1. a synthetic COCO-panoptic dataset (train and held-out splits);
+  2. Parquet shards of both, by a Ray Data job;
+  3. training with Ray Train on --workers workers (DDP, gloo), tracked in MLflow (sqlite), the
+     model registered as a pyfunc and given the alias @champion when it beats the holder;
+  4. labeling of the held-out images with the registered model (Ray Data actor pool), written
+     in COCO panoptic format, with PQ against the ground truth;
+  5. overlays and embedding PCA images, on disk and as MLflow artifacts.
 
 example:
   ciae demo --workdir runs/demo
@@ -12,31 +17,72 @@ HELP = "run the pipeline end to end on synthetic data"
 
 def add_arguments(p):
     p.add_argument("--workdir", default="runs/demo", help="where everything is written (default runs/demo)")
-    p.add_argument("--train-images", type=int, default=48, help="synthetic training images (default 48)")
+    p.add_argument("--train-images", type=int, default=256, help="synthetic training images (default 256)")
     p.add_argument("--val-images", type=int, default=16, help="synthetic held-out images (default 16)")
+    p.add_argument("--iterations", type=int, default=700,
+                   help="training steps (default 700, Config.small()'s schedule; its decay steps scale with it)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers and labeling actors (default 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
 
 
 def run(args) -> int:
     import os
+    import time
 
+    import mlflow
+
+    from ciae.config import Config
     from pipeline.prepare import prepare
     from pipeline.ray_runtime import connect
     from pipeline.shards import Source
     from pipeline.synth import SynthSpec, write_dataset
+    from workflows.label import label
+    from workflows.train import TrainJob, train
 
+    t0 = time.perf_counter()
     wd = os.path.abspath(args.workdir)
+    uri = "sqlite:///" + os.path.join(wd, "mlruns", "mlflow.db")
+    cfg = Config.small()
+    size = cfg.input.test_shorter_side
     splits = {"train": (args.train_images, args.seed), "val": (args.val_images, args.seed + 1000)}
     with connect(args.address):
         for split, (n, seed) in splits.items():
             src = os.path.join(wd, "synth", split)
             print(f"[demo] synthetic {split} split: {n} images -> {src}")
-            write_dataset(src, n, seed=seed, spec=SynthSpec(height=192, width=192), progress=True)  # Config.small()'s size
+            write_dataset(src, n, seed=seed, spec=SynthSpec(height=size, width=size), progress=True)
             out = os.path.join(wd, "shards", split)
             m = prepare(Source(os.path.join(src, "images"), os.path.join(src, "panoptic.json"),
                                os.path.join(src, "panoptic")), out, rows_per_shard=16)
             print(f"[demo] {split}: {m['counts']['images']} images in {m['counts']['shards']} shards, "
                   f"{m['counts']['rejected']} rejected -> {out}")
-    print(f"[demo] done; everything is under {wd}")
+
+        print(f"[demo] training Config.small() for {args.iterations} steps on {args.workers} Ray Train workers")
+        s = train(TrainJob(data=os.path.join(wd, "shards", "train"), val=os.path.join(wd, "shards", "val"),
+                           config=cfg, workers=args.workers, iterations=args.iterations,
+                           storage=os.path.join(wd, "ray_results"), tracking_uri=uri, experiment="ciae-demo",
+                           register="ciae-demo"), address=args.address)
+        print(f"[demo] trained to step {s['step']}: validation PQ {100 * s['pq']['All']['pq']:.1f}; "
+              f"registered ciae-demo version {s['model_version']}"
+              f"{' (now @champion)' if s['alias_moved'] else ' (@champion kept by a better version)'}")
+
+        val = os.path.join(wd, "synth", "val")
+        model_uri = f"models:/ciae-demo/{s['model_version']}"
+        print(f"[demo] labeling {args.val_images} held-out images with {model_uri}")
+        labels = label(model_uri, os.path.join(val, "images"), os.path.join(wd, "labels"), tracking_uri=uri,
+                       address=args.address, workers=args.workers,
+                       gt_json=os.path.join(val, "panoptic.json"), gt_dir=os.path.join(val, "panoptic"),
+                       overlays=4)
+    pictures = mlflow.artifacts.download_artifacts(run_id=s["run_id"], artifact_path="pictures",
+                                                   dst_path=wd, tracking_uri=uri)
+    pq = labels["metrics"]["All"]
+    print(f"""
+[demo] done in {time.perf_counter() - t0:.0f} s. Held-out PQ {100 * pq['pq']:.1f} (SQ {100 * pq['sq']:.1f}, RQ {100 * pq['rq']:.1f})
+  data          {os.path.join(wd, 'synth')}  (COCO panoptic) and {os.path.join(wd, 'shards')} (Parquet)
+  checkpoints   {os.path.join(wd, 'ray_results')}
+  MLflow        {uri}  run {s['run_id']}, model ciae-demo version {s['model_version']}
+  labels        {labels['out']}/panoptic/*.png + predictions.json, metrics.json, rejects.json
+  overlays      {os.path.join(labels['out'], 'overlays')}
+  pictures      {pictures}  (validation overlays and embedding PCA images, also MLflow artifacts)
+  MLflow UI     .venv/bin/mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000""")
     return 0

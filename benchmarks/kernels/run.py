@@ -1,0 +1,264 @@
+"""Benchmark the fused CIAE operations: Triton kernels vs the eager PyTorch twins vs
+torch.compile of the twins, on COCO-sized inputs, on one CUDA GPU.
+
+Inputs (seeded): 2 images of 800 x 1216, D = 32, 53 stuff queries (boxes covering the image)
++ 60 instance queries (random boxes), unit queries; block-coherent segment labels (32 x 32 px
+cells, 5% ignored), thing pixels weighted 5x. Operations, summed over the 2 images as the model
+calls them:
+
+* segment_sums      [2, 32, 800, 1216] -> [2, 113, 32], forward + backward (gather);
+* loss fwd          ``embedding_loss`` at full resolution, forward only;
+* loss fwd+bwd      the same with dL/demb and dL/dqueries;
+* assign            full-resolution map -> labels;
+* assign_upsampled  stride-4 map [32, 200, 304] -> full-resolution labels.
+
+Per implementation: median wall time of ``--repeats`` runs after ``--warmup`` (torch.cuda
+.synchronize around each), the peak of torch.cuda.max_memory_allocated above what was allocated
+before the call (reset_peak_memory_stats first), and the agreement with the eager twin. The
+bandwidth floor is the bytes the operation must move (read its inputs once, write its outputs
+once; counted in ``floor_bytes``) over the HBM bandwidth, detected from the device name
+(H100 SXM 3.35 TB/s, H200 4.8 TB/s, ...) or given with ``--hbm-tbps``; "% floor" is
+floor / measured time. The result is a markdown table on stdout.
+
+    .venv/bin/python benchmarks/kernels/run.py                # on a CUDA machine
+    .venv/bin/python benchmarks/kernels/run.py --smoke        # tiny inputs on CPU (interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+MARGIN, TOP_K = 0.15, 5
+# HBM bandwidth in TB/s by device-name fragment, most specific first
+HBM_TBPS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("GH200", 4.0),
+            ("B200", 8.0), ("A100-SXM4-80GB", 2.039), ("A100 80GB PCIe", 1.935), ("A100", 1.555),
+            ("L40S", 0.864), ("A10G", 0.6), ("L4", 0.3)]
+
+
+@dataclass
+class Shape:
+    images: int
+    height: int
+    width: int
+    dim: int
+    stuff: int
+    instances: int
+
+    @property
+    def queries(self) -> int:
+        return self.stuff + self.instances
+
+
+COCO = Shape(2, 800, 1216, 32, 53, 60)
+SMOKE = Shape(2, 24, 40, 8, 5, 4)
+
+
+def make_inputs(shape: Shape, dtype, device):
+    """emb [B, D, H, W], the stride-4 map [B, D, H/4, W/4], queries [B, Q, D], boxes [B, Q, 4],
+    target [B, H, W] int64, weight [B, H, W]."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    b, h, w, d, q = shape.images, shape.height, shape.width, shape.dim, shape.queries
+    emb = torch.randn(b, d, h, w, generator=g).to(device, dtype)
+    lowres = torch.randn(b, d, h // 4, w // 4, generator=g).to(device, dtype)
+    queries = F.normalize(torch.randn(b, q, d, generator=g), dim=-1).to(device, dtype)
+    xy = torch.rand(b, shape.instances, 2, generator=g) * torch.tensor([w, h])
+    wh = (torch.rand(b, shape.instances, 2, generator=g) * 0.4 + 0.05) * torch.tensor([w, h])
+    inst = torch.cat([xy, (xy + wh).minimum(torch.tensor([w, h]))], -1)
+    full = torch.tensor([0.0, 0.0, w, h]).expand(b, shape.stuff, 4)
+    boxes = torch.cat([full, inst], 1).to(device)
+    cells = torch.randint(0, q, (b, 1, -(-h // 32), -(-w // 32)), generator=g).float()
+    target = F.interpolate(cells, scale_factor=32, mode="nearest")[:, 0, :h, :w].long()
+    target[torch.rand(b, h, w, generator=g) < 0.05] = -1
+    weight = torch.where(target >= shape.stuff, 5.0, 1.0).to(dtype)
+    return emb, lowres, queries, boxes, target.to(device), weight.to(device)
+
+
+def floor_bytes(shape: Shape, elem: int) -> dict[str, int]:
+    """Bytes each operation must move at least: inputs read once, outputs written once
+    (elem = bytes per embedding element; weight as emb; int64 labels; float32 best)."""
+    b, n, d = shape.images, shape.height * shape.width, shape.dim
+    loss_read = b * n * (d * elem + 8 + elem)
+    return {"segment_sums": b * n * (d * elem + 8) + b * n * (8 + d * elem),
+            "loss fwd": loss_read,
+            "loss fwd+bwd": 2 * loss_read + b * n * d * elem,
+            "assign": b * n * (d * elem + 12),
+            "assign_upsampled": b * (n // 16 * d * elem + n * 12)}
+
+
+def operations(impl: dict, inputs):
+    """name -> run(), which returns the outputs, for one implementation (impl: its four
+    functions). The loss and segment sums take gradients, so their inputs require them."""
+    import torch
+
+    emb, lowres, queries, boxes, target, weight = inputs
+    b, _, h, w = emb.shape
+    n_seg = queries.shape[1]
+
+    def segment_sums():
+        e = emb.detach().requires_grad_()
+        sums, _ = impl["segment_sums"](e, target, n_seg)
+        (grad,) = torch.autograd.grad(sums, e, torch.ones_like(sums))
+        return sums.detach(), grad
+
+    def loss(backward: bool):
+        def run():
+            e = emb.detach().requires_grad_(backward)
+            q = queries.detach().requires_grad_(backward)
+            total = 0
+            for i in range(b):
+                total = total + impl["embedding_loss"](e[i], q[i], boxes[i], target[i], weight[i],
+                                                       MARGIN, TOP_K)[0]
+            if not backward:
+                return (total.detach(),)
+            return (total.detach(), *torch.autograd.grad(total, (e, q)))
+        return run
+
+    def assign():     # labels of each image, then best of each image
+        out = [impl["assign"](emb[i], queries[i], boxes[i]) for i in range(b)]
+        return tuple(x for x, _ in out) + tuple(x for _, x in out)
+
+    def assign_upsampled():
+        out = [impl["assign_upsampled"](lowres[i], (h, w), queries[i], boxes[i]) for i in range(b)]
+        return tuple(x for x, _ in out) + tuple(x for _, x in out)
+
+    return {"segment_sums": segment_sums, "loss fwd": loss(False), "loss fwd+bwd": loss(True),
+            "assign": assign, "assign_upsampled": assign_upsampled}
+
+
+def agreement(name: str, out, ref) -> str:
+    """How far an implementation's outputs are from the eager twin's."""
+    if name.startswith("assign"):
+        labels = range(len(out) // 2)
+        equal = sum((out[i] == ref[i]).sum().item() for i in labels)
+        total = sum(ref[i].numel() for i in labels)
+        return f"labels {100 * equal / total:.4f}% equal"
+    rel = max(((a.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30)).item()
+              for a, r in zip(out, ref))
+    return f"rel. err {rel:.1e}"
+
+
+def measure(run, sync, cuda: bool, warmup: int, repeats: int):
+    """Median seconds, peak bytes above the starting allocation (None off CUDA), last outputs."""
+    import torch
+
+    for _ in range(warmup):
+        run()
+    sync()
+    times = []
+    peak = None
+    for _ in range(repeats):
+        if cuda:
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t = time.perf_counter()
+        out = run()
+        sync()
+        times.append(time.perf_counter() - t)
+        if cuda:
+            peak = max(peak or 0, torch.cuda.max_memory_allocated() - base)
+        del out
+    out = run()                 # for the comparison with the eager twin
+    sync()
+    return statistics.median(times), peak, out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny inputs on CPU, Triton under its interpreter: checks the script runs")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="embedding dtype (default float32)")
+    p.add_argument("--hbm-tbps", type=float, default=None,
+                   help="HBM bandwidth in TB/s (default: from the device name)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="runs before timing (default 3, smoke 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 20, smoke 2)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    args = p.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")    # before triton is imported
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        print("No CUDA device: this benchmark times GPU kernels. Run it on a CUDA machine, or "
+              "pass --smoke to check the script on tiny CPU inputs (Triton interpreter).",
+              file=sys.stderr)
+        return 2
+    import kernels
+    from kernels.assign import assign, assign_upsampled
+    from kernels.ciae_loss import embedding_loss
+    from kernels.segment_sums import segment_sums
+
+    if "triton" not in kernels.BACKENDS:
+        print("triton does not import here: nothing to benchmark.", file=sys.stderr)
+        return 2
+    shape = SMOKE if args.smoke else COCO
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+    repeats = args.repeats if args.repeats is not None else (2 if args.smoke else 20)
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter), smoke test"
+    tbps = args.hbm_tbps or next((v for k, v in HBM_TBPS if k in name), None)
+    if tbps is None:
+        tbps = 3.35
+        if cuda:
+            print(f"HBM bandwidth of {name!r} unknown: assuming 3.35 TB/s (set --hbm-tbps)",
+                  file=sys.stderr)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    twins = {"segment_sums": segment_sums, "embedding_loss": embedding_loss, "assign": assign,
+             "assign_upsampled": assign_upsampled}
+    triton_backend = kernels.BACKENDS["triton"]
+    impls = {"triton": {k: getattr(triton_backend, k) for k in twins}, "eager twin": twins}
+    if not args.no_compile:
+        impls["compiled twin"] = {k: torch.compile(f) for k, f in twins.items()}
+
+    inputs = make_inputs(shape, dtype, device)
+    floors = floor_bytes(shape, torch.tensor([], dtype=dtype).element_size())
+    print(f"# Fused CIAE operations, {name}, {args.dtype}\n")
+    print(f"{shape.images} images {shape.height}x{shape.width}, D = {shape.dim}, "
+          f"Q = {shape.stuff} stuff + {shape.instances} instances; HBM {tbps} TB/s; median of "
+          f"{repeats} after {warmup} warm-up; peak = max allocated above the inputs.\n")
+    print("| operation | implementation | median ms | peak MiB | floor ms | % floor | vs eager |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    results = {}
+    for impl_name, impl in impls.items():
+        for op, run in operations(impl, inputs).items():
+            try:
+                results[op, impl_name] = measure(run, sync, cuda, warmup, repeats)
+            except Exception as exc:    # e.g. torch.compile failing on the chunked twin
+                results[op, impl_name] = exc
+    for op in floors:
+        floor_s = floors[op] / (tbps * 1e12)
+        for impl_name in impls:
+            res = results[op, impl_name]
+            if isinstance(res, Exception):
+                print(f"| {op} | {impl_name} | failed: {type(res).__name__}: "
+                      f"{str(res).splitlines()[0][:80] if str(res) else ''} | | | | |")
+                continue
+            t, peak, out = res
+            ref = results[op, "eager twin"]
+            vs = ("-" if impl_name == "eager twin" or isinstance(ref, Exception)
+                  else agreement(op, out, ref[2]))
+            mib = f"{peak / 2**20:.1f}" if peak is not None else "-"
+            print(f"| {op} | {impl_name} | {1e3 * t:.3f} | {mib} | {1e3 * floor_s:.3g} | "
+                  f"{100 * floor_s / t:.3g} | {vs} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

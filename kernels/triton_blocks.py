@@ -1,0 +1,118 @@
+"""Pieces shared by the Triton kernels: the per-block cosine similarity with the box filter (device
+side) and the padding and launch sizes (host side).
+
+A block is BLOCK consecutive pixels of the row-major [H * W] map; its embeddings are a
+[BLOCK, D_PAD] register tile loaded column by column from the [D, H * W] layout (coalesced along
+pixels). Queries are passed transposed and zero-padded, [D_PAD, Q_PAD] in the accumulation dtype,
+so that s = p Q^T is one ``tl.dot`` (see ``dot_precision``).
+D_PAD and Q_PAD are powers of two >= 16 (``tl.arange`` and ``tl.dot`` need them); the padded
+columns are masked by the callers.
+
+Pixel offsets are int32: a [D, H, W] map (or one image of a batch) must hold fewer than 2**31
+elements.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ciae_loss import EPS
+
+EPS_C = tl.constexpr(EPS)
+
+
+@triton.jit
+def load_pixels(e_ptr, pix, n, D, D_PAD: tl.constexpr, ACC: tl.constexpr):
+    """The pixels ``pix`` [BLOCK] of a [D, n] map -> [BLOCK, D_PAD] in ACC, 0 past n and D."""
+    d = tl.arange(0, D_PAD)
+    mask = (pix < n)[:, None] & (d < D)[None, :]
+    return tl.load(e_ptr + d[None, :] * n + pix[:, None], mask=mask, other=0).to(ACC)
+
+
+@triton.jit
+def load_queries_t(qt_ptr, D_PAD: tl.constexpr, Q_PAD: tl.constexpr):
+    """The padded transposed queries, [D_PAD, Q_PAD]."""
+    d = tl.arange(0, D_PAD)
+    k = tl.arange(0, Q_PAD)
+    return tl.load(qt_ptr + d[:, None] * Q_PAD + k[None, :])
+
+
+@triton.jit
+def box_cosine(e, qt, box_ptr, pix, width, Q, Q_PAD: tl.constexpr, DOT: tl.constexpr):
+    """e [BLOCK, D_PAD] pre-normalisation embeddings of the flat pixels ``pix`` [BLOCK] of a map
+    ``width`` wide, qt [D_PAD, Q_PAD] padded transposed queries, boxes [Q, 4] float32 xyxy,
+    DOT the dot's input precision -> p [BLOCK, D_PAD] = e / max(||e||, EPS), norm [BLOCK],
+    s [BLOCK, Q_PAD] = p . q_k, 0 outside box k and for k >= Q, inside [BLOCK, Q_PAD] bool."""
+    norm = tl.sqrt(tl.sum(e * e, axis=1))
+    p = e / tl.maximum(norm, EPS_C)[:, None]
+    s = tl.dot(p, qt, input_precision=DOT)
+    k = tl.arange(0, Q_PAD)
+    real = k < Q
+    x0 = tl.load(box_ptr + 4 * k + 0, mask=real, other=0)
+    y0 = tl.load(box_ptr + 4 * k + 1, mask=real, other=0)
+    x1 = tl.load(box_ptr + 4 * k + 2, mask=real, other=0)
+    y1 = tl.load(box_ptr + 4 * k + 3, mask=real, other=0)
+    y = (pix // width).to(tl.float32)[:, None]
+    x = (pix % width).to(tl.float32)[:, None]
+    # the twin's test, written as "outside" so that NaN boxes behave the same
+    outside = (y < y0[None, :]) | (y >= y1[None, :]) | (x < x0[None, :]) | (x >= x1[None, :])
+    inside = (~outside) & real[None, :]
+    return p, norm, tl.where(inside, s, 0.0), inside
+
+
+# ---- host side ---------------------------------------------------------------------------------
+
+def pad16(n: int) -> int:
+    """The tile size for n columns: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def padded_queries_t(queries: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """queries [Q, D] -> [pad16(D), pad16(Q)] contiguous, transposed, zero-padded, in ``dtype``."""
+    q, d = queries.shape
+    qt = queries.new_zeros(pad16(d), pad16(q), dtype=dtype)
+    qt[:d, :q] = queries.detach().T
+    return qt
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for operands of ``dtype`` (float32 or float64): "tf32x3" for
+    float32 on NVIDIA (three TF32 tensor-core products, about float32 accuracy; the FMA path,
+    "ieee", holds whole operand rows per thread and spills registers at these tile sizes),
+    "ieee" for float64 and on ROCm, which has no tf32x3. The interpreter ignores it."""
+    return "ieee" if dtype == torch.float64 or torch.version.hip is not None else "tf32x3"
+
+
+def similarity_tiles(q_pad: int) -> tuple[int, int]:
+    """GPU (pixels per program, warps) of a kernel that holds a few [pixels, Q_PAD] float32
+    tiles (loss forward, assignment): about 8192 elements per program over 8 warps, 64 x 128
+    at COCO's Q, which compiles for sm_90 to ~140 registers and no spills
+    (benchmarks/kernels/resources.py)."""
+    return min(128, max(16, 8192 // q_pad)), 8
+
+
+def pixel_block(n: int, device: torch.device, gpu_block: int, block: int | None) -> int:
+    """Pixels per program: ``block`` if given, else ``gpu_block`` on a GPU; under the interpreter
+    (CPU tensors) the whole map up to 1024 pixels, since there each program costs about the same
+    whatever its size."""
+    if block is not None:
+        return block
+    return gpu_block if device.type == "cuda" else min(1024, pad16(n))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(num_blocks: int, device: torch.device) -> int:
+    """Programs of a persistent grid (each loops over blocks pid, pid + P, ...): 2 per SM on a GPU
+    (as many as fit at ~255 registers x 128 threads), at most 4 under the interpreter (enough to
+    exercise the loop)."""
+    if device.type == "cuda":
+        return max(1, min(num_blocks, 2 * _multiprocessors(device.index or 0)))
+    return max(1, min(num_blocks, 4))

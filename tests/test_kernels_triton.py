@@ -1,0 +1,345 @@
+"""The Triton kernels against their PyTorch twins (the exact references), forward and backward.
+
+On a CPU-only machine the kernels run under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported) on small inputs; with a GPU the same tests run the
+compiled kernels on CUDA tensors. ``block=16`` forces several programs per map (and, for the
+loss's backward, several blocks per persistent program).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from ciae.ciae_loss import ciae_loss  # noqa: E402
+from ciae.config import EmbeddingConfig  # noqa: E402
+from kernels import assign_triton, ciae_loss_triton, dispatch, segment_sums_triton  # noqa: E402
+from kernels.assign import assign as twin_assign  # noqa: E402
+from kernels.assign import assign_upsampled as twin_assign_upsampled  # noqa: E402
+from kernels.ciae_loss import embedding_loss as twin_loss  # noqa: E402
+from kernels.segment_sums import segment_sums as twin_segment_sums  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+MARGIN = 0.15
+HALF = [torch.float16, torch.bfloat16]
+
+
+def close(a, b, tol):
+    torch.testing.assert_close(a.cpu(), b.to(a.dtype).cpu(), rtol=tol, atol=tol)
+
+
+def tol_for(dtype):
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+
+
+# ---- segment_sums -------------------------------------------------------------------------------
+
+def run_segment_sums(fn, emb, labels, s, probe, **kw):
+    e = emb.clone().requires_grad_()
+    sums, counts = fn(e, labels, s, **kw)
+    (grad,) = torch.autograd.grad((sums * probe).sum(), e)
+    return sums.detach(), counts, grad
+
+
+@pytest.mark.parametrize("b,d,h,w,s,dtype,block", [
+    (1, 3, 5, 7, 4, torch.float64, None),
+    (2, 5, 9, 11, 6, torch.float32, 16),       # several blocks per image
+    (3, 17, 6, 13, 150, torch.float32, 32),     # D > 16, S over three 64-wide tiles
+    (2, 4, 7, 6, 5, torch.float16, None),
+    (2, 4, 7, 6, 5, torch.bfloat16, 16),
+])
+def test_segment_sums_matches_twin(b, d, h, w, s, dtype, block):
+    g = torch.Generator().manual_seed(b * 100 + d)
+    emb = torch.randn(b, d, h, w, generator=g).to(dtype).to(DEV)
+    labels = torch.randint(-1, s, (b, h, w), generator=g)
+    labels[labels == 2] = 1                                   # segment 2 stays empty
+    labels[-1] = -1 if b > 1 else labels[-1]                  # an all-ignore image
+    labels = labels.to(DEV)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    probe = torch.randn(b, s, d, generator=g, dtype=acc).to(DEV)
+    sums, counts, grad = run_segment_sums(segment_sums_triton.segment_sums, emb, labels, s, probe,
+                                          block=block)
+    ref_sums, ref_counts, ref_grad = run_segment_sums(twin_segment_sums, emb, labels, s, probe)
+    assert sums.dtype == counts.dtype == acc and grad.dtype == dtype
+    assert torch.equal(counts, ref_counts)
+    close(sums, ref_sums, 1e-9 if dtype == torch.float64 else 1e-5)
+    if dtype == torch.bfloat16:     # the interpreter truncates float32 -> bfloat16 (GPUs round)
+        close(grad, ref_grad, 1e-2)
+    else:
+        assert torch.equal(grad, ref_grad)                    # a gather: exact
+    assert (sums[:, 2] == 0).all() and (counts[:, 2] == 0).all()
+    if b > 1:
+        assert (sums[-1] == 0).all() and (counts[-1] == 0).all() and (grad[-1] == 0).all()
+
+
+# ---- embedding_loss -----------------------------------------------------------------------------
+
+def make_case(seed, d=3, h=5, w=4, q=4, dtype=torch.float64, ignore=0.2):
+    """Random pixels, unit queries, boxes with fractional corners (query 0 covers the image),
+    targets with ignored pixels, weights in [0.5, 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(d, h, w, generator=g, dtype=torch.float64)
+    queries = F.normalize(torch.randn(q, d, generator=g, dtype=torch.float64), dim=1)
+    x0 = torch.randint(0, w, (q,), generator=g) - 0.5
+    y0 = torch.randint(0, h, (q,), generator=g) + 0.25
+    x1 = x0 + torch.randint(1, w + 1, (q,), generator=g)
+    y1 = y0 + torch.randint(1, h + 1, (q,), generator=g)
+    boxes = torch.stack([x0, y0, x1, y1], 1).float()
+    boxes[0] = torch.tensor([0, 0, w, h])
+    target = torch.randint(0, q, (h, w), generator=g)
+    target[torch.rand(h, w, generator=g) < ignore] = -1
+    weight = torch.rand(h, w, generator=g, dtype=torch.float64) + 0.5
+    return emb.to(dtype), queries.to(dtype), boxes, target, weight.to(dtype)
+
+
+def run_loss(fn, emb, queries, boxes, target, weight, top_k, need=(True, True, True), **kw):
+    """loss, num_valid and the gradients of (emb, queries, weight), each None when not needed."""
+    inputs = [x.to(DEV).clone().requires_grad_(r) for x, r in zip((emb, queries, weight), need)]
+    loss, n = fn(inputs[0], inputs[1], boxes.to(DEV), target.to(DEV), inputs[2], MARGIN, top_k,
+                 **kw)
+    wanted = [x for x in inputs if x.requires_grad]
+    grads = iter(torch.autograd.grad(loss, wanted)) if wanted else iter(())
+    return loss.detach(), n, [next(grads) if x.requires_grad else None for x in inputs]
+
+
+def assert_loss_matches(case, top_k, need=(True, True, True), block=None, tol=None):
+    tol = tol or tol_for(case[0].dtype)
+    loss, n, grads = run_loss(ciae_loss_triton.embedding_loss, *case, top_k, need, block=block)
+    ref_loss, ref_n, ref_grads = run_loss(twin_loss, *case, top_k, need)
+    assert loss.dtype == ref_loss.dtype and n.dtype == ref_n.dtype and float(n) == float(ref_n)
+    close(loss, ref_loss, tol)
+    for gr, ref in zip(grads, ref_grads):
+        assert (gr is None) == (ref is None)
+        if gr is not None:
+            assert gr.dtype == ref.dtype and torch.isfinite(gr).all()
+            close(gr, ref, tol)
+    return loss, grads
+
+
+LOSS_CASES = {
+    "random": (dict(seed=0), None),
+    "odd_sizes_f32": (dict(seed=1, d=5, h=7, w=3, q=6, dtype=torch.float32), None),
+    "one_query": (dict(seed=2, q=1), None),
+    "no_ignore_blocks": (dict(seed=3, d=6, h=9, w=13, q=5, ignore=0.0), 16),  # 8 blocks, 4 programs
+    "d17_q19_f32": (dict(seed=4, d=17, h=6, w=5, q=19, dtype=torch.float32), 16),
+}
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 40])                   # 40 >= Q: clipped
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
+def test_embedding_loss_matches_twin(case, top_k):
+    kw, block = LOSS_CASES[case]
+    assert_loss_matches(make_case(**kw), top_k, block=block)
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True)])
+def test_embedding_loss_partial_gradients(need):
+    assert_loss_matches(make_case(5, d=4, h=6, w=5, q=5), 2, need, block=16)
+
+
+def test_embedding_loss_degenerate_boxes_and_zero_pixels():
+    emb, queries, boxes, target, weight = make_case(6, q=5)
+    boxes[1] = torch.tensor([3.0, 0.0, 3.0, 5.0])             # x0 == x1: empty
+    boxes[2] = torch.tensor([2.0, 4.0, 1.0, 1.0])             # x0 > x1, y0 > y1: empty
+    emb[:, 1, 1] = 0
+    emb[:, 3, 2] = 0
+    target[1, 1], target[3, 2], target[2, 2] = 0, 1, 2        # zero pixels; own box empty
+    assert_loss_matches((emb, queries, boxes, target, weight), 3)
+
+
+def test_embedding_loss_ties_between_filtered_queries():
+    """Most queries' boxes miss most pixels: their s = 0 ties in z at the top-K boundary, where
+    the kernel keeps the lowest indices and torch.topk may keep others; loss and gradients agree."""
+    emb, queries, boxes, target, weight = make_case(13, d=4, h=6, w=7, q=9)
+    boxes[3:] = torch.tensor([1.0, 1.0, 3.0, 2.0])
+    for top_k in (2, 4):
+        assert_loss_matches((emb, queries, boxes, target, weight), top_k)
+
+
+def test_embedding_loss_all_ignored():
+    emb, queries, boxes, target, weight = make_case(7)
+    loss, n, grads = run_loss(ciae_loss_triton.embedding_loss, emb, queries, boxes,
+                              torch.full_like(target, -1), weight, 5)
+    assert loss.item() == 0 and n.item() == 0
+    assert all((gr == 0).all() for gr in grads)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_embedding_loss_half_precision(dtype):
+    emb, queries, boxes, target, weight = make_case(8, d=8, h=6, w=7, q=5, dtype=torch.float32)
+    case = (emb.to(dtype), queries.to(dtype), boxes, target, weight.to(dtype))
+    loss, grads = assert_loss_matches(case, 3)
+    assert loss.dtype == torch.float32 and grads[0].dtype == dtype
+
+
+def test_embedding_loss_singularity_is_finite():
+    queries = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    emb = torch.tensor([[[-1.0]], [[0.0]]])
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
+    loss, grads = assert_loss_matches((emb, queries, boxes, torch.zeros(1, 1, dtype=torch.int64),
+                                       torch.ones(1, 1)), 2)
+    assert torch.isfinite(loss)
+
+
+def test_embedding_loss_gradcheck():
+    emb, queries, boxes, target, weight = (x.to(DEV) for x in make_case(9, d=3, h=3, w=4, q=3))
+    fn = lambda e, q, wt: ciae_loss_triton.embedding_loss(e, q, boxes, target, wt, MARGIN, 2)[0]
+    assert torch.autograd.gradcheck(fn, (emb.requires_grad_(), queries.requires_grad_(),
+                                         weight.requires_grad_()))
+
+
+def toy_batch(seed, dtype=torch.float32):
+    """Two 7x9 images: 2 stuff classes, instances, void and a crowd region (as the CIAE tests)."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, w, c_st = 2, 7, 9, 2
+    seg = torch.randint(0, c_st, (b, h, w), generator=g)
+    seg[0, 1:4, 2:5] = c_st
+    seg[0, 4:6, 6:9] = c_st + 1
+    seg[1, 2:6, 1:3] = c_st
+    seg[1, 0, :] = -1
+    seg[0, 6, 0:2] = -1
+    sem = torch.where(seg >= c_st, torch.full_like(seg, c_st), seg)
+    sem[1, 0, :] = 255
+    sem[0, 6, 0:2] = c_st
+    boxes = [torch.tensor([[2.0, 1, 5, 4], [6, 4, 9, 6]]), torch.tensor([[1.0, 2, 3, 6]])]
+    emb = torch.randn(b, 4, h, w, generator=g).to(dtype)
+    memory = F.normalize(torch.randn(c_st + 1, 4, generator=g), dim=1).to(dtype)
+    return emb, sem, seg, boxes, memory, c_st
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_ciae_loss_triton_equals_torch(dtype):
+    emb, sem, seg, boxes, memory, c_st = toy_batch(1, dtype)
+    cfg = EmbeddingConfig()
+    out = {}
+    for backend in ("triton", "torch"):
+        e = emb.to(DEV).clone().requires_grad_()
+        res = ciae_loss(e, sem.to(DEV), seg.to(DEV), [x.to(DEV) for x in boxes], memory.to(DEV),
+                        c_st, cfg, backend=backend)
+        res["loss_ciae"].backward()
+        out[backend] = res, e.grad
+    (res, grad), (ref, ref_grad) = out["triton"], out["torch"]
+    tol = tol_for(dtype)
+    for key in ("loss_cae", "loss_iae", "loss_ciae", "category_sums", "category_counts"):
+        close(res[key].detach(), ref[key].detach(), tol)
+    assert grad.dtype == dtype and grad.abs().sum() > 0
+    close(grad, ref_grad, tol)
+
+
+# ---- assignment ---------------------------------------------------------------------------------
+
+def reference_similarity(emb, queries, boxes):
+    """[H * W, Q] float64 filtered similarities of a full-resolution [D, H, W] map."""
+    d, h, w = emb.shape
+    p = F.normalize(emb.double().reshape(d, -1).T, dim=1)
+    s = p @ queries.double().cpu().T
+    y = torch.arange(h, dtype=torch.float32)[:, None, None]
+    x = torch.arange(w, dtype=torch.float32)[None, :, None]
+    b = boxes.float().cpu()
+    inside = (x >= b[:, 0]) & (x < b[:, 2]) & (y >= b[:, 1]) & (y < b[:, 3])
+    return torch.where(inside.reshape(h * w, -1), s, 0.0)
+
+
+def assert_assignment_matches(out, ref, sim, gap_tol=1e-4, best_tol=1e-5):
+    """Labels equal where the reference's two best similarities (sim [H * W, Q] float64) are more
+    than gap_tol apart or exactly equal (queries filtered out, all 0: the lowest index wins);
+    elsewhere the label is one of the near-best; best values close."""
+    labels, best = (x.cpu().reshape(-1) for x in out)
+    ref_labels, ref_best = (x.cpu().reshape(-1) for x in ref)
+    assert labels.dtype == torch.int64 and best.dtype == torch.float32
+    top = torch.cat([sim, torch.full_like(sim[:, :1], -2)], 1).topk(2, dim=1).values
+    gap = top[:, 0] - top[:, 1]
+    clear = (gap > gap_tol) | (gap == 0)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(labels[clear], ref_labels[clear])
+    assert (sim.gather(1, labels[:, None])[:, 0] >= top[:, 0] - gap_tol).all()
+    torch.testing.assert_close(best, ref_best, rtol=best_tol, atol=best_tol)
+
+
+@pytest.mark.parametrize("d,h,w,q,dtype,block", [
+    (4, 7, 5, 6, torch.float32, None),
+    (5, 9, 13, 1, torch.float32, 16),          # one query
+    (33, 6, 11, 21, torch.float32, 16),        # D, Q past a power of two
+    (8, 7, 9, 5, torch.float16, None),
+    (8, 7, 9, 5, torch.bfloat16, 32),
+    (4, 5, 6, 7, torch.float64, None),
+])
+def test_assign_matches_twin(d, h, w, q, dtype, block):
+    emb, queries, boxes, _, _ = make_case(10 + d, d=d, h=h, w=w, q=q, dtype=torch.float32)
+    if q > 3:
+        boxes[3] = torch.tensor([2.0, 2.0, 2.0, 6.0])         # degenerate: never inside
+    emb = (3 * emb).to(dtype)
+    out = assign_triton.assign(emb.to(DEV), queries.to(DEV), boxes.to(DEV), block=block)
+    ref = twin_assign(emb, queries, boxes)
+    assert_assignment_matches(out, ref, reference_similarity(emb, queries, boxes),
+                              best_tol=1e-5 if dtype in (torch.float32, torch.float64) else 1e-3)
+
+
+def test_assign_ties_take_the_lowest_index_and_filter_scores_zero():
+    d = torch.tensor([1.0, 0.0])
+    queries = torch.stack([torch.tensor([0.0, 1.0]), d, d, d]).to(DEV)
+    emb = d[:, None, None].expand(2, 2, 3).clone().to(DEV)
+    boxes = torch.tensor([[0, 0, 3, 2], [1, 0, 3, 1], [0, 0, 3, 2], [0, 0, 3, 2]],
+                         dtype=torch.float32, device=DEV)
+    labels, best = assign_triton.assign(emb, queries, boxes)
+    assert labels.tolist() == [[2, 1, 1], [2, 2, 2]]
+    assert torch.allclose(best.cpu(), torch.ones(2, 3))
+    labels, best = assign_triton.assign(-emb, torch.stack([d, -d]).to(DEV),
+                                        torch.tensor([[0, 0, 3, 2], [0, 0, 1, 2.0]], device=DEV))
+    assert labels.tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert best.tolist() == [[1, 0, 0], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("lowres,out,dtype,block", [
+    ((3, 4), (12, 16), torch.float32, None), ((5, 4), (17, 13), torch.float32, 16),
+    ((4, 6), (4, 6), torch.float32, None), ((6, 3), (9, 11), torch.float16, 32),
+    ((4, 5), (16, 20), torch.bfloat16, None),
+])
+def test_assign_upsampled_matches_twin(lowres, out, dtype, block):
+    g = torch.Generator().manual_seed(11)
+    emb = torch.randn(5, *lowres, generator=g).to(dtype)
+    queries = F.normalize(torch.randn(7, 5, generator=g), dim=1)
+    boxes = torch.tensor([[0, 0, out[1], out[0]]] * 3 + [[1, 2, 7, 9], [0.5, 0, 3, 4],
+                                                           [4, 4, 4, 9], [2, 1, 11, 5]],
+                         dtype=torch.float32)
+    res = assign_triton.assign_upsampled(emb.to(DEV), out, queries.to(DEV), boxes.to(DEV),
+                                         block=block)
+    ref = twin_assign_upsampled(emb, out, queries, boxes)
+    full = F.interpolate(emb[None].float(), size=out, mode="bilinear", align_corners=False)[0]
+    assert_assignment_matches(res, ref, reference_similarity(full, queries, boxes))
+
+
+# ---- dispatch ----------------------------------------------------------------------------------
+
+def test_dispatch_lists_triton_first_and_auto_keeps_cpu_on_the_twin():
+    assert list(dispatch.BACKENDS) == ["triton", "torch"]
+    assert dispatch.BACKENDS["triton"].accepts(SimpleNamespace(is_cuda=True))
+    cpu = torch.zeros(1)
+    assert not dispatch.BACKENDS["triton"].accepts(cpu)
+    assert dispatch._pick("auto", cpu) is dispatch.BACKENDS["torch"]
+
+
+def test_dispatch_forces_each_backend():
+    emb, queries, boxes, target, weight = (x.to(DEV) for x in make_case(12, dtype=torch.float32))
+    for name in ("triton", "torch"):
+        loss, _ = kernels.embedding_loss(emb, queries, boxes, target, weight, MARGIN, 5,
+                                         backend=name)
+        close(loss, twin_loss(emb.cpu(), queries.cpu(), boxes.cpu(), target.cpu(), weight.cpu(),
+                              MARGIN, 5)[0], 1e-4)
+        sums, _ = kernels.segment_sums(emb[None], target[None], 4, backend=name)
+        close(sums, twin_segment_sums(emb[None].cpu(), target[None].cpu(), 4)[0], 1e-5)
+
+
+def test_kernels_import_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import kernels\n"
+            "assert list(kernels.BACKENDS) == ['torch'], list(kernels.BACKENDS)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,166 @@
+"""The registry contract: a checkpoint logged with ``workflows.pyfunc.log_model``, registered and
+aliased, predicts through plain MLflow (``models:/NAME@ALIAS``), also in a Python where this
+project is not installed; and the Predictor behind it maps predictions to each image's size."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from ciae.config import Config
+from ciae.model import CIAEModel
+from ciae.predictor import Predictor, decode_rgb
+from ciae.train import Trainer, model_from_checkpoint
+from pipeline.panoptic_png import decode_id_png
+from pipeline.synth import SynthSpec, render, select_categories
+from workflows.pyfunc import PIP_REQUIREMENTS, log_model
+from workflows.tracking import configure, experiment_id
+
+NAME = "ciae-test"
+
+
+def encode(rgb: np.ndarray, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory) -> dict:
+    """An untrained Config.small() checkpoint, logged, registered and aliased @champion in a
+    fresh sqlite MLflow (the README's steps)."""
+    root = tmp_path_factory.mktemp("registry")
+    cats = select_categories()
+    torch.manual_seed(0)
+    ckpt = str(root / "model.pt")
+    Trainer(CIAEModel(Config.small(), cats.stuff_ids, cats.thing_ids)).save(ckpt)
+
+    uri = configure(f"sqlite:///{root}/mlflow.db")
+    with mlflow.start_run(experiment_id=experiment_id("ciae-test", uri)):
+        info = log_model(ckpt, registered_model_name=NAME)
+    mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", info.registered_model_version)
+    images = [render(cats, i, seed=5, spec=SynthSpec(height=h, width=w))[0]
+              for i, (h, w) in enumerate([(70, 90), (96, 128), (50, 61)])]
+    return {"uri": uri, "info": info, "checkpoint": ckpt, "categories": cats, "images": images}
+
+
+def check_output(row, image: np.ndarray, categories) -> np.ndarray:
+    """The PNG decodes at the image's size and agrees with its segments_info; returns the ids."""
+    ids = decode_id_png(row["panoptic_png"])
+    assert ids.shape == image.shape[:2] == (row["height"], row["width"])
+    segments = json.loads(row["segments_info"])
+    assert sorted(set(np.unique(ids).tolist()) - {0}) == sorted(s["id"] for s in segments)
+    for s in segments:
+        assert s["area"] == int((ids == s["id"]).sum())
+        assert s["category_id"] in categories.stuff_ids + categories.thing_ids
+    return ids
+
+
+def test_registered_model_predicts_through_plain_mlflow(registered):
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    images = registered["images"]
+    out = model.predict(pd.DataFrame({"image": [encode(images[0])]}))
+    assert list(out.columns) == ["image_id", "height", "width", "panoptic_png", "segments_info"]
+    assert out["image_id"].tolist() == [0]
+    ids = check_output(out.iloc[0], images[0], registered["categories"])
+
+    # the same as the Predictor on the checkpoint, given the same decoded pixels
+    direct = Predictor(model_from_checkpoint(registered["checkpoint"]))([decode_rgb(encode(images[0]))])[0]
+    assert np.array_equal(ids, direct["panoptic"])
+
+    # several sizes in one call, ids passed through, batch_size as a param
+    df = pd.DataFrame({"image": [encode(im, "PNG") for im in images], "image_id": [11, 12, 13]})
+    out = model.predict(df, params={"batch_size": 2})
+    assert out["image_id"].tolist() == [11, 12, 13]
+    for (_, row), image in zip(out.iterrows(), images):
+        check_output(row, image, registered["categories"])
+
+
+def test_logged_model_carries_signature_example_requirements_and_code(registered):
+    info = registered["info"]
+    assert [c.name for c in info.signature.inputs.inputs] == ["image", "image_id"]
+    assert not info.signature.inputs.inputs[1].required
+    assert {c.name for c in info.signature.outputs.inputs} == {"image_id", "height", "width",
+                                                                "panoptic_png", "segments_info"}
+    local = mlflow.artifacts.download_artifacts(info.model_uri)
+    assert sorted(os.listdir(os.path.join(local, "code"))) == ["ciae", "kernels", "pipeline", "workflows"]
+    with open(os.path.join(local, "requirements.txt")) as f:
+        requirements = f.read()
+    lines = requirements.splitlines()
+    assert "torch>=2.11" in lines
+    assert all(any(line.startswith(r.split(";")[0]) for line in lines) for r in PIP_REQUIREMENTS)
+    assert os.path.exists(os.path.join(local, "input_example.json"))
+
+
+def test_unreadable_image_names_its_row(registered):
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    good = encode(registered["images"][0])
+    df = pd.DataFrame({"image": [good, good[: len(good) // 2]], "image_id": [4, 5]})
+    with pytest.raises(ValueError, match=r"row 1 \(image_id 5\): unreadable image"):
+        model.predict(df)
+
+
+PLAIN_PYTHON = """
+import json, sys
+# this project is installed in editable mode in the test environment: hide it
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+import importlib.util
+assert importlib.util.find_spec("ciae") is None, "the project is still importable"
+import mlflow, pandas as pd
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model("models:/{name}@champion")
+out = model.predict(pd.DataFrame({{"image": [open(sys.argv[2], "rb").read()]}}))
+import ciae
+print(json.dumps({{"ciae": ciae.__file__, "png": out["panoptic_png"][0].hex(),
+                  "segments_info": out["segments_info"][0]}}))
+"""
+
+
+def test_model_loads_where_the_project_is_not_installed(registered, tmp_path):
+    image_file = tmp_path / "x.jpg"
+    image_file.write_bytes(encode(registered["images"][1]))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", PLAIN_PYTHON.format(name=NAME), registered["uri"],
+                          str(image_file)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert os.sep + os.path.join("code", "ciae", "__init__.py") in got["ciae"]   # the model's copy
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    here = model.predict(pd.DataFrame({"image": [image_file.read_bytes()]})).iloc[0]
+    assert bytes.fromhex(got["png"]) == here["panoptic_png"]
+    assert got["segments_info"] == here["segments_info"]
+
+
+def test_predictor_maps_back_to_each_image_size(registered):
+    model = model_from_checkpoint(registered["checkpoint"])
+    predictor = Predictor(model)
+    cats = registered["categories"]
+    # at the test size (192 x 256, multiples of 32) the Predictor is the model itself
+    image = render(cats, 0, seed=9, spec=SynthSpec(height=192, width=256))[0]
+    assert predictor.test_size(192, 256) == (192, 256)
+    ref = model.predict(torch.from_numpy(image).permute(2, 0, 1)[None].contiguous(), [(192, 256)])[0]
+    got = predictor([image])[0]
+    assert np.array_equal(got["panoptic"], ref["panoptic"])
+    assert got["segments_info"] == ref["segments_info"]
+    # smaller images: resized up, predicted, mapped back; segments measured at the own size
+    small = registered["images"]
+    for image, pred in zip(small, predictor(small, batch_size=2, return_embeddings=True)):
+        h, w = image.shape[:2]
+        assert pred["panoptic"].shape == (h, w)
+        th, tw = predictor.test_size(h, w)
+        assert pred["embedding"].shape == (model.cfg.embedding.dim, (th + 3) // 4, (tw + 3) // 4)
+        for s in pred["segments_info"]:
+            mask = pred["panoptic"] == s["id"]
+            ys, xs = np.nonzero(mask)
+            assert s["area"] == mask.sum() > 0
+            assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]

@@ -1,0 +1,251 @@
+"""The training driver: Ray Train (TorchTrainer, DDP) on a Ray Data stream, tracked in MLflow.
+
+``train(job)`` creates (or, for a run name given again, reopens) one MLflow run and logs the
+config; starts a TorchTrainer whose workers run ``workflows.train_loop.train_loop_per_worker``
+on their split of ``pipeline.train_stream.training_dataset`` (rank 0 validating on the held-out
+shards along the way and at the end); then logs the final checkpoint with pictures, logs the
+MLflow pyfunc model, registers it, and moves the alias when its validation PQ beats the
+holder's.
+
+Failures: Ray Train restarts the worker group from the latest checkpoint (``max_failures``
+times); a driver run again with the same ``name`` resumes from the run's storage and logs into
+the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ciae.config import Config
+from workflows import tracking
+from workflows.train_loop import CHECKPOINT_FILE, STEP_TAG, train_loop_per_worker
+
+NAME_TAG = "ciae.run_name"      # the Ray Train run name, to reopen the MLflow run on resume
+
+
+@dataclass
+class TrainJob:
+    """One training run. Paths may be local or filesystem URIs."""
+
+    data: str                              # prepared training shards
+    val: str | None = None                 # held-out shards: periodic and final PQ
+    config: Config = field(default_factory=Config.small)
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None   # default 0.5 without GPUs (room for Ray Data), else 4
+    batch_per_worker: int | None = None    # default solver.batch_size // workers
+    iterations: int | None = None          # default solver.iterations (decay steps scale with it)
+    storage: str = "runs/ray_results"      # Ray Train checkpoints (shared storage on a cluster)
+    name: str | None = None                # run name; give it again to resume a stopped run
+    tracking_uri: str | None = None
+    experiment: str = "ciae"
+    register: str | None = None            # registered model name (None: do not register)
+    alias: str = "champion"
+    eval_every: int = 0                    # validation PQ every N steps (0: at the end only)
+    max_failures: int = 3
+    pictures: int = 4                      # validation overlays / PCA images logged
+
+    def resolved(self) -> tuple[Config, int, float]:
+        """(config with the run's solver, batch per worker, CPUs per worker). The learning
+        rate scales linearly with the global batch against solver.batch_size; the decay steps
+        and warm-up scale with ``iterations``."""
+        from ciae.train import scale_schedule
+
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        solver = self.config.solver
+        if self.iterations and self.iterations != solver.iterations:
+            solver = scale_schedule(solver, self.iterations)
+        per_worker = self.batch_per_worker or max(1, solver.batch_size // self.workers)
+        global_batch = per_worker * self.workers
+        solver = dataclasses.replace(solver, lr=solver.lr * global_batch / solver.batch_size,
+                                     batch_size=global_batch)
+        cpus = self.cpus_per_worker or (4.0 if self.gpus_per_worker else 0.5)
+        return dataclasses.replace(self.config, solver=solver), per_worker, cpus
+
+
+def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config dict -> {"solver.lr": "0.01", ...} for MLflow params."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def _open_run(client, experiment_id: str, name: str, params: dict) -> str:
+    """The MLflow run of ``name``: reopened if a stopped one exists, else created with params."""
+    from mlflow.entities import Param
+
+    runs = client.search_runs([experiment_id], f"tags.`{NAME_TAG}` = '{name}'")
+    if runs:
+        run = runs[0]
+        if run.info.status == "FINISHED":
+            raise ValueError(f"run {name!r} already finished (MLflow run {run.info.run_id}); "
+                             "choose another --name")
+        client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
+    run = client.create_run(experiment_id, run_name=name, tags={NAME_TAG: name})
+    items = [Param(k, v) for k, v in params.items()]
+    for k in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[k:k + 100])
+    return run.info.run_id
+
+
+class _Progress(threading.Thread):
+    """A driver-side progress bar fed by rank 0's step tag in MLflow."""
+
+    def __init__(self, client, run_id: str, total: int):
+        super().__init__(daemon=True)
+        self.client, self.run_id, self.total = client, run_id, total
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        with tqdm(total=self.total, desc="train", unit="step") as bar:
+            while not self.done.wait(1.0):
+                try:
+                    run = self.client.get_run(self.run_id)
+                except Exception:   # the store is busy; try again next tick
+                    continue
+                step = int(run.data.tags.get(STEP_TAG, 0))
+                bar.update(max(0, step - bar.n))
+                if "loss" in run.data.metrics:
+                    bar.set_postfix(loss=f"{run.data.metrics['loss']:.3f}")
+
+
+def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), progress: bool = True) -> dict:
+    """Run ``job`` on the Ray cluster at ``address`` (default: a local Ray). ``callbacks``:
+    Ray Train ``UserCallback``s. Returns a summary: run_id, name, step, checkpoint (a local
+    copy), pq (dict or None), model_version, alias_moved, tracking_uri."""
+    import mlflow
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.ray_runtime import connect
+    from pipeline.shards import read_manifest
+    from pipeline.train_stream import training_dataset
+    from workflows.local import train_target_config
+
+    cfg, per_worker, cpus = job.resolved()
+    solver = cfg.solver
+    manifest = read_manifest(job.data)
+    stuff_ids = [int(c) for c in sorted(manifest["stuff_index"], key=manifest["stuff_index"].get)]
+    thing_ids = [int(c) for c in sorted(manifest["thing_index"], key=manifest["thing_index"].get)]
+    name = job.name or time.strftime("ciae-%Y%m%d-%H%M%S")
+
+    uri = tracking.configure(job.tracking_uri)
+    client = mlflow.MlflowClient(uri)
+    exp_id = tracking.experiment_id(job.experiment, uri)
+    params = flat_params(cfg.to_dict())
+    params.update({"job.data": job.data, "job.val": str(job.val), "job.workers": str(job.workers),
+                   "job.batch_per_worker": str(per_worker), "job.gpus_per_worker": str(job.gpus_per_worker)})
+    run_id = _open_run(client, exp_id, name, params)
+    storage = job.storage if "://" in job.storage else os.path.abspath(job.storage)
+    loop_config = {"config": cfg.to_dict(), "solver": dataclasses.asdict(solver),
+                   "stuff_ids": stuff_ids, "thing_ids": thing_ids, "batch_size": per_worker,
+                   "iterations": solver.iterations, "threads": max(1, int(cpus)),
+                   "val": job.val, "eval_every": job.eval_every, "tracking_uri": uri, "run_id": run_id}
+    bar = _Progress(client, run_id, solver.iterations) if progress else None
+    try:
+        with connect(address):
+            _check_room_for_data(job.workers * cpus)
+            ds = training_dataset(job.data, train_target_config(cfg), solver.iterations,
+                                  solver.batch_size, seed=solver.seed)
+            trainer = TorchTrainer(
+                train_loop_per_worker, train_loop_config=loop_config, datasets={"train": ds},
+                scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
+                                             resources_per_worker={"CPU": cpus, **({"GPU": job.gpus_per_worker}
+                                                                                   if job.gpus_per_worker else {})}),
+                run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
+                                     failure_config=FailureConfig(max_failures=job.max_failures),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=2)))
+            if bar:
+                bar.start()
+            result = trainer.fit()
+            if bar:
+                bar.done.set()
+                bar.join()
+            checkpoint = os.path.join(tempfile.mkdtemp(prefix="ciae-train-"), CHECKPOINT_FILE)
+            with result.checkpoint.as_directory() as d:
+                shutil.copy(os.path.join(d, CHECKPOINT_FILE), checkpoint)
+        summary = _finish(job, uri, run_id, checkpoint, (result.metrics or {}).get("val"))
+    except BaseException:
+        if bar:
+            bar.done.set()
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    summary.update(run_id=run_id, name=name, tracking_uri=uri)
+    return summary
+
+
+def _check_room_for_data(worker_cpus: float) -> None:
+    """Ray Data's read tasks need a CPU the training workers do not hold, or they starve."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    if worker_cpus > total - 1:
+        raise ValueError(f"the workers hold {worker_cpus:g} of the cluster's {total:g} CPUs, leaving "
+                         "less than one for Ray Data's read tasks; lower --cpus-per-worker or --workers")
+
+
+def _finish(job: TrainJob, uri: str, run_id: str, checkpoint: str, pq: dict | None) -> dict:
+    """Artifacts, the pyfunc model, registration and the alias. ``pq``: rank 0's validation
+    of the final checkpoint."""
+    import mlflow
+
+    from ciae.train import load_checkpoint, model_from_checkpoint
+
+    step = int(load_checkpoint(checkpoint)["step"])
+    model = model_from_checkpoint(checkpoint)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_dict(model.cfg.to_dict(), "config.json")
+        mlflow.log_artifact(checkpoint, "checkpoint")
+        if pq:
+            mlflow.log_dict(pq, "val_pq.json")
+        if job.val and job.pictures:
+            _log_pictures(model, job.val, job.pictures)
+        version, moved = None, False
+        if job.register:
+            from workflows.registry import register
+
+            version, moved = register(checkpoint, job.register, job.alias, pq["All"]["pq"] if pq else None, uri)
+    return {"step": step, "checkpoint": checkpoint, "pq": pq, "model_version": version, "alias_moved": moved}
+
+
+def _log_pictures(model, val_shards: str, n: int) -> None:
+    """Overlays of the first ``n`` held-out predictions and their embedding PCA images."""
+    import io
+
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    from ciae.predictor import Predictor
+    from pipeline.shards import read_manifest, read_table
+    from pipeline.visualize import embedding_pca, overlay
+
+    categories = read_manifest(val_shards)["categories"]
+    predictor = Predictor(model)
+    rows = read_table(val_shards).slice(0, n).to_pylist()
+    images = [np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in rows]
+    preds = predictor(images, return_embeddings=True)
+    with tempfile.TemporaryDirectory() as d:
+        for row, image, pred in zip(rows, images, preds):
+            stem = os.path.splitext(row["file_name"])[0]
+            Image.fromarray(overlay(image, pred["panoptic"], pred["segments_info"], categories)).save(
+                os.path.join(d, f"{stem}_overlay.png"))
+            Image.fromarray(embedding_pca(pred["embedding"], size=image.shape[:2])).save(
+                os.path.join(d, f"{stem}_pca.png"))
+        mlflow.log_artifacts(d, "pictures")
