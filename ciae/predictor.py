@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ciae.allocator import retain_freed_memory
 from ciae.model import CIAEModel
 from pipeline.coco import measure_segments
 from pipeline.targets import output_size
@@ -69,6 +70,7 @@ class Predictor:
     def __init__(self, model: CIAEModel, batch_size: int = 4):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        retain_freed_memory()   # see ciae.allocator
         self.model = model.eval()
         self.batch_size = batch_size
         self.device = next(model.parameters()).device

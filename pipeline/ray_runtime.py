@@ -41,9 +41,12 @@ def connect(address: str | None = None, quiet: bool = True):
         kwargs["runtime_env"] = {"env_vars": dict(_ENV_DEFAULTS)}
     ray.init(address=address, **kwargs)
     try:
-        if quiet:
-            import ray.data
+        import ray.data
 
+        from pipeline import ray_idle
+
+        ray_idle.install()   # this process's Ray Data jobs pause instead of spinning when idle
+        if quiet:
             # the stages draw their own progress bars, in images rather than blocks
             ray.data.DataContext.get_current().enable_progress_bars = False
             logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

@@ -12,7 +12,7 @@ Per image, with C_st stuff and C_th thing classes (contiguous indices from the m
 * ``image_id`` int, ``orig_size`` (H0, W0), ``scale`` float, ``flipped`` bool
 
 :class:`TargetMaker` is a plain callable on a row dict, usable by ``ray.data.Dataset.map`` and
-by a plain loop alike; :class:`ShardDataset` is the torch Dataset for the loop.
+by a plain loop alike; ``collate`` pads several images' targets into a batch.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.coco import measure_segments
-from pipeline.shards import decode_panoptic_row, read_manifest, read_table
+from pipeline.shards import decode_panoptic_row
 
 IGNORE_SEM = 255
 IGNORE_SEG = -1
@@ -125,23 +125,6 @@ class TargetMaker:
         return {"sem": sem_lut[index], "seg": seg_lut[index],
                 "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
                 "classes": np.asarray(classes, np.int64)}
-
-
-class ShardDataset:
-    """A torch-style map Dataset over prepared shards: ``ds[i]`` -> targets (numpy arrays).
-
-    Rows are decoded on access; wrap with ``torch.utils.data.DataLoader`` and ``collate``."""
-
-    def __init__(self, shards_uri: str, maker_kwargs: dict | None = None):
-        self.manifest = read_manifest(shards_uri)
-        self.table = read_table(shards_uri)
-        self.maker = TargetMaker.from_manifest(self.manifest, **(maker_kwargs or {}))
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def __getitem__(self, i: int) -> dict:
-        return self.maker(self.table.slice(i, 1).to_pylist()[0])
 
 
 def collate(items: list[dict]):

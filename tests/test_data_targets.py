@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.prepare import prepare
 from pipeline.shards import Source, read_manifest, read_table, shard_paths
-from pipeline.targets import ShardDataset, TargetConfig, TargetMaker, collate
+from pipeline.targets import TargetConfig, TargetMaker
 
 
 def direct_targets(src: dict, image_id: int, thing_mode: str = "merged") -> dict:
@@ -125,20 +125,6 @@ def test_resize_and_scale_jitter(shards):
     a = TargetMaker.from_manifest(manifest, config=cfg, seed=3)(row)
     b = TargetMaker.from_manifest(manifest, config=cfg, seed=3)(row)
     assert a["sem"].shape == b["sem"].shape and a["flipped"] == b["flipped"]
-
-
-def test_plain_loop_and_collate(shards):
-    _, d = shards["synth"]
-    ds = ShardDataset(d, {"config": TargetConfig((64, 96), max_size=160)})
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate)
-    batches = list(loader)
-    assert len(batches) == 2
-    b = batches[0]
-    assert b["images"].dtype == torch.uint8 and b["images"].shape[0] == 3
-    assert b["images"].shape[2] % 32 == 0 and b["images"].shape[3] % 32 == 0
-    for k, (h, w) in enumerate(b["image_sizes"]):
-        assert (b["sem"][k, h:] == 255).all() and (b["seg"][k, :, w:] == -1).all()
-    assert len(b["boxes"]) == 3 and b["boxes"][0].shape[1] == 4
 
 
 def test_ray_data_map(shards):

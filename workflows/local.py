@@ -16,7 +16,8 @@ from ciae.model import CIAEModel
 from ciae.train import to_device
 from pipeline.coco import CategoryTable
 from pipeline.shards import decode_panoptic_row, read_manifest, read_shard, shard_paths
-from pipeline.targets import ShardDataset, TargetConfig, TargetMaker, collate
+from pipeline.targets import TargetConfig, TargetMaker, collate
+from pipeline.train_stream import local_batches
 
 
 def train_target_config(cfg: Config) -> TargetConfig:
@@ -40,17 +41,10 @@ def model_for_shards(cfg: Config, shards_uri: str) -> CIAEModel:
 
 
 def batch_stream(shards_uri: str, cfg: Config, seed: int = 0) -> Iterator[dict]:
-    """Endless shuffled training batches; each epoch draws new jitter and flips."""
-    ds = ShardDataset(shards_uri, {"config": train_target_config(cfg), "seed": seed})
-    g = torch.Generator().manual_seed(seed)
-    epoch = 0
-    while True:
-        ds.maker.epoch = epoch
-        order = torch.randperm(len(ds), generator=g).tolist()
-        bs = cfg.solver.batch_size
-        for k in range(0, len(order) - bs + 1, bs):
-            yield collate([ds[i] for i in order[k:k + bs]])
-        epoch += 1
+    """Endless training batches of cfg.solver.batch_size images: the plan of
+    ``pipeline.train_stream`` (a seeded permutation per epoch, new jitter and flips each epoch),
+    the same batches that Ray Train workers split between them."""
+    return (batch for _, batch in local_batches(shards_uri, train_target_config(cfg), cfg.solver.batch_size, seed))
 
 
 @torch.no_grad()

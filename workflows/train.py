@@ -1,9 +1,9 @@
 """The training driver: Ray Train (TorchTrainer, DDP) on a Ray Data stream, tracked in MLflow.
 
 ``train(job)`` creates (or, for a run name given again, reopens) one MLflow run and logs the
-config; starts a TorchTrainer whose workers run ``workflows.train_loop.train_loop_per_worker``
-on their split of ``pipeline.train_stream.training_dataset`` (rank 0 validating on the held-out
-shards along the way and at the end); then logs the final checkpoint with pictures, logs the
+config; starts a TorchTrainer whose workers run ``workflows.train_loop.train_loop_per_worker``,
+each streaming its part of the training plan (``pipeline.train_stream``) with Ray Data, rank 0
+validating on the held-out shards along the way and at the end; then logs the final checkpoint with pictures, logs the
 MLflow pyfunc model, registers it, and moves the alias when its validation PQ beats the
 holder's.
 
@@ -134,12 +134,12 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
 
     from pipeline.ray_runtime import connect
     from pipeline.shards import read_manifest
-    from pipeline.train_stream import training_dataset
-    from workflows.local import train_target_config
+    from pipeline.train_stream import steps_per_epoch
 
     cfg, per_worker, cpus = job.resolved()
     solver = cfg.solver
     manifest = read_manifest(job.data)
+    steps_per_epoch(manifest["counts"]["images"], solver.batch_size)   # refuses a set smaller than a batch
     stuff_ids = [int(c) for c in sorted(manifest["stuff_index"], key=manifest["stuff_index"].get)]
     thing_ids = [int(c) for c in sorted(manifest["thing_index"], key=manifest["thing_index"].get)]
     name = job.name or time.strftime("ciae-%Y%m%d-%H%M%S")
@@ -153,17 +153,15 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     run_id = _open_run(client, exp_id, name, params)
     storage = job.storage if "://" in job.storage else os.path.abspath(job.storage)
     loop_config = {"config": cfg.to_dict(), "solver": dataclasses.asdict(solver),
-                   "stuff_ids": stuff_ids, "thing_ids": thing_ids, "batch_size": per_worker,
+                   "stuff_ids": stuff_ids, "thing_ids": thing_ids, "data": job.data, "batch_size": per_worker,
                    "iterations": solver.iterations, "threads": max(1, int(cpus)),
                    "val": job.val, "eval_every": job.eval_every, "tracking_uri": uri, "run_id": run_id}
     bar = _Progress(client, run_id, solver.iterations) if progress else None
     try:
         with connect(address):
             _check_room_for_data(job.workers * cpus)
-            ds = training_dataset(job.data, train_target_config(cfg), solver.iterations,
-                                  solver.batch_size, seed=solver.seed)
             trainer = TorchTrainer(
-                train_loop_per_worker, train_loop_config=loop_config, datasets={"train": ds},
+                train_loop_per_worker, train_loop_config=loop_config,
                 scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
                                              resources_per_worker={"CPU": cpus, **({"GPU": job.gpus_per_worker}
                                                                                    if job.gpus_per_worker else {})}),

@@ -1,8 +1,9 @@
 """What each Ray Train worker runs: the single-process ``ciae.train.Trainer`` under DDP.
 
 Per worker: build the model (same seed everywhere; DDP also broadcasts rank 0's weights), resume
-from the latest Ray Train checkpoint if there is one, then take steps on batches of its split of
-the Ray Data training stream until the run's step count. Across workers:
+from the latest Ray Train checkpoint if there is one, then take steps until the run's step
+count on its part of the training plan (``pipeline.train_stream``), streamed by a Ray Data job
+of its own from the resumed step on. Across workers:
 
 * gradients are averaged by DDP, and every loss normaliser (FCOS positives and centerness sum,
   CIAE pixel counts) is averaged with them, so that W workers with batch B take the step one
@@ -92,18 +93,17 @@ class _MlflowLog:
         self.pending, self.flushed_at = [], time.monotonic()
 
 
-def _batches(shard, batch_size: int):
-    """Endless collated batches from this worker's split; a new pass when one runs out."""
-    from pipeline.train_stream import collate_rows
+def _batches(c: dict, cfg, rank: int, world: int, start: int):
+    """(step, collated batch) for steps [start, c["iterations"]): this rank's part of the
+    training plan, streamed by its own Ray Data job."""
+    from pipeline.train_stream import rows_of_batches, step_batches, training_dataset
+    from workflows.local import train_target_config
 
-    while True:
-        n = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                        prefetch_batches=2, drop_last=True):
-            n += 1
-            yield collate_rows(batch)
-        if n == 0:
-            raise ValueError("this worker's split of the training data holds fewer images than one batch")
+    end = c["iterations"]
+    ds = training_dataset(c["data"], train_target_config(cfg), global_batch=world * c["batch_size"],
+                          world=world, rank=rank, start=start, end=end, seed=cfg.solver.seed)
+    rows = rows_of_batches(ds.iter_batches(batch_size=c["batch_size"], batch_format="numpy", prefetch_batches=2))
+    return step_batches(rows, start, end)
 
 
 def validate(model, val_shards: str, log: _MlflowLog, step: int) -> dict:
@@ -118,8 +118,8 @@ def validate(model, val_shards: str, log: _MlflowLog, step: int) -> dict:
 
 def train_loop_per_worker(c: dict) -> None:
     """The Ray Train worker function. ``c``: config (dict), solver (dict), stuff_ids, thing_ids,
-    batch_size (per worker), iterations, threads, val (shards or None), eval_every,
-    tracking_uri, run_id."""
+    data (training shards), batch_size (per worker), iterations, threads, val (shards or None),
+    eval_every, tracking_uri, run_id."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -147,11 +147,11 @@ def train_loop_per_worker(c: dict) -> None:
     if log and resumed:
         log.log(trainer.step, {"resumed_at_step": trainer.step})
 
-    batches = _batches(ray.train.get_dataset_shard("train"), c["batch_size"])
     end = c["iterations"]
     t_prev = time.perf_counter()
-    while trainer.step < end:
-        stats = trainer.train_step(to_device(next(batches), device))
+    for planned, batch in _batches(c, cfg, rank, world, trainer.step):
+        assert planned == trainer.step, (planned, trainer.step)
+        stats = trainer.train_step(to_device(batch, device))
         now = time.perf_counter()
         stats["images_per_s"] = world * c["batch_size"] / (now - t_prev)   # data wait included
         t_prev = now
@@ -174,3 +174,5 @@ def train_loop_per_worker(c: dict) -> None:
                 else:
                     ray.train.report(report)
             t_prev = time.perf_counter()   # the report is not a training step
+    if trainer.step < end:
+        raise RuntimeError(f"rank {rank}: no image of steps {trainer.step + 1}..{end} could be decoded")

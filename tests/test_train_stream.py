@@ -1,0 +1,130 @@
+"""The training plan and its streams: W workers' batches add up to one process's, a restart
+starts where it left off, corrupt images are skipped, and Ray Data streams what the plan says."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.prepare import prepare
+from pipeline.shards import Source, read_manifest, shard_paths
+from pipeline.targets import TargetConfig
+from pipeline.train_stream import (ShardTargets, local_batches, plan_items, rows_of_batches, step_batches,
+                                   training_dataset)
+
+TARGETS = TargetConfig(shorter_sides=(64, 96), max_size=160, flip_prob=0.5)
+
+
+def plan_rows(n, batch, world, rank, start, end, seed=3, steps_per_item=8):
+    items = list(plan_items(n, batch, world, rank, start, end, seed, steps_per_item))
+    return sum((i["row"] for i in items), []), sum((i["step"] for i in items), [])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_workers_batches_add_up_to_one_process_batches(world):
+    n, batch, steps = 50, 4, 40
+    one, one_steps = plan_rows(n, batch, 1, 0, 0, steps)
+    assert one_steps == [s for s in range(steps) for _ in range(batch)]
+    b = batch // world
+    ranks = [plan_rows(n, batch, world, r, 0, steps, steps_per_item=3)[0] for r in range(world)]
+    for s in range(steps):
+        assert one[batch * s:batch * (s + 1)] == sum((rows[b * s:b * (s + 1)] for rows in ranks), [])
+    per_epoch = n // batch * batch      # 48 of 50 rows per epoch, each once
+    for e in range(3):
+        epoch = one[per_epoch * e:per_epoch * (e + 1)]
+        assert len(set(epoch)) == len(epoch) and set(epoch) <= set(range(n))
+    assert one[:per_epoch] != one[per_epoch:2 * per_epoch]      # a new order every epoch
+
+
+def test_a_resumed_plan_is_the_rest_of_the_plan():
+    whole, _ = plan_rows(50, 4, 2, 1, 0, 30)
+    rest, steps = plan_rows(50, 4, 2, 1, 17, 30)
+    assert rest == whole[2 * 17:] and steps[0] == 17 and steps[-1] == 29
+
+
+def test_plans_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="does not split over 3 workers"):
+        next(plan_items(50, 4, 3, 0, 0, 10))
+    with pytest.raises(ValueError, match="holds 3 images, fewer than one global batch of 4"):
+        next(plan_items(3, 4, 1, 0, 0, 10))
+
+
+def _row(step, image_id):
+    return {"step": step, "image": np.zeros((3, 8, 8), np.uint8), "sem": np.zeros((8, 8), np.uint8),
+            "seg": np.zeros((8, 8), np.int16), "boxes": np.zeros((0, 4), np.float32),
+            "classes": np.zeros(0, np.int64), "image_id": image_id}
+
+
+def test_steps_without_rows_reuse_a_neighbouring_batch(caplog):
+    rows = [_row(5, 1), _row(5, 2), _row(6, 3), _row(8, 4)]      # steps 4, 7 and 9 lost every image
+    with caplog.at_level(logging.WARNING):
+        got = [(s, b["image_ids"]) for s, b in step_batches(iter(rows), 4, 10)]
+    assert got == [(4, [1, 2]), (5, [1, 2]), (6, [3]), (7, [3]), (8, [4]), (9, [4])]
+    assert sum("could be decoded" in r.message for r in caplog.records) == 3
+
+
+@pytest.fixture(scope="module")
+def shards(synth_small, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("stream") / "shards")
+    prepare(Source(synth_small["images"], synth_small["panoptic_json"], synth_small["panoptic_dir"]), out,
+            rows_per_shard=4, progress=False)
+    return out
+
+
+def test_local_batches_follow_the_plan(shards):
+    manifest = read_manifest(shards)
+    ids = [r["image_id"] for p in shard_paths(shards) for r in pq.read_table(p, columns=["image_id"]).to_pylist()]
+    rows, _ = plan_rows(len(ids), 2, 1, 0, 2, 8, seed=5)
+    got = list(zip(range(6), local_batches(shards, TARGETS, 2, seed=5, start=2)))
+    assert [s for _, (s, _) in got] == list(range(2, 8))
+    assert sum((b["image_ids"] for _, (_, b) in got), []) == [ids[r] for r in rows]
+    b = got[0][1][1]
+    assert b["images"].dtype == torch.uint8 and b["images"].shape[2] % 32 == 0 and b["images"].shape[3] % 32 == 0
+    for k, (h, w) in enumerate(b["image_sizes"]):
+        assert (b["sem"][k, h:] == 255).all() and (b["seg"][k, :, w:] == -1).all()
+    assert manifest["counts"]["images"] == len(ids) == 6
+
+
+def test_ray_data_streams_each_rank_its_part_of_the_plan(shards, ray_local):
+    start, end = 1, 7
+    local = dict(zip(range(start, end), (b for _, b in local_batches(shards, TARGETS, 4, seed=5, start=start))))
+    for rank in range(2):
+        ds = training_dataset(shards, TARGETS, global_batch=4, world=2, rank=rank, start=start, end=end, seed=5,
+                              steps_per_item=2)
+        got = list(step_batches(rows_of_batches(ds.iter_batches(batch_size=2, batch_format="numpy")), start, end))
+        assert [s for s, _ in got] == list(range(start, end))
+        for step, batch in got:
+            whole = local[step]
+            assert batch["image_ids"] == whole["image_ids"][2 * rank:2 * rank + 2]
+            for k in range(2):       # the same jitter and flips as in one process
+                h, w = batch["image_sizes"][k]
+                assert (h, w) == whole["image_sizes"][2 * rank + k]
+                assert torch.equal(batch["images"][k, :, :h, :w], whole["images"][2 * rank + k, :, :h, :w])
+                assert torch.equal(batch["seg"][k, :h, :w], whole["seg"][2 * rank + k, :h, :w])
+
+
+def test_a_corrupt_image_is_skipped_and_named(shards, tmp_path, caplog):
+    import shutil
+
+    d = tmp_path / "shards"
+    shutil.copytree(shards, d)
+    path = shard_paths(str(d))[0]
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    images[1] = images[1][:40]                                   # a truncated JPEG
+    bad = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    pq.write_table(bad, path, row_group_size=16)
+    bad_id = table.column("image_id")[1].as_py()
+
+    targets = ShardTargets(str(d), read_manifest(str(d)), TARGETS, seed=0)
+    item = {"step": [0, 0, 1, 1], "epoch": [0, 0, 0, 0], "row": [0, 1, 2, 3]}
+    with caplog.at_level(logging.WARNING):
+        got = [(s, b["image_ids"]) for s, b in step_batches(targets(item), 0, 2)]
+    ids = table.column("image_id").to_pylist()
+    assert got == [(0, [ids[0]]), (1, [ids[2], ids[3]])]
+    assert any(f"skipping image {bad_id}" in r.message and path in r.message for r in caplog.records)
