@@ -3,9 +3,9 @@
 ``train(job)`` creates (or, for a run name given again, reopens) one MLflow run and logs the
 config; starts a TorchTrainer whose workers run ``workflows.train_loop.train_loop_per_worker``,
 each streaming its part of the training plan (``pipeline.train_stream``) with Ray Data, rank 0
-validating on the held-out shards along the way and at the end; then logs the final checkpoint with pictures, logs the
-MLflow pyfunc model, registers it, and moves the alias when its validation PQ beats the
-holder's.
+validating on the held-out shards along the way and at the end; then logs the final checkpoint
+with pictures, logs the MLflow pyfunc model, registers it, and moves the alias when its
+validation PQ beats the holder's.
 
 Failures: Ray Train restarts the worker group from the latest checkpoint (``max_failures``
 times); a driver run again with the same ``name`` resumes from the run's storage and logs into
@@ -151,11 +151,13 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     params.update({"job.data": job.data, "job.val": str(job.val), "job.workers": str(job.workers),
                    "job.batch_per_worker": str(per_worker), "job.gpus_per_worker": str(job.gpus_per_worker)})
     run_id = _open_run(client, exp_id, name, params)
-    storage = job.storage if "://" in job.storage else os.path.abspath(job.storage)
+    # paths the workers open: absolute, as their working directory need not be the driver's
+    storage, data, val = (p if p is None or "://" in p else os.path.abspath(p)
+                          for p in (job.storage, job.data, job.val))
     loop_config = {"config": cfg.to_dict(), "solver": dataclasses.asdict(solver),
-                   "stuff_ids": stuff_ids, "thing_ids": thing_ids, "data": job.data, "batch_size": per_worker,
+                   "stuff_ids": stuff_ids, "thing_ids": thing_ids, "data": data, "batch_size": per_worker,
                    "iterations": solver.iterations, "threads": max(1, int(cpus)),
-                   "val": job.val, "eval_every": job.eval_every, "tracking_uri": uri, "run_id": run_id}
+                   "val": val, "eval_every": job.eval_every, "tracking_uri": uri, "run_id": run_id}
     bar = _Progress(client, run_id, solver.iterations) if progress else None
     try:
         with connect(address):
