@@ -144,7 +144,7 @@ class Config:
     @classmethod
     def small(cls) -> "Config":
         """A CPU-sized configuration: width-reduced ResNet-18 trained from scratch on ~192 px
-        images; 700 steps of batch 4 reach PQ ~0.7 on the synthetic data in ~8 min on 2 cores."""
+        images; 700 steps of batch 4 reach PQ ~0.7 on the synthetic data in ~5 min on 2 cores."""
         return cls(
             backbone=BackboneConfig(name="resnet18", width=16, norm="gn", freeze_at=0),
             fpn=FPNConfig(channels=64),
