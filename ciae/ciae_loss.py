@@ -11,8 +11,9 @@ Per image, with pre-normalisation embeddings E [D, H, W] at full resolution:
 * each is the sum of per-pixel top-K triplet losses over the batch's valid pixels, divided by
   their number; L_CIAE = L_CAE + alpha * L_IAE.
 
-It also returns the batch's category sums and counts (of E, per CAE category) for the memory
-update of Eq. 14, which the caller applies (after an all-reduce when training on many workers).
+``category_sums`` gives the batch's sums and pixel counts of E per CAE category, from which
+the model updates the memory (Eq. 13-14, after an all-reduce on many workers) before the loss
+takes it as queries, as the paper orders it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,22 @@ import torch
 from ciae.box_ops import expand_boxes
 from ciae.config import EmbeddingConfig
 from ciae.embedding import normalize
+from ciae.panoptic import IGNORE_SEM
 from kernels import dispatch
 
-IGNORE_SEM = 255
+
+def _categories(sem: torch.Tensor) -> torch.Tensor:
+    """``sem`` with its ignore value as the kernels' -1."""
+    return torch.where(sem == IGNORE_SEM, torch.full_like(sem, -1), sem)
+
+
+@torch.no_grad()
+def category_sums(emb: torch.Tensor, sem: torch.Tensor, num_categories: int, backend: str = "auto"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The numerators of the category means of Eq. 3 over the batch: emb [B, D, H, W]
+    pre-normalisation, sem [B, H, W] -> sums [C, D], pixel counts [C] (float32; no gradient)."""
+    sums, counts = dispatch.segment_sums(emb.detach(), _categories(sem), num_categories, backend=backend)
+    return sums.sum(0), counts.sum(0)
 
 
 def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: list[torch.Tensor],
@@ -38,13 +52,12 @@ def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: li
     data-parallel workers, so that averaged gradients equal those of one worker with the whole
     batch.
 
-    Returns loss_cae, loss_iae, loss_ciae (scalars), category_sums [C, D], category_counts [C]."""
+    Returns loss_cae, loss_iae, loss_ciae (scalars)."""
     b, _, h, w = emb.shape
     c = memory.shape[0]
-    sem_t = torch.where(sem == IGNORE_SEM, torch.full_like(sem, -1), sem)
-    # segment sums: per category (for the memory, no gradient) and per segment (IAE queries)
+    sem_t = _categories(sem)
+    # per-segment sums: the instance means of the IAE queries, with gradient
     n_seg = num_stuff + max((len(x) for x in boxes), default=0)
-    cat_sums, cat_counts = dispatch.segment_sums(emb.detach(), sem_t, c, backend=backend)
     seg_sums, _ = dispatch.segment_sums(emb, seg, n_seg, backend=backend)
 
     full = emb.new_tensor([[0.0, 0.0, float(w), float(h)]])
@@ -73,5 +86,4 @@ def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: li
 
     loss_cae = cae / reduce_fn(n_cae).clamp_min(1)
     loss_iae = iae / reduce_fn(n_iae).clamp_min(1)
-    return {"loss_cae": loss_cae, "loss_iae": loss_iae, "loss_ciae": loss_cae + cfg.alpha * loss_iae,
-            "category_sums": cat_sums.sum(0), "category_counts": cat_counts.sum(0)}
+    return {"loss_cae": loss_cae, "loss_iae": loss_iae, "loss_ciae": loss_cae + cfg.alpha * loss_iae}

@@ -15,6 +15,8 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("frozen_bn", "bn", "gn")
 THING_MODES = ("merged", "specific", "none")  # Table II, embedding side
 INSTANCE_CLASS_FROM = ("detector", "embedding")  # Table II, inference side
+# keys of earlier versions that configs saved in checkpoints may still hold; read and ignored
+RETIRED_KEYS = {"inference": {"oracle"}}    # oracle evaluation is ``evaluate(..., oracle=True)``
 
 
 @dataclass
@@ -79,7 +81,6 @@ class InferenceConfig:
     instance_score_thresh: float = 0.4
     duplicate_similarity: float = 0.9
     min_instance_area: int = 0          # thing segments smaller than this become void
-    oracle: bool = False                # Table IV: ground-truth boxes, queries = mask means
 
 
 @dataclass
@@ -136,6 +137,10 @@ class Config:
             (self.embedding.box_expand >= 1, "embedding.box_expand must be >= 1"),
             (self.inference.instance_class_from == "detector" or self.embedding.thing_mode == "specific",
              "instance classes from the embedding need embedding.thing_mode 'specific'"),
+            (len(self.input.shorter_sides) > 0 and min(self.input.shorter_sides) >= 1
+             and self.input.test_shorter_side >= 1 and self.input.max_size >= 1,
+             "input.shorter_sides (non-empty), test_shorter_side and max_size must be positive"),
+            (0 <= self.input.flip_prob <= 1, "input.flip_prob must lie in [0, 1]"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -169,10 +174,11 @@ class Config:
                 continue
             sub_cls = f.default_factory  # type: ignore[misc]
             known = {g.name: g for g in dataclasses.fields(sub_cls)}
-            unknown = set(d[f.name]) - set(known)
+            given = {k: v for k, v in d[f.name].items() if k not in RETIRED_KEYS.get(f.name, ())}
+            unknown = set(given) - set(known)
             if unknown:
                 raise ValueError(f"unknown config keys in {f.name}: {sorted(unknown)}")
-            values = {k: _tupled(v) for k, v in d[f.name].items()}
+            values = {k: _tupled(v) for k, v in given.items()}
             kwargs[f.name] = sub_cls(**values)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:

@@ -14,10 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    groups = max(g for g in range(1, 33) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+from ciae.backbone import make_norm
 
 
 def add_coords(x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +32,7 @@ class _Stage(nn.Module):
         super().__init__()
         self.coord, self.upsample = coord, upsample
         self.conv = nn.Conv2d(cin + 2 * coord, cout, 3, padding=1, bias=False)
-        self.norm = group_norm(cout)
+        self.norm = make_norm("gn", cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.norm(self.conv(add_coords(x) if self.coord else x)))

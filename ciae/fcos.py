@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ciae.backbone import make_norm
 from ciae.box_ops import batched_nms, clip_boxes, giou_loss, iou_loss, sigmoid_focal_loss
 from ciae.config import FCOSConfig
 
@@ -75,7 +76,7 @@ def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
     for _ in range(num_convs):
         layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=norm == "none"))
         if norm == "gn":
-            layers.append(nn.GroupNorm(math.gcd(32, channels), channels))
+            layers.append(make_norm("gn", channels))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 

@@ -6,18 +6,23 @@ embedding inside the ground-truth mask). Each pixel takes the query of highest c
 similarity, an instance's similarity being 0 outside its box. Stuff segments smaller than the
 (size-scaled) stuff area become void, as do instance segments under ``min_instance_area``;
 instance segments take the detector's class, or the nearest thing memory entry (Table II).
+
+Beyond the paper, each segment gets a confidence ``score`` (``segment_score``: how clearly its
+pixels chose it over the second-best query, and the detector's score for an instance) and an
+image a ``quality`` (``image_quality``), so that labelers can review the doubtful images first.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 
 from ciae.box_ops import box_iou
 from ciae.config import InferenceConfig
 from ciae.embedding import full_resolution, normalize, sample_at
+from ciae.panoptic import measure_segments
 from kernels import dispatch
-from pipeline.coco import measure_segments
 
 
 def stuff_area_threshold(cfg: InferenceConfig, height: int, width: int) -> float:
@@ -69,18 +74,19 @@ def select_instances(queries: torch.Tensor, boxes: torch.Tensor, scores: torch.T
 
 def assemble(emb: torch.Tensor, image_size: tuple[int, int], stuff_memory: torch.Tensor,
              queries: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor,
-             stuff_ids: list[int], thing_ids: list[int], cfg: InferenceConfig,
-             stride: int = 4, backend: str = "auto") -> tuple[np.ndarray, list[dict]]:
-    """Assign pixels and build the COCO panoptic output of one image.
+             scores: torch.Tensor, stuff_ids: list[int], thing_ids: list[int], cfg: InferenceConfig,
+             stride: int = 4, backend: str = "auto") -> tuple[torch.Tensor, list[dict]]:
+    """Assign pixels and build the COCO panoptic output of one image, on emb's device.
 
     emb [D, h, w] pre-normalisation embeddings of the padded input: the stride-4 map P' + P''
     (``stride`` 4; upsampling and normalisation are fused into the assignment) or a
     full-resolution map (``stride`` 1); image_size (H, W) the unpadded input size;
-    stuff_memory [C_st, D]; queries [N, D], boxes [N, 4] xyxy and classes [N] (contiguous thing
-    classes) of the instances.
+    stuff_memory [C_st, D]; queries [N, D], boxes [N, 4] xyxy, classes [N] (contiguous thing
+    classes) and scores [N] (detector scores) of the instances.
 
-    Returns (ids [H, W] int32 segment ids, 0 = void; segments_info with id, category_id,
-    iscrowd, area, bbox — COCO category ids)."""
+    Returns (ids [H, W] int32 tensor of segment ids on emb's device, 0 = void; segments_info
+    with id, category_id, iscrowd, area, bbox (COCO category ids) and ``score``, the
+    confidence of ``segment_scores``). Only a few numbers per query cross to the host."""
     h, w = image_size
     out_h, out_w = emb.shape[1] * stride, emb.shape[2] * stride
     c_st = stuff_memory.shape[0]
@@ -88,29 +94,49 @@ def assemble(emb: torch.Tensor, image_size: tuple[int, int], stuff_memory: torch
     full = boxes.new_tensor([[0.0, 0.0, float(out_w), float(out_h)]]).expand(c_st, 4)
     all_boxes = torch.cat([full, boxes.to(full.dtype)], dim=0)
     if stride == 4:
-        labels, _ = dispatch.assign_upsampled(emb, (out_h, out_w), all_queries, all_boxes, backend=backend)
+        labels, best, second = dispatch.assign_upsampled(emb, (out_h, out_w), all_queries, all_boxes,
+                                                         backend=backend)
     else:
-        labels, _ = dispatch.assign(emb, all_queries, all_boxes, backend=backend)
-    labels = labels[:h, :w].cpu().numpy()
-
+        labels, best, second = dispatch.assign(emb, all_queries, all_boxes, backend=backend)
+    labels = labels[:h, :w]
     q = all_queries.shape[0]
-    areas = np.bincount(labels.ravel(), minlength=q)
+    flat = labels.reshape(-1)
+    areas = torch.bincount(flat, minlength=q)
+    margins = torch.zeros(q, dtype=torch.float64, device=flat.device).index_add_(
+        0, flat, (best - second)[:h, :w].reshape(-1).double())
+    areas, margins = areas.tolist(), margins.tolist()
     min_stuff = stuff_area_threshold(cfg, h, w)
-    lut = np.zeros(q, np.int32)
+    lut = torch.zeros(q, dtype=torch.int32)
     segments = []
-    classes = classes.cpu().numpy()
+    classes, scores = classes.tolist(), scores.tolist()
     for k in range(q):
-        area = int(areas[k])
+        area = areas[k]
         if area == 0 or (k < c_st and area < min_stuff) or (k >= c_st and area < max(cfg.min_instance_area, 1)):
             continue
         lut[k] = len(segments) + 1
         category = stuff_ids[k] if k < c_st else thing_ids[int(classes[k - c_st])]
-        segments.append({"id": len(segments) + 1, "category_id": int(category), "iscrowd": 0, "area": area})
-    ids = lut[labels]
+        score = segment_score(margins[k] / area, None if k < c_st else scores[k - c_st])
+        segments.append({"id": len(segments) + 1, "category_id": int(category), "iscrowd": 0,
+                         "area": area, "score": score})
+    ids = lut.to(labels.device)[labels]
     _, boxes_xywh = measure_segments(ids, len(segments))
-    for s, box in zip(segments, boxes_xywh.tolist()):
-        s["bbox"] = box
+    for seg, box in zip(segments, boxes_xywh.tolist()):
+        seg["bbox"] = box
     return ids, segments
+
+
+def segment_score(mean_margin: float, detection_score: float | None) -> float:
+    """The confidence of a segment, in [0, 1]: its pixels' mean margin between the best and the
+    second-best query (how clearly they chose it; at least 0, clipped at 1), and for an instance
+    the geometric mean of that and the detector's score."""
+    margin = min(max(mean_margin, 0.0), 1.0)
+    return round(margin if detection_score is None else math.sqrt(margin * detection_score), 4)
+
+
+def image_quality(segments: list[dict], height: int, width: int) -> float:
+    """The confidence of an image's labels, in [0, 1]: its segments' scores weighted by their
+    areas over the whole image (void counts as 0)."""
+    return round(sum(s["score"] * s["area"] for s in segments) / max(height * width, 1), 4)
 
 
 def classes_from_embedding(queries: torch.Tensor, thing_memory: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,14 @@ class). Randomly initialised, updated without gradient from the batch's category
     lambda_t = 1 - momentum * (1 - t / T) ** 3
     M_t = L2norm(lambda_t * M_{t-1} + (1 - lambda_t) * m_c)   for the categories present.
 
-Updates take category *sums* and pixel counts, so a distributed job can all-reduce them first and
-every worker applies the same update: the memory stays identical across workers.
+The model applies the update in each training step before the CIAE loss, which then takes M_t
+as its queries (the paper's order). Updates take category *sums* and pixel counts, so a
+distributed job can all-reduce them first and every worker applies the same update: the memory
+stays identical across workers.
+
+The paper's Table V quotes the momentum as lambda at t = 0: ``momentum`` here is 1 - that value
+(0.9999 -> 1e-4, the default; the table's 0 -> 1.0, the memory replaced by each batch's means
+at the start of training).
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ class CategoryMemory(nn.Module):
         m = torch.randn(num_categories, dim, generator=g)
         self.register_buffer("memory", m / m.norm(dim=1, keepdim=True))
         self.momentum = momentum
+
+    @property
+    def num_categories(self) -> int:
+        return self.memory.shape[0]
 
     def forward(self) -> torch.Tensor:
         """[C, D] unit vectors (a detached view: the loss never moves the memory by gradient)."""

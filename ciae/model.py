@@ -1,8 +1,9 @@
 """The CIAE panoptic model (paper Fig. 3): ResNet-FPN, an FCOS proposal head on P3-P7 that also
 predicts box embeddings, an embedding branch on P2-P5, and the category memory.
 
-Training: ``model(batch)`` returns the losses of Eq. 15 (focal, box IoU, centerness and CIAE)
-plus the batch's category sums/counts for the memory update, which the training loop applies.
+Training: ``model(batch, memory_step=(t, T))`` updates the category memory from the batch
+(Eq. 13-14) and returns the losses of Eq. 15 (focal, box IoU, centerness and CIAE), the CIAE
+loss taking the updated memory as its queries.
 Inference: ``model.predict(images, image_sizes)`` returns COCO panoptic id maps and segments_info.
 """
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ciae.backbone import build_backbone
-from ciae.ciae_loss import ciae_loss
+from ciae.ciae_loss import category_sums, ciae_loss
 from ciae.config import Config
 from ciae.embedding import EmbeddingBranch, full_resolution
 from ciae.fcos import FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_targets
@@ -43,12 +44,19 @@ class CIAEModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(cfg.input.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.input.pixel_std).view(1, 3, 1, 1), persistent=False)
         self.kernel_backend = "auto"
-        # the mean of a local scalar over data-parallel workers (set by the distributed trainer)
-        self.reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # over data-parallel workers (set by the distributed trainer): the mean of a local scalar,
+        # and the sum of the memory statistics (so that every worker's memory stays identical)
+        self.reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+        self.reduce_sum: Callable[..., tuple[torch.Tensor, ...]] = lambda *ts: ts
 
     @property
     def num_stuff(self) -> int:
         return len(self.stuff_ids)
+
+    def compile_features(self) -> None:
+        """Compile the network (backbone to embedding map) with ``torch.compile``, dynamic
+        shapes; the loss and the post-processing stay eager."""
+        self._forward_features = torch.compile(self._forward_features, dynamic=True)
 
     def _forward_features(self, images: torch.Tensor):
         """images [B, 3, H, W] uint8 (H, W multiples of 32) -> (head outputs, FCOS locations,
@@ -62,21 +70,25 @@ class CIAEModel(nn.Module):
                               head["box_embed"] if self.cfg.embedding.box_embedding else None)
         return head, locations, emb4
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """batch: ``pipeline.targets.collate`` output on the model's device.
+    def forward(self, batch: dict, memory_step: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """batch: ``pipeline.targets.collate`` output on the model's device; ``memory_step``:
+        (t, T) of a training step, which first updates the memory with this batch's category
+        means (Eq. 13-14, sums reduced over workers); None leaves it as it is.
 
-        Returns loss_cls, loss_box, loss_ctr, loss_cae, loss_iae, loss (the total of Eq. 15),
-        category_sums [C, D] and category_counts [C] (for ``memory.update``)."""
+        Returns loss_cls, loss_box, loss_ctr, loss_cae, loss_iae, loss_ciae and loss (Eq. 15)."""
         head, locations, emb4 = self._forward_features(batch["images"])
         fc = self.cfg.fcos
         targets = fcos_targets(locations, fc.strides, fc.size_ranges, batch["seg"], batch["boxes"],
                                batch["classes"], self.num_stuff, fc.center_sample_radius)
-        reduce = self.reduce_mean or (lambda t: t)
-        out = fcos_losses(head, locations, targets, fc, reduce_fn=reduce)
+        out = fcos_losses(head, locations, targets, fc, reduce_fn=self.reduce_mean)
         emb = full_resolution(emb4)
+        if memory_step is not None:
+            sums, counts = category_sums(emb, batch["sem"], self.memory.num_categories,
+                                         backend=self.kernel_backend)
+            self.memory.update(*self.reduce_sum(sums, counts), *memory_step)
         out.update(ciae_loss(emb, batch["sem"], batch["seg"], batch["boxes"], self.memory(),
                              self.num_stuff, self.cfg.embedding, backend=self.kernel_backend,
-                             reduce_fn=reduce))
+                             reduce_fn=self.reduce_mean))
         out["loss"] = out["loss_cls"] + out["loss_box"] + out["loss_ctr"] + out["loss_ciae"]
         return out
 
@@ -86,8 +98,9 @@ class CIAEModel(nn.Module):
         """images [B, 3, H, W] uint8 padded; image_sizes: the unpadded (h, w) of each.
 
         ``oracle`` (Table IV): a collate batch with ground-truth ``seg``, ``boxes``, ``classes``
-        replacing the detections. Returns per image {"panoptic": [h, w] int32 segment ids,
-        "segments_info": [...]} (+ "embedding": [D, h/4, w/4] when asked)."""
+        replacing the detections. Returns per image {"panoptic": [h, w] int32 segment ids, a
+        tensor on the images' device, "segments_info": [...] with a ``score`` per segment}
+        (+ "embedding": [D, h/4, w/4] when asked)."""
         head, locations, emb4 = self._forward_features(images)
         memory = self.memory()
         stuff_memory = memory[: self.num_stuff]
@@ -100,14 +113,16 @@ class CIAEModel(nn.Module):
                 n = len(oracle["boxes"][i])
                 queries = oracle_queries(emb4[i], oracle["seg"][i], self.num_stuff, n)
                 boxes, classes = oracle["boxes"][i], oracle["classes"][i]
+                scores = boxes.new_ones(n)
             else:
                 queries = detection_queries(emb4[i], dets[i]["locations"])
                 keep = select_instances(queries, dets[i]["boxes"], dets[i]["scores"], inf)
-                queries, boxes, classes = queries[keep], dets[i]["boxes"][keep], dets[i]["classes"][keep]
+                queries, boxes = queries[keep], dets[i]["boxes"][keep]
+                classes, scores = dets[i]["classes"][keep], dets[i]["scores"][keep]
                 if inf.instance_class_from == "embedding":
                     thing_memory = memory[self.num_stuff:]
                     classes = classes_from_embedding(queries, thing_memory)
-            ids, segments = assemble(emb4[i], size, stuff_memory, queries, boxes, classes,
+            ids, segments = assemble(emb4[i], size, stuff_memory, queries, boxes, classes, scores,
                                      self.stuff_ids, self.thing_ids, inf, backend=self.kernel_backend)
             res = {"panoptic": ids, "segments_info": segments}
             if return_embeddings:

@@ -1,10 +1,11 @@
-"""The single-process training loop: SGD with warm-up and step decay, the memory update, checks
-for non-finite losses, and checkpoints that resume exactly (model, optimiser, memory, step).
+"""The training loop: SGD with warm-up and step decay, the memory update, checks for non-finite
+losses, and checkpoints that resume exactly (model, optimiser, memory, step).
 
 The schedule is the paper's (lr 0.01, momentum 0.9, weight decay 1e-4, x0.1 at 2/3 and 8/9 of
-the run) scaled to the run length with ``scale_schedule``. Ray Train wraps ``Trainer`` for
-multi-worker runs; ``reduce_memory_stats`` is the hook through which it all-reduces the
-category sums so that every worker's memory stays identical.
+the run) scaled to the run length with ``scale_schedule``. ``Trainer.fit`` is the one loop: in
+one process it is called as it is; a Ray Train worker calls it with hooks (``on_step`` for
+metrics and validation, ``on_checkpoint`` to report checkpoints) on a model whose
+``reduce_mean`` / ``reduce_sum`` all-reduce over the workers.
 """
 
 from __future__ import annotations
@@ -52,27 +53,24 @@ def build_optimizer(model: torch.nn.Module, solver: SolverConfig) -> torch.optim
 
 
 class Trainer:
-    """Owns a model, its optimiser and the step counter.
+    """Owns a model, its optimiser and the step counter; the schedule is ``model.cfg.solver``.
 
     ``module`` is what a step calls: the model itself, or its DistributedDataParallel wrapper.
-    ``reduce_memory_stats`` sums the batch's category sums and counts over data-parallel workers
-    before the memory update, so that every worker's memory stays identical. Creating one makes
-    this process keep freed memory (``ciae.allocator``), which speeds CPU steps up by a quarter."""
+    Creating one makes this process keep freed memory (``ciae.allocator``), which speeds CPU
+    steps up by a quarter."""
 
-    def __init__(self, model: CIAEModel, solver: SolverConfig | None = None,
-                 reduce_memory_stats: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
-                 module: torch.nn.Module | None = None):
+    def __init__(self, model: CIAEModel, module: torch.nn.Module | None = None):
         retain_freed_memory()
         self.model = model
         self.module = module or model
-        self.solver = solver or model.cfg.solver
+        self.solver = model.cfg.solver
         self.optimizer = build_optimizer(model, self.solver)
         self.step = 0
-        self.reduce_memory_stats = reduce_memory_stats or (lambda s, c: (s, c))
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        """One SGD step on a collate batch (already on the model's device). Returns the loss
-        terms, the learning rate and the step's wall time."""
+        """One SGD step on a collate batch (already on the model's device): the memory update
+        and the losses (``CIAEModel.forward``), backward, clipping, the optimiser step. Returns
+        the loss terms, the learning rate and the step's wall time."""
         t0 = time.perf_counter()
         self.model.train()
         lr = lr_at(self.step, self.solver)
@@ -81,7 +79,7 @@ class Trainer:
         device = batch["images"].device
         with torch.autocast(device.type, dtype=torch.bfloat16,
                             enabled=self.solver.amp and device.type == "cuda"):
-            out = self.module(batch)
+            out = self.module(batch, memory_step=(self.step, self.solver.iterations))
         for term in LOSS_TERMS + ("loss",):
             value = out[term]
             if not torch.isfinite(value):
@@ -92,17 +90,19 @@ class Trainer:
         if self.solver.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.solver.clip_grad_norm)
         self.optimizer.step()
-        sums, counts = self.reduce_memory_stats(out["category_sums"], out["category_counts"])
-        self.model.memory.update(sums, counts, self.step, self.solver.iterations)
         self.step += 1
         stats = {k: float(out[k].detach()) for k in LOSS_TERMS + ("loss",)}
         stats.update(lr=lr, step_time=time.perf_counter() - t0)
         return stats
 
     def fit(self, batches: Iterable[dict], num_steps: int | None = None,
-            on_step: Callable[[int, dict], None] | None = None, checkpoint_path: str | None = None) -> None:
-        """Train until ``num_steps`` (default: solver.iterations) steps have been taken in all,
-        checkpointing every solver.checkpoint_every steps and at the end."""
+            on_step: Callable[[int, dict], None] | None = None, checkpoint_path: str | None = None,
+            on_checkpoint: Callable[[int], None] | None = None) -> None:
+        """Train until ``num_steps`` (default: solver.iterations) steps have been taken in all.
+
+        After each step ``on_step(step, stats)``; at every ``solver.checkpoint_every``-th step
+        and the last, the checkpoint is written to ``checkpoint_path`` (if given), then
+        ``on_checkpoint(step)`` is called."""
         end = num_steps if num_steps is not None else self.solver.iterations
         device = next(self.model.parameters()).device
         it = iter(batches)
@@ -113,13 +113,15 @@ class Trainer:
             stats = self.train_step(to_device(batch, device))
             if on_step:
                 on_step(self.step, stats)
-            if checkpoint_path and (self.step % self.solver.checkpoint_every == 0 or self.step == end):
-                self.save(checkpoint_path)
+            if self.step % self.solver.checkpoint_every == 0 or self.step == end:
+                if checkpoint_path:
+                    self.save(checkpoint_path)
+                if on_checkpoint:
+                    on_checkpoint(self.step)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "config": self.model.cfg.to_dict(), "solver": dataclasses.asdict(self.solver),
-                "stuff_ids": self.model.stuff_ids, "thing_ids": self.model.thing_ids}
+                "step": self.step, "config": self.model.cfg.to_dict(), "stuff_ids": self.model.stuff_ids, "thing_ids": self.model.thing_ids}
 
     def save(self, path: str) -> None:
         """Atomically write a checkpoint (a temporary file moved into place)."""

@@ -3,7 +3,8 @@
 S = P V^T, P the L2-normalised pixel embeddings (p = e / max(||e||, EPS)) and V the unit-norm
 queries; s_ik = 0 when pixel i lies outside box k (the test of ``ciae_loss.outside_boxes``:
 inside iff x0 <= x < x1 and y0 <= y < y1). label_i = argmax_k s_ik, the lowest index on ties;
-best_i = s_i,label_i. As the paper states the filter, a query scores 0 outside its box, so it
+best_i = s_i,label_i; second_i = max over k != label_i of s_ik, at least -1 (so -1 with one
+query): best - second is how clearly the pixel chose its query (the labeling job's confidence). As the paper states the filter, a query scores 0 outside its box, so it
 can win a pixel whose in-box similarities are all negative.
 
 ``assign_upsampled`` is the inference path from the stride-4 map: bilinear upsampling
@@ -27,12 +28,13 @@ from kernels.ciae_loss import EPS, outside_boxes, row_chunks
 def _assign_pixels(e: torch.Tensor, q: torch.Tensor, boxes: torch.Tensor, row0: int, row1: int,
                    width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """e [C, D] the pixels of rows row0..row1-1 of a map ``width`` wide, q [Q, D],
-    boxes [Q, 4] float32 -> labels [C] int64, best [C] float32."""
+    boxes [Q, 4] float32 -> labels [C] int64, best [C] float32, second [C] float32."""
     e = e.float()
     p = e / e.norm(dim=1, keepdim=True).clamp_min(EPS)
     s = (q @ p.T).T.contiguous().masked_fill_(outside_boxes(boxes, row0, row1, width), 0)
     best, labels = s.max(dim=1)   # first maximum on ties
-    return labels, best
+    second = s.scatter_(1, labels[:, None], float("-inf")).amax(dim=1).clamp_min_(-1)
+    return labels, best, second
 
 
 @torch.no_grad()
@@ -40,14 +42,21 @@ def assign(emb: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor,
            chunk: int | None = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """emb [D, H, W] (normalised or not), queries [Q, D] unit norm, boxes [Q, 4] xyxy (exclusive
     end), ``chunk`` pixels per step, rounded down to whole rows (None: all at once)
-    -> labels [H, W] int64, best [H, W] float32."""
+    -> labels [H, W] int64, best [H, W] float32, second [H, W] float32."""
     d, h, w = emb.shape
     e_all, q, boxes = emb.reshape(d, h * w), queries.float(), boxes.float()
-    labels = torch.empty(h * w, dtype=torch.int64, device=emb.device)
-    best = torch.empty(h * w, dtype=torch.float32, device=emb.device)
+    labels, best, second = _outputs(h, w, emb.device)
     for r0, r1, a, b in row_chunks(h, w, chunk):
-        labels[a:b], best[a:b] = _assign_pixels(e_all[:, a:b].T, q, boxes, r0, r1, w)
-    return labels.view(h, w), best.view(h, w)
+        labels.view(-1)[a:b], best.view(-1)[a:b], second.view(-1)[a:b] = _assign_pixels(
+            e_all[:, a:b].T, q, boxes, r0, r1, w)
+    return labels, best, second
+
+
+def _outputs(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty labels [H, W] int64, best and second [H, W] float32."""
+    return (torch.empty(h, w, dtype=torch.int64, device=device),
+            torch.empty(h, w, dtype=torch.float32, device=device),
+            torch.empty(h, w, dtype=torch.float32, device=device))
 
 
 def _linear_taps(size_in: int, size_out: int, device: torch.device
@@ -70,19 +79,18 @@ def assign_upsampled(emb_lowres: torch.Tensor, out_size: tuple[int, int], querie
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """emb_lowres [D, h, w] (the stride-4 map), out_size (H, W), queries [Q, D] unit norm,
     boxes [Q, 4] in output pixels, ``chunk`` output pixels per step (whole rows, at least one;
-    None: all at once) -> labels [H, W] int64, best [H, W] float32: ``assign`` of the bilinear
-    upsampling of emb_lowres to (H, W)."""
+    None: all at once) -> labels [H, W] int64, best [H, W] float32, second [H, W] float32:
+    ``assign`` of the bilinear upsampling of emb_lowres to (H, W)."""
     d, h, _ = emb_lowres.shape
     hh, ww = out_size
     q, boxes = queries.float(), boxes.float()
     rows = F.interpolate(emb_lowres[None].float(), size=(h, ww), mode="bilinear",
                          align_corners=False)[0]                            # [D, h, W]
     i0, i1, w0, w1 = _linear_taps(h, hh, emb_lowres.device)
-    labels = torch.empty(hh, ww, dtype=torch.int64, device=emb_lowres.device)
-    best = torch.empty(hh, ww, dtype=torch.float32, device=emb_lowres.device)
+    labels, best, second = _outputs(hh, ww, emb_lowres.device)
     for r0, r1, _, _ in row_chunks(hh, ww, chunk):
         top, bottom = rows[:, i0[r0:r1]], rows[:, i1[r0:r1]]            # [D, rows, W]
         block = top * w0[r0:r1, None] + bottom * w1[r0:r1, None]
-        lab, bst = _assign_pixels(block.reshape(d, -1).T, q, boxes, r0, r1, ww)
-        labels[r0:r1], best[r0:r1] = lab.view(-1, ww), bst.view(-1, ww)
-    return labels, best
+        out = _assign_pixels(block.reshape(d, -1).T, q, boxes, r0, r1, ww)
+        labels[r0:r1], best[r0:r1], second[r0:r1] = (x.view(-1, ww) for x in out)
+    return labels, best, second

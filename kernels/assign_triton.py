@@ -2,7 +2,8 @@
 
 ``assign``: one program per block of BLOCK pixels: load e [BLOCK, D], normalise,
 s = p Q^T on the padded queries, box filter (0 outside), argmax over the real queries (the lowest
-index among equal maxima, as ``torch.max``); writes only labels int64 and best float32.
+index among equal maxima, as ``torch.max``) and the second best (at least -1); writes only
+labels int64, best and second float32.
 
 ``assign_upsampled``: the same per block of full-resolution pixels, with the pixel embeddings
 interpolated from the stride-4 map [D, h, w] in registers: four taps per pixel, the rows and
@@ -13,12 +14,12 @@ into FMAs, so the interpolated values may differ from the twin's in the last bit
 
 Cost per image, N = H W output pixels, D dims, Q queries (Q_PAD computed), b_e bytes per emb
 element:
-  assign            reads N D b_e, writes 12 N bytes (labels, best); 2 N D Q_PAD flops + the
+  assign            reads N D b_e, writes 16 N bytes (labels, best, second); 2 N D Q_PAD flops + the
                     filter and argmax, ~6 N Q_PAD compares/selects.
   assign_upsampled  reads N D b_e / 16 (the stride-4 map, each tap row cached across its block),
-                    writes 12 N; 2 N D Q_PAD + 6 N D (the taps) flops.
-COCO (N = 800 x 1216, D = 32, Q = 113 -> 128, fp32): assign moves 136 MB (0.04 ms at 3.35 TB/s),
-assign_upsampled 20 MB, both for 8.0 GFLOP of dots and ~0.8 G elementwise operations: assign
+                    writes 16 N; 2 N D Q_PAD + 6 N D (the taps) flops.
+COCO (N = 800 x 1216, D = 32, Q = 113 -> 128, fp32): assign moves 140 MB (0.04 ms at 3.35 TB/s),
+assign_upsampled 23 MB, both for 8.0 GFLOP of dots and ~0.8 G elementwise operations: assign
 near the balance point, assign_upsampled compute-bound.
 """
 
@@ -28,44 +29,54 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.assign import _linear_taps
-from kernels.triton_blocks import (box_cosine, dot_precision, load_pixels, load_queries_t, pad16,
-                                   padded_queries_t, pixel_block, similarity_tiles)
+from kernels.assign import _linear_taps, _outputs
+from kernels.triton_blocks import (SIMILARITY_SEED, box_cosine, dot_precision, load_pixels,
+                                   load_queries_t, pad16, padded_queries_t, per_dtype, pixel_block,
+                                   tile_for)
+
+# Autotune tables, (Q_PAD, dtype class of the embedding) -> Tile (``triton_blocks.tile_for``),
+# seeded from sm_90 register/spill figures (``SIMILARITY_SEED``), not timings, until a GPU session
+# pastes the proposal of benchmarks/gpu/suite.py's `tiles` section.
+ASSIGN_TILES = per_dtype(SIMILARITY_SEED)
+ASSIGN_UPSAMPLED_TILES = per_dtype(SIMILARITY_SEED)
 
 
 @triton.jit
-def _argmax_store(s, pix, n, Q, lab_ptr, best_ptr, Q_PAD: tl.constexpr):
-    """s [BLOCK, Q_PAD] filtered similarities -> labels[pix] (first maximum), best[pix]."""
+def _argmax_store(s, pix, n, Q, lab_ptr, best_ptr, second_ptr, Q_PAD: tl.constexpr):
+    """s [BLOCK, Q_PAD] filtered similarities -> labels[pix] (first maximum), best[pix],
+    second[pix] (the largest of the others, at least -1)."""
     k = tl.arange(0, Q_PAD)[None, :]
     s = tl.where(k < Q, s, -float("inf"))
     best = tl.max(s, axis=1)
     label = tl.min(tl.where(s == best[:, None], k, Q_PAD), axis=1)
+    second = tl.maximum(tl.max(tl.where(k == label[:, None], -float("inf"), s), axis=1), -1.0)
     in_map = pix < n
     tl.store(lab_ptr + pix, label.to(tl.int64), mask=in_map)
     tl.store(best_ptr + pix, best, mask=in_map)
+    tl.store(second_ptr + pix, second, mask=in_map)
 
 
 @triton.jit
-def _assign_kernel(e_ptr, qt_ptr, box_ptr, lab_ptr, best_ptr, n, width, Q, D,
+def _assign_kernel(e_ptr, qt_ptr, box_ptr, lab_ptr, best_ptr, second_ptr, n, width, Q, D,
                    D_PAD: tl.constexpr, Q_PAD: tl.constexpr, BLOCK: tl.constexpr,
                    DOT: tl.constexpr):
     """e [D, n] (any float dtype), qt [D_PAD, Q_PAD] float32, boxes [Q, 4]
-    -> labels [n] int64, best [n] float32."""
+    -> labels [n] int64, best [n] float32, second [n] float32."""
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e = load_pixels(e_ptr, pix, n, D, D_PAD, tl.float32)
     qt = load_queries_t(qt_ptr, D_PAD, Q_PAD)
     _, _, s, _ = box_cosine(e, qt, box_ptr, pix, width, Q, Q_PAD, DOT)
-    _argmax_store(s, pix, n, Q, lab_ptr, best_ptr, Q_PAD)
+    _argmax_store(s, pix, n, Q, lab_ptr, best_ptr, second_ptr, Q_PAD)
 
 
 @triton.jit
-def _assign_upsampled_kernel(e_ptr, qt_ptr, box_ptr, lab_ptr, best_ptr,
+def _assign_upsampled_kernel(e_ptr, qt_ptr, box_ptr, lab_ptr, best_ptr, second_ptr,
                              ry0_ptr, ry1_ptr, wy0_ptr, wy1_ptr, rx0_ptr, rx1_ptr, wx0_ptr, wx1_ptr,
                              n, width, lo_n, lo_w, Q, D, D_PAD: tl.constexpr,
                              Q_PAD: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr):
     """e [D, lo_h * lo_w] the stride-4 map, qt, boxes as ``_assign_kernel``; the taps [H] (rows)
     and [W] (columns): source indices int32 and weights float32
-    -> labels [n] int64, best [n] float32 of the n = H * W output pixels."""
+    -> labels [n] int64, best [n] float32, second [n] float32 of the n = H * W output pixels."""
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_map = pix < n
     y = pix // width
@@ -88,42 +99,37 @@ def _assign_upsampled_kernel(e_ptr, qt_ptr, box_ptr, lab_ptr, best_ptr,
     e = (wx0 * a + wx1 * b) * wy0 + (wx0 * c + wx1 * f) * wy1
     qt = load_queries_t(qt_ptr, D_PAD, Q_PAD)
     _, _, s, _ = box_cosine(e, qt, box_ptr, pix, width, Q, Q_PAD, DOT)
-    _argmax_store(s, pix, n, Q, lab_ptr, best_ptr, Q_PAD)
-
-
-def _outputs(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty(h, w, dtype=torch.int64, device=device),
-            torch.empty(h, w, dtype=torch.float32, device=device))
+    _argmax_store(s, pix, n, Q, lab_ptr, best_ptr, second_ptr, Q_PAD)
 
 
 @torch.no_grad()
 def assign(emb: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor,
            chunk: int | None = 65536, *, block: int | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The twin's contract (``kernels.assign.assign``): emb [D, H, W] (normalised or not),
     queries [Q, D] unit norm, boxes [Q, 4] xyxy (exclusive end) -> labels [H, W] int64,
-    best [H, W] float32. ``chunk`` is accepted for the signature and unused; ``block``
+    best, second [H, W] float32. ``chunk`` is accepted for the signature and unused; ``block``
     overrides the pixels per program (a power of two >= 16)."""
     d, h, w = emb.shape
     q = queries.shape[0]
-    labels, best = _outputs(h, w, emb.device)
-    gpu_block, warps = similarity_tiles(pad16(q))
-    bs = pixel_block(h * w, emb.device, gpu_block, block)
+    labels, best, second = _outputs(h, w, emb.device)
+    tile = tile_for(ASSIGN_TILES, pad16(q), emb.dtype)
+    bs = pixel_block(h * w, emb.device, tile.block, block)
     _assign_kernel[(triton.cdiv(h * w, bs),)](
         emb.reshape(d, h * w).contiguous(), padded_queries_t(queries, torch.float32),
-        boxes.float().contiguous(), labels, best, h * w, w, q, d,
+        boxes.float().contiguous(), labels, best, second, h * w, w, q, d,
         D_PAD=pad16(d), Q_PAD=pad16(q), BLOCK=bs, DOT=dot_precision(torch.float32),
-        num_warps=warps)
-    return labels, best
+        **tile.options())
+    return labels, best, second
 
 
 @torch.no_grad()
 def assign_upsampled(emb_lowres: torch.Tensor, out_size: tuple[int, int], queries: torch.Tensor,
                      boxes: torch.Tensor, chunk: int | None = 65536, *, block: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The twin's contract (``kernels.assign.assign_upsampled``): emb_lowres [D, h, w],
     out_size (H, W), queries [Q, D] unit norm, boxes [Q, 4] in output pixels
-    -> labels [H, W] int64, best [H, W] float32 of the bilinear upsampling to (H, W).
+    -> labels [H, W] int64, best, second [H, W] float32 of the bilinear upsampling to (H, W).
     ``chunk`` is accepted for the signature and unused; ``block`` as in ``assign``."""
     d, lo_h, lo_w = emb_lowres.shape
     hh, ww = out_size
@@ -131,14 +137,14 @@ def assign_upsampled(emb_lowres: torch.Tensor, out_size: tuple[int, int], querie
     dev = emb_lowres.device
     ry0, ry1, wy0, wy1 = _linear_taps(lo_h, hh, dev)
     rx0, rx1, wx0, wx1 = _linear_taps(lo_w, ww, dev)
-    labels, best = _outputs(hh, ww, dev)
-    gpu_block, warps = similarity_tiles(pad16(q))
-    bs = pixel_block(hh * ww, dev, gpu_block, block)
+    labels, best, second = _outputs(hh, ww, dev)
+    tile = tile_for(ASSIGN_UPSAMPLED_TILES, pad16(q), emb_lowres.dtype)
+    bs = pixel_block(hh * ww, dev, tile.block, block)
     _assign_upsampled_kernel[(triton.cdiv(hh * ww, bs),)](
         emb_lowres.reshape(d, lo_h * lo_w).contiguous(), padded_queries_t(queries, torch.float32),
-        boxes.float().contiguous(), labels, best,
+        boxes.float().contiguous(), labels, best, second,
         ry0.int(), ry1.int(), wy0, wy1, rx0.int(), rx1.int(), wx0, wx1,
         hh * ww, ww, lo_h * lo_w, lo_w, q, d,
         D_PAD=pad16(d), Q_PAD=pad16(q), BLOCK=bs, DOT=dot_precision(torch.float32),
-        num_warps=warps)
-    return labels, best
+        **tile.options())
+    return labels, best, second

@@ -38,18 +38,21 @@ import triton
 import triton.language as tl
 
 from kernels.ciae_loss import TINY
-from kernels.triton_blocks import (EPS_C, box_cosine, dot_precision, load_pixels,
-                                   load_queries_t, pad16, padded_queries_t, persistent_programs,
-                                   pixel_block, similarity_tiles)
+from kernels.triton_blocks import (EPS_C, SIMILARITY_SEED, Tile, box_cosine, dot_precision,
+                                   load_pixels, load_queries_t, pad16, padded_queries_t, per_dtype,
+                                   persistent_programs, pixel_block, tile_for)
 
 TINY_C = tl.constexpr(TINY)
 
 
-def backward_tiles(q_pad: int) -> tuple[int, int]:
-    """GPU (pixels per program, warps) of the backward, which holds more [pixels, Q_PAD] tiles
-    and both query layouts: 16 pixels over 4 warps (8 past Q_PAD 128) stays within ~32 bytes
-    of spill on sm_90 (benchmarks/kernels/resources.py); larger tiles spill hundreds."""
-    return 16, 4 if q_pad <= 128 else 8
+# Autotune tables, (Q_PAD, dtype class) -> Tile (``triton_blocks.tile_for``). Values from sm_90
+# register/spill figures of benchmarks/kernels/resources.py, not timings, until a GPU session
+# pastes the proposal of benchmarks/gpu/suite.py's `tiles` section. Forward: ``SIMILARITY_SEED``.
+# Backward, which holds more such tiles and both query layouts: 16 pixels
+# over 4 warps (8 past Q_PAD 128) stays within ~32 bytes of spill; larger tiles spill hundreds.
+LOSS_FWD_TILES = per_dtype(SIMILARITY_SEED)
+LOSS_BWD_TILES = per_dtype({16: Tile(16, 4), 32: Tile(16, 4), 64: Tile(16, 4), 128: Tile(16, 4),
+                            256: Tile(16, 8), 512: Tile(16, 8)})
 
 
 @triton.jit
@@ -166,15 +169,15 @@ class _EmbeddingLoss(torch.autograd.Function):
         d, h, w = emb.shape
         n, q = h * w, queries.shape[0]
         acc, e, qt, bx, t, wt, consts = _prepare(emb, queries, boxes, target, weight, margin)
-        gpu_block, warps = similarity_tiles(pad16(q))
-        bs = pixel_block(n, emb.device, gpu_block, block)
+        tile = tile_for(LOSS_FWD_TILES, pad16(q), emb.dtype)
+        bs = pixel_block(n, emb.device, tile.block, block)
         blocks = triton.cdiv(n, bs)
         loss = torch.empty(blocks, dtype=acc, device=emb.device)
         count = torch.empty(blocks, dtype=torch.int32, device=emb.device)
         k = min(top_k, q)
         _loss_fwd_kernel[(blocks,)](e, qt, bx, t, wt, consts, loss, count, n, w, q, d, k,
                                     D_PAD=pad16(d), Q_PAD=pad16(q), BLOCK=bs,
-                                    DOT=dot_precision(acc), num_warps=warps)
+                                    DOT=dot_precision(acc), **tile.options())
         ctx.save_for_backward(emb, queries, boxes, target, weight)
         ctx.margin, ctx.k, ctx.block = margin, k, block
         num_valid = count.sum().to(acc)
@@ -189,8 +192,8 @@ class _EmbeddingLoss(torch.autograd.Function):
         d, h, w = emb.shape
         n, q = h * w, queries.shape[0]
         acc, e, qt, bx, t, wt, consts = _prepare(emb, queries, boxes, target, weight, ctx.margin)
-        gpu_block, warps = backward_tiles(pad16(q))
-        bs = pixel_block(n, emb.device, gpu_block, ctx.block)
+        tile = tile_for(LOSS_BWD_TILES, pad16(q), emb.dtype)
+        bs = pixel_block(n, emb.device, tile.block, ctx.block)
         blocks = triton.cdiv(n, bs)
         programs = persistent_programs(blocks, emb.device)
         ge = torch.empty_like(e) if need_e else e
@@ -201,7 +204,7 @@ class _EmbeddingLoss(torch.autograd.Function):
                                       ge, gw, gq, n, w, q, d, ctx.k, blocks,
                                       NEED_E=need_e, NEED_Q=need_q, NEED_W=need_w,
                                       D_PAD=pad16(d), Q_PAD=pad16(q), BLOCK=bs,
-                                      DOT=dot_precision(acc), num_warps=warps)
+                                      DOT=dot_precision(acc), **tile.options())
         return (ge.view_as(emb) if need_e else None,
                 gq.sum(0)[:q, :d].to(queries.dtype) if need_q else None,
                 None, None,

@@ -108,18 +108,20 @@ def embedding_loss(emb: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor
 
 
 def assign(emb: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor,
-           chunk: int | None = 65536, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+           chunk: int | None = 65536, *, backend: str = "auto"
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """emb [D, H, W], queries [Q, D] unit norm, boxes [Q, 4] -> labels [H, W] int64,
-    best [H, W] float32. See ``kernels.assign``."""
+    best and second-best similarity [H, W] float32. See ``kernels.assign``."""
     _check_queries(emb, queries, boxes)
     return _pick(backend, emb).assign(emb, queries, boxes, chunk)
 
 
 def assign_upsampled(emb_lowres: torch.Tensor, out_size: tuple[int, int], queries: torch.Tensor,
                      boxes: torch.Tensor, chunk: int | None = 65536, *, backend: str = "auto"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """emb_lowres [D, h, w], out_size (H, W), queries [Q, D] unit norm, boxes [Q, 4] in output
-    pixels -> labels [H, W] int64, best [H, W] float32. See ``kernels.assign``."""
+    pixels -> labels [H, W] int64, best and second-best similarity [H, W] float32. See
+    ``kernels.assign``."""
     _check_queries(emb_lowres, queries, boxes)
     return _pick(backend, emb_lowres).assign_upsampled(emb_lowres, tuple(out_size), queries, boxes,
                                                        chunk)

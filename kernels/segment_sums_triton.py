@@ -25,10 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_blocks import dot_precision, pad16, pixel_block
+from kernels.triton_blocks import Tile, dot_precision, pad16, per_dtype, pixel_block, tile_for
 
-GPU_BLOCK, GPU_WARPS = 64, 8      # with S_BLOCK <= 64: ~150 registers, no stack on sm_90
-GPU_BWD_BLOCK = 128
+# Autotune tables (``triton_blocks.tile_for``): forward (S_BLOCK, dtype class) -> Tile, backward
+# (D_PAD, dtype class) -> Tile. Values from sm_90 register/spill figures of
+# benchmarks/kernels/resources.py, not timings, until a GPU session pastes the proposal of
+# benchmarks/gpu/suite.py's `tiles` section: the forward, 64 pixels over 8 warps, compiles to
+# ~150 registers and no stack with S_BLOCK <= 64; the backward is a gather, 128 pixels over 4 warps.
+SEGMENT_SUMS_TILES = per_dtype({16: Tile(64, 8), 32: Tile(64, 8), 64: Tile(64, 8)})
+SEGMENT_SUMS_BWD_TILES = per_dtype({16: Tile(128, 4), 32: Tile(128, 4), 64: Tile(128, 4)})
 
 
 @triton.jit
@@ -81,11 +86,12 @@ class _SegmentSums(torch.autograd.Function):
         lab = labels.reshape(b, n).contiguous()
         sums = torch.zeros(b, num_segments, d, dtype=acc, device=emb.device)
         counts = torch.zeros(b, num_segments, dtype=acc, device=emb.device)
-        bs = pixel_block(n, emb.device, GPU_BLOCK, block)
+        s_block = min(64, pad16(num_segments))
+        tile = tile_for(SEGMENT_SUMS_TILES, s_block, emb.dtype)
+        bs = pixel_block(n, emb.device, tile.block, block)
         _segment_sums_kernel[(triton.cdiv(n, bs), b)](
             emb.reshape(b, d, n).contiguous(), lab, sums, counts, n, num_segments, d,
-            D_PAD=pad16(d), S_BLOCK=min(64, pad16(num_segments)), BLOCK=bs,
-            DOT=dot_precision(acc), num_warps=GPU_WARPS)
+            D_PAD=pad16(d), S_BLOCK=s_block, BLOCK=bs, DOT=dot_precision(acc), **tile.options())
         ctx.save_for_backward(lab)
         ctx.shape, ctx.dtype, ctx.block = emb.shape, emb.dtype, block
         ctx.mark_non_differentiable(counts)
@@ -98,9 +104,10 @@ class _SegmentSums(torch.autograd.Function):
         b, d = ctx.shape[:2]
         n, s = lab.shape[1], grad_sums.shape[1]
         grad = torch.empty(b, d, n, dtype=ctx.dtype, device=lab.device)
-        bs = pixel_block(n, lab.device, GPU_BWD_BLOCK, ctx.block)
+        tile = tile_for(SEGMENT_SUMS_BWD_TILES, pad16(d), ctx.dtype)
+        bs = pixel_block(n, lab.device, tile.block, ctx.block)
         _segment_sums_bwd_kernel[(triton.cdiv(n, bs), b)](
-            grad_sums.contiguous(), lab, grad, n, s, d, D_PAD=pad16(d), BLOCK=bs, num_warps=4)
+            grad_sums.contiguous(), lab, grad, n, s, d, D_PAD=pad16(d), BLOCK=bs, **tile.options())
         return grad.view(ctx.shape), None, None, None
 
 

@@ -1,5 +1,5 @@
 """Pieces shared by the Triton kernels: the per-block cosine similarity with the box filter (device
-side) and the padding and launch sizes (host side).
+side) and the padding, launch sizes and autotune-table lookup (host side).
 
 A block is BLOCK consecutive pixels of the row-major [H * W] map; its embeddings are a
 [BLOCK, D_PAD] register tile loaded column by column from the [D, H * W] layout (coalesced along
@@ -8,6 +8,13 @@ so that s = p Q^T is one ``tl.dot`` (see ``dot_precision``).
 D_PAD and Q_PAD are powers of two >= 16 (``tl.arange`` and ``tl.dot`` need them); the padded
 columns are masked by the callers.
 
+Each launcher reads its GPU launch configuration (``Tile``: pixels per program, warps, pipeline
+stages) from an autotune table beside its kernel, keyed by shape class (the padded size that
+sets the register tiles) and dtype class (``tile_for``). The tables hold the values chosen from
+sm_90 register/spill figures (benchmarks/kernels/resources.py), not timings, until a GPU session
+pastes the proposal of benchmarks/gpu/suite.py's ``tiles`` section. On CPU tensors (the
+interpreter) they do not apply: see ``pixel_block``.
+
 Pixel offsets are int32: a [D, H, W] map (or one image of a batch) must hold fewer than 2**31
 elements.
 """
@@ -15,6 +22,7 @@ elements.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -87,12 +95,48 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float64 or torch.version.hip is not None else "tf32x3"
 
 
-def similarity_tiles(q_pad: int) -> tuple[int, int]:
-    """GPU (pixels per program, warps) of a kernel that holds a few [pixels, Q_PAD] float32
-    tiles (loss forward, assignment): about 8192 elements per program over 8 warps, 64 x 128
-    at COCO's Q, which compiles for sm_90 to ~140 registers and no spills
-    (benchmarks/kernels/resources.py)."""
-    return min(128, max(16, 8192 // q_pad)), 8
+@dataclass(frozen=True)
+class Tile:
+    """A GPU launch configuration: pixels per program (``BLOCK``), warps per program and
+    software-pipelining depth (None: Triton's default, 3 on NVIDIA)."""
+
+    block: int
+    num_warps: int
+    num_stages: int | None = None
+
+    def options(self) -> dict:
+        """The launch keywords: num_warps, and num_stages unless it is Triton's default."""
+        if self.num_stages is None:
+            return {"num_warps": self.num_warps}
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+DTYPE_CLASSES = ("fp32", "bf16")
+
+
+def per_dtype(by_size: dict[int, Tile]) -> dict[tuple[int, str], Tile]:
+    """An autotune table {(size class, dtype class): Tile} whose entries do not (yet) differ
+    between dtype classes."""
+    return {(size, dc): tile for size, tile in by_size.items() for dc in DTYPE_CLASSES}
+
+
+# The seed of the tables of kernels that hold a few [pixels, Q_PAD] float32 tiles (loss forward,
+# assignment): about 8192 elements per program over 8 warps, 64 x 128 at COCO's Q, which
+# compiles for sm_90 to ~140 registers and no spills (benchmarks/kernels/resources.py).
+SIMILARITY_SEED = {q: Tile(min(128, 8192 // q), 8) for q in (16, 32, 64, 128, 256, 512)}
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """The tile tables' class of an embedding dtype: "bf16" for 2-byte floats (bfloat16,
+    float16), "fp32" for float32 and float64."""
+    return "bf16" if dtype.itemsize == 2 else "fp32"
+
+
+def tile_for(table: dict, size: int, dtype: torch.dtype) -> Tile:
+    """The entry of an autotune table {(size class, dtype class): Tile} for a padded size (a power
+    of two >= 16: Q_PAD, S_BLOCK or D_PAD): its own class, the largest class past the table."""
+    classes = sorted({c for c, _ in table})
+    return table[next((c for c in classes if c >= size), classes[-1]), dtype_class(dtype)]
 
 
 def pixel_block(n: int, device: torch.device, gpu_block: int, block: int | None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,121 +17,10 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from pipeline.panoptic_png import MAX_SEGMENT_ID, decode_id_png
-
-
-class RecordError(ValueError):
-    """A bad record. ``image`` names it (id and file), ``problem`` says what is wrong."""
-
-    def __init__(self, image: str, problem: str):
-        super().__init__(f"{image}: {problem}")
-        self.image = image
-        self.problem = problem
-
-    def __reduce__(self):  # picklable, so worker processes and Ray tasks can return it
-        return RecordError, (self.image, self.problem)
-
-
-class DatasetError(ValueError):
-    """A problem that makes the whole dataset unusable (unreadable JSON, bad category table)."""
-
-
-# ----------------------------------------------------------------------------------- files
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or a pyarrow/fsspec URI -> (pyarrow filesystem, path on it)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (ValueError, OSError):  # pyarrow.ArrowInvalid for a scheme it has no native filesystem for
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(uri)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-
-
-def join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
-
-
-def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write to a temporary name beside ``path``, then move it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
-
-
-# ------------------------------------------------------------------------------ categories
-
-
-@dataclass(frozen=True)
-class Category:
-    id: int
-    name: str
-    isthing: bool
-    color: tuple[int, int, int]
-    supercategory: str = ""
-
-    def to_json(self) -> dict:
-        return {"id": self.id, "name": self.name, "isthing": int(self.isthing),
-                "color": list(self.color), "supercategory": self.supercategory}
-
-
-@dataclass(frozen=True)
-class CategoryTable:
-    """COCO categories with contiguous indices: stuff 0..C_st-1 and things 0..C_th-1,
-    each in ascending category id order."""
-
-    categories: tuple[Category, ...]
-
-    @classmethod
-    def from_json(cls, items: list[dict], source: str = "categories") -> "CategoryTable":
-        cats = []
-        for k, c in enumerate(items):
-            try:
-                color = tuple(int(v) for v in c.get("color", (0, 0, 0)))
-                cats.append(Category(int(c["id"]), str(c["name"]), bool(c["isthing"]),
-                                     color, str(c.get("supercategory", ""))))
-            except (KeyError, TypeError, ValueError) as e:
-                raise DatasetError(f"{source}: category #{k} is malformed ({e!r}): {c}") from None
-        dup = [i for i, n in Counter(c.id for c in cats).items() if n > 1]
-        if dup:
-            raise DatasetError(f"{source}: duplicate category ids {sorted(dup)}")
-        if not cats:
-            raise DatasetError(f"{source}: no categories")
-        return cls(tuple(sorted(cats, key=lambda c: c.id)))
-
-    def to_json(self) -> list[dict]:
-        return [c.to_json() for c in self.categories]
-
-    @property
-    def by_id(self) -> dict[int, Category]:
-        return {c.id: c for c in self.categories}
-
-    @property
-    def stuff_ids(self) -> list[int]:
-        return [c.id for c in self.categories if not c.isthing]
-
-    @property
-    def thing_ids(self) -> list[int]:
-        return [c.id for c in self.categories if c.isthing]
-
-    @property
-    def stuff_index(self) -> dict[int, int]:
-        return {cid: i for i, cid in enumerate(self.stuff_ids)}
-
-    @property
-    def thing_index(self) -> dict[int, int]:
-        return {cid: i for i, cid in enumerate(self.thing_ids)}
-
+from ciae.panoptic import (MAX_SEGMENT_ID, Category, CategoryTable, DatasetError, RecordError,
+                           row_runs)
+from pipeline.panoptic_png import decode_id_png
+from pipeline.storage import read_bytes, resolve
 
 # --------------------------------------------------------------------------------- records
 
@@ -191,6 +79,18 @@ def _parse_segment(name: str, k: int, s: dict, categories: dict[int, Category]) 
     return seg
 
 
+def annotations_by_image(annotations: list, what: str) -> tuple[list[tuple[int, dict]], list[RecordError]]:
+    """(image id, annotation) of each annotation, and a RecordError for each without a valid
+    ``image_id`` (``what`` names the kind of entry in the message)."""
+    pairs, errors = [], []
+    for k, ann in enumerate(annotations):
+        try:
+            pairs.append((int(ann["image_id"]), ann))
+        except (KeyError, TypeError, ValueError):
+            errors.append(RecordError(f"annotations[{k}]", f"{what} without a valid image_id"))
+    return pairs, errors
+
+
 def parse_panoptic_json(doc: dict, source: str, categories: CategoryTable | None = None) -> CocoPanoptic:
     """Check a parsed panoptic JSON and split its images into good records and rejects."""
     for key in ("images", "annotations"):
@@ -214,12 +114,9 @@ def parse_panoptic_json(doc: dict, source: str, categories: CategoryTable | None
             rejects.append(RecordError(f"images[{k}]", f"image entry without a valid id: {im}"))
     annotations: dict[int, dict] = {}
     ann_counts = Counter()
-    for k, ann in enumerate(doc["annotations"]):
-        try:
-            iid = int(ann["image_id"])
-        except (KeyError, TypeError, ValueError):
-            rejects.append(RecordError(f"annotations[{k}]", "annotation without a valid image_id"))
-            continue
+    pairs, errors = annotations_by_image(doc["annotations"], "annotation")
+    rejects += errors
+    for iid, ann in pairs:
         annotations.setdefault(iid, ann)
         ann_counts[iid] += 1
 
@@ -323,20 +220,6 @@ def decode_panoptic(name: str, data: bytes, height: int, width: int) -> np.ndarr
     return ids
 
 
-def row_runs(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs of equal values along the rows of a [H, W] map (a run never crosses a row end).
-
-    Returns (starts [R] flat positions, values [R], lengths [R]). A COCO image has a few
-    thousand runs for its 300k pixels, so per-segment work on runs is ~50x cheaper."""
-    h, w = a.shape
-    brk = np.empty((h, w), bool)
-    brk[:, 0] = True
-    np.not_equal(a[:, 1:], a[:, :-1], out=brk[:, 1:])
-    starts = np.flatnonzero(brk)
-    lengths = np.diff(starts, append=a.size)
-    return starts, a.ravel()[starts], lengths
-
-
 def index_runs(name: str, ids: np.ndarray, segment_ids: list[int]):
     """Row runs of an [H, W] id map as (starts [R], segment index [R], lengths [R]), the index
     being 0 for void and i for the (i-1)-th of ``segment_ids``.
@@ -360,26 +243,3 @@ def index_runs(name: str, ids: np.ndarray, segment_ids: list[int]):
         absent = [segment_ids[i] for i in np.flatnonzero(~present)]
         raise RecordError(name, f"segments_info ids not in the panoptic PNG: {absent[:10]}")
     return starts, run_index, lengths
-
-
-def measure_runs(starts, run_index, lengths, width: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Areas [n] and COCO boxes [n, 4] of segments 1..n from row runs in raster order."""
-    areas = np.bincount(run_index, weights=lengths, minlength=n + 1)[1:].astype(np.int64)
-    order = np.argsort(run_index, kind="stable")  # per segment, runs stay in raster order
-    seg = run_index[order]
-    first = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
-    last = np.r_[first[1:] - 1, len(seg) - 1]
-    y, x0 = np.divmod(starts[order], width)
-    x1 = x0 + lengths[order] - 1
-    boxes = np.zeros((n + 1, 4), np.int64)
-    boxes[seg[first], 0] = np.minimum.reduceat(x0, first)
-    boxes[seg[first], 1] = y[first]
-    boxes[seg[first], 2] = np.maximum.reduceat(x1, first) - boxes[seg[first], 0] + 1
-    boxes[seg[first], 3] = y[last] - y[first] + 1
-    return areas, boxes[1:]
-
-
-def measure_segments(index: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Areas [n] and COCO boxes [n, 4] (x, y, w, h; zeros when empty) of segments 1..n."""
-    starts, values, lengths = row_runs(index)
-    return measure_runs(starts, values.astype(np.int64), lengths, index.shape[1], n)

@@ -16,7 +16,8 @@ import zlib
 import numpy as np
 import pyspng
 
-MAX_SEGMENT_ID = 256**3 - 1
+from ciae.panoptic import MAX_SEGMENT_ID
+
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,4 +1,5 @@
-"""The data stage: COCO panoptic -> Parquet shards, as a Ray Data job.
+"""The data stage: COCO panoptic -> Parquet shards, as a Ray Data job (or, ``in_process``, a
+plain loop in one process).
 
 The driver reads and checks the JSON, plans shards of ``rows_per_shard`` images in image-id
 order and skips those already written (shard names digest their input). Ray Data runs one task
@@ -10,12 +11,14 @@ shards and temporary files of earlier runs and writes the manifest.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from pipeline import coco
-from pipeline.shards import (Source, convert_record, read_shard_summary, reject_entry,
-                             shard_name, write_manifest, write_shard)
+from ciae.panoptic import RecordError
+from pipeline import coco, storage
+from pipeline.shards import (Source, convert_record, read_shard_summary, reject_entry, shard_name,
+                             write_manifest, write_shard)
 
 
 def _record_to_json(r: coco.PanopticRecord) -> dict:
@@ -29,20 +32,21 @@ def _record_from_json(d: dict) -> coco.PanopticRecord:
 
 
 def convert_shard(task: dict) -> dict:
-    """Ray Data map function: one planned shard in, its summary out."""
+    """Ray Data map function (or one step of the in-process loop): one planned shard in, its
+    summary out."""
     source = Source(**json.loads(task["source"]))
-    images, panoptic = coco.resolve(source.images), coco.resolve(source.panoptic_dir)
+    images, panoptic = storage.resolve(source.images), storage.resolve(source.panoptic_dir)
     rows, rejects = [], []
     for d in json.loads(task["records"]):
         rec = _record_from_json(d)
         try:
             rows.append(convert_record(rec, images, panoptic))
-        except coco.RecordError as e:
+        except RecordError as e:
             rejects.append(reject_entry(e))
         except Exception as e:  # a record must never abort the job: report it instead
             rejects.append({"image": rec.name, "reason": f"unexpected {type(e).__name__}: {e}"})
-    fs, out = coco.resolve(task["out"])
-    write_shard(fs, coco.join(out, task["file"]), rows, rejects)
+    fs, out = storage.resolve(task["out"])
+    write_shard(fs, storage.join(out, task["file"]), rows, rejects)
     return {"file": task["file"], "rows": len(rows), "rejected": json.dumps(rejects)}
 
 
@@ -58,15 +62,34 @@ def _clean_stale(fs: pafs.FileSystem, out: str, keep: set[str]) -> list[str]:
     return removed
 
 
+def _converted(tasks: list[dict], address: str | None, in_process: bool) -> Iterator[dict]:
+    """The summaries of ``convert_shard`` over ``tasks``: Ray Data tasks, or a plain loop in this
+    process (Ray not imported)."""
+    if in_process:
+        yield from map(convert_shard, tasks)
+        return
+    from pipeline.ray_runtime import connect
+
+    with connect(address):
+        import ray.data
+
+        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(convert_shard)
+        yield from ds.iter_rows()
+
+
 def prepare(source: Source, out: str, rows_per_shard: int = 128, address: str | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, in_process: bool = False) -> dict:
     """Convert ``source`` into shards under ``out`` (path or URI).
 
+    ``in_process`` converts the planned shards one after the other in this process instead of
+    as a Ray Data job (same plan, shards and manifest; for machines without Ray).
     Returns the manifest, plus ``skipped_shards``: how many shards an earlier run had written."""
     from tqdm import tqdm
 
     if rows_per_shard < 1:
         raise ValueError("rows_per_shard must be >= 1")
+    if in_process and address is not None:
+        raise ValueError("in_process runs without Ray: give no address")
     dataset = coco.load_panoptic_json(source.panoptic_json)
     records = dataset.records
     plan = []
@@ -74,30 +97,24 @@ def prepare(source: Source, out: str, rows_per_shard: int = 128, address: str | 
         chunk = records[k:k + rows_per_shard]
         plan.append((shard_name(k // rows_per_shard, chunk, dataset.categories), chunk))
 
-    fs, out_base = coco.resolve(out)
+    fs, out_base = storage.resolve(out)
     fs.create_dir(out_base, recursive=True)
     present = {i.base_name for i in fs.get_file_info(pafs.FileSelector(out_base))}
-    done = {name: read_shard_summary(fs, coco.join(out_base, name))
+    done = {name: read_shard_summary(fs, storage.join(out_base, name))
             for name, _ in plan if name in present}
     todo = [(name, chunk) for name, chunk in plan if name not in done]
 
     if todo:
-        from pipeline.ray_runtime import connect
-
         source_json = json.dumps(source.__dict__)
         tasks = [{"file": name, "source": source_json, "out": out,
                   "records": json.dumps([_record_to_json(r) for r in chunk])} for name, chunk in todo]
-        with connect(address):
-            import ray.data
-
-            ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(convert_shard)
-            bar = tqdm(total=sum(len(c) for _, c in todo), unit="img", desc="prepare",
-                       disable=not progress)
-            for r in ds.iter_rows():
-                rejects = json.loads(r["rejected"])
-                done[r["file"]] = {"rows": r["rows"], "rejected": rejects}
-                bar.update(r["rows"] + len(rejects))
-            bar.close()
+        bar = tqdm(total=sum(len(c) for _, c in todo), unit="img", desc="prepare",
+                   disable=not progress)
+        for r in _converted(tasks, address, in_process):
+            rejects = json.loads(r["rejected"])
+            done[r["file"]] = {"rows": r["rows"], "rejected": rejects}
+            bar.update(r["rows"] + len(rejects))
+        bar.close()
 
     _clean_stale(fs, out_base, {name for name, _ in plan})
     shards = [{"file": name, "rows": done[name]["rows"]} for name, _ in plan]

@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import coco
+from ciae.panoptic import CategoryTable, DatasetError, RecordError, measure_runs
+from pipeline import coco, storage
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -63,14 +64,14 @@ class Source:
 
 
 def convert_record(rec: coco.PanopticRecord, images: tuple, panoptic: tuple) -> dict:
-    """Read, validate and encode one image as a shard row. Raises coco.RecordError.
+    """Read, validate and encode one image as a shard row. Raises RecordError.
 
-    ``images`` and ``panoptic`` are (filesystem, folder) pairs from ``coco.resolve``."""
+    ``images`` and ``panoptic`` are (filesystem, folder) pairs from ``storage.resolve``."""
     img_fs, img_base = images
     pan_fs, pan_base = panoptic
-    image = coco.read_file(rec.name, "image", img_fs, coco.join(img_base, rec.file_name))
+    image = coco.read_file(rec.name, "image", img_fs, storage.join(img_base, rec.file_name))
     coco.check_image(rec.name, image, rec.height, rec.width)
-    png = coco.read_file(rec.name, "panoptic PNG", pan_fs, coco.join(pan_base, rec.panoptic_file))
+    png = coco.read_file(rec.name, "panoptic PNG", pan_fs, storage.join(pan_base, rec.panoptic_file))
     return encode_row(rec, image, coco.decode_panoptic(rec.name, png, rec.height, rec.width))
 
 
@@ -97,13 +98,13 @@ def encode_row(rec: coco.PanopticRecord, image: bytes, ids: np.ndarray) -> dict:
 
     Areas and boxes are measured on the map; where the JSON gives them they must agree."""
     starts, run_index, lengths = coco.index_runs(rec.name, ids, [s.id for s in rec.segments])
-    areas, boxes = coco.measure_runs(starts, run_index, lengths, rec.width, len(rec.segments))
+    areas, boxes = measure_runs(starts, run_index, lengths, rec.width, len(rec.segments))
     segments = []
     for s, area, box in zip(rec.segments, areas.tolist(), boxes.tolist()):
         if s.area is not None and s.area != area:
-            raise coco.RecordError(rec.name, f"segment {s.id}: JSON area {s.area}, PNG has {area} pixels")
+            raise RecordError(rec.name, f"segment {s.id}: JSON area {s.area}, PNG has {area} pixels")
         if s.bbox is not None and s.bbox != box:
-            raise coco.RecordError(rec.name, f"segment {s.id}: JSON bbox {s.bbox}, PNG gives {box}")
+            raise RecordError(rec.name, f"segment {s.id}: JSON bbox {s.bbox}, PNG gives {box}")
         segments.append({"id": s.id, "category_id": s.category_id, "iscrowd": s.iscrowd,
                          "area": area, "bbox": box})
     return {"image_id": rec.image_id, "file_name": rec.file_name, "height": rec.height,
@@ -111,11 +112,11 @@ def encode_row(rec: coco.PanopticRecord, image: bytes, ids: np.ndarray) -> dict:
             "segments": segments}
 
 
-def reject_entry(err: coco.RecordError) -> dict:
+def reject_entry(err: RecordError) -> dict:
     return {"image": err.image, "reason": err.problem}
 
 
-def shard_name(k: int, records: list[coco.PanopticRecord], categories: coco.CategoryTable) -> str:
+def shard_name(k: int, records: list[coco.PanopticRecord], categories: CategoryTable) -> str:
     """``part-00007-<digest>.parquet``; the digest covers the records, their segments and the
     category table, so any change of input gives a new name."""
     h = hashlib.sha256(f"v{SCHEMA_VERSION}".encode())
@@ -134,7 +135,7 @@ def write_shard(fs, path: str, rows: list[dict], rejects: list[dict]) -> None:
     # images are compressed already: zstd would spend time for nothing
     compression = {name: "zstd" for name in SCHEMA.names} | {"image": "none"}
     pq.write_table(table, buf, compression=compression, row_group_size=16)
-    coco.write_bytes_atomic(fs, path, buf.getvalue())
+    storage.write_bytes_atomic(fs, path, buf.getvalue())
 
 
 def read_shard_summary(fs, path: str) -> dict:
@@ -145,7 +146,7 @@ def read_shard_summary(fs, path: str) -> dict:
     return {"rows": meta.num_rows, "rejected": rejects}
 
 
-def write_manifest(fs, out_dir: str, source: Source, categories: coco.CategoryTable,
+def write_manifest(fs, out_dir: str, source: Source, categories: CategoryTable,
                    shards: list[dict], rejected: list[dict], n_source_records: int) -> dict:
     rows = sum(s["rows"] for s in shards)
     manifest = {
@@ -161,7 +162,7 @@ def write_manifest(fs, out_dir: str, source: Source, categories: coco.CategoryTa
         "shards": shards,
         "rejected": rejected,
     }
-    coco.write_bytes_atomic(fs, coco.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+    storage.write_bytes_atomic(fs, storage.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -169,13 +170,13 @@ def write_manifest(fs, out_dir: str, source: Source, categories: coco.CategoryTa
 
 
 def read_manifest(shards_uri: str) -> dict:
-    fs, base = coco.resolve(shards_uri)
+    fs, base = storage.resolve(shards_uri)
     try:
-        manifest = json.loads(coco.read_bytes(fs, coco.join(base, MANIFEST)))
+        manifest = json.loads(storage.read_bytes(fs, storage.join(base, MANIFEST)))
     except FileNotFoundError:
-        raise coco.DatasetError(f"{shards_uri}: no {MANIFEST}; run `ciae prepare` first") from None
+        raise DatasetError(f"{shards_uri}: no {MANIFEST}; run `ciae prepare` first") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise coco.DatasetError(f"{shards_uri}: shard schema version {manifest.get('schema_version')}, "
+        raise DatasetError(f"{shards_uri}: shard schema version {manifest.get('schema_version')}, "
                                 f"this code reads version {SCHEMA_VERSION}")
     return manifest
 
@@ -190,10 +191,10 @@ def shard_paths(shards_uri: str, manifest: dict | None = None) -> list[str]:
 def read_table(shards_uri: str) -> pa.Table:
     """All rows of a prepared dataset as one Arrow table (for small sets and plain loops)."""
     manifest = read_manifest(shards_uri)
-    fs, base = coco.resolve(shards_uri)
+    fs, base = storage.resolve(shards_uri)
     tables = []
     for s in manifest["shards"]:
-        with fs.open_input_file(coco.join(base, s["file"])) as f:
+        with fs.open_input_file(storage.join(base, s["file"])) as f:
             tables.append(pq.read_table(f))
     return pa.concat_tables(tables).replace_schema_metadata(SCHEMA.metadata) if tables \
         else SCHEMA.empty_table()
@@ -201,7 +202,7 @@ def read_table(shards_uri: str) -> pa.Table:
 
 def read_shard(uri: str) -> pa.Table:
     """The rows of one shard file (a path or URI from ``shard_paths``)."""
-    fs, path = coco.resolve(uri)
+    fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as f:
         return pq.read_table(f)
 

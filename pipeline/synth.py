@@ -19,8 +19,8 @@ from importlib import resources
 import numpy as np
 from PIL import Image
 
-from pipeline.coco import CategoryTable, measure_segments
-from pipeline.panoptic_png import encode_id_png, MAX_SEGMENT_ID
+from ciae.panoptic import CategoryTable, measure_segments
+from pipeline.panoptic_png import MAX_SEGMENT_ID, encode_id_png
 
 DEFAULT_CATEGORIES = ("sky-other-merged", "wall-brick", "grass-merged", "road",
                       "person", "car", "sports ball", "kite")

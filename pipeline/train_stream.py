@@ -31,9 +31,10 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import coco
+from ciae.config import Config
+from pipeline import storage
 from pipeline.shards import read_manifest, shard_paths
-from pipeline.targets import TargetConfig, TargetMaker, collate
+from pipeline.targets import TargetMaker, collate
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,11 @@ class ShardTargets:
     """Ray Data ``flat_map`` function (and the local reader): a plan item -> the targets of its
     rows in plan order, each with its step. Reads only the row groups that hold the rows."""
 
-    def __init__(self, shards_uri: str, manifest: dict, config: TargetConfig, seed: int):
+    def __init__(self, shards_uri: str, manifest: dict, cfg: Config):
         self.paths = shard_paths(shards_uri, manifest)
         self.first_row = np.cumsum([0] + [s["rows"] for s in manifest["shards"]])
-        self.maker = TargetMaker.from_manifest(manifest, config=config, train=True, seed=seed)
+        self.maker = TargetMaker.from_manifest(manifest, input=cfg.input, thing_mode=cfg.embedding.thing_mode,
+                                               train=True, seed=cfg.solver.seed)
 
     def _rows(self, rows: list[int]) -> dict[int, tuple[str, dict]]:
         """Global row index -> (shard path, row dict), one read per row group."""
@@ -88,7 +90,7 @@ class ShardTargets:
             shard = int(np.searchsorted(self.first_row, r, side="right")) - 1
             groups.setdefault(shard, []).append(r)
         for shard, wanted in groups.items():
-            fs, path = coco.resolve(self.paths[shard])
+            fs, path = storage.resolve(self.paths[shard])
             with fs.open_input_file(path) as f:
                 file = pq.ParquetFile(f)
                 ends = np.cumsum([file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)])
@@ -119,8 +121,8 @@ class ShardTargets:
                    "image_id": t["image_id"]}
 
 
-def training_dataset(shards_uri: str, config: TargetConfig, *, global_batch: int, world: int, rank: int,
-                     start: int, end: int, seed: int = 0, steps_per_item: int = 8):
+def training_dataset(shards_uri: str, cfg: Config, *, global_batch: int, world: int, rank: int,
+                     start: int, end: int, steps_per_item: int = 8):
     """Rank ``rank``'s stream for steps [start, end) as an order-preserving ``ray.data.Dataset``
     of targets: columns step, image [3, H, W] uint8, sem [H, W] uint8, seg [H, W] int16,
     boxes [N, 4], classes [N], image_id. Group it with ``step_batches``."""
@@ -129,20 +131,19 @@ def training_dataset(shards_uri: str, config: TargetConfig, *, global_batch: int
     from pipeline import ray_idle
 
     manifest = read_manifest(shards_uri)
-    items = list(plan_items(manifest["counts"]["images"], global_batch, world, rank, start, end, seed,
-                            steps_per_item))
+    items = list(plan_items(manifest["counts"]["images"], global_batch, world, rank, start, end,
+                            cfg.solver.seed, steps_per_item))
     ray_idle.install().execution_options.preserve_order = True
     return (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-            .flat_map(ShardTargets(shards_uri, manifest, config, seed)))
+            .flat_map(ShardTargets(shards_uri, manifest, cfg)))
 
 
-def local_batches(shards_uri: str, config: TargetConfig, global_batch: int, seed: int = 0,
-                  start: int = 0) -> Iterator[tuple[int, dict]]:
+def local_batches(shards_uri: str, cfg: Config, start: int = 0) -> Iterator[tuple[int, dict]]:
     """(step, collated batch) from ``start`` on, endless, in this process: the batches of the
     plan with one worker, which W workers' batches of each step add up to."""
     manifest = read_manifest(shards_uri)
-    targets = ShardTargets(shards_uri, manifest, config, seed)
-    items = plan_items(manifest["counts"]["images"], global_batch, 1, 0, start, None, seed)
+    targets = ShardTargets(shards_uri, manifest, cfg)
+    items = plan_items(manifest["counts"]["images"], cfg.solver.batch_size, 1, 0, start, None, cfg.solver.seed)
     yield from step_batches((row for item in items for row in targets(item)), start)
 
 

@@ -5,6 +5,10 @@
   names written on the segments.
 * :func:`embedding_pca`: a [D, h, w] embedding map as an RGB picture of its first three
   principal components, as in the paper's Fig. 4c.
+* :func:`panel`: side by side, as the paper's Fig. 6: the image, the prediction, the ground
+  truth (when known) and the embedding PCA (when given), each captioned.
+
+Training logs panels of held-out images to MLflow; labeling writes them for the first images.
 """
 
 from __future__ import annotations
@@ -130,3 +134,30 @@ def embedding_pca(emb, size: tuple[int, int] | None = None) -> np.ndarray:
     if size is not None and tuple(size) != (h, w):
         rgb = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
     return rgb
+
+
+PANEL_GAP = 4
+CAPTION_HEIGHT = 14
+
+
+def panel(image: np.ndarray, ids: np.ndarray, segments_info: Sequence[dict], categories: Sequence[dict],
+          gt: tuple[np.ndarray, Sequence[dict]] | None = None, embedding=None) -> np.ndarray:
+    """image [H, W, 3] uint8, the predicted ``ids`` [H, W] and ``segments_info``; optionally
+    ``gt`` = (ground-truth ids [H, W], its segments_info) and ``embedding`` [D, h, w] ->
+    [CAPTION_HEIGHT + H, n W + (n - 1) PANEL_GAP, 3] uint8: "image | prediction | ground truth |
+    embedding PCA" (the parts given), each under its caption, on black."""
+    h, w = image.shape[:2]
+    parts = [("image", np.asarray(image)), ("prediction", overlay(image, ids, segments_info, categories))]
+    if gt is not None:
+        parts.append(("ground truth", overlay(image, gt[0], gt[1], categories)))
+    if embedding is not None:
+        parts.append(("embedding PCA", embedding_pca(embedding, size=(h, w))))
+    out = np.zeros((CAPTION_HEIGHT + h, len(parts) * (w + PANEL_GAP) - PANEL_GAP, 3), np.uint8)
+    picture = Image.fromarray(out)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    for k, (caption, part) in enumerate(parts):
+        x = k * (w + PANEL_GAP)
+        picture.paste(Image.fromarray(part), (x, CAPTION_HEIGHT))
+        draw.text((x + 2, 1), caption, fill=(255, 255, 255), font=font)
+    return np.asarray(picture)

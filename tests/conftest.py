@@ -1,4 +1,5 @@
-"""Shared fixtures: the real COCO sample, small synthetic datasets and one local Ray per session."""
+"""Shared fixtures: the real COCO sample, synthetic datasets and their shards (each made once per
+session), and one local Ray per session."""
 
 from __future__ import annotations
 
@@ -25,15 +26,61 @@ def coco_sample() -> dict:
             "panoptic_dir": str(COCO_SAMPLE / "panoptic_examples")}
 
 
-@pytest.fixture(scope="session")
-def synth_small(tmp_path_factory) -> dict:
-    """A 6-image 96x128 synthetic dataset, made once per session; copy it before changing it."""
-    from pipeline.synth import SynthSpec, write_dataset
-
-    root = tmp_path_factory.mktemp("synth_small")
-    write_dataset(str(root), 6, seed=7, spec=SynthSpec(height=96, width=128))
+def _paths(root) -> dict:
     return {"root": str(root), "images": str(root / "images"),
             "panoptic_json": str(root / "panoptic.json"), "panoptic_dir": str(root / "panoptic")}
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory):
+    """``synth_dataset(n, seed, height, width)``: the paths of a synthetic COCO panoptic dataset,
+    made once per session for each set of arguments; copy it before changing it."""
+    from pipeline.synth import SynthSpec, write_dataset
+
+    made = {}
+
+    def make(n: int, seed: int, height: int, width: int) -> dict:
+        key = (n, seed, height, width)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"synth_{n}_{seed}_{height}x{width}")
+            write_dataset(str(root), n, seed=seed, spec=SynthSpec(height=height, width=width))
+            made[key] = _paths(root)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_shards(tmp_path_factory, ray_local):
+    """``make_shards(source, rows_per_shard)``: shards of a dataset's paths (``synth_dataset``,
+    ``coco_sample``) prepared once per session for each pair; copy them before changing them."""
+    from pipeline.prepare import prepare
+    from pipeline.shards import Source
+
+    made = {}
+
+    def make(source: dict, rows_per_shard: int = 4) -> str:
+        key = (source["panoptic_json"], rows_per_shard)
+        if key not in made:
+            out = str(tmp_path_factory.mktemp("shards") / "shards")
+            prepare(Source(source["images"], source["panoptic_json"], source["panoptic_dir"]), out,
+                    rows_per_shard=rows_per_shard, progress=False)
+            made[key] = out
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def synth_small(synth_dataset) -> dict:
+    """A 6-image 96x128 synthetic dataset; copy it before changing it."""
+    return synth_dataset(6, 7, 96, 128)
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_small, make_shards) -> str:
+    """``synth_small`` as shards of 4 rows."""
+    return make_shards(synth_small)
 
 
 @pytest.fixture
@@ -41,8 +88,7 @@ def synth_copy(synth_small, tmp_path) -> dict:
     """A private copy of ``synth_small`` that a test may corrupt."""
     root = tmp_path / "src"
     shutil.copytree(synth_small["root"], root)
-    return {"root": str(root), "images": str(root / "images"),
-            "panoptic_json": str(root / "panoptic.json"), "panoptic_dir": str(root / "panoptic")}
+    return _paths(root)
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +99,25 @@ def ray_local():
 
     with connect():
         yield
+
+
+@pytest.fixture(scope="session")
+def registered_untrained(tmp_path_factory) -> dict:
+    """An untrained Config.small() model on the synthetic categories, registered (and given
+    @champion) in a sqlite MLflow of its own: {"uri": models:/..., "tracking", "checkpoint"}."""
+    import torch
+
+    from ciae.config import Config
+    from ciae.model import CIAEModel
+    from ciae.train import Trainer
+    from pipeline.synth import select_categories
+    from workflows.registry import register_checkpoint
+
+    root = tmp_path_factory.mktemp("registered_untrained")
+    cats = select_categories()
+    torch.manual_seed(0)
+    ckpt = str(root / "model.pt")
+    Trainer(CIAEModel(Config.small(), cats.stuff_ids, cats.thing_ids)).save(ckpt)
+    tracking = f"sqlite:///{root}/mlflow.db"
+    uri = register_checkpoint(ckpt, tracking_uri=tracking, model_name="ciae-untrained")
+    return {"uri": uri, "tracking": tracking, "checkpoint": ckpt}

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ciae.ciae_loss import ciae_loss
+from ciae.ciae_loss import category_sums, ciae_loss
 from ciae.config import Config, EmbeddingConfig
 from ciae.embedding import EmbeddingBranch, full_resolution, sample_at
 from ciae.inference import assemble, oracle_queries
@@ -57,6 +58,15 @@ def test_memory_update_follows_eq_13_14():
     assert torch.equal(mem.memory[1], before[1])  # absent class untouched
     assert torch.allclose(mem.memory.norm(dim=1), torch.ones(4))
     assert mem.momentum_at(100, 100) == 1.0
+
+
+def test_every_group_norm_uses_one_rule():
+    """Backbone, FCOS towers and the embedding branch group 48 channels alike."""
+    from ciae.backbone import make_norm
+
+    branch = EmbeddingBranch(48, 48, 8)
+    groups = {m.num_groups for m in branch.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {make_norm("gn", 48).num_groups} == {24}
 
 
 @pytest.mark.parametrize("coordconv,box", [(True, True), (False, False)])
@@ -150,10 +160,11 @@ def test_ciae_loss_equals_per_pixel_loop(top_k):
     assert float(out["loss_iae"]) == pytest.approx(iae, rel=1e-9)
     assert float(out["loss_ciae"]) == pytest.approx(cae + 2 * iae, rel=1e-9)
     # category sums for the memory: sums of the pre-normalisation embeddings per category
+    sums, counts = category_sums(emb, sem, c_st + 1)
     for k in range(c_st + 1):
         m = (sem == k)
-        assert torch.allclose(out["category_sums"][k], emb.permute(1, 0, 2, 3)[:, m].sum(1))
-        assert float(out["category_counts"][k]) == float(m.sum())
+        assert m.any() and torch.allclose(sums[k], emb.permute(1, 0, 2, 3)[:, m].sum(1))
+        assert float(counts[k]) == float(m.sum())
 
 
 def test_ciae_loss_gradient_reaches_segment_means(monkeypatch):
@@ -187,10 +198,12 @@ def test_oracle_on_perfect_embeddings_reproduces_ground_truth():
     boxes = torch.tensor([[4.0, 3, 12, 11], [10, 9, 27, 20]], dtype=torch.float64)
     classes = torch.tensor([1, 0])
     queries = oracle_queries(emb, seg, c_st, 2, stride=1)
-    ids, segments = assemble(emb, (h, w), basis[:c_st], queries, boxes, classes, stuff_ids=[100, 101],
-                             thing_ids=[1, 2], cfg=InferenceConfig(stuff_area=0), stride=1)
+    ids, segments = assemble(emb, (h, w), basis[:c_st], queries, boxes, classes, torch.ones(2),
+                             stuff_ids=[100, 101], thing_ids=[1, 2], cfg=InferenceConfig(stuff_area=0), stride=1)
+    ids = ids.numpy()
     by_cat = {s["category_id"]: s for s in segments}
     assert sorted(by_cat) == [1, 2, 100, 101]
+    assert all(s["score"] == 1.0 for s in segments)      # every pixel chose clearly: margin 1
     for cat, label in ((100, 0), (101, 1), (2, c_st), (1, c_st + 1)):
         mask = (seg == label).numpy()
         s = by_cat[cat]
@@ -200,7 +213,7 @@ def test_oracle_on_perfect_embeddings_reproduces_ground_truth():
         assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
     # and through the PQ evaluator: 1.0
     from ciae.evaluation.pq import PQAccumulator
-    from pipeline.coco import CategoryTable
+    from ciae.panoptic import CategoryTable
 
     table = CategoryTable.from_json([{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 1},
                                      {"id": 100, "name": "c", "isthing": 0}, {"id": 101, "name": "d", "isthing": 0}])
@@ -208,6 +221,55 @@ def test_oracle_on_perfect_embeddings_reproduces_ground_truth():
     acc = PQAccumulator(table)
     acc.add_indexed((seg + 1).numpy(), gt_segments, ids, segments)
     assert acc.summary()["All"]["pq"] == 1.0
+
+
+def test_post_processing_on_the_device_equals_the_numpy_reference():
+    """``assemble`` measures on the assignment's device (torch); on the CPU its ids and segments
+    are those of the numpy post-processing it replaced (bincount, id table, row-run measures)."""
+    from ciae.config import InferenceConfig
+    from ciae.inference import stuff_area_threshold
+    from ciae.panoptic import measure_segments
+    from kernels import dispatch
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(5):
+        emb4 = torch.randn(8, 12, 15, generator=g)
+        stuff = F.normalize(torch.randn(3, 8, generator=g), dim=1)
+        queries = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+        xy = torch.rand(4, 2, generator=g) * torch.tensor([60.0, 48.0])
+        boxes = torch.cat([xy, xy + torch.rand(4, 2, generator=g) * 30], 1)
+        classes, scores = torch.tensor([0, 1, 1, 0]), torch.rand(4, generator=g)
+        cfg = InferenceConfig(stuff_area=2000, min_instance_area=5)
+        size = (45, 57)
+        ids, segments = assemble(emb4, size, stuff, queries, boxes, classes, scores, [7, 9, 11], [1, 3], cfg)
+        # the numpy reference
+        all_q = torch.cat([stuff, queries])
+        all_b = torch.cat([torch.tensor([[0.0, 0, 60, 48]]).expand(3, 4), boxes])
+        labels = dispatch.assign_upsampled(emb4, (48, 60), all_q, all_b)[0][:45, :57].numpy()
+        areas = np.bincount(labels.ravel(), minlength=7)
+        lut, ref = np.zeros(7, np.int32), []
+        for k in range(7):
+            if areas[k] == 0 or (k < 3 and areas[k] < stuff_area_threshold(cfg, *size)) or (k >= 3 and areas[k] < 5):
+                continue
+            lut[k] = len(ref) + 1
+            ref.append({"id": len(ref) + 1, "category_id": [7, 9, 11][k] if k < 3 else [1, 3][int(classes[k - 3])],
+                        "iscrowd": 0, "area": int(areas[k])})
+        ref_ids = lut[labels]
+        for s, box in zip(ref, measure_segments(ref_ids, len(ref))[1].tolist()):
+            s["bbox"] = box
+        assert np.array_equal(ids.numpy(), ref_ids)
+        assert [{k: v for k, v in s.items() if k != "score"} for s in segments] == ref
+        assert all(0 <= s["score"] <= 1 for s in segments) and len(ref) >= 2
+
+
+def test_scores_follow_the_margin_and_the_detector():
+    from ciae.inference import image_quality, segment_score
+
+    assert segment_score(0.8, None) == 0.8 and segment_score(1.7, None) == 1.0
+    assert segment_score(-0.1, None) == 0.0
+    assert segment_score(0.64, 0.25) == pytest.approx(0.4)
+    segments = [{"area": 30, "score": 1.0}, {"area": 10, "score": 0.5}]
+    assert image_quality(segments, 5, 10) == pytest.approx(0.7)      # void (10 px) counts as 0
 
 
 def test_stuff_area_threshold_scales_with_image_size():
@@ -232,3 +294,12 @@ def test_select_instances_drops_low_scores_and_duplicates():
     assert keep.tolist() == [1, 3, 2]
     keep = select_instances(q, boxes, scores, InferenceConfig(instance_score_thresh=0.0, duplicate_similarity=1.01))
     assert keep.tolist() == [1, 3, 0, 2, 4]
+
+
+def test_configs_saved_by_earlier_versions_still_load():
+    d = Config.small().to_dict()
+    d["inference"]["oracle"] = False          # a retired knob, as older checkpoints hold it
+    assert Config.from_dict(d) == Config.small()
+    d["inference"]["no_such_knob"] = 1
+    with pytest.raises(ValueError, match="no_such_knob"):
+        Config.from_dict(d)

@@ -1,4 +1,5 @@
-"""The ``ciae`` command line: help everywhere, training configs and their scaling."""
+"""The ``ciae`` command line: help everywhere, one-line errors with exit status 2, training configs
+and their scaling."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_train_config_presets_files_and_lr_scaling(tmp_path):
     cfg = load_config(str(f))
     assert (cfg.backbone.name, cfg.solver.iterations, cfg.embedding.top_k) == ("resnet50", 1000, 3)
     f.write_text('{"embedding": {"no_such_knob": 1}}')
-    with pytest.raises(SystemExit, match="no_such_knob"):
+    with pytest.raises(ValueError, match="no_such_knob"):
         load_config(str(f))
 
     small = load_config("small")                       # lr 0.01 at batch 4
@@ -34,3 +35,51 @@ def test_train_config_presets_files_and_lr_scaling(tmp_path):
     cfg, per_worker, _ = TrainJob(data="x", config=small, workers=4, batch_per_worker=2, iterations=350).resolved()
     assert (cfg.solver.batch_size, cfg.solver.lr, cfg.solver.iterations) == (8, 0.02, 350)
     assert cfg.solver.steps == (234, 311)              # the decay steps scale with the run
+
+
+def test_paper_recipe_without_weights_is_refused():
+    from ciae.config import Config
+    from workflows.train import TrainJob
+
+    with pytest.raises(ValueError, match="backbone.weights"):
+        TrainJob(data="x", config=Config())
+    TrainJob(data="x", config=Config().merged({"backbone": {"norm": "gn", "freeze_at": 0}}))
+    TrainJob(data="x", config=Config().merged({"backbone": {"weights": "/w/resnet50.pth"}}))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "nowhere", "--workers", "x"], "ciae train: argument --workers: invalid int value: 'x'"),
+    (["train", "--data", "nowhere", "--config", "paper"], "ciae train: this config freezes the backbone's BatchNorm"),
+    (["train", "--data", "nowhere"], "ciae train: nowhere: no manifest.json; run `ciae prepare` first"),
+    (["train", "--data", "nowhere", "--config", "missing.json"], "ciae train: --config missing.json: not 'small'"),
+    (["evaluate", "--gt-json", "a.json", "--gt-dir", "a", "--pred-json", "b.json", "--pred-dir", "b"],
+     "ciae evaluate: a.json: file not found"),
+    (["label", "--model", "models:/nothing/1", "--input", ".", "--out", "o", "--tracking-uri", "sqlite:///{tmp}/m.db"],
+     "ciae label: models:/nothing/1: no such model"),
+    (["prepare", "--images", "i", "--panoptic-json", "p.json", "--panoptic-dir", "p", "--out", "o"],
+     "ciae prepare: p.json: file not found"),
+])
+def test_user_errors_are_one_line_with_status_2(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) if "invalid int" in message else _nothing():
+        code = main(argv)
+    err = capsys.readouterr().err.strip()
+    if "invalid int" not in message:
+        assert code == 2
+    assert err.startswith(message), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="no manifest.json"):
+        main(["train", "--data", "nowhere", "--debug"])
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import coco
+from ciae.panoptic import DatasetError, RecordError, measure_segments
+from pipeline import coco, storage
 from pipeline.panoptic_png import decode_id_png, encode_id_png, id_to_rgb
 from pipeline.shards import convert_record
 
@@ -18,15 +19,15 @@ def _load(src: dict) -> coco.CocoPanoptic:
     return coco.load_panoptic_json(src["panoptic_json"])
 
 
-def _convert_all(src: dict) -> tuple[list[dict], list[coco.RecordError]]:
+def _convert_all(src: dict) -> tuple[list[dict], list[RecordError]]:
     """Validate every record of a dataset the way the data stage does."""
     ds = _load(src)
-    images, panoptic = coco.resolve(src["images"]), coco.resolve(src["panoptic_dir"])
+    images, panoptic = storage.resolve(src["images"]), storage.resolve(src["panoptic_dir"])
     rows, errors = [], list(ds.rejects)
     for rec in ds.records:
         try:
             rows.append(convert_record(rec, images, panoptic))
-        except coco.RecordError as e:
+        except RecordError as e:
             errors.append(e)
     return rows, errors
 
@@ -44,7 +45,7 @@ def _png_path(src: dict, k: int) -> str:
         return os.path.join(src["panoptic_dir"], json.load(f)["annotations"][k]["file_name"])
 
 
-def _only_error(src: dict) -> coco.RecordError:
+def _only_error(src: dict) -> RecordError:
     rows, errors = _convert_all(src)
     assert len(errors) == 1, [str(e) for e in errors]
     assert len(rows) == 5  # the other images of the 6-image set still convert
@@ -103,28 +104,25 @@ def test_image_size_differs_from_json(synth_copy):
 
 
 @pytest.mark.parametrize("which", ["image", "panoptic"])
-def test_truncated_files(synth_copy, which):
-    path = (os.path.join(synth_copy["images"], "synth_0007_000001.jpg") if which == "image"
-            else _png_path(synth_copy, 1))
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) // 2])
+@pytest.mark.parametrize("damage, index, problem", [("truncate", 1, "unreadable or truncated"),
+                                                    ("remove", 5, "is missing")])
+def test_truncated_and_missing_files(synth_copy, which, damage, index, problem):
+    path = (os.path.join(synth_copy["images"], f"synth_0007_{index:06d}.jpg") if which == "image"
+            else _png_path(synth_copy, index))
+    if damage == "truncate":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    else:
+        os.remove(path)
     e = _only_error(synth_copy)
-    assert "image 2 " in str(e) and "unreadable or truncated" in str(e)
+    assert f"image {index + 1} " in str(e) and problem in str(e)
+    assert damage == "truncate" or os.path.basename(path) in str(e)
 
 
 def test_unreadable_garbage_file(synth_copy):
     open(_png_path(synth_copy, 0), "wb").write(b"this is not a png")
     e = _only_error(synth_copy)
     assert "image 1 " in str(e) and "panoptic PNG is unreadable" in str(e)
-
-
-@pytest.mark.parametrize("which", ["image", "panoptic"])
-def test_missing_files(synth_copy, which):
-    path = (os.path.join(synth_copy["images"], "synth_0007_000005.jpg") if which == "image"
-            else _png_path(synth_copy, 5))
-    os.remove(path)
-    e = _only_error(synth_copy)
-    assert "image 6 " in str(e) and "is missing" in str(e) and os.path.basename(path) in str(e)
 
 
 def test_duplicate_segment_ids(synth_copy):
@@ -166,13 +164,13 @@ def test_area_and_bbox_must_match_png(synth_copy):
 def test_dataset_level_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(coco.DatasetError, match="bad.json: cannot read panoptic JSON"):
+    with pytest.raises(DatasetError, match="bad.json: cannot read panoptic JSON"):
         coco.load_panoptic_json(str(bad))
-    with pytest.raises(coco.DatasetError, match="file not found"):
+    with pytest.raises(DatasetError, match="file not found"):
         coco.load_panoptic_json(str(tmp_path / "absent.json"))
     bad.write_text(json.dumps({"images": [], "annotations": [], "categories": [
         {"id": 1, "name": "a", "isthing": 1}, {"id": 1, "name": "b", "isthing": 0}]}))
-    with pytest.raises(coco.DatasetError, match=r"duplicate category ids \[1\]"):
+    with pytest.raises(DatasetError, match=r"duplicate category ids \[1\]"):
         coco.load_panoptic_json(str(bad))
 
 
@@ -199,7 +197,7 @@ def test_measure_segments_matches_masks():
     rng = np.random.default_rng(1)
     index = rng.integers(0, 5, size=(13, 17)).astype(np.int32)
     index[index == 3] = 0  # segment 3 is empty
-    areas, boxes = coco.measure_segments(index, 4)
+    areas, boxes = measure_segments(index, 4)
     for i in range(1, 5):
         ys, xs = np.nonzero(index == i)
         assert areas[i - 1] == len(ys)
@@ -211,6 +209,6 @@ def test_measure_segments_matches_masks():
 def test_record_error_pickles():
     import pickle
 
-    e = pickle.loads(pickle.dumps(coco.RecordError("image 5 (x.jpg)", "panoptic PNG is missing")))
-    assert isinstance(e, coco.RecordError) and str(e) == "image 5 (x.jpg): panoptic PNG is missing"
+    e = pickle.loads(pickle.dumps(RecordError("image 5 (x.jpg)", "panoptic PNG is missing")))
+    assert isinstance(e, RecordError) and str(e) == "image 5 (x.jpg): panoptic PNG is missing"
     assert (e.image, e.problem) == ("image 5 (x.jpg)", "panoptic PNG is missing")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -103,3 +106,23 @@ def test_cli_prepare(synth_small, tmp_path, capsys):
                  synth_small["panoptic_json"], "--panoptic-dir", synth_small["panoptic_dir"],
                  "--out", out, "--rows-per-shard", "3"]) == 0
     assert "6 images in 2 shards (0 already written), 0 rejected" in capsys.readouterr().out
+
+
+def test_in_process_writes_what_the_ray_job_writes(synth_copy, tmp_path):
+    """``in_process=True`` (a plain loop, for machines without Ray) gives the Ray Data job's
+    shards, rows, rejects and manifest; it runs in a process where importing ray fails."""
+    os.remove(os.path.join(synth_copy["panoptic_dir"], "synth_0007_000003.png"))
+    by_ray = prepare(_source(synth_copy), str(tmp_path / "ray"), rows_per_shard=4, progress=False)
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from pipeline.prepare import prepare\nfrom pipeline.shards import Source\n"
+            f"prepare(Source(**{json.dumps(_source(synth_copy).__dict__)}), "
+            f"{str(tmp_path / 'local')!r}, rows_per_shard=4, progress=False, in_process=True)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300,
+                   cwd=Path(__file__).resolve().parents[1])
+    local = read_manifest(str(tmp_path / "local"))
+    assert by_ray["counts"]["rejected"] == 1 and by_ray["counts"]["shards"] == 2
+    assert ({k: v for k, v in local.items() if k != "created"}
+            == {k: v for k, v in by_ray.items() if k not in ("created", "skipped_shards")})
+    assert sorted(os.listdir(tmp_path / "local")) == sorted(os.listdir(tmp_path / "ray"))
+    assert (read_table(str(tmp_path / "local")).to_pylist()
+            == read_table(str(tmp_path / "ray")).to_pylist())

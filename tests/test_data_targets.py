@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.prepare import prepare
-from pipeline.shards import Source, read_manifest, read_table, shard_paths
-from pipeline.targets import TargetConfig, TargetMaker
+from ciae.config import InputConfig
+from pipeline.shards import read_manifest, read_table, shard_paths
+from pipeline.targets import TargetMaker
 
 
 def direct_targets(src: dict, image_id: int, thing_mode: str = "merged") -> dict:
@@ -45,13 +45,8 @@ def direct_targets(src: dict, image_id: int, thing_mode: str = "merged") -> dict
 
 
 @pytest.fixture(scope="module")
-def shards(synth_small, coco_sample, tmp_path_factory, ray_local) -> dict:
-    out = {}
-    for name, src in (("synth", synth_small), ("coco", coco_sample)):
-        d = str(tmp_path_factory.mktemp(f"shards_{name}"))
-        prepare(Source(src["images"], src["panoptic_json"], src["panoptic_dir"]), d, progress=False)
-        out[name] = (src, d)
-    return out
+def shards(synth_small, coco_sample, make_shards) -> dict:
+    return {name: (src, make_shards(src)) for name, src in (("synth", synth_small), ("coco", coco_sample))}
 
 
 @pytest.mark.parametrize("name", ["synth", "coco"])
@@ -62,9 +57,8 @@ def test_targets_equal_direct_computation(shards, name, thing_mode):
     rows = read_table(d).to_pylist()
     for row in rows:
         # identity resize: the shorter side stays as it is, no flip
-        cfg = TargetConfig(shorter_sides=(min(row["height"], row["width"]),), flip_prob=0.0,
-                           thing_mode=thing_mode)
-        t = TargetMaker.from_manifest(manifest, config=cfg)(row)
+        cfg = InputConfig(shorter_sides=(min(row["height"], row["width"]),), flip_prob=0.0)
+        t = TargetMaker.from_manifest(manifest, input=cfg, thing_mode=thing_mode)(row)
         ref = direct_targets(src, row["image_id"], thing_mode)
         assert np.array_equal(t["sem"], ref["sem"])
         assert np.array_equal(t["seg"], ref["seg"])
@@ -79,7 +73,7 @@ def test_crowd_is_ignored_by_instances_but_keeps_its_class(shards):
     manifest = read_manifest(d)
     rows = [r for r in read_table(d).to_pylist() if any(s["iscrowd"] for s in r["segments"])]
     assert rows, "the synthetic set should hold a crowd segment"
-    maker = TargetMaker.from_manifest(manifest, config=TargetConfig(shorter_sides=(96,), flip_prob=0))
+    maker = TargetMaker.from_manifest(manifest, input=InputConfig(shorter_sides=(96,), flip_prob=0))
     for row in rows:
         t = maker(row)
         n_inst = sum(1 for s in row["segments"] if not s["iscrowd"]
@@ -94,8 +88,8 @@ def test_flip_mirrors_everything(shards):
     manifest = read_manifest(d)
     row = read_table(d).to_pylist()[0]
     side = min(row["height"], row["width"])
-    plain = TargetMaker.from_manifest(manifest, config=TargetConfig((side,), flip_prob=0.0))(row)
-    flip = TargetMaker.from_manifest(manifest, config=TargetConfig((side,), flip_prob=1.0))(row)
+    plain = TargetMaker.from_manifest(manifest, input=InputConfig((side,), flip_prob=0.0))(row)
+    flip = TargetMaker.from_manifest(manifest, input=InputConfig((side,), flip_prob=1.0))(row)
     assert flip["flipped"] and not plain["flipped"]
     for k in ("image", "sem", "seg"):
         assert np.array_equal(flip[k], plain[k][..., ::-1])
@@ -108,11 +102,11 @@ def test_resize_and_scale_jitter(shards):
     _, d = shards["coco"]
     manifest = read_manifest(d)
     row = read_table(d).to_pylist()[0]  # 427x640
-    cfg = TargetConfig(shorter_sides=(200, 300), max_size=400, flip_prob=0.0)
-    sizes = {TargetMaker.from_manifest(manifest, config=cfg, epoch=e)(row)["sem"].shape for e in range(8)}
+    cfg = InputConfig(shorter_sides=(200, 300), max_size=400, flip_prob=0.0)
+    sizes = {TargetMaker.from_manifest(manifest, input=cfg, epoch=e)(row)["sem"].shape for e in range(8)}
     assert sizes == {(200, 300), (267, 400)}  # 300 is capped by the longer side
-    t = TargetMaker.from_manifest(manifest, config=TargetConfig((200,), flip_prob=0.0))(row)
-    full = TargetMaker.from_manifest(manifest, config=TargetConfig((427,), flip_prob=0.0))(row)
+    t = TargetMaker.from_manifest(manifest, input=InputConfig((200,), flip_prob=0.0))(row)
+    full = TargetMaker.from_manifest(manifest, input=InputConfig((427,), flip_prob=0.0))(row)
     ref = F.interpolate(torch.from_numpy(full["sem"])[None, None].float(), size=(200, 300),
                         mode="nearest-exact")[0, 0].long().numpy()
     assert np.array_equal(t["sem"], ref)
@@ -122,8 +116,8 @@ def test_resize_and_scale_jitter(shards):
         ys, xs = np.nonzero(t["seg"] == len(manifest["stuff_index"]) + j)
         assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     # the same (seed, epoch, image) gives the same targets anywhere
-    a = TargetMaker.from_manifest(manifest, config=cfg, seed=3)(row)
-    b = TargetMaker.from_manifest(manifest, config=cfg, seed=3)(row)
+    a = TargetMaker.from_manifest(manifest, input=cfg, seed=3)(row)
+    b = TargetMaker.from_manifest(manifest, input=cfg, seed=3)(row)
     assert a["sem"].shape == b["sem"].shape and a["flipped"] == b["flipped"]
 
 
@@ -132,7 +126,7 @@ def test_ray_data_map(shards):
 
     _, d = shards["synth"]
     manifest = read_manifest(d)
-    maker = TargetMaker.from_manifest(manifest, config=TargetConfig((64,), flip_prob=0.5))
+    maker = TargetMaker.from_manifest(manifest, input=InputConfig((64,), flip_prob=0.5))
     got = {r["image_id"]: r for r in ray.data.read_parquet(shard_paths(d)).map(maker).iter_rows()}
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for row in read_table(d).to_pylist():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from ciae.backbone import group_count
 from ciae.box_ops import (batched_nms, box_iou, clip_boxes, expand_boxes, giou_loss, iou_loss,
                           sigmoid_focal_loss)
 from ciae.config import FCOSConfig
@@ -160,7 +161,8 @@ def test_head_output_shapes(batch, strides):
     prior = -math.log((1 - cfg.prior_prob) / cfg.prior_prob)
     torch.testing.assert_close(head.cls_logits.bias, torch.full((5,), prior))
     assert head.scales.shape == (len(strides),)
-    assert any(isinstance(m, torch.nn.GroupNorm) and m.num_groups == 16 for m in head.modules())  # gcd(32, 48)
+    norms = [m.num_groups for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and set(norms) == {group_count(48)} == {24}
     with pytest.raises(ValueError):
         head([torch.randn(batch, 48, 4, 4)] * (len(strides) + 1))
 

@@ -15,6 +15,7 @@ from kernels import dispatch
 from kernels.assign import assign, assign_upsampled
 from kernels.ciae_loss import embedding_loss
 from kernels.segment_sums import segment_sums
+from kernel_cases import degenerate_case, make_case
 
 MARGIN = 0.15
 
@@ -68,33 +69,18 @@ def loop_embedding_loss(emb, queries, boxes, target, weight, margin, top_k):
 
 def loop_assign(emb, queries, boxes):
     d, h, w = emb.shape
-    labels, best = torch.zeros(h, w, dtype=torch.int64), torch.zeros(h, w)
+    labels, best, second = torch.zeros(h, w, dtype=torch.int64), torch.zeros(h, w), torch.zeros(h, w)
     for y in range(h):
         for x in range(w):
             p = unit(emb[:, y, x].double())
             s = [float(p @ q.double()) if inside(box, y, x) else 0.0 for q, box in zip(queries, boxes)]
             k = max(range(len(s)), key=lambda j: (s[j], -j))   # first maximum
             labels[y, x], best[y, x] = k, s[k]
-    return labels, best
+            second[y, x] = max([v for j, v in enumerate(s) if j != k] + [-1.0])
+    return labels, best, second
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
-
-def make_case(seed, d=3, h=5, w=4, q=4, dtype=torch.float64, ignore=0.2):
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(d, h, w, generator=g, dtype=dtype)
-    queries = F.normalize(torch.randn(q, d, generator=g, dtype=dtype), dim=1)
-    x0 = torch.randint(0, w, (q,), generator=g).to(dtype) - 0.5
-    y0 = torch.randint(0, h, (q,), generator=g).to(dtype) + 0.25
-    x1 = x0 + torch.randint(1, w + 1, (q,), generator=g)
-    y1 = y0 + torch.randint(1, h + 1, (q,), generator=g)
-    boxes = torch.stack([x0, y0, x1, y1], 1)
-    boxes[0] = torch.tensor([0, 0, w, h])                       # a stuff-like query
-    target = torch.randint(0, q, (h, w), generator=g)
-    target[torch.rand(h, w, generator=g) < ignore] = -1
-    weight = torch.rand(h, w, generator=g, dtype=dtype) + 0.5
-    return emb, queries, boxes, target, weight
-
 
 def twin_and_loop(emb, queries, boxes, target, weight, top_k, chunk=7, weight_grad=False):
     """Loss values and gradients w.r.t. emb, queries (and weight) of the twin and of the loop."""
@@ -210,12 +196,7 @@ def test_embedding_loss_float32_matches_loop():
 
 
 def test_embedding_loss_degenerate_boxes_and_zero_pixels():
-    emb, queries, boxes, target, weight = make_case(5, q=5)
-    boxes[1] = torch.tensor([3.0, 0.0, 3.0, 5.0])             # x0 == x1: empty
-    boxes[2] = torch.tensor([2.0, 4.0, 1.0, 1.0])             # x0 > x1, y0 > y1: empty
-    emb[:, 1, 1] = 0
-    emb[:, 3, 2] = 0
-    target[1, 1], target[3, 2], target[2, 2] = 0, 1, 2        # zero pixels; own box empty
+    emb, queries, boxes, target, weight = degenerate_case(5)
     (loss, _, grads), (ref_loss, _, ref_grads) = twin_and_loop(emb, queries, boxes, target, weight, 3)
     assert torch.isfinite(loss) and all(torch.isfinite(gr).all() for gr in grads)
     assert_close(loss, ref_loss)
@@ -277,11 +258,13 @@ def test_embedding_loss_singularity_is_finite():
 def test_assign_matches_loop(chunk):
     emb, queries, boxes, _, _ = make_case(10, d=4, h=7, w=5, q=6, dtype=torch.float32)
     boxes[3] = torch.tensor([2.0, 2.0, 2.0, 6.0])             # degenerate: never inside
-    labels, best = assign(emb * 3.0, queries, boxes, chunk=chunk)
-    ref_labels, ref_best = loop_assign(emb, queries, boxes)
-    assert labels.dtype == torch.int64 and best.dtype == torch.float32
+    labels, best, second = assign(emb * 3.0, queries, boxes, chunk=chunk)
+    ref_labels, ref_best, ref_second = loop_assign(emb, queries, boxes)
+    assert labels.dtype == torch.int64 and best.dtype == second.dtype == torch.float32
     assert torch.equal(labels, ref_labels)
     assert_close(best, ref_best)
+    assert_close(second, ref_second)
+    assert (best >= second).all()
 
 
 def test_assign_ties_and_box_filter():
@@ -289,14 +272,18 @@ def test_assign_ties_and_box_filter():
     queries = torch.stack([torch.tensor([0.0, 1.0]), d, d, d])
     emb = d[:, None, None].expand(2, 2, 3).clone()            # every pixel points along d
     boxes = torch.tensor([[0, 0, 3, 2], [1, 0, 3, 1], [0, 0, 3, 2], [0, 0, 3, 2]], dtype=torch.float32)
-    labels, best = assign(emb, queries, boxes)
+    labels, best, second = assign(emb, queries, boxes)
     # pixel (0, 1), (0, 2): queries 1, 2, 3 tie, the lowest wins; elsewhere query 1 is filtered
     assert labels.tolist() == [[2, 1, 1], [2, 2, 2]]
-    assert torch.allclose(best, torch.ones(2, 3))
+    assert torch.allclose(best, torch.ones(2, 3)) and torch.allclose(second, torch.ones(2, 3))  # a tie
     # outside its box a query scores 0 (Eq. 16 with the filter), which beats a negative cosine
-    labels, best = assign(-emb, torch.stack([d, -d]), torch.tensor([[0, 0, 3, 2], [0, 0, 1, 2.0]]))
+    labels, best, second = assign(-emb, torch.stack([d, -d]), torch.tensor([[0, 0, 3, 2], [0, 0, 1, 2.0]]))
     assert labels.tolist() == [[1, 1, 1], [1, 1, 1]]
     assert best.tolist() == [[1, 0, 0], [1, 0, 0]]
+    assert second.tolist() == [[-1, -1, -1], [-1, -1, -1]]
+    # one query: nothing else to choose, the second best is the floor -1
+    _, best, second = assign(emb, queries[:1], boxes[:1])
+    assert torch.equal(second, torch.full((2, 3), -1.0))
 
 
 @pytest.mark.parametrize("lowres,out,chunk", [((3, 4), (12, 16), 16), ((5, 4), (17, 13), 1),
@@ -309,12 +296,14 @@ def test_assign_upsampled_equals_interpolate_normalise_assign(lowres, out, chunk
                                                            [4, 4, 4, 9], [2, 1, 11, 5]],
                          dtype=torch.float32)
     full = F.normalize(F.interpolate(emb[None], size=out, mode="bilinear", align_corners=False)[0], dim=0)
-    ref_labels, ref_best = assign(full, queries, boxes, chunk=None)
-    labels, best = assign_upsampled(emb, out, queries, boxes, chunk=chunk)
+    ref_labels, ref_best, ref_second = assign(full, queries, boxes, chunk=None)
+    labels, best, second = assign_upsampled(emb, out, queries, boxes, chunk=chunk)
     assert torch.equal(labels, ref_labels)
     assert_close(best, ref_best)
-    half_labels, half_best = assign_upsampled(emb.half(), out, queries, boxes, chunk=chunk)
+    assert_close(second, ref_second)
+    _, half_best, half_second = assign_upsampled(emb.half(), out, queries, boxes, chunk=chunk)
     assert_close(half_best, ref_best, 1e-2)
+    assert_close(half_second, ref_second, 1e-2)
 
 
 # ---- dispatcher --------------------------------------------------------------------------------
@@ -332,6 +321,29 @@ def test_dispatch_routes_to_the_twins():
                            assign_upsampled(emb, (10, 8), queries, boxes)[0])
         assert torch.equal(kernels.segment_sums(emb[None], target[None], 4, backend=backend)[0],
                            segment_sums(emb[None], target[None], 4)[0])
+
+
+def test_dispatch_calls_the_backend_it_is_given(monkeypatch):
+    """Each entry point reaches the chosen backend's function (and "auto" the first that accepts),
+    whatever the outputs are."""
+    emb, queries, boxes, target, weight = make_case(12, dtype=torch.float32)
+    calls = []
+
+    def spy(name):
+        def fn(*args):
+            calls.append(name)
+            return "result of " + name
+        return dispatch.Backend(segment_sums=fn, embedding_loss=fn, assign=fn, assign_upsampled=fn,
+                                accepts=lambda t: name == "second")
+    monkeypatch.setattr(dispatch, "BACKENDS", {"first": spy("first"), "second": spy("second")})
+    for backend, expected in (("first", "first"), ("second", "second"), ("auto", "second")):
+        calls.clear()
+        assert kernels.segment_sums(emb[None], target[None], 4, backend=backend) == "result of " + expected
+        assert kernels.embedding_loss(emb, queries, boxes, target, weight, MARGIN, 5,
+                                      backend=backend) == "result of " + expected
+        assert kernels.assign(emb, queries, boxes, backend=backend) == "result of " + expected
+        assert kernels.assign_upsampled(emb, (10, 8), queries, boxes, backend=backend) == "result of " + expected
+        assert calls == [expected] * 4
 
 
 def test_dispatch_rejects_bad_input():

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from ciae.ciae_loss import ciae_loss  # noqa: E402
+from ciae.ciae_loss import category_sums, ciae_loss  # noqa: E402
 from ciae.config import EmbeddingConfig  # noqa: E402
 from kernels import assign_triton, ciae_loss_triton, dispatch, segment_sums_triton  # noqa: E402
 from kernels.assign import assign as twin_assign  # noqa: E402
 from kernels.assign import assign_upsampled as twin_assign_upsampled  # noqa: E402
 from kernels.ciae_loss import embedding_loss as twin_loss  # noqa: E402
 from kernels.segment_sums import segment_sums as twin_segment_sums  # noqa: E402
+from kernel_cases import degenerate_case, make_case  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MARGIN = 0.15
@@ -82,24 +83,6 @@ def test_segment_sums_matches_twin(b, d, h, w, s, dtype, block):
 
 # ---- embedding_loss -----------------------------------------------------------------------------
 
-def make_case(seed, d=3, h=5, w=4, q=4, dtype=torch.float64, ignore=0.2):
-    """Random pixels, unit queries, boxes with fractional corners (query 0 covers the image),
-    targets with ignored pixels, weights in [0.5, 1.5)."""
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(d, h, w, generator=g, dtype=torch.float64)
-    queries = F.normalize(torch.randn(q, d, generator=g, dtype=torch.float64), dim=1)
-    x0 = torch.randint(0, w, (q,), generator=g) - 0.5
-    y0 = torch.randint(0, h, (q,), generator=g) + 0.25
-    x1 = x0 + torch.randint(1, w + 1, (q,), generator=g)
-    y1 = y0 + torch.randint(1, h + 1, (q,), generator=g)
-    boxes = torch.stack([x0, y0, x1, y1], 1).float()
-    boxes[0] = torch.tensor([0, 0, w, h])
-    target = torch.randint(0, q, (h, w), generator=g)
-    target[torch.rand(h, w, generator=g) < ignore] = -1
-    weight = torch.rand(h, w, generator=g, dtype=torch.float64) + 0.5
-    return emb.to(dtype), queries.to(dtype), boxes, target, weight.to(dtype)
-
-
 def run_loss(fn, emb, queries, boxes, target, weight, top_k, need=(True, True, True), **kw):
     """loss, num_valid and the gradients of (emb, queries, weight), each None when not needed."""
     inputs = [x.to(DEV).clone().requires_grad_(r) for x, r in zip((emb, queries, weight), need)]
@@ -146,13 +129,7 @@ def test_embedding_loss_partial_gradients(need):
 
 
 def test_embedding_loss_degenerate_boxes_and_zero_pixels():
-    emb, queries, boxes, target, weight = make_case(6, q=5)
-    boxes[1] = torch.tensor([3.0, 0.0, 3.0, 5.0])             # x0 == x1: empty
-    boxes[2] = torch.tensor([2.0, 4.0, 1.0, 1.0])             # x0 > x1, y0 > y1: empty
-    emb[:, 1, 1] = 0
-    emb[:, 3, 2] = 0
-    target[1, 1], target[3, 2], target[2, 2] = 0, 1, 2        # zero pixels; own box empty
-    assert_loss_matches((emb, queries, boxes, target, weight), 3)
+    assert_loss_matches(degenerate_case(6), 3)
 
 
 def test_embedding_loss_ties_between_filtered_queries():
@@ -228,10 +205,14 @@ def test_full_ciae_loss_triton_equals_torch(dtype):
         out[backend] = res, e.grad
     (res, grad), (ref, ref_grad) = out["triton"], out["torch"]
     tol = tol_for(dtype)
-    for key in ("loss_cae", "loss_iae", "loss_ciae", "category_sums", "category_counts"):
+    for key in ("loss_cae", "loss_iae", "loss_ciae"):
         close(res[key].detach(), ref[key].detach(), tol)
     assert grad.dtype == dtype and grad.abs().sum() > 0
     close(grad, ref_grad, tol)
+    sums = {backend: category_sums(emb.to(DEV), sem.to(DEV), c_st + 1, backend=backend)
+            for backend in ("triton", "torch")}
+    for got, want in zip(sums["triton"], sums["torch"]):
+        close(got, want, tol)
 
 
 # ---- assignment ---------------------------------------------------------------------------------
@@ -251,10 +232,11 @@ def reference_similarity(emb, queries, boxes):
 def assert_assignment_matches(out, ref, sim, gap_tol=1e-4, best_tol=1e-5):
     """Labels equal where the reference's two best similarities (sim [H * W, Q] float64) are more
     than gap_tol apart or exactly equal (queries filtered out, all 0: the lowest index wins);
-    elsewhere the label is one of the near-best; best values close."""
-    labels, best = (x.cpu().reshape(-1) for x in out)
-    ref_labels, ref_best = (x.cpu().reshape(-1) for x in ref)
-    assert labels.dtype == torch.int64 and best.dtype == torch.float32
+    elsewhere the label is one of the near-best; best and second-best values close."""
+    labels, best, second = (x.cpu().reshape(-1) for x in out)
+    ref_labels, ref_best, ref_second = (x.cpu().reshape(-1) for x in ref)
+    assert labels.dtype == torch.int64 and best.dtype == second.dtype == torch.float32
+    torch.testing.assert_close(second, ref_second, rtol=best_tol, atol=best_tol)
     top = torch.cat([sim, torch.full_like(sim[:, :1], -2)], 1).topk(2, dim=1).values
     gap = top[:, 0] - top[:, 1]
     clear = (gap > gap_tol) | (gap == 0)
@@ -289,13 +271,14 @@ def test_assign_ties_take_the_lowest_index_and_filter_scores_zero():
     emb = d[:, None, None].expand(2, 2, 3).clone().to(DEV)
     boxes = torch.tensor([[0, 0, 3, 2], [1, 0, 3, 1], [0, 0, 3, 2], [0, 0, 3, 2]],
                          dtype=torch.float32, device=DEV)
-    labels, best = assign_triton.assign(emb, queries, boxes)
+    labels, best, second = assign_triton.assign(emb, queries, boxes)
     assert labels.tolist() == [[2, 1, 1], [2, 2, 2]]
-    assert torch.allclose(best.cpu(), torch.ones(2, 3))
-    labels, best = assign_triton.assign(-emb, torch.stack([d, -d]).to(DEV),
-                                        torch.tensor([[0, 0, 3, 2], [0, 0, 1, 2.0]], device=DEV))
+    assert torch.allclose(best.cpu(), torch.ones(2, 3)) and torch.allclose(second.cpu(), torch.ones(2, 3))
+    labels, best, second = assign_triton.assign(-emb, torch.stack([d, -d]).to(DEV),
+                                                torch.tensor([[0, 0, 3, 2], [0, 0, 1, 2.0]], device=DEV))
     assert labels.tolist() == [[1, 1, 1], [1, 1, 1]]
     assert best.tolist() == [[1, 0, 0], [1, 0, 0]]
+    assert second.tolist() == [[-1, -1, -1], [-1, -1, -1]]
 
 
 @pytest.mark.parametrize("lowres,out,dtype,block", [

@@ -1,6 +1,7 @@
-"""Batch labeling: a registered model over a list, a folder or shards, as a Ray Data job; COCO
-panoptic output that panopticapi reads; PQ; unreadable images rejected; and a job killed
-mid-way and run again labels every image exactly once."""
+"""Batch labeling: a registered model over a list, a folder (nested) or shards, as a streaming Ray
+Data job; Parquet shards and COCO files that panopticapi and pycocotools read; streaming PQ;
+confidence scores and the review list; bad images rejected with their reason; and a job killed
+anywhere (driver or model actor) and run again labels every image exactly once."""
 
 from __future__ import annotations
 
@@ -14,33 +15,22 @@ import sys
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
-from ciae.config import Config
-from ciae.model import CIAEModel
-from ciae.train import Trainer, model_from_checkpoint
-from pipeline.coco import DatasetError
-from pipeline.image_sources import InputImage, assign_ids, open_source
+from ciae.panoptic import DatasetError
+from ciae.train import model_from_checkpoint
+from pipeline import label_store as ls
+from pipeline.image_sources import load_plan, make_plan
 from pipeline.panoptic_png import decode_id_png
-from pipeline.predictions import PredictionStore
-from pipeline.synth import SynthSpec, select_categories, write_dataset
-from workflows.label import label
-from workflows.registry import register_checkpoint
+from pipeline.synth import SynthSpec, write_dataset
+from workflows.label import LabelJob, label
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> dict:
-    """An untrained Config.small() model on the synthetic categories, registered @champion."""
-    root = tmp_path_factory.mktemp("label_model")
-    cats = select_categories()
-    torch.manual_seed(0)
-    ckpt = str(root / "model.pt")
-    Trainer(CIAEModel(Config.small(), cats.stuff_ids, cats.thing_ids)).save(ckpt)
-    tracking = f"sqlite:///{root}/mlflow.db"
-    uri = register_checkpoint(ckpt, tracking_uri=tracking, model_name="ciae-label")
-    return {"uri": uri, "tracking": tracking, "checkpoint": ckpt}
+def model(registered_untrained) -> dict:
+    return registered_untrained
 
 
 def load_json(path):
@@ -48,77 +38,113 @@ def load_json(path):
         return json.load(f)
 
 
-def check_outputs(out: str, images: dict[str, tuple[int, int]]) -> dict:
-    """Every expected key has one whole PNG at its image's size agreeing with its annotation,
-    and nothing else is there (no temporaries, no duplicates). ``images``: key -> (h, w)."""
-    pred = load_json(os.path.join(out, "predictions.json"))
-    anns = {a["file_name"][:-4]: a for a in pred["annotations"]}
-    assert len(anns) == len(pred["annotations"]) == len(pred["images"]) == len(images)
-    assert len({a["image_id"] for a in pred["annotations"]}) == len(images)
-    assert sorted(os.listdir(os.path.join(out, "panoptic"))) == sorted(k + ".png" for k in images)
-    for folder in ("", "panoptic", "records", "overlays"):
-        assert not [n for n in os.listdir(os.path.join(out, folder)) if ".tmp-" in n]
-    sizes = {im["id"]: (im["height"], im["width"]) for im in pred["images"]}
-    for key, (h, w) in images.items():
-        ids = decode_id_png(open(os.path.join(out, "panoptic", key + ".png"), "rb").read())
-        assert ids.shape == (h, w) == sizes[anns[key]["image_id"]]
-        segs = anns[key]["segments_info"]
-        assert sorted(set(np.unique(ids).tolist()) - {0}) == sorted(s["id"] for s in segs)
-    return pred
+def job(model, input, out, **kw) -> LabelJob:
+    return LabelJob(model=model["uri"], input=str(input), out=str(out), tracking_uri=model["tracking"], **kw)
 
 
-# ------------------------------------------------------------------------- inputs and ids
+def shard_rows(out) -> list[dict]:
+    store = ls.LabelStore(str(out))
+    return list(store.rows(["index", "key", "image_id", "file_name", "height", "width", "status", "reason",
+                            "png", "segments", "quality", "pq"]))
 
 
-def test_image_ids_follow_the_documented_rules(tmp_path):
-    assert assign_ids(["000000000139.jpg", "000000000285.jpg"]) == [139, 285]
-    assert assign_ids(["b.jpg", "a.png", "12.jpg"]) == [1, 2, 3]
-    assert assign_ids(["x.jpg", "y.jpg", "z.jpg"], {"y.jpg": 7, "q.jpg": 9}) == [10, 7, 11]
+def check_outputs(out, images: dict[str, tuple[int, int]], coco: bool = True) -> list[dict]:
+    """Every expected key has one labeled row (and, with ``coco``, one whole PNG and one
+    annotation) at its image's size, agreeing with its segments; nothing else is there (no
+    temporaries, no parts, no duplicates). ``images``: key -> (h, w). Returns the rows."""
+    rows = [r for r in shard_rows(out) if r["status"] == "labeled"]
+    assert sorted(r["key"] for r in rows) == sorted(images)
+    assert [r["index"] for r in shard_rows(out)] == sorted(r["index"] for r in shard_rows(out))
+    for r in rows:
+        ids = decode_id_png(r["png"])
+        assert ids.shape == images[r["key"]] == (r["height"], r["width"])
+        assert r["segments"] and sorted(set(np.unique(ids).tolist()) - {0}) == sorted(s["id"] for s in r["segments"])
+        assert all(0 <= s["score"] <= 1 for s in r["segments"]) and 0 <= r["quality"] <= 1
+    for root, _, files in os.walk(out):
+        assert not [n for n in files if ".tmp-" in n], root
+    assert not os.path.isdir(os.path.join(out, "parts")) or not any(os.scandir(os.path.join(out, "parts")))
+    if coco:
+        pred = load_json(os.path.join(out, "predictions.json"))
+        anns = {a["file_name"][:-4]: a for a in pred["annotations"]}
+        assert len(anns) == len(pred["annotations"]) == len(pred["images"]) == len(images)
+        pngs = [os.path.relpath(os.path.join(d, n), os.path.join(out, "panoptic"))[:-4]
+                for d, _, files in os.walk(os.path.join(out, "panoptic")) for n in files]
+        assert sorted(pngs) == sorted(images)
+        for r in rows:
+            assert open(os.path.join(out, "panoptic", r["key"] + ".png"), "rb").read() == r["png"]
+            assert [s["id"] for s in anns[r["key"]]["segments_info"]] == [s["id"] for s in r["segments"]]
+    return rows
+
+
+# ------------------------------------------------------------------------ the plan: ids, keys
+
+
+def test_plans_follow_the_documented_key_and_id_rules(tmp_path):
+    def plan(input, name, **kw):
+        p = make_plan(str(input), str(tmp_path / name), **kw)
+        rows = [r for t in range(len(p.task_sizes)) for r in pq.read_table(p.task_path(t)).to_pylist()]
+        return p, rows
 
     folder = tmp_path / "imgs"
-    folder.mkdir()
-    for name in ("b.jpg", "a.PNG", "notes.txt"):
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.jpg", "a.PNG", "notes.txt", "sub/c.jpg"):
         (folder / name).write_bytes(b"")
-    source = open_source(str(folder))
-    assert source.kind == "folder" and [im.file_name for im in source.images] == ["a.PNG", "b.jpg"]
-    assert [im.image_id for im in source.images] == [1, 2]
+    p, rows = plan(folder, "p1", task_images=2)
+    assert p.kind == "folder" and p.task_sizes == (2, 1) and load_plan(str(tmp_path / "p1")) == p
+    assert [(r["key"], r["file_name"], r["image_id"], r["index"]) for r in rows] == \
+        [("a", "a.PNG", 1, 0), ("b", "b.jpg", 2, 1), ("sub/c", "sub/c.jpg", 3, 2)]
+
+    numeric = tmp_path / "coco"
+    (numeric / "x").mkdir(parents=True)
+    for name in ("000000000285.jpg", "000000000139.jpg", "x/000000000007.jpg"):
+        (numeric / name).write_bytes(b"")
+    assert [r["image_id"] for r in plan(numeric, "p2")[1]] == [139, 285, 7]
+    (numeric / "x" / "000000000139.png").write_bytes(b"")    # a stem twice: ids by order instead
+    assert [r["image_id"] for r in plan(numeric, "p3")[1]] == [1, 2, 3, 4]
 
     (tmp_path / "list.txt").write_text(f"# images\nimgs/b.jpg\n\n{folder}/a.PNG\n")
-    source = open_source(str(tmp_path / "list.txt"))
-    assert source.kind == "list"
-    assert [im.uri for im in source.images] == [f"{tmp_path}/imgs/b.jpg", f"{folder}/a.PNG"]
+    p, rows = plan(tmp_path / "list.txt", "p4")
+    assert p.kind == "list" and [r["uri"] for r in rows] == [f"{tmp_path}/imgs/b.jpg", f"{folder}/a.PNG"]
+    assert [r["key"] for r in rows] == ["imgs/b", "a"]
 
-    (tmp_path / "clash.txt").write_text("imgs/b.jpg\nother/b.png\n")
-    with pytest.raises(DatasetError, match="share a file stem"):
-        open_source(str(tmp_path / "clash.txt"))
+    gt = {"images": [{"id": 7, "file_name": "b.jpg", "height": 1, "width": 1},
+                     {"id": 9, "file_name": "q.jpg", "height": 1, "width": 1}],
+          "annotations": [{"image_id": 7, "file_name": "b.png", "segments_info": []},
+                          {"image_id": 9, "file_name": "q.png", "segments_info": []}],
+          "categories": [{"id": 1, "name": "a", "isthing": 1}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    p, rows = plan(folder, "p5", gt_json=str(tmp_path / "gt.json"), gt_dir="gt")
+    assert [r["image_id"] for r in rows] == [10, 7, 11] and rows[1]["gt_png"].endswith("gt/b.png")
+    assert p.ground_truth == "json" and p.categories[0]["name"] == "a"
+
+    (tmp_path / "clash.txt").write_text("imgs/b.jpg\nimgs/b.png\n")
+    with pytest.raises(DatasetError, match="keys .* occur twice, e.g. imgs/b"):
+        plan(tmp_path / "clash.txt", "p6")
+    (tmp_path / "twice.txt").write_text("imgs/b.jpg\nother/b.jpg\n")
+    with pytest.raises(DatasetError, match="image ids .* occur twice, e.g. 7"):
+        plan(tmp_path / "twice.txt", "p7", gt_json=str(tmp_path / "gt.json"), gt_dir="gt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images"):
-        open_source(str(tmp_path / "empty"))
+        plan(tmp_path / "empty", "p8")
     with pytest.raises(DatasetError, match="no such file"):
-        open_source(str(tmp_path / "missing"))
+        plan(tmp_path / "missing", "p9")
 
 
-def test_store_keeps_one_entry_per_image_and_drops_temporaries(tmp_path):
-    store = PredictionStore(str(tmp_path / "out"))
-    store.create()
-    a = {"key": "a", "image_id": 1, "file_name": "a.jpg", "height": 2, "width": 3, "segments_info": []}
-    store.commit([a], [{"key": "b", "image_id": 2, "file": "b.jpg", "reason": "bad"}])
-    store.commit([{**a, "height": 5}], [])                      # a retried batch, another batching
-    store.commit([{**a, "key": "b", "image_id": 2, "file_name": "b.jpg"}], [])  # b fixed, labeled
-    (tmp_path / "out" / "panoptic" / "c.png.tmp-1-ab").write_bytes(b"half")
-    images = [InputImage("a", 1, "a.jpg"), InputImage("b", 2, "b.jpg"), InputImage("c", 3, "c.jpg")]
-    assert store.finalize(images, []) == {"labeled": 2, "rejected": 0, "pending": 1}
-    pred = load_json(tmp_path / "out" / "predictions.json")
-    assert [a["file_name"] for a in pred["annotations"]] == ["a.png", "b.png"]
-    assert load_json(tmp_path / "out" / "rejects.json") == []
-    assert os.listdir(tmp_path / "out" / "panoptic") == []
+def test_external_sort_holds_one_run(tmp_path):
+    from pipeline.image_sources import external_sort
+
+    values = list(np.random.default_rng(0).integers(0, 1000, 5000).tolist())
+    assert list(external_sort(iter(values), str(tmp_path), run=64)) == sorted(values)
+    assert len(os.listdir(tmp_path)) == -(-5000 // 64)
 
 
 # --------------------------------------------------------------------------------- jobs
 
 
-def test_label_list_with_ground_truth_rejects_and_overlays(model, synth_small, tmp_path, ray_local):
+def test_label_list_with_ground_truth_rejects_exports_and_panels(model, synth_small, tmp_path, ray_local):
     panopticapi = pytest.importorskip("panopticapi.evaluation")
+    from pycocotools import mask as rle
+
     gt = load_json(synth_small["panoptic_json"])
     names = sorted(os.listdir(synth_small["images"]))
     corrupt = tmp_path / "corrupt.jpg"
@@ -127,105 +153,243 @@ def test_label_list_with_ground_truth_rejects_and_overlays(model, synth_small, t
     listing = tmp_path / "inputs.txt"
     listing.write_text("\n".join([os.path.join(synth_small["images"], n) for n in names]
                                  + [str(corrupt), str(tmp_path / "gone.jpg")]) + "\n")
-    out = str(tmp_path / "out")
-
-    s = label(model["uri"], str(listing), out, tracking_uri=model["tracking"], batch_size=4,
-              gt_json=synth_small["panoptic_json"], gt_dir=synth_small["panoptic_dir"], overlays=2,
+    out = tmp_path / "out"
+    s = label(job(model, listing, out, batch_size=3, task_images=3, gt_json=synth_small["panoptic_json"],
+                  gt_dir=synth_small["panoptic_dir"], overlays=2, coco_panoptic=True, coco_instances=True),
               progress=False)
-    assert (s["labeled"], s["rejected"], s["pending"], s["processed"], s["overlays"]) == (6, 2, 0, 8, 2)
+    assert (s["labeled"], s["rejected"], s["processed"], s["overlays"], s["review"]) == (6, 2, 8, 2, 6)
+    assert len(os.listdir(out / "labels")) == 3                 # 8 images in tasks of 3
 
-    pred = check_outputs(out, {os.path.splitext(im["file_name"])[0]: (im["height"], im["width"])
-                               for im in gt["images"]})
+    keys = {os.path.splitext(im["file_name"])[0]: (im["height"], im["width"]) for im in gt["images"]}
+    rows = check_outputs(str(out), keys)
+    pred = load_json(out / "predictions.json")
     assert sorted((im["id"], im["file_name"]) for im in pred["images"]) == \
         sorted((im["id"], im["file_name"]) for im in gt["images"])          # ids from the ground truth
-    rejects = {os.path.basename(r["file"]): r for r in load_json(os.path.join(out, "rejects.json"))}
+    rejects = {os.path.basename(r["file"]): r for r in load_json(out / "rejects.json")["rejected"]}
     assert set(rejects) == {"corrupt.jpg", "gone.jpg"}
     assert "unreadable image" in rejects["corrupt.jpg"]["reason"]
     assert "not found" in rejects["gone.jpg"]["reason"]
     assert {r["image_id"] for r in rejects.values()} == {7, 8}             # after the GT's 1..6
 
-    overlays = sorted(os.listdir(os.path.join(out, "overlays")))
-    assert overlays == [os.path.splitext(n)[0] + ".png" for n in names[:2]]
-    assert Image.open(os.path.join(out, "overlays", overlays[0])).size == (128, 96)
+    panels = sorted(os.listdir(out / "overlays"))
+    assert panels == [os.path.splitext(n)[0] + ".png" for n in names[:2]]
+    assert Image.open(out / "overlays" / panels[0]).size[0] == 3 * 128 + 2 * 4   # image | pred | GT
 
-    # panopticapi reads the output and agrees with metrics.json
-    metrics = load_json(os.path.join(out, "metrics.json"))
-    assert metrics["images"] == {"evaluated": 6, "ground_truth": 6, "without_prediction": 0}
+    # streaming PQ equals panopticapi on the exported COCO files
+    metrics = load_json(out / "metrics.json")
+    assert metrics["images"] == {"evaluated": 6, "input": 8}
     with contextlib.redirect_stdout(io.StringIO()):
-        theirs = panopticapi.pq_compute(synth_small["panoptic_json"], os.path.join(out, "predictions.json"),
-                                        synth_small["panoptic_dir"], os.path.join(out, "panoptic"))
+        theirs = panopticapi.pq_compute(synth_small["panoptic_json"], str(out / "predictions.json"),
+                                        synth_small["panoptic_dir"], str(out / "panoptic"))
     for group in ("All", "Things", "Stuff"):
         assert metrics[group]["pq"] == pytest.approx(theirs[group]["pq"], abs=1e-9)
         assert metrics[group]["n"] == theirs[group]["n"]
 
+    # COCO instances: pycocotools decodes each RLE into its segment's mask
+    instances = load_json(out / "instances.json")
+    things = {c["id"] for c in instances["categories"]}
+    by_key = {r["image_id"]: r for r in rows}
+    for ann in instances["annotations"]:
+        r = by_key[ann["image_id"]]
+        seg = next(s for s in r["segments"] if s["bbox"] == ann["bbox"] and s["category_id"] == ann["category_id"])
+        assert np.array_equal(rle.decode(ann["segmentation"]).astype(bool), decode_id_png(r["png"]) == seg["id"])
+    assert {a["category_id"] for a in instances["annotations"]} <= things
+    assert len(instances["annotations"]) == sum(s["category_id"] in things for r in rows for s in r["segments"])
 
-def test_label_shards_scores_as_the_local_evaluation(model, synth_small, tmp_path, ray_local):
-    from pipeline.prepare import prepare
-    from pipeline.shards import Source
+    # the review list: least confident first
+    review = (out / "review.csv").read_text().splitlines()
+    qualities = [float(line.split(",")[4]) for line in review[1:]]
+    assert len(qualities) == 6 and qualities == sorted(qualities)
+
+    # `ciae export` writes the same COCO files from the shards
+    from workflows.cli import main
+
+    first = (out / "predictions.json").read_bytes()
+    os.remove(out / "predictions.json")
+    os.remove(out / "panoptic" / (rows[0]["key"] + ".png"))
+    assert main(["export", "--labels", str(out), "--coco-panoptic"]) == 0
+    assert (out / "predictions.json").read_bytes() == first
+    check_outputs(str(out), keys)
+
+
+def test_label_shards_scores_as_the_local_evaluation(model, synth_shards, tmp_path, ray_local):
     from workflows.local import evaluate
 
-    shards = str(tmp_path / "shards")
-    prepare(Source(synth_small["images"], synth_small["panoptic_json"], synth_small["panoptic_dir"]),
-            shards, rows_per_shard=4, progress=False)
-    out = str(tmp_path / "out")
-    s = label(model["uri"], shards, out, tracking_uri=model["tracking"], batch_size=3,
-              gt_json=synth_small["panoptic_json"], gt_dir=synth_small["panoptic_dir"], progress=False)
+    s = label(job(model, synth_shards, tmp_path / "out", batch_size=3, workers=2, cpus_per_worker=0.5),
+              progress=False)
     assert (s["labeled"], s["rejected"]) == (6, 0)
-    gt = load_json(synth_small["panoptic_json"])
-    pred = check_outputs(out, {os.path.splitext(im["file_name"])[0]: (im["height"], im["width"])
-                               for im in gt["images"]})
-    assert sorted(im["id"] for im in pred["images"]) == sorted(im["id"] for im in gt["images"])
-    reference = evaluate(model_from_checkpoint(model["checkpoint"]), shards)
+    rows = shard_rows(tmp_path / "out")
+    manifest = load_json(os.path.join(synth_shards, "manifest.json"))
+    assert sorted(r["image_id"] for r in rows) == list(range(1, manifest["counts"]["images"] + 1))
+    reference = evaluate(model_from_checkpoint(model["checkpoint"]), synth_shards)
     for group in ("All", "Things", "Stuff"):
         assert s["metrics"][group]["pq"] == pytest.approx(reference[group]["pq"], abs=1e-12)
+    assert all(r["pq"] is not None for r in rows)
 
 
-def test_killed_job_resumes_and_labels_every_image_exactly_once(model, tmp_path, ray_local):
+def test_odd_images_are_labeled_and_bad_ones_rejected_with_their_reason(model, tmp_path, ray_local):
+    """Grey, palette, CMYK and 16-bit images become RGB and are labeled; missing, empty,
+    non-image, truncated and over-large files are rejected, each with its reason; nested
+    folders are keyed by their relative paths."""
+    import struct
+    import zlib
+
+    src = tmp_path / "in"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    rgb = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).convert("L").save(src / "a" / "0001.png")
+    Image.fromarray(rgb).convert("P").save(src / "b" / "0001.png")
+    Image.fromarray(rgb).convert("CMYK").save(src / "a" / "cmyk.jpg")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(src / "a" / "deep.png")   # 16-bit grey
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "text.png").write_bytes(b"not an image at all")
+    good = io.BytesIO()
+    Image.fromarray(rgb).save(good, format="JPEG")
+    (src / "cut.jpg").write_bytes(good.getvalue()[:200])
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+    (src / "bomb.png").write_bytes(bomb)                       # 400 MP declared
+
+    out = tmp_path / "out"
+    s = label(job(model, src, out, batch_size=4), progress=False)
+    assert (s["labeled"], s["rejected"]) == (4, 4)
+    rows = {r["key"]: r for r in shard_rows(out)}
+    assert {k for k, r in rows.items() if r["status"] == "labeled"} == {"a/0001", "b/0001", "a/cmyk", "a/deep"}
+    assert all(rows[k]["height"] == 40 and rows[k]["width"] == 56 for k in ("a/0001", "b/0001", "a/deep"))
+    assert sorted(r["image_id"] for r in rows.values()) == list(range(1, 9))   # "0001" twice: by order
+    reasons = {k: r["reason"] for k, r in rows.items() if r["status"] == "rejected"}
+    assert reasons["empty"] == "empty file"
+    assert "cannot identify image file" in reasons["text"]
+    assert "unreadable image" in reasons["cut"]
+    assert "over the 100 MP limit (a decompression bomb?)" in reasons["bomb"]
+    rejects = load_json(out / "rejects.json")["rejected"]
+    assert sorted(r["key"] for r in rejects) == sorted(reasons)
+
+
+def test_unwritable_output_and_missing_model_fail_at_once(model, synth_small, tmp_path, capsys):
+    from workflows.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = ["label", "--model", model["uri"], "--input", synth_small["images"], "--tracking-uri", model["tracking"]]
+    assert main(args + ["--out", str(blocker / "out")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"ciae label: {blocker}/out: cannot write the output there")
+    assert main(["label", "--model", "models:/nope@champion", "--input", synth_small["images"],
+                 "--out", str(tmp_path / "o"), "--tracking-uri", model["tracking"]]) == 2
+    assert "ciae label: models:/nope@champion: no such model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_folder_belongs_to_one_input(model, synth_small, tmp_path, ray_local):
+    out = tmp_path / "out"
+    label(job(model, synth_small["images"], out), progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("RGB", (32, 32)).save(other / "x.jpg")
+    with pytest.raises(DatasetError, match="holds the labels of .*use another --out"):
+        label(job(model, other, out), progress=False)
+
+
+def test_retry_rejected_labels_a_fixed_file_once(model, synth_small, tmp_path, ray_local):
+    src = tmp_path / "in"
+    src.mkdir()
+    names = sorted(os.listdir(synth_small["images"]))[:3]
+    for n in names:
+        (src / n).write_bytes(open(os.path.join(synth_small["images"], n), "rb").read())
+    broken = src / names[1]
+    good = broken.read_bytes()
+    broken.write_bytes(good[:100])
+    out = tmp_path / "out"
+    assert label(job(model, src, out), progress=False)["rejected"] == 1
+    broken.write_bytes(good)
+    assert label(job(model, src, out), progress=False)["processed"] == 0        # finished: not retried
+    s = label(job(model, src, out, retry_rejected=True), progress=False)
+    assert (s["labeled"], s["rejected"], s["processed"]) == (3, 0, 1)
+    check_outputs(str(out), {os.path.splitext(n)[0]: (96, 128) for n in names}, coco=False)
+
+
+def _wait_for(path, enough, proc, seconds=180):
+    deadline = time.monotonic() + seconds
+    while not enough():
+        assert proc is None or proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, f"nothing appeared in {path} in time"
+        time.sleep(0.02)
+
+
+def _written(out) -> int:
+    """Parts and sealed shards on disk."""
+    return sum(len([f for f in files if f.endswith(".parquet") and ".tmp-" not in f])
+               for folder in ("parts", "labels") for _, _, files in os.walk(out / folder))
+
+
+def test_killed_driver_resumes_and_labels_every_image_exactly_once(model, tmp_path, ray_local):
     import ray
 
     src = tmp_path / "src"
-    write_dataset(str(src), 16, seed=11, spec=SynthSpec(height=64, width=96))
-    images = str(src / "images")
-    out = tmp_path / "out"
+    write_dataset(str(src), 48, seed=11, spec=SynthSpec(height=64, width=96))
+    images, out = str(src / "images"), tmp_path / "out"
     cmd = [sys.executable, "-m", "workflows.cli", "label", "--model", model["uri"], "--input", images,
-           "--out", str(out), "--tracking-uri", model["tracking"], "--batch-size", "1",
-           "--address", ray.get_runtime_context().gcs_address]
-    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    records = out / "records"
-    deadline = time.monotonic() + 180
+           "--out", str(out), "--tracking-uri", model["tracking"], "--batch-size", "1", "--task-images", "4",
+           "--coco-panoptic", "--address", ray.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        while not (records.is_dir() and len([n for n in os.listdir(records) if n.endswith(".json")]) >= 2):
-            assert job.poll() is None, job.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the job finished no image in time"
-            time.sleep(0.02)
+        _wait_for(out, lambda: _written(out) >= 1, proc)
     finally:
-        job.send_signal(signal.SIGKILL)
-        job.wait()
-        job.stderr.close()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    sealed_before = {n: (out / "labels" / n).read_bytes() for n in os.listdir(out / "labels")} \
+        if (out / "labels").is_dir() else {}
+    (out / "panoptic" / "synth_0011_000047.png.tmp-99-dead").write_bytes(b"\x89PNG half")   # a torn write
 
-    done_before = PredictionStore(str(out)).records()[0]
-    assert 2 <= len(done_before) < 16
-    before = {k: (os.stat(out / "panoptic" / f"{k}.png").st_mtime_ns,
-                  (out / "panoptic" / f"{k}.png").read_bytes()) for k in done_before}
-    record_files = {n: (records / n).read_bytes() for n in os.listdir(records) if n.endswith(".json")}
-    (out / "panoptic" / "synth_0011_000015.png.tmp-99-dead").write_bytes(b"\x89PNG half")  # a torn write
-
-    s = label(model["uri"], images, str(out), tracking_uri=model["tracking"], batch_size=4, progress=False)
-    assert (s["labeled"], s["skipped"], s["processed"], s["rejected"]) == \
-        (16, len(done_before), 16 - len(done_before), 0)
-    check_outputs(str(out), {f"synth_0011_{i:06d}": (64, 96) for i in range(16)})
-    for k, (mtime, data) in before.items():                    # finished images untouched
-        png = out / "panoptic" / f"{k}.png"
-        assert os.stat(png).st_mtime_ns == mtime and png.read_bytes() == data
-    for n, data in record_files.items():
-        assert (records / n).read_bytes() == data
-    # every image predicted once over both runs: in exactly one record
-    keys = [r["key"] for n in os.listdir(records) for r in load_json(records / n)["labeled"]]
-    assert sorted(keys) == [f"synth_0011_{i:06d}" for i in range(16)]
-
+    s = label(job(model, images, out, batch_size=4, coco_panoptic=True), progress=False)
+    assert s["labeled"] == 48 and s["rejected"] == 0 and 0 < s["skipped"] < 48
+    assert s["skipped"] + s["processed"] == 48
+    keys = {f"synth_0011_{i:06d}": (64, 96) for i in range(48)}
+    check_outputs(str(out), keys)
+    for n, data in sealed_before.items():                       # sealed shards untouched
+        assert (out / "labels" / n).read_bytes() == data
     first = (out / "predictions.json").read_bytes()
-    again = label(model["uri"], images, str(out), tracking_uri=model["tracking"], progress=False)
+    again = label(job(model, images, out, coco_panoptic=True), progress=False)
     assert again["processed"] == 0 and (out / "predictions.json").read_bytes() == first
+
+
+def test_a_killed_model_actor_is_replaced_and_nothing_is_lost(model, tmp_path, ray_local):
+    """SIGKILL one model actor mid-run: Ray restarts it and retries its batch; every image is
+    labeled once."""
+    import threading
+
+    import psutil
+    import ray
+
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    src = tmp_path / "src"
+    write_dataset(str(src), 12, seed=12, spec=SynthSpec(height=64, width=96))
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_an_actor():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if _written(out) >= 1:
+                for p in raylet.children(recursive=True):      # this test session's Ray only
+                    if "MapWorker(MapBatches(Labeler))" in " ".join(p.cmdline()):
+                        p.kill()
+                        killed.append(p.pid)
+                        return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_an_actor)
+    killer.start()
+    s = label(job(model, src / "images", out, batch_size=2, task_images=4), progress=False)
+    killer.join()
+    assert killed, "no model actor was found to kill"
+    assert (s["labeled"], s["rejected"]) == (12, 0)
+    check_outputs(str(out), {f"synth_0012_{i:06d}": (64, 96) for i in range(12)}, coco=False)
 
 
 def test_label_command_has_help(capsys):
@@ -236,8 +400,3 @@ def test_label_command_has_help(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--gpus-per-worker" in text and "example:" in text and "exactly once" in text
-
-
-def test_unknown_model_is_a_clear_error(model, tmp_path):
-    with pytest.raises(ValueError, match="models:/nope@champion"):
-        label("models:/nope@champion", str(tmp_path), str(tmp_path / "out"), tracking_uri=model["tracking"])

@@ -8,24 +8,15 @@ import torch
 
 from ciae.config import Config
 from ciae.train import Trainer, model_from_checkpoint, scale_schedule
-from pipeline.prepare import prepare
-from pipeline.shards import Source
-from pipeline.synth import SynthSpec, write_dataset
 from workflows.local import batch_stream, evaluate, model_for_shards
 
 STEPS = 160
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_local) -> dict:
-    out = {}
-    for split, n, seed in (("train", 64, 0), ("val", 12, 1000)):
-        root = tmp_path_factory.mktemp(f"learn_{split}")
-        write_dataset(str(root), n, seed=seed, spec=SynthSpec(height=192, width=192))
-        out[split] = str(root / "shards")
-        prepare(Source(str(root / "images"), str(root / "panoptic.json"), str(root / "panoptic")),
-                out[split], progress=False)
-    return out
+def shards(synth_dataset, make_shards) -> dict:
+    return {split: make_shards(synth_dataset(n, seed, 192, 192), 128)
+            for split, n, seed in (("train", 64, 0), ("val", 12, 1000))}
 
 
 def test_training_beats_the_untrained_model(shards, tmp_path):

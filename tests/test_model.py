@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -74,13 +75,35 @@ def test_losses_finite_and_reach_every_trained_parameter(thing_mode, n_memory):
         batch["sem"] = torch.where(batch["seg"] >= 2, batch["seg"], batch["sem"]).clamp_max(3)
     if thing_mode == "none":
         batch["sem"] = torch.where(batch["seg"] >= 2, torch.full_like(batch["sem"], 255), batch["sem"])
+    before = m.memory().clone()
     out = m(batch)
+    assert torch.equal(m.memory(), before)                  # no memory_step: no update
     for k in ("loss_cls", "loss_box", "loss_ctr", "loss_cae", "loss_iae", "loss"):
         assert torch.isfinite(out[k]) and out[k] > 0, k
     out["loss"].backward()
     missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
-    assert out["category_sums"].shape == (n_memory, 8) and out["category_counts"].sum() > 0
+    m(batch, memory_step=(0, 10))
+    moved = (m.memory() - before).norm(dim=1) > 0
+    assert moved.any() and moved.sum() <= n_memory
+
+
+def test_the_loss_takes_the_memory_updated_by_its_own_batch():
+    """Eq. 13-14 then Eq. 12: a training step first moves the memory to M_t with this batch's
+    category means, then computes L_CAE against M_t (not M_{t-1})."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.embedding.memory_momentum = 1.0     # lambda_0 = 0: M_1 is the batch's means
+    cfg.solver = dataclasses.replace(cfg.solver, lr=0.0)   # the weights stay where they are
+    trainer = Trainer(CIAEModel(cfg, [184, 187], [1, 3]))
+    batch = toy_batch()
+    before = trainer.model.memory().clone()
+    stats = trainer.train_step(batch)
+    after = trainer.model.memory().clone()
+    assert (after - before).abs().max() > 0.1
+    with torch.no_grad():
+        again = trainer.model(batch)                        # the same weights, memory M_1
+    assert stats["loss_cae"] == pytest.approx(float(again["loss_cae"]), rel=1e-6)
 
 
 def test_predict_returns_consistent_coco_panoptic(model):
@@ -94,6 +117,7 @@ def test_predict_returns_consistent_coco_panoptic(model):
         ids, segs = pred["panoptic"], pred["segments_info"]
         assert ids.shape == (h, w)
         assert sorted(np.unique(ids[ids > 0]).tolist()) == sorted(s["id"] for s in segs)
+        assert segs
         for s in segs:
             assert s["category_id"] in (184, 187, 1, 3) and s["area"] == int((ids == s["id"]).sum())
         assert pred["embedding"].shape[0] == 8

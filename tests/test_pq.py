@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from ciae.evaluation import PQAccumulator, format_table
-from pipeline.coco import CategoryTable, RecordError
+from ciae.panoptic import CategoryTable, DatasetError, RecordError
 from pipeline.panoptic_png import MAX_SEGMENT_ID, decode_id_png, id_to_rgb
 
 panopticapi = pytest.importorskip("panopticapi.evaluation")
@@ -430,14 +430,13 @@ def test_every_problem_is_listed_and_the_cli_fails(small_dataset, capsys):
     _edit(d["pred_json"], lambda doc: _segments_of_image_1(doc).pop(0))
     args = ["evaluate", "--gt-json", d["gt_json"], "--gt-dir", d["gt_dir"],
             "--pred-json", d["pred_json"], "--pred-dir", d["pred_dir"], "--workers", "2"]
-    assert main(args) == 1
+    assert main(args) == 2
     err = capsys.readouterr().err
-    assert "2 problem(s) prevent the evaluation" in err
+    assert err.splitlines()[-1].startswith("ciae evaluate: 2 problem(s) prevent the evaluation: image 0")
     assert "image 0 (0.jpg): prediction PNG file" in err and "image 1 (1.jpg): predicted id map" in err
 
 
 def test_missing_or_broken_prediction_json(small_dataset):
-    from pipeline.coco import DatasetError
     from workflows.evaluate import evaluate
 
     d = small_dataset

@@ -19,7 +19,8 @@ from PIL import Image
 
 from ciae.config import Config
 from ciae.model import CIAEModel
-from ciae.predictor import Predictor, decode_rgb
+from ciae.predictor import Predictor
+from ciae.transform import decode_rgb
 from ciae.train import Trainer, model_from_checkpoint
 from pipeline.panoptic_png import decode_id_png
 from pipeline.synth import SynthSpec, render, select_categories
@@ -59,7 +60,7 @@ def check_output(row, image: np.ndarray, categories) -> np.ndarray:
     ids = decode_id_png(row["panoptic_png"])
     assert ids.shape == image.shape[:2] == (row["height"], row["width"])
     segments = json.loads(row["segments_info"])
-    assert sorted(set(np.unique(ids).tolist()) - {0}) == sorted(s["id"] for s in segments)
+    assert segments and sorted(set(np.unique(ids).tolist()) - {0}) == sorted(s["id"] for s in segments)
     for s in segments:
         assert s["area"] == int((ids == s["id"]).sum())
         assert s["category_id"] in categories.stuff_ids + categories.thing_ids
@@ -147,7 +148,7 @@ def test_predictor_maps_back_to_each_image_size(registered):
     cats = registered["categories"]
     # at the test size (192 x 256, multiples of 32) the Predictor is the model itself
     image = render(cats, 0, seed=9, spec=SynthSpec(height=192, width=256))[0]
-    assert predictor.test_size(192, 256) == (192, 256)
+    assert predictor.transform.test_size(192, 256) == (192, 256)
     ref = model.predict(torch.from_numpy(image).permute(2, 0, 1)[None].contiguous(), [(192, 256)])[0]
     got = predictor([image])[0]
     assert np.array_equal(got["panoptic"], ref["panoptic"])
@@ -157,10 +158,24 @@ def test_predictor_maps_back_to_each_image_size(registered):
     for image, pred in zip(small, predictor(small, batch_size=2, return_embeddings=True)):
         h, w = image.shape[:2]
         assert pred["panoptic"].shape == (h, w)
-        th, tw = predictor.test_size(h, w)
+        th, tw = predictor.transform.test_size(h, w)
         assert pred["embedding"].shape == (model.cfg.embedding.dim, (th + 3) // 4, (tw + 3) // 4)
+        assert pred["segments_info"]
         for s in pred["segments_info"]:
             mask = pred["panoptic"] == s["id"]
             ys, xs = np.nonzero(mask)
             assert s["area"] == mask.sum() > 0
             assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+
+
+def test_the_registered_model_is_logged_from_code(registered):
+    """MLflow's models-from-code: the version stores the model file, no pickled Python object."""
+    import yaml
+
+    local = mlflow.artifacts.download_artifacts(registered["info"].model_uri)
+    with open(os.path.join(local, "MLmodel")) as f:
+        flavor = yaml.safe_load(f)["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert flavor["model_code_path"].endswith("pyfunc_model.py") and "python_model" not in flavor
+    assert "pyfunc_model.py" in os.listdir(local)
+    assert not [n for n in os.listdir(local) if n.endswith(".pkl")]

@@ -49,3 +49,20 @@ def test_an_idle_executor_sleeps_and_a_busy_one_does_not(ray_local, monkeypatch)
     monkeypatch.setattr(ray_idle, "time", busy)
     ray_idle.IdleBackoff().on_execution_step(type("Executor", (), {"_topology": {Op(): None}})())
     assert busy.calls == 0
+
+
+def test_a_ray_without_the_private_api_runs_without_the_pause(monkeypatch, caplog):
+    import logging
+
+    import ray.data
+
+    monkeypatch.setattr(ray_idle, "IdleBackoff", None)
+    monkeypatch.setattr(ray_idle, "_warned", set())
+    ctx = ray.data.DataContext()
+    with caplog.at_level(logging.WARNING):
+        assert ray_idle.install(ctx) is ctx
+        ray_idle.install(ctx)
+    assert ctx.custom_execution_callback_classes == []
+    assert [r.message for r in caplog.records].count(
+        "this Ray has no ExecutionCallback API: Ray Data's executor will spin while it waits on its "
+        "consumer (more CPU, same results)") == 1

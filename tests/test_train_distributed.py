@@ -16,19 +16,15 @@ from ray.train import UserCallback
 
 from ciae.config import Config
 from ciae.model import CIAEModel
-from pipeline.prepare import prepare
-from pipeline.shards import Source, read_manifest
+from pipeline.shards import read_manifest
 from workflows.train import TrainJob, train
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Ray workers import nothing from tests
 
 
 @pytest.fixture(scope="module")
-def shards(synth_small, ray_local, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("train_shards") / "shards")
-    prepare(Source(synth_small["images"], synth_small["panoptic_json"], synth_small["panoptic_dir"]), out,
-            rows_per_shard=3, progress=False)
-    return out
+def shards(synth_small, make_shards) -> str:
+    return make_shards(synth_small, 3)      # row groups that straddle the workers' parts
 
 
 def tiny_config(**solver) -> Config:

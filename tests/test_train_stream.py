@@ -11,13 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.prepare import prepare
-from pipeline.shards import Source, read_manifest, shard_paths
-from pipeline.targets import TargetConfig
+from ciae.config import Config
+from pipeline.shards import read_manifest, shard_paths
 from pipeline.train_stream import (ShardTargets, local_batches, plan_items, rows_of_batches, step_batches,
                                    training_dataset)
 
-TARGETS = TargetConfig(shorter_sides=(64, 96), max_size=160, flip_prob=0.5)
+def stream_config(batch: int, seed: int = 5) -> Config:
+    return Config.small().merged({"input": {"shorter_sides": (64, 96), "max_size": 160, "flip_prob": 0.5},
+                                  "solver": {"batch_size": batch, "seed": seed}})
 
 
 def plan_rows(n, batch, world, rank, start, end, seed=3, steps_per_item=8):
@@ -69,18 +70,15 @@ def test_steps_without_rows_reuse_a_neighbouring_batch(caplog):
 
 
 @pytest.fixture(scope="module")
-def shards(synth_small, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("stream") / "shards")
-    prepare(Source(synth_small["images"], synth_small["panoptic_json"], synth_small["panoptic_dir"]), out,
-            rows_per_shard=4, progress=False)
-    return out
+def shards(synth_shards) -> str:
+    return synth_shards
 
 
 def test_local_batches_follow_the_plan(shards):
     manifest = read_manifest(shards)
     ids = [r["image_id"] for p in shard_paths(shards) for r in pq.read_table(p, columns=["image_id"]).to_pylist()]
     rows, _ = plan_rows(len(ids), 2, 1, 0, 2, 8, seed=5)
-    got = list(zip(range(6), local_batches(shards, TARGETS, 2, seed=5, start=2)))
+    got = list(zip(range(6), local_batches(shards, stream_config(2), start=2)))
     assert [s for _, (s, _) in got] == list(range(2, 8))
     assert sum((b["image_ids"] for _, (_, b) in got), []) == [ids[r] for r in rows]
     b = got[0][1][1]
@@ -92,9 +90,9 @@ def test_local_batches_follow_the_plan(shards):
 
 def test_ray_data_streams_each_rank_its_part_of_the_plan(shards, ray_local):
     start, end = 1, 7
-    local = dict(zip(range(start, end), (b for _, b in local_batches(shards, TARGETS, 4, seed=5, start=start))))
+    local = dict(zip(range(start, end), (b for _, b in local_batches(shards, stream_config(4), start=start))))
     for rank in range(2):
-        ds = training_dataset(shards, TARGETS, global_batch=4, world=2, rank=rank, start=start, end=end, seed=5,
+        ds = training_dataset(shards, stream_config(4), global_batch=4, world=2, rank=rank, start=start, end=end,
                               steps_per_item=2)
         got = list(step_batches(rows_of_batches(ds.iter_batches(batch_size=2, batch_format="numpy")), start, end))
         assert [s for s, _ in got] == list(range(start, end))
@@ -121,7 +119,7 @@ def test_a_corrupt_image_is_skipped_and_named(shards, tmp_path, caplog):
     pq.write_table(bad, path, row_group_size=16)
     bad_id = table.column("image_id")[1].as_py()
 
-    targets = ShardTargets(str(d), read_manifest(str(d)), TARGETS, seed=0)
+    targets = ShardTargets(str(d), read_manifest(str(d)), stream_config(2, seed=0))
     item = {"step": [0, 0, 1, 1], "epoch": [0, 0, 0, 0], "row": [0, 1, 2, 3]}
     with caplog.at_level(logging.WARNING):
         got = [(s, b["image_ids"]) for s, b in step_batches(targets(item), 0, 2)]

@@ -111,3 +111,21 @@ def test_embedding_pca_separates_three_directions():
 def test_embedding_pca_of_a_flat_map_is_defined():
     rgb = embedding_pca(np.ones((4, 5, 6)))
     assert rgb.shape == (5, 6, 3)
+
+
+def test_panel_puts_image_prediction_ground_truth_and_pca_side_by_side():
+    from pipeline.visualize import CAPTION_HEIGHT, PANEL_GAP, panel
+
+    image, ids, segments = scene()
+    h, w = ids.shape
+    gt = np.where(ids == 3, 1, ids)                          # the ground truth has one car fewer
+    emb = torch.randn(6, h // 4, w // 4)
+    full = panel(image, ids, segments, CATEGORIES, gt=(gt, segments[:2]), embedding=emb)
+    assert full.shape == (CAPTION_HEIGHT + h, 4 * w + 3 * PANEL_GAP, 3)
+    tiles = [full[CAPTION_HEIGHT:, k * (w + PANEL_GAP): k * (w + PANEL_GAP) + w] for k in range(4)]
+    assert np.array_equal(tiles[0], image)
+    assert np.array_equal(tiles[1], overlay(image, ids, segments, CATEGORIES))
+    assert np.array_equal(tiles[2], overlay(image, gt, segments[:2], CATEGORIES))
+    assert np.array_equal(tiles[3], embedding_pca(emb, size=(h, w)))
+    assert full[:CAPTION_HEIGHT].any()                       # captions are written
+    assert panel(image, ids, segments, CATEGORIES).shape == (CAPTION_HEIGHT + h, 2 * w + PANEL_GAP, 3)

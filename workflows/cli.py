@@ -2,34 +2,78 @@
 
 Each subcommand lives in ``workflows/commands/<name>.py`` with ``HELP``, ``add_arguments(parser)``
 and ``run(args) -> int``; heavy imports (torch, Ray, MLflow) happen inside ``run`` so that
-``ciae --help`` stays instant.
+``ciae --help`` stays instant. Defaults come from the functions and job classes the commands
+call (``defaults``), never from a second copy here.
+
+A user's mistake (a bad option, path, file or model) ends the command with one line,
+``ciae <command>: <what is wrong>``, and exit status 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import inspect
 import sys
 
-COMMANDS = ("synth", "prepare", "train", "evaluate", "label", "demo")
+COMMANDS = ("synth", "prepare", "train", "evaluate", "label", "export", "demo")
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with what the user asked for, with the message to show them."""
+
+
+# the exceptions that mean bad input rather than a bug: ValueError (the project's RecordError,
+# DatasetError, EvaluationError, bad config values), missing or unreadable files
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def defaults(obj) -> dict:
+    """Parameter defaults of a function, or field defaults of a dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: f.default for f in dataclasses.fields(obj) if f.default is not dataclasses.MISSING}
+    return {k: p.default for k, p in inspect.signature(obj).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ciae", description="CIAE panoptic segmentation pipeline: data, training, labeling, evaluation.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser = _Parser(prog="ciae", description="CIAE panoptic segmentation pipeline: data, training, "
+                                              "labeling, evaluation.")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of any error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for name in COMMANDS:
         module = importlib.import_module(f"workflows.commands.{name}")
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of any error")
         p.set_defaults(_run=module.run)
     return parser
 
 
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except USER_ERRORS as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"ciae {args.command}: {one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from ciae.evaluation.pq import PQAccumulator
+from ciae.panoptic import CategoryTable, DatasetError, RecordError
+from pipeline.coco import (PanopticRecord, annotations_by_image, load_panoptic_json, parse_panoptic_json,
+                           read_file, read_json)
 from pipeline.panoptic_png import decode_id_png
-from pipeline.coco import (CategoryTable, DatasetError, PanopticRecord, RecordError, join,
-                           load_panoptic_json, parse_panoptic_json, read_file, read_json,
-                           resolve, write_bytes_atomic)
+from pipeline.storage import join, resolve, write_bytes_atomic
 
 MAX_LISTED_ERRORS = 20
 
@@ -31,10 +32,10 @@ class EvaluationError(ValueError):
 
     def __init__(self, errors: Sequence[RecordError]):
         self.errors = list(errors)
-        listed = "\n  ".join(str(e) for e in self.errors[:MAX_LISTED_ERRORS])
+        listed = "; ".join(str(e) for e in self.errors[:MAX_LISTED_ERRORS])
         more = len(self.errors) - MAX_LISTED_ERRORS
-        super().__init__(f"{len(self.errors)} problem(s) prevent the evaluation:\n  {listed}"
-                         + (f"\n  ... and {more} more" if more > 0 else ""))
+        super().__init__(f"{len(self.errors)} problem(s) prevent the evaluation: {listed}"
+                         + (f"; ... and {more} more" if more > 0 else ""))
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -71,13 +72,9 @@ def load_predictions(uri: str, gt_records: Sequence[PanopticRecord], categories:
         raise DatasetError(f"{uri}: expected a JSON object with an 'annotations' list")
 
     gt_ids = {r.image_id for r in gt_records}
-    annotations, extra, errors = [], 0, []
-    for k, ann in enumerate(doc["annotations"]):
-        try:
-            iid = int(ann["image_id"])
-        except (KeyError, TypeError, ValueError):
-            errors.append(RecordError(f"annotations[{k}]", "prediction without a valid image_id"))
-            continue
+    annotations, extra = [], 0
+    pairs, errors = annotations_by_image(doc["annotations"], "prediction")
+    for iid, ann in pairs:
         if iid in gt_ids:
             annotations.append(ann)
         else:

@@ -1,263 +1,461 @@
-"""Batch labeling: a registered model over a folder, a list file or shards, as a Ray Data job.
+"""Batch labeling with a registered model, shaped for millions of images: a streaming Ray Data job
+in three stages, writing Parquet shards exactly once.
 
-The driver lists the input (``pipeline.image_sources``), reads which images earlier runs
-finished (``pipeline.predictions``), and sends the rest through ``map_batches`` on a pool of
-``workers`` actors (``num_gpus=gpus_per_worker`` each). Each actor loads the registered model
-once with plain ``mlflow.pyfunc.load_model`` (the registry contract of ``workflows.pyfunc``),
-and per batch reads the image bytes (from the files, or from the shards' row groups that hold
-the batch's rows), predicts, writes each PNG and then the batch's record. An unreadable image
-(missing, corrupt, truncated) is rejected with its reason and the job goes on. The driver counts images on a progress bar, then
-builds ``predictions.json`` and ``rejects.json`` from the records, draws the overlays of the
-first N images, and with ground truth computes PQ with the file evaluator
-(``workflows.evaluate``, panopticapi's rules) on the labeled images.
+1. The input (folder, list file or shards; local or URI) is planned once into tasks of
+   consecutive images (``pipeline.image_sources``; re-runs reuse the plan).
+2. Ray Data streams the plan of the unfinished images through
+   * ``decode`` (CPU tasks): read, decode (grey, palette, CMYK and 16-bit images become RGB),
+     resize to the model's test size; a missing, empty, non-image, truncated or over-large file
+     is rejected here with its reason;
+   * ``Labeler`` (the model actors, ``workers`` of them with ``gpus_per_worker`` each): pad a
+     batch, run the network (bfloat16 autocast and channels-last on CUDA; ``compile``
+     optional), assign pixels and post-process on the device; only the final id map at the
+     image's size leaves it (``ciae.predictor.Predictor.predict_resized``);
+   * ``encode`` (CPU tasks): the COCO panoptic PNG, RLE of the thing segments (pycocotools),
+     PQ against the ground truth when there is one, the COCO PNG files when asked for, then the
+     batch's part of its task.
+3. The driver counts finished images on a progress bar (with the running PQ), seals each task
+   into its shard once all its images are in, and at the end writes the exports: COCO panoptic
+   JSON (streamed), COCO instances JSON, ``rejects.json``, ``review.csv`` (the least confident
+   images first), ``metrics.json`` and overlays.
 
-Killing a job and running it again labels every image exactly once: see ``pipeline.predictions``.
+The actors load the registered model through MLflow (``mlflow.pyfunc.load_model``, the same code
+and checkpoint as any consumer) and call its predictor on ready batches, not its ``predict`` on
+encoded bytes. Exactly once, whatever is killed: see ``pipeline.label_store``. The driver holds
+one plan task of bookkeeping per task in flight, never a record per image.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
+from dataclasses import dataclass
 
-import pyarrow.fs as pafs
+from ciae.panoptic import CategoryTable, DatasetError
+from pipeline import label_store as ls
+from pipeline import storage
+from pipeline.image_sources import TASK_IMAGES, Plan, load_plan, make_plan
 
-from pipeline import coco
-from pipeline.image_sources import (ImageSource, InputImage, open_source, read_image_file,
-                                    read_shard_images)
-from pipeline.predictions import METRICS, OVERLAY_DIR, PANOPTIC_DIR, PREDICTIONS, PredictionStore
+DECODE_BATCH = 16             # images per decode task call
+WORKER_MEMORY = 384 * 2**20   # a Ray worker process with numpy, PIL and torch imported
 
-POOL_MIN_IMAGES = 256  # PQ of fewer labeled images runs in one process
+
+@dataclass
+class LabelJob:
+    """One labeling job, checked when it is made. Paths may be local or filesystem URIs."""
+
+    model: str                          # models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...
+    input: str                          # folder, list file or shards
+    out: str
+    tracking_uri: str | None = None
+    workers: int = 1                    # model actors
+    batch_size: int = 8                 # images per model call
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0        # and torch threads of a CPU actor
+    gt_json: str | None = None          # ground truth for PQ (folders and lists; shards carry theirs)
+    gt_dir: str | None = None
+    coco_panoptic: bool = False         # OUT/panoptic/*.png + predictions.json
+    coco_instances: bool = False        # OUT/instances.json (thing segments, RLE)
+    overlays: int = 0                   # panels of the first N images
+    review: int = 1000                  # the N least confident images in review.csv
+    amp: bool = True                    # bfloat16 autocast on CUDA
+    compile: bool = False               # torch.compile of the network on CUDA
+    retry_rejected: bool = False        # label the rejected images of finished tasks again
+    task_images: int = TASK_IMAGES      # images per task (and output shard), fixed by the first run
+
+    def __post_init__(self):
+        if self.workers < 1 or self.batch_size < 1 or self.task_images < 1:
+            raise ValueError("workers, batch_size and task_images must be >= 1")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0 or self.overlays < 0 or self.review < 0:
+            raise ValueError("gpus_per_worker, overlays and review must be >= 0, cpus_per_worker > 0")
+        if (self.gt_json is None) != (self.gt_dir is None):
+            raise ValueError("give both gt_json and gt_dir, or neither")
+        for f in ("input", "out", "gt_json", "gt_dir"):
+            setattr(self, f, storage.absolute(getattr(self, f)))   # actors run elsewhere
+
+
+# ------------------------------------------------------------------------------- stages
+
+
+def decode(batch: dict, input_cfg: dict) -> dict:
+    """Ray Data stage (CPU): plan rows -> the same with ``image`` ([h, w, 3] uint8 at the test
+    size, or empty), ``height`` / ``width`` (the image's own size), ``status`` and ``reason``,
+    and for shard rows with their ground truth, ``gt_runs`` / ``gt_segments``."""
+    import numpy as np
+
+    from ciae.config import InputConfig
+    from ciae.transform import Transform, decode_rgb
+
+    transform = Transform(InputConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in input_cfg.items()}))
+    n = len(batch["key"])
+    for column in ("uri", "shard", "gt_png", "gt_segments"):      # nulls arrive as None or NaN
+        batch[column] = np.array([v if isinstance(v, str) else "" for v in batch[column]], dtype=object)
+    images, heights, widths, status, reason = [], [], [], [], []
+    shard_rows = _read_shard_rows(batch)
+    gt_runs, gt_segments = [b""] * n, list(batch["gt_segments"])
+    for k in range(n):
+        try:
+            if batch["shard"][k]:
+                row = shard_rows[(batch["shard"][k], int(batch["row"][k]))]
+                data = row["image"]
+                gt_runs[k], gt_segments[k] = row["panoptic"], json.dumps(row["segments"])
+            else:
+                data = _read(batch["uri"][k])
+            image = decode_rgb(data)
+            images.append(transform.resize_for_test(image))
+            heights.append(image.shape[0])
+            widths.append(image.shape[1])
+            status.append("ok")
+            reason.append("")
+        except (OSError, ValueError) as e:
+            images.append(np.zeros((0, 0, 3), np.uint8))
+            heights.append(0)
+            widths.append(0)
+            status.append("rejected")
+            reason.append(str(e))
+    return {**batch, "image": images, "height": np.array(heights, np.int32),
+            "width": np.array(widths, np.int32), "status": np.array(status), "reason": np.array(reason),
+            "gt_runs": np.array(gt_runs, dtype=object), "gt_segments": np.array(gt_segments, dtype=object)}
+
+
+def _read(uri: str) -> bytes:
+    fs, path = storage.resolve(uri)
+    try:
+        return storage.read_bytes(fs, path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: file not found") from None
+
+
+def _read_shard_rows(batch: dict) -> dict[tuple[str, int], dict]:
+    """(shard, row) -> the row's image, panoptic and segments, one read per shard."""
+    import pyarrow.parquet as pq
+
+    wanted: dict[str, list[int]] = {}
+    for shard, row in zip(batch["shard"], batch["row"]):
+        if isinstance(shard, str) and shard:
+            wanted.setdefault(shard, []).append(int(row))
+    out = {}
+    for shard, rows in wanted.items():
+        fs, path = storage.resolve(shard)
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=["image", "panoptic", "segments"]).take(rows)
+        for r, values in zip(rows, table.to_pylist()):
+            out[shard, r] = values
+    return out
 
 
 class Labeler:
-    """Ray Data actor: the registered model, loaded once; a batch of rows in (``key``,
-    ``image_id``, ``file_name`` and either ``uri``, an image file, or ``shard``, the shard that
-    holds the image), one row per image out (``key``, ``status`` "labeled" / "rejected")."""
+    """Ray Data model actor: the registered model loaded once through MLflow; a batch of decoded
+    images in, their id maps at their own sizes and segments (with scores) out."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, out_uri: str, batch_size: int, threads: int):
+    def __init__(self, model_uri: str, tracking_uri: str, threads: int, amp: bool, compile: bool):
         import mlflow.pyfunc
         import torch
 
+        from ciae.predictor import Predictor
         from workflows.tracking import configure
 
         torch.set_num_threads(threads)
         configure(tracking_uri)
-        self.model = mlflow.pyfunc.load_model(model_uri)
-        self.batch_size = batch_size
-        self.store = PredictionStore(out_uri)
+        loaded = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+        self.predictor = Predictor(loaded.model, amp=amp, compile=compile)
 
-    def _predict(self, rows: list[dict]) -> list[tuple[dict, dict | str]]:
-        """(row, prediction row or the reason it failed) for each row. The batch goes to the
-        model at once; if that fails, image by image, so that one bad image fails alone."""
-        import pandas as pd
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
 
-        def run(chunk):
-            df = pd.DataFrame({"image": [r["bytes"] for r in chunk],
-                               "image_id": [int(r["image_id"]) for r in chunk]})
-            return self.model.predict(df, params={"batch_size": self.batch_size}).to_dict("records")
-
-        try:
-            return list(zip(rows, run(rows)))
-        except Exception:
-            out = []
-            for r in rows:
-                try:
-                    out.append((r, run([r])[0]))
-                except Exception as e:  # a bad image must not stop the job: it is rejected
-                    out.append((r, f"{type(e).__name__}: {e}"))
-            return out
-
-    def __call__(self, batch):
-        import pandas as pd
-
-        labeled, rejected, readable = [], [], []
-        rows = batch.to_dict("records")
-        if not rows:
-            return pd.DataFrame({"key": [], "status": []})
-        for row, data in zip(rows, _read_images(rows)):
-            source = row["uri"] or f"{row['shard']} ({row['file_name']})"
-            entry = {"key": row["key"], "image_id": int(row["image_id"]), "file": source}
-            if isinstance(data, str):
-                rejected.append({**entry, "reason": data})
-            else:
-                readable.append({**row, "bytes": data, "entry": entry})
-        for row, pred in self._predict(readable):
-            if isinstance(pred, str):
-                rejected.append({**row["entry"], "reason": pred})
-                continue
-            self.store.write_png(row["key"], pred["panoptic_png"])
-            labeled.append({"key": row["key"], "image_id": int(row["image_id"]),
-                            "file_name": row["file_name"], "height": int(pred["height"]),
-                            "width": int(pred["width"]), "segments_info": json.loads(pred["segments_info"])})
-        self.store.commit(labeled, rejected)
-        return pd.DataFrame({"key": [r["key"] for r in labeled] + [r["key"] for r in rejected],
-                             "status": ["labeled"] * len(labeled) + ["rejected"] * len(rejected)})
+        ok = [k for k, s in enumerate(batch["status"]) if s == "ok"]
+        preds = self.predictor.predict_resized([batch["image"][k] for k in ok],
+                                               [(int(batch["height"][k]), int(batch["width"][k])) for k in ok])
+        n = len(batch["key"])
+        ids = [np.zeros((0, 0), np.int32)] * n
+        segments, quality = [""] * n, np.zeros(n, np.float32)
+        for k, pred in zip(ok, preds):
+            ids[k], segments[k], quality[k] = pred["panoptic"], json.dumps(pred["segments_info"]), pred["quality"]
+        out = {k: v for k, v in batch.items() if k != "image"}
+        return out | {"ids": ids, "segments": np.array(segments), "quality": quality}
 
 
-def _read_images(rows: list[dict]) -> list[bytes | str]:
-    """The encoded bytes of each row's image, or why they cannot be read. Shard rows are read
-    shard by shard, one read per shard for the whole batch."""
-    wanted: dict[str, list[int]] = {}
-    for r in rows:
-        if r["shard"]:
-            wanted.setdefault(r["shard"], []).append(int(r["image_id"]))
-    from_shards: dict[str, dict[int, bytes] | str] = {}
-    for shard, ids in wanted.items():
-        try:
-            from_shards[shard] = read_shard_images(shard, ids)
-        except OSError as e:
-            from_shards[shard] = f"cannot read shard {shard} ({e})"
-    out = []
-    for r in rows:
-        if r["uri"]:
-            try:
-                out.append(read_image_file(r["uri"]))
-            except OSError as e:
-                out.append(f"cannot read the file ({e})")
-            continue
-        got = from_shards[r["shard"]]
-        out.append(got if isinstance(got, str) else
-                   got.get(int(r["image_id"]), f"image {r['image_id']} is not in shard {r['shard']}"))
+def encode(batch: dict, out_uri: str, categories: list[dict], coco_panoptic: bool) -> dict:
+    """Ray Data stage (CPU): labeled rows -> COCO panoptic PNGs, RLE of the thing segments, PQ
+    with ground truth; each task's rows written as one part. Returns per part its task, keys
+    (JSON) and PQ statistics (JSON)."""
+    import numpy as np
+    from pycocotools import mask as rle
+
+    from ciae.evaluation.pq import PQAccumulator
+    from pipeline.panoptic_png import decode_id_png, encode_id_png
+    from pipeline.shards import decode_index_runs
+
+    store = ls.LabelStore(out_uri)
+    table = CategoryTable.from_json(categories)
+    things = set(table.thing_ids)
+    by_task: dict[int, list[dict]] = {}
+    states: dict[int, PQAccumulator] = {}
+    for k in range(len(batch["key"])):
+        task = int(batch["task"][k])
+        row = {"index": int(batch["index"][k]), "key": batch["key"][k], "image_id": int(batch["image_id"][k]),
+               "file_name": batch["file_name"][k], "height": int(batch["height"][k]),
+               "width": int(batch["width"][k]), "status": "rejected", "reason": batch["reason"][k],
+               "png": None, "segments": [], "quality": None, "pq": None, "pq_stats": None}
+        if batch["status"][k] == "ok":
+            ids = batch["ids"][k]
+            segments = json.loads(batch["segments"][k])
+            for s in segments:
+                s["rle"] = (rle.encode(np.asfortranarray(ids == s["id"]))["counts"].decode("ascii")
+                            if s["category_id"] in things else None)
+            row.update(status="labeled", reason="", png=encode_id_png(ids), segments=segments,
+                       quality=float(batch["quality"][k]))
+            if batch["gt_segments"][k]:
+                gt_segments = json.loads(batch["gt_segments"][k])
+                acc = PQAccumulator(table)
+                name = f"image {row['image_id']} ({row['file_name']})"
+                if batch["gt_runs"][k]:
+                    index = decode_index_runs(batch["gt_runs"][k], row["height"], row["width"])
+                    acc.add_indexed(index, gt_segments, ids, segments, image=name)
+                else:
+                    fs, path = storage.resolve(batch["gt_png"][k])
+                    acc.add(decode_id_png(storage.read_bytes(fs, path)), gt_segments, ids, segments, image=name)
+                row.update(pq=acc.summary()["All"]["pq"], pq_stats=json.dumps(ls.pq_state(acc)))
+                states.setdefault(task, PQAccumulator(table)).merge(acc)
+            if coco_panoptic:
+                store.write_png(row["key"], row["png"])
+        by_task.setdefault(task, []).append(row)
+    out = {"task": [], "keys": [], "pq": []}
+    for task, rows in by_task.items():
+        store.write_part(task, rows)
+        out["task"].append(task)
+        out["keys"].append(json.dumps([r["key"] for r in rows]))
+        out["pq"].append(json.dumps(ls.pq_state(states[task])) if task in states else "")
     return out
 
 
-def _categories(gt: dict | None, source: ImageSource) -> list[dict]:
-    """For predictions.json and the overlays: the ground truth's, else the manifest's, else
-    COCO's (the model's category ids are COCO ids)."""
-    if gt is not None:
-        return coco.CategoryTable.from_json(gt["categories"], "ground truth").to_json()
-    if source.categories is not None:
-        return source.categories
+# ------------------------------------------------------------------------------- driver
+
+
+def _model_input_config(model_uri: str) -> dict:
+    """The registered model's InputConfig (test size), from its MLflow metadata or, for a model
+    logged without it, its checkpoint."""
+    import mlflow
+
+    info = mlflow.models.get_model_info(model_uri)
+    meta = (info.metadata or {}).get("ciae")
+    if meta:
+        return meta["config"]["input"]
+    from ciae.train import load_checkpoint
+
+    local = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts")
+    import glob
+    import os
+
+    return load_checkpoint(glob.glob(os.path.join(local, "*.pt"))[0])["config"]["input"]
+
+
+def _plan(job: LabelJob, store: ls.LabelStore) -> Plan:
+    """The output's plan: the one written by an earlier run (which must be of this input), or a
+    new one."""
+    plan_dir = store.uri_of(ls.PLAN_DIR)
+    plan = load_plan(plan_dir)
+    if plan is None:
+        return make_plan(job.input, plan_dir, job.gt_json, job.gt_dir, job.task_images)
+    if plan.input != job.input or (plan.ground_truth == "json") != (job.gt_json is not None):
+        raise DatasetError(f"{job.out} holds the labels of {plan.input} "
+                           f"({'with' if plan.ground_truth == 'json' else 'without'} ground-truth JSON); "
+                           "use another --out")
+    return plan
+
+
+def categories_of(plan: Plan) -> list[dict]:
+    """The ground truth's or the manifest's categories, else COCO's (the model's ids are COCO's)."""
+    if plan.categories is not None:
+        return plan.categories
     from pipeline.synth import coco_categories
 
     return coco_categories().to_json()
 
 
-def _image_bytes(im: InputImage) -> bytes:
-    if im.uri is not None:
-        return read_image_file(im.uri)
-    return read_shard_images(im.shard, [im.image_id])[im.image_id]
+def label(job: LabelJob, address: str | None = None, progress: bool = True, labeler=Labeler) -> dict:
+    """Run ``job`` on the Ray at ``address`` (default: a local Ray). Re-running resumes.
+    ``labeler``: the model stage's actor class (benchmarks replace it with a trivial one).
 
-
-def draw_overlays(store: PredictionStore, source: ImageSource, labeled: dict[str, dict],
-                  categories: list[dict], n: int) -> int:
-    """Overlays (``pipeline.visualize.overlay``) of the first ``n`` labeled images of the input
-    that have none yet; ``labeled``: the store's labeled records. Returns how many were drawn."""
-    import io
-
-    from PIL import Image
-
-    from ciae.predictor import decode_rgb
-    from pipeline.panoptic_png import decode_id_png
-    from pipeline.visualize import overlay
-
-    if n <= 0:
-        return 0
-    drawn = 0
-    for im in [im for im in source.images if im.key in labeled][:n]:
-        if store.fs.get_file_info(store.path(OVERLAY_DIR, im.key + ".png")).type == pafs.FileType.File:
-            continue
-        image = decode_rgb(_image_bytes(im))
-        ids = decode_id_png(coco.read_bytes(store.fs, store.path(PANOPTIC_DIR, im.key + ".png")))
-        buf = io.BytesIO()
-        Image.fromarray(overlay(image, ids, labeled[im.key]["segments_info"], categories)).save(buf, format="PNG")
-        store.write_overlay(im.key, buf.getvalue())
-        drawn += 1
-    return drawn
-
-
-def evaluate_labeled(store: PredictionStore, labeled: dict[str, dict], gt: dict, gt_dir: str) -> dict:
-    """PQ of the labeled images against the ground truth (``workflows.evaluate.evaluate`` on the
-    ground-truth images that have a prediction), plus ``images``: {"evaluated", "ground_truth",
-    "without_prediction"}. Written to ``metrics.json``. Under ``POOL_MIN_IMAGES`` images it runs
-    in this process: a worker pool costs more to start than it saves."""
-    from workflows.evaluate import evaluate, write_metrics
-
-    ids = {int(r["image_id"]) for r in labeled.values()}
-    subset = {**gt, "images": [im for im in gt["images"] if int(im["id"]) in ids],
-              "annotations": [a for a in gt["annotations"] if int(a["image_id"]) in ids]}
-    with tempfile.TemporaryDirectory() as tmp:
-        gt_json = os.path.join(tmp, "ground_truth.json")
-        with open(gt_json, "w") as f:
-            json.dump(subset, f)
-        metrics = evaluate(gt_json, gt_dir, store.uri_of(PREDICTIONS), store.uri_of(PANOPTIC_DIR),
-                           workers=1 if len(subset["images"]) < POOL_MIN_IMAGES else None)
-    metrics["images"] = {"evaluated": len(subset["images"]), "ground_truth": len(gt["images"]),
-                         "without_prediction": len(gt["images"]) - len(subset["images"])}
-    write_metrics(store.uri_of(METRICS), metrics)
-    return metrics
-
-
-def label(model_uri: str, input_uri: str, out_uri: str, *, tracking_uri: str | None = None,
-          address: str | None = None, workers: int = 1, batch_size: int = 8,
-          gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, gt_json: str | None = None,
-          gt_dir: str | None = None, overlays: int = 0, progress: bool = True) -> dict:
-    """Label ``input_uri`` (folder, list file or shards) with ``model_uri`` (``models:/NAME@ALIAS``
-    or any MLflow model URI) into ``out_uri``; paths or URIs. Re-running resumes.
-
-    Returns {"out", "images" (in the input), "labeled", "rejected", "pending" (totals over all
-    runs), "skipped" (finished before this run), "processed" (by this run), "seconds",
-    "images_per_second" (this run's labeling stage), "overlays" (drawn by this run),
-    "metrics" (PQ summary with ground truth, else None)}."""
+    Returns {"out", "images" (in the input), "labeled", "rejected", "skipped" (finished before
+    this run), "processed" (by this run), "seconds", "images_per_second" (this run's labeling),
+    "overlays" (drawn by this run), "review" (rows of review.csv), "metrics" (PQ summary with
+    ground truth, else None), "timings" (seconds: plan, scan of what is done, labeling, the
+    exports at the end)}."""
     import mlflow
 
     from workflows.tracking import configure
 
-    if workers < 1 or batch_size < 1 or overlays < 0 or gpus_per_worker < 0 or cpus_per_worker <= 0:
-        raise ValueError("workers and batch_size must be >= 1, overlays and gpus_per_worker >= 0, "
-                         "cpus_per_worker > 0")
-    if (gt_json is None) != (gt_dir is None):
-        raise ValueError("give both gt_json and gt_dir, or neither")
-    # actors may run in another folder: local paths travel absolute
-    input_uri, out_uri, gt_json, gt_dir = (p if p is None or "://" in p else os.path.abspath(p)
-                                           for p in (input_uri, out_uri, gt_json, gt_dir))
-    tracking = configure(tracking_uri)
+    tracking = configure(job.tracking_uri)
     try:
-        mlflow.models.get_model_info(model_uri)
+        mlflow.models.get_model_info(job.model)
     except Exception as e:
-        raise ValueError(f"{model_uri}: no such model in {tracking} ({type(e).__name__}: {e})") from None
-
-    gt = coco.read_json(gt_json, "ground-truth JSON") if gt_json else None
-    gt_ids = {os.path.basename(im["file_name"]): int(im["id"]) for im in gt["images"]} if gt else None
-    source = open_source(input_uri, gt_ids)
-    categories = _categories(gt, source)
-    store = PredictionStore(out_uri)
-    store.create()
-    finished, _ = store.records()
-    todo = [im for im in source.images if im.key not in finished]
-
+        raise ValueError(f"{job.model}: no such model in {tracking} ({type(e).__name__}: {e})") from None
+    store = ls.LabelStore(job.out)
+    store.check_writable()
+    clock = time.perf_counter()
+    plan = _plan(job, store)
+    timings = {"plan": time.perf_counter() - clock}
+    categories = categories_of(plan)
+    table = CategoryTable.from_json(categories)
+    store.remove_temporaries()
+    if job.retry_rejected:
+        for task in sorted(store.sealed()):
+            store.unseal_rejected(task)
+    sealed = store.sealed()
+    partial = {t: store.part_keys(t) for t in store.unsealed_tasks() if t not in sealed}
+    for task in list(partial):
+        if len(partial[task]) == plan.task_sizes[task]:      # killed between its last part and its seal
+            store.seal(task, plan.task_sizes[task], table)
+            sealed.add(task)
+            del partial[task]
+    pending = [t for t in range(len(plan.task_sizes)) if t not in sealed]
+    todo = sum(plan.task_sizes[t] - len(partial.get(t, ())) for t in pending)
     start = time.perf_counter()
+    timings["scan"] = start - clock - timings["plan"]
     if todo:
-        from tqdm import tqdm
-
-        from pipeline.ray_runtime import connect
-
-        with connect(address):
-            import ray.data
-
-            items = [{"key": im.key, "image_id": im.image_id, "file_name": im.file_name,
-                      "uri": im.uri or "", "shard": im.shard or ""} for im in todo]
-            per_task = max(1, min(batch_size, -(-len(items) // workers)))   # work for every actor
-            blocks = min(-(-len(items) // per_task), 2000)
-            ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-                Labeler, batch_size=per_task, batch_format="pandas",
-                compute=ray.data.ActorPoolStrategy(size=workers),
-                num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
-                fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking, "out_uri": out_uri,
-                                       "batch_size": batch_size, "threads": max(1, int(cpus_per_worker))})
-            with tqdm(total=len(todo), unit="img", desc="label", disable=not progress) as bar:
-                for done in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    bar.update(done.num_rows)
+        _run(job, tracking, plan, store, categories, table, pending, partial, todo, address, progress, labeler)
     seconds = time.perf_counter() - start
+    timings["label"] = seconds
 
-    labeled, rejected = store.records()
-    counts = store.finalize(source.images, categories, (labeled, rejected))
-    summary = {"out": out_uri, "images": len(source.images), **counts,
-               "skipped": len(source.images) - len(todo), "processed": len(todo),
-               "seconds": seconds, "images_per_second": len(todo) / seconds if todo and seconds > 0 else None,
-               "overlays": draw_overlays(store, source, labeled, categories, overlays), "metrics": None}
-    if gt is not None:
-        summary["metrics"] = evaluate_labeled(store, labeled, gt, gt_dir)
+    counts = ls.count_rows(store)
+    summary = {"out": job.out, "images": plan.images, **counts, "skipped": plan.images - todo,
+               "processed": todo, "seconds": seconds,
+               "images_per_second": todo / seconds if todo and seconds > 0 else None,
+               "metrics": None, "overlays": 0}
+    if job.coco_panoptic:
+        ls.export_coco_panoptic(store, categories, pngs=True)
+    if job.coco_instances:
+        ls.export_coco_instances(store, categories)
+    ls.export_rejects(store, job.input)
+    summary["review"] = ls.export_review(store, job.review)
+    if plan.ground_truth:
+        acc = store.pq_total(table)
+        summary["metrics"] = acc.summary() | {"images": {"evaluated": acc.images, "input": plan.images}}
+        ls.write_json(store, ls.METRICS, {k: v for k, v in summary["metrics"].items() if k != "per_class"}
+                      | {"per_class": {str(k): v for k, v in summary["metrics"]["per_class"].items()}})
+    summary["overlays"] = draw_overlays(store, plan, categories, job.overlays)
+    summary["timings"] = timings | {"exports": time.perf_counter() - start - seconds}
     return summary
+
+
+def _run(job: LabelJob, tracking: str, plan: Plan, store: ls.LabelStore, categories: list[dict],
+         table: CategoryTable, pending: list[int], partial: dict[int, set[str]], todo: int,
+         address: str | None, progress: bool, labeler) -> None:
+    """The Ray Data job over the pending tasks' images not yet in a part; seals tasks as they
+    fill."""
+    from tqdm import tqdm
+
+    from ciae.evaluation.pq import PQAccumulator
+    from pipeline.ray_runtime import connect
+
+    input_cfg = _model_input_config(job.model)
+    done = {t: set(partial.get(t, ())) for t in pending}
+    running = PQAccumulator(table)
+    with connect(address):
+        import ray
+        import ray.data
+
+        total = ray.cluster_resources().get("CPU", 0)
+        if job.workers * job.cpus_per_worker > total - 1:
+            raise ValueError(f"the model actors would hold {job.workers * job.cpus_per_worker:g} of the "
+                             f"cluster's {total:g} CPUs, leaving less than one for decoding and "
+                             "encoding; lower --workers or --cpus-per-worker (0.5 shares a CPU)")
+        ds = ray.data.read_parquet([plan.task_path(t) for t in pending], include_paths=True)
+        ds = ds.map_batches(_with_task, batch_format="pyarrow")
+        if partial:
+            skip = {t: keys for t, keys in partial.items() if keys}
+            ds = ds.filter(lambda r: r["key"] not in skip.get(r["task"], ()))
+        ds = ds.repartition(target_num_rows_per_block=DECODE_BATCH)     # streaming: work for every CPU
+        # decode declares its memory (a worker with torch loaded, and a batch of images at the
+        # largest test size, twice over), which also keeps Ray Data from fusing it into the actors
+        decode_memory = WORKER_MEMORY + DECODE_BATCH * 2 * 3 * input_cfg["max_size"] ** 2
+        ds = (ds.map_batches(decode, batch_size=DECODE_BATCH, fn_kwargs={"input_cfg": input_cfg},
+                             memory=decode_memory)
+              .map_batches(labeler, batch_size=job.batch_size,
+                           compute=ray.data.ActorPoolStrategy(size=job.workers),
+                           num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker or None,
+                           fn_constructor_kwargs={"model_uri": job.model, "tracking_uri": tracking,
+                                                  "threads": max(1, int(job.cpus_per_worker)),
+                                                  "amp": job.amp, "compile": job.compile})
+              .map_batches(encode, batch_size=job.batch_size,
+                           fn_kwargs={"out_uri": job.out, "categories": categories,
+                                      "coco_panoptic": job.coco_panoptic}))
+        with tqdm(total=todo, unit="img", desc="label", disable=not progress) as bar:
+            for part in ds.iter_rows():
+                task, keys = int(part["task"]), json.loads(part["keys"])
+                new = set(keys) - done[task]
+                if len(new) == len(keys) and part["pq"]:
+                    ls.add_state(running, json.loads(part["pq"]))
+                    bar.set_postfix(PQ=f"{100 * running.summary()['All']['pq']:.1f}")
+                done[task] |= new
+                bar.update(len(new))
+                if len(done[task]) == plan.task_sizes[task]:
+                    store.seal(task, plan.task_sizes[task], table)
+                    del done[task]
+    unfinished = sorted(done)
+    if unfinished:
+        raise RuntimeError(f"tasks {unfinished[:10]} did not finish; run the job again to resume them")
+
+
+def _with_task(table):
+    """Plan rows read by ``read_parquet(include_paths=True)`` -> with their task number."""
+    import pyarrow as pa
+
+    tasks = [int(p.rsplit("task-", 1)[1][:6]) for p in table["path"].to_pylist()]
+    return table.drop_columns(["path"]).append_column("task", pa.array(tasks, pa.int64()))
+
+
+def draw_overlays(store: ls.LabelStore, plan: Plan, categories: list[dict], n: int) -> int:
+    """Panels (image | prediction | ground truth, ``pipeline.visualize.panel``) of the first
+    ``n`` labeled images in plan order that have none yet; returns how many were drawn."""
+    import io
+
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from ciae.transform import decode_rgb
+    from pipeline.panoptic_png import decode_id_png
+    from pipeline.shards import decode_index_runs
+    from pipeline.visualize import panel
+
+    drawn = seen = 0
+    for r in store.rows(["index", "key", "status", "png", "segments"]):
+        if seen >= n:
+            break
+        if r["status"] != "labeled":
+            continue
+        seen += 1
+        if store.fs.get_file_info(store.path(ls.OVERLAY_DIR, r["key"] + ".png")).type == pafs.FileType.File:
+            continue
+        task, offset = _locate(plan, r["index"])
+        fs, path = storage.resolve(plan.task_path(task))
+        with fs.open_input_file(path) as f:
+            entry = pq.read_table(f).slice(offset, 1).to_pylist()[0]
+        ids = decode_id_png(r["png"])
+        gt = None
+        if entry["shard"]:
+            row = _read_shard_rows({"shard": [entry["shard"]], "row": [entry["row"]]})[entry["shard"], entry["row"]]
+            image = decode_rgb(row["image"])
+            gt = (decode_index_runs(row["panoptic"], *ids.shape),
+                  [{"id": k + 1, "category_id": s["category_id"]} for k, s in enumerate(row["segments"])])
+        else:
+            image = decode_rgb(_read(entry["uri"]))
+            if entry["gt_png"]:
+                gfs, gpath = storage.resolve(entry["gt_png"])
+                gt = (decode_id_png(storage.read_bytes(gfs, gpath)), json.loads(entry["gt_segments"]))
+        buf = io.BytesIO()
+        Image.fromarray(panel(image, ids, r["segments"], categories, gt=gt)).save(buf, format="PNG")
+        store.write_overlay(r["key"], buf.getvalue())
+        drawn += 1
+    return drawn
+
+
+def _locate(plan: Plan, index: int) -> tuple[int, int]:
+    """(task, row in it) of a plan index."""
+    for task, size in enumerate(plan.task_sizes):
+        if index < size:
+            return task, index
+        index -= size
+    raise IndexError(index)

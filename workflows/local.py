@@ -6,30 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ciae.config import Config
 from ciae.evaluation.pq import PQAccumulator
 from ciae.model import CIAEModel
+from ciae.panoptic import CategoryTable
 from ciae.train import to_device
-from pipeline.coco import CategoryTable
+from ciae.transform import Transform
 from pipeline.shards import decode_panoptic_row, read_manifest, read_shard, shard_paths
-from pipeline.targets import TargetConfig, TargetMaker, collate
+from pipeline.targets import TargetMaker, collate
 from pipeline.train_stream import local_batches
-
-
-def train_target_config(cfg: Config) -> TargetConfig:
-    i = cfg.input
-    return TargetConfig(shorter_sides=i.shorter_sides, max_size=i.max_size, flip_prob=i.flip_prob,
-                        thing_mode=cfg.embedding.thing_mode)
-
-
-def test_target_config(cfg: Config) -> TargetConfig:
-    i = cfg.input
-    return TargetConfig(shorter_sides=(i.test_shorter_side,), max_size=i.max_size, flip_prob=0.0,
-                        thing_mode=cfg.embedding.thing_mode)
 
 
 def model_for_shards(cfg: Config, shards_uri: str) -> CIAEModel:
@@ -40,21 +27,22 @@ def model_for_shards(cfg: Config, shards_uri: str) -> CIAEModel:
     return CIAEModel(cfg, [int(c) for c in stuff], [int(c) for c in things])
 
 
-def batch_stream(shards_uri: str, cfg: Config, seed: int = 0) -> Iterator[dict]:
+def batch_stream(shards_uri: str, cfg: Config) -> Iterator[dict]:
     """Endless training batches of cfg.solver.batch_size images: the plan of
-    ``pipeline.train_stream`` (a seeded permutation per epoch, new jitter and flips each epoch),
-    the same batches that Ray Train workers split between them."""
-    return (batch for _, batch in local_batches(shards_uri, train_target_config(cfg), cfg.solver.batch_size, seed))
+    ``pipeline.train_stream`` (a permutation per epoch seeded by cfg.solver.seed, new jitter and
+    flips each epoch), the same batches that Ray Train workers split between them."""
+    return (batch for _, batch in local_batches(shards_uri, cfg))
 
 
 @torch.no_grad()
 def evaluate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: bool = False) -> dict:
     """PQ of ``model`` on shards, streamed shard by shard through the PQ accumulator (no PNG
-    round trip). Predictions are made at the test size and resized (nearest) to each image's
-    own size."""
+    round trip). Predictions are made at the test size and mapped back to each image's own size
+    (``ciae.transform.Transform.postprocess``), as ``ciae.predictor.Predictor`` does."""
     manifest = read_manifest(shards_uri)
     acc = PQAccumulator(CategoryTable.from_json(manifest["categories"]))
-    maker = TargetMaker.from_manifest(manifest, config=test_target_config(model.cfg), train=False)
+    maker = TargetMaker.from_manifest(manifest, input=model.cfg.input,
+                                      thing_mode=model.cfg.embedding.thing_mode, train=False)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -63,10 +51,9 @@ def evaluate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: boo
         preds = model.predict(batch["images"], batch["image_sizes"], oracle=batch if oracle else None)
         for row, pred in zip(chunk, preds):
             gt_index, gt_segments = decode_panoptic_row(row)
-            ids = pred["panoptic"]
-            if ids.shape != gt_index.shape:
-                ids = np.asarray(Image.fromarray(ids).resize(gt_index.shape[::-1], Image.NEAREST))
-            acc.add_indexed(gt_index, gt_segments, ids, pred["segments_info"],
+            ids, segments = Transform.postprocess(pred["panoptic"], pred["segments_info"], gt_index.shape)
+            ids = ids.cpu().numpy()
+            acc.add_indexed(gt_index, gt_segments, ids, segments,
                             image=f"image {row['image_id']} ({row['file_name']})")
     model.train(was_training)
     return acc.summary()

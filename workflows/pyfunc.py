@@ -14,6 +14,11 @@ Input: a DataFrame with ``image`` (encoded JPEG/PNG/... bytes, any size) and opt
 size: id = R + 256 G + 256² B, 0 = void) and ``segments_info`` (a JSON list of {id,
 category_id, iscrowd, area, bbox}, COCO category ids). An unreadable image raises ValueError
 naming its row. The model runs on CUDA when available, else on the CPU.
+
+The model is logged from code (MLflow's models-from-code): the registered version holds
+``workflows/pyfunc_model.py``, which builds a :class:`CIAEPyfunc`, the checkpoint as an artifact
+and this project's packages as ``code_paths`` (nothing is pickled). Its MLflow ``metadata``
+holds ``ciae``: the checkpoint's config and category ids, readable without downloading it.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ class CIAEPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """model_input: DataFrame with ``image`` bytes and optional ``image_id``; params:
         {"batch_size": int}. Returns the DataFrame described in the module docstring."""
-        from ciae.predictor import decode_rgb
+        from ciae.transform import decode_rgb
         from pipeline.panoptic_png import encode_id_png
 
         if "image" not in model_input.columns:
@@ -122,10 +127,15 @@ def log_model(checkpoint_path: str, *, name: str = "model",
     """Log the checkpoint as a pyfunc model (in the active MLflow run, if any) and register it
     as a new version of ``registered_model_name`` when given. Returns the ModelInfo
     (``model_uri``, ``registered_model_version``, ...)."""
+    from ciae.train import load_checkpoint
+
     if not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
+    ckpt = load_checkpoint(checkpoint_path)
+    metadata = {"ciae": {"config": ckpt["config"], "stuff_ids": ckpt["stuff_ids"], "thing_ids": ckpt["thing_ids"]}}
     return mlflow.pyfunc.log_model(
-        name=name, python_model=CIAEPyfunc(), artifacts={"checkpoint": checkpoint_path},
+        name=name, python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
+        artifacts={"checkpoint": checkpoint_path},
         code_paths=package_dirs(), signature=signature(), input_example=input_example(),
-        pip_requirements=PIP_REQUIREMENTS, registered_model_name=registered_model_name)
+        pip_requirements=PIP_REQUIREMENTS, registered_model_name=registered_model_name, metadata=metadata)
 

@@ -7,6 +7,7 @@ Default: a sqlite database ``mlruns/mlflow.db`` under the current directory with
 
 from __future__ import annotations
 
+import logging
 import os
 
 DEFAULT_DIR = "mlruns"
@@ -35,6 +36,8 @@ def configure(tracking_uri: str | None = None) -> str:
     (Ray workers and actors included)."""
     import mlflow
 
+    for name in ("mlflow.store.db.utils", "alembic"):     # a new sqlite store's set-up chatter
+        logging.getLogger(name).setLevel(logging.WARNING)
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])), exist_ok=True)

@@ -1,11 +1,13 @@
 """The training driver: Ray Train (TorchTrainer, DDP) on a Ray Data stream, tracked in MLflow.
 
-``train(job)`` creates (or, for a run name given again, reopens) one MLflow run and logs the
-config; starts a TorchTrainer whose workers run ``workflows.train_loop.train_loop_per_worker``,
-each streaming its part of the training plan (``pipeline.train_stream``) with Ray Data, rank 0
-validating on the held-out shards along the way and at the end; then logs the final checkpoint
-with pictures, logs the MLflow pyfunc model, registers it, and moves the alias when its
-validation PQ beats the holder's.
+A :class:`TrainJob` is the one typed description of a run, validated once when it is made; the
+CLI reads its defaults from it. ``train(job)`` creates (or, for a run name given again, reopens)
+one MLflow run and logs the resolved config; starts a TorchTrainer whose workers run
+``workflows.train_worker.train_worker`` on a :class:`~workflows.train_worker.WorkerSpec` built
+from the job, each streaming its part of the training plan (``pipeline.train_stream``) with Ray
+Data, rank 0 validating on the held-out shards along the way and at the end; then logs the
+final checkpoint with pictures, logs the MLflow pyfunc model, registers it, and moves the alias
+when its validation PQ beats the holder's.
 
 Failures: Ray Train restarts the worker group from the latest checkpoint (``max_failures``
 times); a driver run again with the same ``name`` resumes from the run's storage and logs into
@@ -24,15 +26,16 @@ import time
 from dataclasses import dataclass, field
 
 from ciae.config import Config
+from pipeline.storage import absolute
 from workflows import tracking
-from workflows.train_loop import CHECKPOINT_FILE, STEP_TAG, train_loop_per_worker
+from workflows.train_worker import CHECKPOINT_FILE, STEP_TAG, WorkerSpec, train_worker
 
 NAME_TAG = "ciae.run_name"      # the Ray Train run name, to reopen the MLflow run on resume
 
 
 @dataclass
 class TrainJob:
-    """One training run. Paths may be local or filesystem URIs."""
+    """One training run, checked when it is made. Paths may be local or filesystem URIs."""
 
     data: str                              # prepared training shards
     val: str | None = None                 # held-out shards: periodic and final PQ
@@ -50,7 +53,30 @@ class TrainJob:
     alias: str = "champion"
     eval_every: int = 0                    # validation PQ every N steps (0: at the end only)
     max_failures: int = 3
-    pictures: int = 4                      # validation overlays / PCA images logged
+    pictures: int = 4                      # validation panels logged
+
+    def __post_init__(self):
+        checks = [
+            (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            (self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}"),
+            (self.cpus_per_worker is None or self.cpus_per_worker > 0,
+             f"cpus_per_worker must be > 0, got {self.cpus_per_worker}"),
+            (self.batch_per_worker is None or self.batch_per_worker >= 1,
+             f"batch_per_worker must be >= 1, got {self.batch_per_worker}"),
+            (self.iterations is None or self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
+            (self.eval_every >= 0 and self.max_failures >= 0 and self.pictures >= 0,
+             "eval_every, max_failures and pictures must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        b = self.config.backbone
+        if b.norm == "frozen_bn" and not b.weights:
+            raise ValueError(
+                "this config freezes the backbone's BatchNorm (backbone.norm 'frozen_bn', the paper's "
+                "recipe for ImageNet weights) but gives no backbone.weights, so its norms would do "
+                "nothing: set backbone.weights to a torchvision ResNet state dict, or choose "
+                "backbone.norm 'bn' or 'gn' (with freeze_at 0) to train from scratch")
 
     def resolved(self) -> tuple[Config, int, float]:
         """(config with the run's solver, batch per worker, CPUs per worker). The learning
@@ -58,8 +84,6 @@ class TrainJob:
         and warm-up scale with ``iterations``."""
         from ciae.train import scale_schedule
 
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
         solver = self.config.solver
         if self.iterations and self.iterations != solver.iterations:
             solver = scale_schedule(solver, self.iterations)
@@ -152,22 +176,19 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
                    "job.batch_per_worker": str(per_worker), "job.gpus_per_worker": str(job.gpus_per_worker)})
     run_id = _open_run(client, exp_id, name, params)
     # paths the workers open: absolute, as their working directory need not be the driver's
-    storage, data, val = (p if p is None or "://" in p else os.path.abspath(p)
-                          for p in (job.storage, job.data, job.val))
-    loop_config = {"config": cfg.to_dict(), "solver": dataclasses.asdict(solver),
-                   "stuff_ids": stuff_ids, "thing_ids": thing_ids, "data": data, "batch_size": per_worker,
-                   "iterations": solver.iterations, "threads": max(1, int(cpus)),
-                   "val": val, "eval_every": job.eval_every, "tracking_uri": uri, "run_id": run_id}
+    spec = WorkerSpec(config=cfg, stuff_ids=stuff_ids, thing_ids=thing_ids, data=absolute(job.data),
+                      val=absolute(job.val), batch_per_worker=per_worker, threads=max(1, int(cpus)),
+                      eval_every=job.eval_every, tracking_uri=uri, run_id=run_id)
     bar = _Progress(client, run_id, solver.iterations) if progress else None
     try:
         with connect(address):
             _check_room_for_data(job.workers * cpus)
             trainer = TorchTrainer(
-                train_loop_per_worker, train_loop_config=loop_config,
+                train_worker, train_loop_config={"spec": spec},
                 scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
                                              resources_per_worker={"CPU": cpus, **({"GPU": job.gpus_per_worker}
                                                                                    if job.gpus_per_worker else {})}),
-                run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
+                run_config=RunConfig(name=name, storage_path=absolute(job.storage), callbacks=list(callbacks),
                                      failure_config=FailureConfig(max_failures=job.max_failures),
                                      checkpoint_config=CheckpointConfig(num_to_keep=2)))
             if bar:
@@ -225,27 +246,25 @@ def _finish(job: TrainJob, uri: str, run_id: str, checkpoint: str, pq: dict | No
 
 
 def _log_pictures(model, val_shards: str, n: int) -> None:
-    """Overlays of the first ``n`` held-out predictions and their embedding PCA images."""
-    import io
-
+    """Panels (image | prediction | ground truth | embedding PCA, ``pipeline.visualize.panel``)
+    of the first ``n`` held-out images, logged under ``pictures/``."""
     import mlflow
-    import numpy as np
     from PIL import Image
 
     from ciae.predictor import Predictor
-    from pipeline.shards import read_manifest, read_table
-    from pipeline.visualize import embedding_pca, overlay
+    from ciae.transform import decode_rgb
+    from pipeline.shards import decode_panoptic_row, read_manifest, read_table
+    from pipeline.visualize import panel
 
     categories = read_manifest(val_shards)["categories"]
-    predictor = Predictor(model)
     rows = read_table(val_shards).slice(0, n).to_pylist()
-    images = [np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in rows]
-    preds = predictor(images, return_embeddings=True)
+    images = [decode_rgb(r["image"]) for r in rows]
+    preds = Predictor(model)(images, return_embeddings=True)
     with tempfile.TemporaryDirectory() as d:
         for row, image, pred in zip(rows, images, preds):
-            stem = os.path.splitext(row["file_name"])[0]
-            Image.fromarray(overlay(image, pred["panoptic"], pred["segments_info"], categories)).save(
-                os.path.join(d, f"{stem}_overlay.png"))
-            Image.fromarray(embedding_pca(pred["embedding"], size=image.shape[:2])).save(
-                os.path.join(d, f"{stem}_pca.png"))
+            index, segments = decode_panoptic_row(row)
+            gt = (index, [{"id": k + 1, "category_id": s["category_id"]} for k, s in enumerate(segments)])
+            picture = panel(image, pred["panoptic"], pred["segments_info"], categories, gt=gt,
+                            embedding=pred["embedding"])
+            Image.fromarray(picture).save(os.path.join(d, f"{os.path.splitext(row['file_name'])[0]}_panel.png"))
         mlflow.log_artifacts(d, "pictures")

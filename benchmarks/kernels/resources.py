@@ -1,6 +1,6 @@
 """Registers and stack (spill) bytes per thread of each Triton kernel, compiled ahead of time for
-an NVIDIA architecture at the GPU launch configuration the launchers pick (COCO sizes by default:
-D = 32, Q = 113 -> Q_PAD 128, 113 segments). Needs no GPU: Triton compiles to a cubin with its
+an NVIDIA architecture at the GPU launch configuration the launchers read from their autotune
+tables (COCO sizes by default: D = 32, Q = 113 -> Q_PAD 128, 113 segments). Needs no GPU: Triton compiles to a cubin with its
 bundled ptxas and ``cuobjdump --dump-resource-usage`` reads it. This is how the tile sizes were
 chosen without a GPU; timings still need ``run.py`` on one.
 
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)       # compile, do not interpret
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     from kernels import assign_triton as A
     from kernels import ciae_loss_triton as L
     from kernels import segment_sums_triton as S
-    from kernels.triton_blocks import pad16, similarity_tiles
+    from kernels.triton_blocks import pad16, tile_for
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     target = GPUTarget("cuda", args.arch, 32)
@@ -47,8 +48,13 @@ def main(argv=None) -> int:
     f32, i64, i32 = "*fp32", "*i64", "*i32"
     d_pad, q_pad = pad16(args.dim), pad16(args.queries)
     tiles = dict(D_PAD=d_pad, Q_PAD=q_pad, DOT="tf32x3")
-    fwd_block, fwd_warps = similarity_tiles(q_pad)
-    bwd_block, bwd_warps = L.backward_tiles(q_pad)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    s_block = min(64, pad16(args.queries))
+    fwd, bwd = tile_for(L.LOSS_FWD_TILES, q_pad, dtype), tile_for(L.LOSS_BWD_TILES, q_pad, dtype)
+    asg = tile_for(A.ASSIGN_TILES, q_pad, dtype)
+    ups = tile_for(A.ASSIGN_UPSAMPLED_TILES, q_pad, dtype)
+    seg = tile_for(S.SEGMENT_SUMS_TILES, s_block, dtype)
+    seg_bwd = tile_for(S.SEGMENT_SUMS_BWD_TILES, d_pad, dtype)
     loss = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, t_ptr=i64, w_ptr=e, c_ptr=f32, n="i32",
                 width="i32", Q="i32", D="i32", top_k="i32")
     assign = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, lab_ptr=i64, best_ptr=f32, n="i32",
@@ -58,30 +64,29 @@ def main(argv=None) -> int:
     sums = dict(lab_ptr=i64, n="i32", S="i32", D="i32")
     specs = [
         ("loss forward", L._loss_fwd_kernel, dict(loss, loss_ptr=f32, count_ptr=i32),
-         dict(tiles, BLOCK=fwd_block), fwd_warps),
+         dict(tiles, BLOCK=fwd.block), fwd),
         *((f"loss backward {tag}", L._loss_bwd_kernel,
            dict(loss, gl_ptr=f32, ge_ptr=e, gw_ptr=f32, gq_ptr=f32, num_blocks="i32"),
-           dict(tiles, BLOCK=bwd_block, NEED_E=ne, NEED_Q=nq, NEED_W=nw), bwd_warps)
+           dict(tiles, BLOCK=bwd.block, NEED_E=ne, NEED_Q=nq, NEED_W=nw), bwd)
           for tag, (ne, nq, nw) in (("de", (True, False, False)), ("de+dq", (True, True, False)),
                                     ("de+dq+dw", (True, True, True)))),
-        ("assign", A._assign_kernel, assign, dict(tiles, BLOCK=fwd_block), fwd_warps),
+        ("assign", A._assign_kernel, assign, dict(tiles, BLOCK=asg.block), asg),
         ("assign_upsampled", A._assign_upsampled_kernel,
-         dict(assign, **taps, lo_n="i32", lo_w="i32"), dict(tiles, BLOCK=fwd_block), fwd_warps),
+         dict(assign, **taps, lo_n="i32", lo_w="i32"), dict(tiles, BLOCK=ups.block), ups),
         ("segment_sums forward", S._segment_sums_kernel,
          dict(sums, e_ptr=e, sums_ptr=f32, counts_ptr=f32),
-         dict(D_PAD=d_pad, S_BLOCK=min(64, pad16(args.queries)), BLOCK=S.GPU_BLOCK, DOT="tf32x3"),
-         S.GPU_WARPS),
+         dict(D_PAD=d_pad, S_BLOCK=s_block, BLOCK=seg.block, DOT="tf32x3"), seg),
         ("segment_sums backward", S._segment_sums_bwd_kernel, dict(sums, gs_ptr=f32, ge_ptr=e),
-         dict(D_PAD=d_pad, BLOCK=S.GPU_BWD_BLOCK), 4),
+         dict(D_PAD=d_pad, BLOCK=seg_bwd.block), seg_bwd),
     ]
     print(f"sm_{args.arch}, emb {args.dtype}, D = {args.dim}, Q = {args.queries}\n")
-    print("| kernel | pixels/program | warps | registers | stack bytes |")
-    print("|---|---:|---:|---:|---:|")
-    for name, fn, sig, consts, warps in specs:
+    print("| kernel | pixels/program | warps | stages | registers | stack bytes |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, fn, sig, consts, tile in specs:
         names = fn.arg_names
         src = ASTSource(fn, {a: sig.get(a, "constexpr") for a in names},
                         constexprs={(names.index(k),): v for k, v in consts.items()})
-        cubin = triton.compile(src, target=target, options={"num_warps": warps}).asm["cubin"]
+        cubin = triton.compile(src, target=target, options=tile.options()).asm["cubin"]
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
@@ -89,7 +94,8 @@ def main(argv=None) -> int:
                                    capture_output=True, text=True, check=True).stdout
         reg = re.search(r"REG:(\d+)", usage).group(1)
         stack = re.search(r"STACK:(\d+)", usage).group(1)
-        print(f"| {name} | {consts['BLOCK']} | {warps} | {reg} | {stack} |")
+        print(f"| {name} | {consts['BLOCK']} | {tile.num_warps} | {tile.num_stages or 'default'} | "
+              f"{reg} | {stack} |")
     return 0
 
 

@@ -9,8 +9,8 @@ calls them:
 * segment_sums      [2, 32, 800, 1216] -> [2, 113, 32], forward + backward (gather);
 * loss fwd          ``embedding_loss`` at full resolution, forward only;
 * loss fwd+bwd      the same with dL/demb and dL/dqueries;
-* assign            full-resolution map -> labels;
-* assign_upsampled  stride-4 map [32, 200, 304] -> full-resolution labels.
+* assign            full-resolution map -> labels, best and second-best similarity;
+* assign_upsampled  stride-4 map [32, 200, 304] -> the same at full resolution.
 
 Per implementation: median wall time of ``--repeats`` runs after ``--warmup`` (torch.cuda
 .synchronize around each), the peak of torch.cuda.max_memory_allocated above what was allocated
@@ -18,7 +18,11 @@ before the call (reset_peak_memory_stats first), and the agreement with the eage
 bandwidth floor is the bytes the operation must move (read its inputs once, write its outputs
 once; counted in ``floor_bytes``) over the HBM bandwidth, detected from the device name
 (H100 SXM 3.35 TB/s, H200 4.8 TB/s, ...) or given with ``--hbm-tbps``; "% floor" is
-floor / measured time. The result is a markdown table on stdout.
+floor / measured time; "x eager" is the eager twin's time over this one and "peak / grad" the
+peak over the bytes of the [B, D, H, W] embedding gradient. ``--compile-budget`` bounds the
+``torch.compile`` column (compilation included); an operation past it is reported as skipped.
+The result is a markdown table on stdout. ``run_table`` and ``markdown`` are what
+benchmarks/gpu/suite.py imports.
 
     .venv/bin/python benchmarks/kernels/run.py                # on a CUDA machine
     .venv/bin/python benchmarks/kernels/run.py --smoke        # tiny inputs on CPU (interpreter)
@@ -27,9 +31,12 @@ floor / measured time. The result is a markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +68,13 @@ COCO = Shape(2, 800, 1216, 32, 53, 60)
 SMOKE = Shape(2, 24, 40, 8, 5, 4)
 
 
-def make_inputs(shape: Shape, dtype, device):
+def make_inputs(shape: Shape, dtype, device, seed: int = 0):
     """emb [B, D, H, W], the stride-4 map [B, D, H/4, W/4], queries [B, Q, D], boxes [B, Q, 4],
-    target [B, H, W] int64, weight [B, H, W]."""
+    target [B, H, W] int64, weight [B, H, W]; random, drawn from ``seed``."""
     import torch
     import torch.nn.functional as F
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     b, h, w, d, q = shape.images, shape.height, shape.width, shape.dim, shape.queries
     emb = torch.randn(b, d, h, w, generator=g).to(device, dtype)
     lowres = torch.randn(b, d, h // 4, w // 4, generator=g).to(device, dtype)
@@ -92,8 +99,8 @@ def floor_bytes(shape: Shape, elem: int) -> dict[str, int]:
     return {"segment_sums": b * n * (d * elem + 8) + b * n * (8 + d * elem),
             "loss fwd": loss_read,
             "loss fwd+bwd": 2 * loss_read + b * n * d * elem,
-            "assign": b * n * (d * elem + 12),
-            "assign_upsampled": b * (n // 16 * d * elem + n * 12)}
+            "assign": b * n * (d * elem + 16),
+            "assign_upsampled": b * (n // 16 * d * elem + n * 16)}
 
 
 def operations(impl: dict, inputs):
@@ -124,28 +131,29 @@ def operations(impl: dict, inputs):
             return (total.detach(), *torch.autograd.grad(total, (e, q)))
         return run
 
-    def assign():     # labels of each image, then best of each image
+    def assign():     # labels of each image, then best, then second best
         out = [impl["assign"](emb[i], queries[i], boxes[i]) for i in range(b)]
-        return tuple(x for x, _ in out) + tuple(x for _, x in out)
+        return tuple(x for outputs in zip(*out) for x in outputs)
 
     def assign_upsampled():
         out = [impl["assign_upsampled"](lowres[i], (h, w), queries[i], boxes[i]) for i in range(b)]
-        return tuple(x for x, _ in out) + tuple(x for _, x in out)
+        return tuple(x for outputs in zip(*out) for x in outputs)
 
     return {"segment_sums": segment_sums, "loss fwd": loss(False), "loss fwd+bwd": loss(True),
             "assign": assign, "assign_upsampled": assign_upsampled}
 
 
-def agreement(name: str, out, ref) -> str:
-    """How far an implementation's outputs are from the eager twin's."""
+def agreement(name: str, out, ref) -> tuple[str, float]:
+    """How far an implementation's outputs are from the eager twin's: (text, value), the value
+    the share of equal labels (assignment) or the largest relative error (the rest)."""
     if name.startswith("assign"):
-        labels = range(len(out) // 2)
+        labels = range(len(out) // 3)
         equal = sum((out[i] == ref[i]).sum().item() for i in labels)
-        total = sum(ref[i].numel() for i in labels)
-        return f"labels {100 * equal / total:.4f}% equal"
+        share = equal / sum(ref[i].numel() for i in labels)
+        return f"labels {100 * share:.4f}% equal", share
     rel = max(((a.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30)).item()
               for a, r in zip(out, ref))
-    return f"rel. err {rel:.1e}"
+    return f"rel. err {rel:.1e}", rel
 
 
 def measure(run, sync, cuda: bool, warmup: int, repeats: int):
@@ -174,6 +182,126 @@ def measure(run, sync, cuda: bool, warmup: int, repeats: int):
     return statistics.median(times), peak, out
 
 
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise TimeoutError in the block after ``seconds`` (None: no limit). SIGALRM: the main
+    thread of a Unix process only, elsewhere no limit."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(*_):
+        raise TimeoutError(f"over its {seconds:.0f} s budget")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def hbm_tbps(device_name: str) -> float | None:
+    """The HBM bandwidth in TB/s of a device, from its name; None when unknown."""
+    return next((v for k, v in HBM_TBPS if k in device_name), None)
+
+
+def run_table(shape: Shape, dtype, device, tbps: float, warmup: int, repeats: int,
+              compile_twins: bool = True, compile_budget_s: float | None = None,
+              compile_backend: str = "inductor") -> list[dict]:
+    """Time every operation with each implementation: the Triton kernels, the eager twins and,
+    with ``compile_twins``, ``torch.compile(backend=compile_backend)`` of the twins, whose
+    compilation and timing together get ``compile_budget_s`` seconds (None: no limit; an
+    operation past it, or after it, is recorded as skipped).
+
+    Returns one row per (operation, implementation): op, impl, ms (median), peak_mib (None off
+    CUDA), floor_ms (bytes moved at ``tbps`` TB/s), pct_floor, agreement (text, vs the eager
+    twin) and agreement_value, x_eager (eager time / this time), peak_vs_grad (peak over the
+    bytes of the [B, D, H, W] embedding gradient); or op, impl, error (one line)."""
+    import torch
+
+    import kernels
+    from kernels.assign import assign, assign_upsampled
+    from kernels.ciae_loss import embedding_loss
+    from kernels.segment_sums import segment_sums
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    twins = {"segment_sums": segment_sums, "embedding_loss": embedding_loss, "assign": assign,
+             "assign_upsampled": assign_upsampled}
+    triton_backend = kernels.BACKENDS["triton"]
+    impls = {"triton": {k: getattr(triton_backend, k) for k in twins}, "eager twin": twins}
+    if compile_twins:
+        impls["compiled twin"] = {k: torch.compile(f, backend=compile_backend)
+                                  for k, f in twins.items()}
+    inputs = make_inputs(shape, dtype, device)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    floors = floor_bytes(shape, elem)
+    grad_bytes = shape.images * shape.dim * shape.height * shape.width * elem
+    results = {}
+    compile_end = None if compile_budget_s is None else time.perf_counter() + compile_budget_s
+    for impl_name, impl in impls.items():
+        for op, run in operations(impl, inputs).items():
+            limit = None
+            if impl_name == "compiled twin" and compile_end is not None:
+                limit = compile_end - time.perf_counter()
+                if limit <= 0:
+                    results[op, impl_name] = TimeoutError("skipped: compile budget spent")
+                    continue
+            try:
+                with time_limit(limit):
+                    results[op, impl_name] = measure(run, sync, cuda, warmup, repeats)
+            except Exception as exc:    # e.g. torch.compile failing on the chunked twin
+                results[op, impl_name] = exc
+                if impl_name == "compiled twin":
+                    torch._dynamo.reset()
+    rows = []
+    for op in floors:
+        floor_s = floors[op] / (tbps * 1e12)
+        ref = results[op, "eager twin"]
+        for impl_name in impls:
+            res = results[op, impl_name]
+            if isinstance(res, Exception):
+                rows.append({"op": op, "impl": impl_name, "error": one_line(res)})
+                continue
+            t, peak, out = res
+            row = {"op": op, "impl": impl_name, "ms": 1e3 * t,
+                   "peak_mib": None if peak is None else peak / 2**20,
+                   "floor_ms": 1e3 * floor_s, "pct_floor": 100 * floor_s / t,
+                   "agreement": "-", "agreement_value": None, "x_eager": None,
+                   "peak_vs_grad": None if peak is None else peak / grad_bytes}
+            if impl_name != "eager twin" and not isinstance(ref, Exception):
+                row["agreement"], row["agreement_value"] = agreement(op, out, ref[2])
+                row["x_eager"] = ref[0] / t
+            rows.append(row)
+    return rows
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, at most 160 characters."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:160]
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    """The rows of ``run_table`` as a markdown table."""
+    out = ["| operation | implementation | median ms | peak MiB | floor ms | % floor | x eager "
+           "| peak / grad | vs eager |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    def num(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['op']} | {r['impl']} | failed: {r['error']} | | | | | | |")
+            continue
+        out.append(f"| {r['op']} | {r['impl']} | {r['ms']:.3f} | {num(r['peak_mib'], '.1f')} | "
+                   f"{r['floor_ms']:.3g} | {r['pct_floor']:.3g} | {num(r['x_eager'], '.3g')} | "
+                   f"{num(r['peak_vs_grad'], '.2f')} | {r['agreement']} |")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,6 +315,9 @@ def main(argv=None) -> int:
                    help="runs before timing (default 3, smoke 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default 20, smoke 2)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--compile-budget", type=float, default=None,
+                   help="seconds for the torch.compile column, compilation included (default: "
+                        "no limit)")
     args = p.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")    # before triton is imported
@@ -199,9 +330,6 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     import kernels
-    from kernels.assign import assign, assign_upsampled
-    from kernels.ciae_loss import embedding_loss
-    from kernels.segment_sums import segment_sums
 
     if "triton" not in kernels.BACKENDS:
         print("triton does not import here: nothing to benchmark.", file=sys.stderr)
@@ -210,53 +338,22 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     repeats = args.repeats if args.repeats is not None else (2 if args.smoke else 20)
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = getattr(torch, args.dtype)
     name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter), smoke test"
-    tbps = args.hbm_tbps or next((v for k, v in HBM_TBPS if k in name), None)
+    tbps = args.hbm_tbps or hbm_tbps(name)
     if tbps is None:
         tbps = 3.35
         if cuda:
             print(f"HBM bandwidth of {name!r} unknown: assuming 3.35 TB/s (set --hbm-tbps)",
                   file=sys.stderr)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    twins = {"segment_sums": segment_sums, "embedding_loss": embedding_loss, "assign": assign,
-             "assign_upsampled": assign_upsampled}
-    triton_backend = kernels.BACKENDS["triton"]
-    impls = {"triton": {k: getattr(triton_backend, k) for k in twins}, "eager twin": twins}
-    if not args.no_compile:
-        impls["compiled twin"] = {k: torch.compile(f) for k, f in twins.items()}
-
-    inputs = make_inputs(shape, dtype, device)
-    floors = floor_bytes(shape, torch.tensor([], dtype=dtype).element_size())
+    rows = run_table(shape, getattr(torch, args.dtype), device, tbps, warmup, repeats,
+                     compile_twins=not args.no_compile, compile_budget_s=args.compile_budget)
     print(f"# Fused CIAE operations, {name}, {args.dtype}\n")
     print(f"{shape.images} images {shape.height}x{shape.width}, D = {shape.dim}, "
           f"Q = {shape.stuff} stuff + {shape.instances} instances; HBM {tbps} TB/s; median of "
-          f"{repeats} after {warmup} warm-up; peak = max allocated above the inputs.\n")
-    print("| operation | implementation | median ms | peak MiB | floor ms | % floor | vs eager |")
-    print("|---|---|---:|---:|---:|---:|---|")
-    results = {}
-    for impl_name, impl in impls.items():
-        for op, run in operations(impl, inputs).items():
-            try:
-                results[op, impl_name] = measure(run, sync, cuda, warmup, repeats)
-            except Exception as exc:    # e.g. torch.compile failing on the chunked twin
-                results[op, impl_name] = exc
-    for op in floors:
-        floor_s = floors[op] / (tbps * 1e12)
-        for impl_name in impls:
-            res = results[op, impl_name]
-            if isinstance(res, Exception):
-                print(f"| {op} | {impl_name} | failed: {type(res).__name__}: "
-                      f"{str(res).splitlines()[0][:80] if str(res) else ''} | | | | |")
-                continue
-            t, peak, out = res
-            ref = results[op, "eager twin"]
-            vs = ("-" if impl_name == "eager twin" or isinstance(ref, Exception)
-                  else agreement(op, out, ref[2]))
-            mib = f"{peak / 2**20:.1f}" if peak is not None else "-"
-            print(f"| {op} | {impl_name} | {1e3 * t:.3f} | {mib} | {1e3 * floor_s:.3g} | "
-                  f"{100 * floor_s / t:.3g} | {vs} |")
+          f"{repeats} after {warmup} warm-up; peak = max allocated above the inputs; x eager = "
+          f"the eager twin's time over this one; peak / grad = peak over the bytes of the "
+          f"embedding gradient.\n")
+    print("\n".join(markdown(rows)))
     return 0
 
 

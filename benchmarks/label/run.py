@@ -1,5 +1,5 @@
-"""Batch labeling throughput: images/s of `ciae label` (Ray Data, model actors) against a plain
-single-process loop, on synthetic images.
+"""Batch labeling throughput: images/s of `ciae label` (the streaming Ray Data job: decode tasks,
+model actors, encode tasks) against a plain single-process loop, on synthetic images.
 
 Makes N synthetic images (JPEG), writes a checkpoint (untrained unless --checkpoint is given)
 of ``Config.small()`` (default) or, with --resnet50, the paper's ResNet-50 at shorter side 800,
@@ -7,24 +7,24 @@ and registers it in a temporary sqlite MLflow. Then, on the same files:
 
 * baseline: one process, no Ray, no MLflow: read, decode, ``ciae.predictor.Predictor`` in
   batches, encode the PNG, write it; torch on all the cores (or the GPU);
-* the labeling job (``workflows.label.label``) with each actor count of --workers, each actor
-  getting cores / workers CPUs (threads) on a CPU machine, or --gpus-per-worker of a GPU.
+* the labeling job (``workflows.label.label``) with each actor count of --workers, the actors
+  sharing all cores but one (left to the decode and encode tasks) on a CPU machine, or each
+  with --gpus-per-worker of a GPU.
 
 Every run is repeated --repeats times, interleaved, and its best round reported (a shared
 machine's load varies). Reported per run: wall time of the labeling stage (for the job: actor start and model load
 included) and images/s end to end; for the job also the steady rate, from the first to the last
-finished batch (the records' modification times), which is what a long job sees. Timings are
+sealed task (the shards' modification times), which is what a long job sees. Timings are
 printed, never asserted.
 
     python benchmarks/label/run.py                        # CPU: small config, 1 and 2 actors
     python benchmarks/label/run.py --resnet50 --images 512 --batch-size 8 --workers 1,2 \\
-        --gpus-per-worker 0.5                             # GPU goal: >= 60 images/s on one H100
+        --gpus-per-worker 0.5                             # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -33,10 +33,11 @@ import torch
 
 from ciae.config import Config
 from ciae.model import CIAEModel
-from ciae.predictor import Predictor, decode_rgb
+from ciae.predictor import Predictor
+from ciae.transform import decode_rgb
 from ciae.train import Trainer, model_from_checkpoint
 from pipeline.panoptic_png import encode_id_png
-from pipeline.predictions import RECORD_DIR
+from pipeline.label_store import LABELS_DIR
 from pipeline.synth import SynthSpec, coco_categories, select_categories, write_dataset
 
 
@@ -71,17 +72,16 @@ def baseline(checkpoint: str, images_dir: str, out_dir: str, batch_size: int) ->
 
 
 def steady_rate(out: str) -> float | None:
-    """Images/s from the first to the last finished batch: the images of every record but the
-    first, over the time between the first and the last record (modification times)."""
-    folder = os.path.join(out, RECORD_DIR)
-    records = []
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name)) as f:
-            records.append((os.stat(os.path.join(folder, name)).st_mtime, len(json.load(f)["labeled"])))
-    records.sort()
-    if len(records) < 2 or records[-1][0] <= records[0][0]:
+    """Images/s from the first to the last sealed task: the images of every shard but the first,
+    over the time between the first and the last shard (modification times)."""
+    import pyarrow.parquet as pq
+
+    folder = os.path.join(out, LABELS_DIR)
+    shards = sorted((os.stat(os.path.join(folder, n)).st_mtime, pq.read_metadata(os.path.join(folder, n)).num_rows)
+                    for n in os.listdir(folder) if n.endswith(".parquet"))
+    if len(shards) < 2 or shards[-1][0] <= shards[0][0]:
         return None
-    return sum(n for _, n in records[1:]) / (records[-1][0] - records[0][0])
+    return sum(n for _, n in shards[1:]) / (shards[-1][0] - shards[0][0])
 
 
 def main(argv=None) -> int:
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from pipeline.ray_runtime import connect
-    from workflows.label import label
+    from workflows.label import LabelJob, label
     from workflows.registry import register_checkpoint
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -135,10 +135,12 @@ def main(argv=None) -> int:
             print(f"[bench] round {r + 1}: baseline {rate:.2f} img/s", flush=True)
             for workers in [int(w) for w in args.workers.split(",")]:
                 out = os.path.join(root, f"ray-{workers}-{r}")
-                cpus = 1.0 if args.gpus_per_worker else max(1.0, cores / workers)
-                s = label(model_uri, images, out, tracking_uri=tracking, workers=workers,
-                          batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
-                          cpus_per_worker=cpus, progress=False)
+                # with no GPU the actors leave one CPU to the decode and encode tasks
+                cpus = 1.0 if args.gpus_per_worker else max(0.5, (cores - 1) / workers)
+                s = label(LabelJob(model=model_uri, input=images, out=out, tracking_uri=tracking,
+                                   workers=workers, batch_size=args.batch_size,
+                                   gpus_per_worker=args.gpus_per_worker, cpus_per_worker=cpus,
+                                   task_images=4 * args.batch_size), progress=False)
                 name = (f"ciae label, {workers} actor(s) x {cpus:g} CPU"
                         + (f" + {args.gpus_per_worker:g} GPU" if args.gpus_per_worker else ""))
                 keep(name, (str(workers), s["seconds"], s["images_per_second"], steady_rate(out)))

@@ -39,9 +39,10 @@ import numpy as np
 from PIL import Image
 
 from ciae.evaluation.pq import PQAccumulator
-from pipeline.coco import CategoryTable, load_panoptic_json
-from pipeline.panoptic_png import id_to_rgb
+from ciae.panoptic import CategoryTable
+from pipeline.coco import load_panoptic_json
 from pipeline.panoptic_png import decode_id_png as decode_ids
+from pipeline.panoptic_png import id_to_rgb
 from workflows.evaluate import default_workers, evaluate, evaluate_pairs, load_predictions
 
 CATEGORIES = os.path.join(os.path.dirname(__file__), "..", "..", "pipeline", "data",

@@ -26,7 +26,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from pipeline import coco
+from pipeline import coco, storage
 from pipeline.shards import Source, convert_record, shard_name, write_shard
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "data", "coco_sample")
@@ -52,24 +52,24 @@ def run_baseline(src: dict, records: list[coco.PanopticRecord], lut: dict, work:
 
 
 def run_ours_single(src: dict, dataset: coco.CocoPanoptic, work: str, rows_per_shard: int) -> float:
-    images, panoptic = coco.resolve(src["images"]), coco.resolve(src["panoptic_dir"])
-    fs, out = coco.resolve(work)
+    images, panoptic = storage.resolve(src["images"]), storage.resolve(src["panoptic_dir"])
+    fs, out = storage.resolve(work)
     fs.create_dir(out)
     records = dataset.records
     t = time.perf_counter()
     for k in range(0, len(records), rows_per_shard):
         chunk = records[k:k + rows_per_shard]
         rows = [convert_record(r, images, panoptic) for r in chunk]
-        write_shard(fs, coco.join(out, shard_name(k, chunk, dataset.categories)), rows, [])
+        write_shard(fs, storage.join(out, shard_name(k, chunk, dataset.categories)), rows, [])
     return len(records) / (time.perf_counter() - t)
 
 
 def run_ours_ray(src: dict, work: str, rows_per_shard: int) -> tuple[float, float, int]:
     """The whole Ray Data job, images/s: a cold run (Ray workers start and import) and a warm one."""
+    import ray
+
     from pipeline.prepare import prepare
     from pipeline.ray_runtime import connect
-
-    import ray
 
     rates = []
     with connect():

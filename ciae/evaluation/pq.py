@@ -18,7 +18,7 @@ lookup table indexed by the id itself (ids are < 256**3, as in COCO PNGs), so no
 
 Where this differs from panopticapi, it is on input panopticapi handles badly or not at all:
 ground-truth areas are pixel counts (panopticapi trusts the JSON ``area``); inconsistent input
-raises :class:`pipeline.coco.RecordError` naming the image (panopticapi raises a bare KeyError,
+raises :class:`pipeline.RecordError` naming the image (panopticapi raises a bare KeyError,
 crashes or counts garbage); with no class to average, PQ, SQ and RQ are 0 with ``n`` = 0
 (panopticapi divides by zero). ``per_class`` lists only the classes that count in the averages;
 panopticapi also lists the others, at 0.
@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.coco import CategoryTable, RecordError
-from pipeline.panoptic_png import MAX_SEGMENT_ID
+from ciae.panoptic import MAX_SEGMENT_ID, CategoryTable, RecordError
 
 GROUPS = (("All", None), ("Things", True), ("Stuff", False))
 

@@ -4,9 +4,11 @@
   2. Parquet shards of both, by a Ray Data job;
   3. training with Ray Train on --workers workers (DDP, gloo), tracked in MLflow (sqlite), the
      model registered as a pyfunc and given the alias @champion when it beats the holder;
-  4. labeling of the held-out images with the registered model (Ray Data actor pool), written
-     in COCO panoptic format, with PQ against the ground truth;
-  5. overlays and embedding PCA images, on disk and as MLflow artifacts.
+  4. labeling of the held-out images with the registered model (streaming Ray Data job: decode
+     tasks, model actors, encode tasks), written as Parquet shards and in COCO panoptic and
+     instances formats, with PQ streamed against the ground truth and the least confident
+     images listed first in review.csv;
+  5. panels (image | prediction | ground truth | embedding PCA), on disk and as MLflow artifacts.
 
 example:
   ciae demo --workdir runs/demo
@@ -37,7 +39,7 @@ def run(args) -> int:
     from pipeline.ray_runtime import connect
     from pipeline.shards import Source
     from pipeline.synth import SynthSpec, write_dataset
-    from workflows.label import label
+    from workflows.label import LabelJob, label
     from workflows.train import TrainJob, train
 
     t0 = time.perf_counter()
@@ -69,10 +71,11 @@ def run(args) -> int:
         val = os.path.join(wd, "synth", "val")
         model_uri = f"models:/ciae-demo/{s['model_version']}"
         print(f"[demo] labeling {args.val_images} held-out images with {model_uri}")
-        labels = label(model_uri, os.path.join(val, "images"), os.path.join(wd, "labels"), tracking_uri=uri,
-                       address=args.address, workers=args.workers,
-                       gt_json=os.path.join(val, "panoptic.json"), gt_dir=os.path.join(val, "panoptic"),
-                       overlays=4)
+        labels = label(LabelJob(model=model_uri, input=os.path.join(val, "images"), out=os.path.join(wd, "labels"),
+                                tracking_uri=uri, workers=args.workers, cpus_per_worker=0.5,
+                                gt_json=os.path.join(val, "panoptic.json"), gt_dir=os.path.join(val, "panoptic"),
+                                coco_panoptic=True, coco_instances=True, overlays=4),
+                       address=args.address)
     pictures = mlflow.artifacts.download_artifacts(run_id=s["run_id"], artifact_path="pictures",
                                                    dst_path=wd, tracking_uri=uri)
     pq = labels["metrics"]["All"]
@@ -81,8 +84,10 @@ def run(args) -> int:
   data          {os.path.join(wd, 'synth')}  (COCO panoptic) and {os.path.join(wd, 'shards')} (Parquet)
   checkpoints   {os.path.join(wd, 'ray_results')}
   MLflow        {uri}  run {s['run_id']}, model ciae-demo version {s['model_version']}
-  labels        {labels['out']}/panoptic/*.png + predictions.json, metrics.json, rejects.json
-  overlays      {os.path.join(labels['out'], 'overlays')}
-  pictures      {pictures}  (validation overlays and embedding PCA images, also MLflow artifacts)
+  labels        {labels['out']}/labels/*.parquet (one row per image), panoptic/*.png + predictions.json
+                (COCO panoptic), instances.json (COCO instances, RLE), metrics.json, review.csv
+                (least confident first), rejects.json
+  panels        {os.path.join(labels['out'], 'overlays')}  (image | prediction | ground truth)
+  pictures      {pictures}  (validation panels with embedding PCA, also MLflow artifacts)
   MLflow UI     .venv/bin/mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000""")
     return 0

@@ -9,7 +9,7 @@ panopticapi does, and optionally writes them as JSON with fractions in [0, 1]:
 
 per_class lists the classes that count in the averages (those with a TP, FP or FN). Problems in
 the input (a missing prediction, ids in a PNG missing from the JSON, unknown categories, ...)
-are listed image by image and the command exits with status 1.
+are listed image by image and the command exits with status 2.
 """
 
 from __future__ import annotations
@@ -34,20 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from pipeline.coco import DatasetError
     from ciae.evaluation import format_table
-    from workflows.evaluate import EvaluationError, evaluate, write_metrics
+    from workflows.evaluate import evaluate, write_metrics
 
     if args.workers is not None and args.workers < 1:
-        print("ciae evaluate: --workers must be at least 1", file=sys.stderr)
-        return 2
+        raise ValueError("--workers must be at least 1")
     start = time.perf_counter()
-    try:
-        summary = evaluate(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir,
-                           workers=args.workers, log=lambda m: print(m, file=sys.stderr))
-    except (DatasetError, EvaluationError) as e:
-        print(f"ciae evaluate: {e}", file=sys.stderr)
-        return 1
+    summary = evaluate(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir,
+                       workers=args.workers, log=lambda m: print(m, file=sys.stderr))
     print(format_table(summary))
     print(f"Time elapsed: {time.perf_counter() - start:0.2f} seconds")
     if args.output:

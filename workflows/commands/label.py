@@ -1,82 +1,94 @@
-"""Label images with a registered model: a Ray Data job on a pool of model actors.
+"""Label images with a registered model: a streaming Ray Data job (decode on CPU tasks, the model
+on actors, encode and write on CPU tasks), written exactly once as Parquet shards.
 
-Input (path or URI): a folder of images, a list file (one path or URI per line), or prepared
-shards (a folder with manifest.json). Output, in COCO panoptic format (readable by panopticapi
-and detectron2):
+Input (path or URI): a folder of images (with its subfolders), a list file (one path or URI per
+line), or prepared shards (a folder with manifest.json). Output:
 
-  OUT/panoptic/<stem>.png     one PNG per image, at the image's own size
-  OUT/predictions.json        {"images", "annotations" (image_id, file_name, segments_info), "categories"}
+  OUT/labels/task-*.parquet   one row per image: key, image_id, file_name, height, width, status,
+                              the COCO panoptic PNG, segments (with a confidence score and, for
+                              things, an RLE mask), the image's quality, its PQ with ground truth
+  OUT/review.csv              the least confident images first (--review N of them)
   OUT/rejects.json            images that could not be read, with the reason
-  OUT/overlays/<stem>.png     with --overlays N: pictures of the first N images
-  OUT/metrics.json            with --gt-json/--gt-dir: PQ / SQ / RQ of the labeled images
+  OUT/metrics.json            with ground truth: PQ / SQ / RQ, accumulated as batches finish
+  OUT/panoptic/<key>.png + OUT/predictions.json    with --coco-panoptic (COCO panoptic format)
+  OUT/instances.json          with --coco-instances: COCO instances of the thing segments (RLE)
+  OUT/overlays/<key>.png      with --overlays N: image | prediction | ground truth of the first N
 
+Keys are the images' paths relative to the input without extension (a/0001 for a/0001.jpg).
 Image ids: from shards, the row's image_id; from a folder or list, the ground truth's id for
-that file name when --gt-json is given, else the file stem when every stem is a number
+that file name when --gt-json is given, else the file stem when every stem is a distinct number
 (000000000139.jpg -> 139), else 1, 2, ... in input order (a folder's sorted order).
+`ciae export` writes the COCO files later from OUT.
 
-Killed and run again with the same OUT, the job labels only the images not finished, so every
-image is labeled exactly once.
+Killed anywhere and run again with the same OUT, the job labels only the images not finished:
+every image appears exactly once in every output.
 
 example:
   ciae label --model models:/ciae@champion --input coco/val2017 --out labels/val2017 \\
              --gt-json coco/annotations/panoptic_val2017.json \\
-             --gt-dir coco/annotations/panoptic_val2017 --overlays 8
-  ciae label --model models:/ciae@champion --input shards/val2017 --out labels/val \\
-             --address auto --workers 4 --gpus-per-worker 1 --batch-size 16
+             --gt-dir coco/annotations/panoptic_val2017 --coco-panoptic --overlays 8
+  ciae label --model models:/ciae@champion --input s3://bucket/images --out s3://bucket/labels \\
+             --address auto --workers 8 --gpus-per-worker 1 --batch-size 16 --coco-instances
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-HELP = "label images with a registered model (Ray Data actors), COCO panoptic output"
+HELP = "label images with a registered model (Ray Data, streaming), Parquet and COCO output"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from workflows.cli import defaults
+    from workflows.label import LabelJob
+
+    d = defaults(LabelJob)
     p.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/ciae@champion")
     p.add_argument("--input", required=True, help="folder of images, list file, or shards folder (path or URI)")
     p.add_argument("--out", required=True, help="output folder (path or URI)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
-    p.add_argument("--workers", type=int, default=1, help="model actors (default 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help=f"images per model call (default {d['batch_size']})")
+    p.add_argument("--workers", type=int, default=d["workers"], help=f"model actors (default {d['workers']})")
+    p.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"],
                    help="GPUs per actor; 0.5 puts two actors on one GPU (default 0: CPU)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="CPUs per actor, also its torch threads (default 1)")
-    p.add_argument("--gt-json", default=None, help="ground-truth COCO panoptic JSON: compute PQ at the end")
+    p.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"],
+                   help=f"CPUs per actor, also its torch threads (default {d['cpus_per_worker']:g})")
+    p.add_argument("--gt-json", default=None, help="ground-truth COCO panoptic JSON: PQ as batches finish")
     p.add_argument("--gt-dir", default=None, help="folder of ground-truth panoptic PNGs (with --gt-json)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI or sqlite mlruns/mlflow.db)")
-    p.add_argument("--overlays", type=int, default=0, metavar="N",
-                   help="draw overlays of the first N images into OUT/overlays (default 0)")
+    p.add_argument("--coco-panoptic", action="store_true", help="also write OUT/panoptic/*.png and predictions.json")
+    p.add_argument("--coco-instances", action="store_true",
+                   help="also write OUT/instances.json (thing segments as RLE, for detector training)")
+    p.add_argument("--overlays", type=int, default=d["overlays"], metavar="N",
+                   help="draw panels of the first N images into OUT/overlays (default 0)")
+    p.add_argument("--review", type=int, default=d["review"], metavar="N",
+                   help=f"list the N least confident images in OUT/review.csv (default {d['review']})")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no bfloat16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network on CUDA")
+    p.add_argument("--retry-rejected", action="store_true",
+                   help="label again the images an earlier run rejected (the files may have been fixed)")
+    p.add_argument("--task-images", type=int, default=d["task_images"],
+                   help=f"images per task and output shard, fixed by the first run (default {d['task_images']})")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ciae.evaluation import format_table
-    from pipeline.coco import DatasetError
-    from workflows.evaluate import EvaluationError
-    from workflows.label import label
+    import dataclasses
 
-    try:
-        s = label(args.model, args.input, args.out, tracking_uri=args.tracking_uri, address=args.address,
-                  workers=args.workers, batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
-                  cpus_per_worker=args.cpus_per_worker, gt_json=args.gt_json, gt_dir=args.gt_dir,
-                  overlays=args.overlays)
-    except (ValueError, DatasetError, EvaluationError) as e:
-        print(f"ciae label: {e}", file=sys.stderr)
-        return 1
+    from ciae.evaluation import format_table
+    from workflows.label import LabelJob, label
+
+    job = LabelJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LabelJob)})
+    s = label(job, address=args.address)
     rate = f", {s['images_per_second']:.1f} img/s" if s["images_per_second"] else ""
     print(f"{s['labeled']} of {s['images']} images labeled ({s['skipped']} finished before, "
           f"{s['processed']} this run in {s['seconds']:.1f} s{rate}), {s['rejected']} rejected -> {args.out}")
     if s["rejected"]:
         print(f"  rejected images are listed in {args.out}/rejects.json")
+    print(f"  the {s['review']} least confident images are listed in {args.out}/review.csv")
     if s["overlays"]:
-        print(f"  {s['overlays']} overlays in {args.out}/overlays")
+        print(f"  {s['overlays']} panels in {args.out}/overlays")
     if s["metrics"] is not None:
-        m = s["metrics"]
-        print(format_table(m))
-        if m["images"]["without_prediction"]:
-            print(f"  ({m['images']['without_prediction']} ground-truth images have no prediction "
-                  f"and are left out)")
+        print(format_table(s["metrics"]))
     return 0

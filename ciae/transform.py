@@ -1,0 +1,161 @@
+"""Image preprocessing for training, validation and prediction, in one place (the role of
+torchvision's ``GeneralizedRCNNTransform``): decode, resize to a size, pad a batch to a multiple
+of 32, and map a prediction back to the image's own size.
+
+* Resize: the shorter side to a target (drawn from ``InputConfig.shorter_sides`` in training,
+  ``test_shorter_side`` otherwise), the longer side capped at ``max_size``; images bilinear
+  (PIL), label maps nearest (:func:`resize_nearest`).
+* Pad: every map of a batch zero-padded (labels with their ignore value) at the bottom and
+  right to one size divisible by ``SIZE_DIVISIBILITY``.
+* Map back (:meth:`Transform.postprocess`): the predicted id map resized (nearest) to the
+  image's size, and its segments re-measured there; a segment that vanished in the resize is
+  dropped, so every listed segment has pixels, as COCO panoptic requires.
+
+``pipeline.targets`` (training targets), ``ciae.predictor`` (prediction on images of any size)
+and validation (``workflows.local.evaluate``) all go through :class:`Transform`, so the three
+see the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ciae.config import InputConfig
+from ciae.panoptic import measure_segments
+
+SIZE_DIVISIBILITY = 32
+MAX_PIXELS = 100_000_000      # larger images are refused before they are decoded
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with the reason."""
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes (JPEG, PNG, anything PIL reads) -> [H, W, 3] uint8 RGB.
+
+    Grey, palette, CMYK, alpha and 16-bit images become 8-bit RGB (16-bit values keep their top
+    8 bits). Raises ValueError with the reason for an empty, non-image, truncated or corrupt
+    file (it decodes in full) and, before decoding, for an image of more than ``MAX_PIXELS``
+    pixels (a decompression bomb). EXIF orientation is not applied: COCO sizes and annotations
+    refer to the stored pixels."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # our limit applies
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"{w}x{h} is {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP "
+                                     "limit (a decompression bomb?)")
+                if w * h == 0:
+                    raise ImageError(f"{w}x{h}: no pixels")
+                if im.mode.startswith("I") or im.mode == "F":    # 16/32-bit integers, floats: grey
+                    wide = np.asarray(im, dtype=np.float64)
+                    grey = np.clip(wide, 0, 255) if im.mode == "F" else np.clip(wide, 0, 65535) / 256
+                    return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+                return np.asarray(im.convert("RGB"))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:     # PIL's own guard, at twice its limit
+        raise ImageError(f"over the {MAX_PIXELS / 1e6:.0f} MP limit (a decompression bomb?): {e}") from None
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise ImageError(f"unreadable image ({type(e).__name__}: {e})") from None
+
+
+def output_size(h: int, w: int, shorter: int, max_size: int) -> tuple[int, int]:
+    """Size after resizing the shorter side to ``shorter`` with the longer side <= ``max_size``."""
+    scale = min(shorter / min(h, w), max_size / max(h, w))
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[H, W, 3] uint8 -> [h, w, 3] uint8, bilinear (PIL)."""
+    if image.shape[:2] == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def resize_nearest(a, size: tuple[int, int]):
+    """[H, W] label map (numpy array or torch tensor) -> [h, w] of the same kind, nearest:
+    output pixel i takes source row floor((i + 0.5) H / h), computed exactly in integers (and
+    likewise for columns)."""
+    h, w = a.shape
+    oh, ow = size
+    if (h, w) == (oh, ow):
+        return a
+    ys = (2 * np.arange(oh, dtype=np.int64) + 1) * h // (2 * oh)
+    xs = (2 * np.arange(ow, dtype=np.int64) + 1) * w // (2 * ow)
+    if isinstance(a, torch.Tensor):
+        ys, xs = torch.from_numpy(ys).to(a.device), torch.from_numpy(xs).to(a.device)
+    return a[ys[:, None], xs[None, :]]
+
+
+def padded_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The smallest (H, W) divisible by SIZE_DIVISIBILITY that holds every size."""
+    d = SIZE_DIVISIBILITY
+    return (-(-max(s[0] for s in sizes) // d) * d, -(-max(s[1] for s in sizes) // d) * d)
+
+
+def pad_batch(maps: Sequence[np.ndarray], fill: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Maps [..., h_i, w_i] of one dtype -> [B, ..., H, W] padded with ``fill`` at the bottom and
+    right; (H, W) = ``size`` or ``padded_size`` of the maps."""
+    hh, ww = size or padded_size([m.shape[-2:] for m in maps])
+    out = torch.full((len(maps), *maps[0].shape[:-2], hh, ww), fill,
+                     dtype=torch.from_numpy(np.empty(0, maps[0].dtype)).dtype)
+    for k, m in enumerate(maps):
+        out[k, ..., : m.shape[-2], : m.shape[-1]] = torch.from_numpy(np.ascontiguousarray(m))
+    return out
+
+
+def remeasure(ids, segments: list[dict]) -> list[dict]:
+    """segments_info of ``ids`` [H, W] (a numpy array or a tensor; segment i has id i, as the
+    model numbers them) with area and bbox measured on this map; segments with no pixel left
+    are dropped."""
+    for k, s in enumerate(segments):
+        if s["id"] != k + 1:
+            raise ValueError(f"segment ids must be 1..N in order, got {s['id']} at position {k + 1}")
+    areas, boxes = measure_segments(ids, len(segments))
+    areas, boxes = areas.tolist(), boxes.tolist()
+    return [{**s, "area": areas[k], "bbox": boxes[k]} for k, s in enumerate(segments) if areas[k] > 0]
+
+
+class Transform:
+    """Sizes, batches and the way back, for one ``InputConfig``."""
+
+    def __init__(self, cfg: InputConfig):
+        self.cfg = cfg
+
+    def train_size(self, h: int, w: int, rng: np.random.Generator) -> tuple[int, int]:
+        """A training size: the shorter side drawn from ``shorter_sides`` (scale jitter)."""
+        return output_size(h, w, int(rng.choice(self.cfg.shorter_sides)), self.cfg.max_size)
+
+    def test_size(self, h: int, w: int) -> tuple[int, int]:
+        return output_size(h, w, self.cfg.test_shorter_side, self.cfg.max_size)
+
+    def resize_for_test(self, image: np.ndarray) -> np.ndarray:
+        """An [H, W, 3] uint8 RGB image of any size -> the same at its test size."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an [H, W, 3] uint8 image, got {image.dtype} {image.shape}")
+        return resize_image(image, self.test_size(*image.shape[:2]))
+
+    @staticmethod
+    def batch(images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """[h, w, 3] uint8 images (at their test sizes) -> ([B, 3, Hp, Wp] uint8 zero-padded,
+        the (h, w) of each)."""
+        return pad_batch([im.transpose(2, 0, 1) for im in images], 0), [im.shape[:2] for im in images]
+
+    @staticmethod
+    def postprocess(ids, segments: list[dict], size: tuple[int, int]):
+        """A prediction at the test size (ids [h, w], a numpy array or a tensor on any device,
+        numbered 1..N as ``segments``) -> ids at ``size`` (H, W), of the same kind, and its
+        segments re-measured there."""
+        ids = resize_nearest(ids, size)
+        return ids, remeasure(ids, segments)

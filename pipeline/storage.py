@@ -1,0 +1,74 @@
+"""Files on a local disk or behind a filesystem URI (s3://, gs://, file://, any fsspec protocol):
+one way to open, read, write atomically and list them.
+
+Paths are ``str``: a local path or a URI. ``resolve`` turns one into a pyarrow filesystem and a
+path on it; the other helpers take that pair. Writes go to a temporary name beside the target
+and are moved into place (``write_bytes_atomic``), so a reader never sees half a file; the
+temporary names contain ``TMP_MARK`` so that a job can clean up after a killed run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+
+TMP_MARK = ".tmp-"
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or a pyarrow/fsspec URI -> (pyarrow filesystem, path on it)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError):  # pyarrow.ArrowInvalid for a scheme it has no native filesystem for
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def absolute(uri: str | None) -> str | None:
+    """A URI as it is, a local path made absolute (for processes with another working folder)."""
+    return uri if uri is None or "://" in uri else os.path.abspath(uri)
+
+
+def join(base: str, *names: str) -> str:
+    return "/".join([base.rstrip("/"), *names])
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write to a temporary name beside ``path``, then move it into place."""
+    tmp = f"{path}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def file_type(fs: pafs.FileSystem, path: str) -> pafs.FileType:
+    return fs.get_file_info(path).type
+
+
+def list_folder(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """The entries directly inside a folder; none when it does not exist."""
+    try:
+        return fs.get_file_info(pafs.FileSelector(path))
+    except FileNotFoundError:
+        return []
+
+
+def remove_temporaries(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """Delete the temporary files of interrupted writes directly inside ``folder``; returns
+    their names."""
+    removed = []
+    for info in list_folder(fs, folder):
+        if TMP_MARK in info.base_name and info.type == pafs.FileType.File:
+            fs.delete_file(info.path)
+            removed.append(info.base_name)
+    return removed

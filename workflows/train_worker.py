@@ -1,0 +1,194 @@
+"""What each Ray Train worker runs: ``ciae.train.Trainer.fit`` under DDP, with hooks.
+
+Per worker: build the model from the job's resolved config (same seed everywhere; DDP also
+broadcasts rank 0's weights), resume from the latest Ray Train checkpoint if there is one, then
+``Trainer.fit`` on its part of the training plan (``pipeline.train_stream``), streamed by a
+Ray Data job of its own from the resumed step on. Across workers:
+
+* gradients are averaged by DDP, and every loss normaliser (FCOS positives and centerness sum,
+  CIAE pixel counts) is averaged with them (``model.reduce_mean``), so that W workers with
+  batch B take the step one worker takes with batch W * B;
+* the batch's category sums and counts are summed (``model.reduce_sum``) before the memory
+  update, so the memory is identical on every worker.
+
+The hooks: after each step rank 0 logs to MLflow (the run the driver created) and validates on
+the held-out shards every ``eval_every`` steps and at the end; at checkpoint steps every rank
+reports (``ray.train.report`` is collective) with its pid and step, rank 0 also with the
+checkpoint and, at the end, the validation PQ.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ciae.config import Config
+
+CHECKPOINT_FILE = "checkpoint.pt"
+STEP_TAG = "ciae.step"          # rank 0's latest logged step (the driver's progress bar reads it)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, built once by the driver (``workflows.train``)."""
+
+    config: Config                 # resolved: the run's solver (global batch, lr, schedule)
+    stuff_ids: list[int]
+    thing_ids: list[int]
+    data: str                      # absolute path or URI of the training shards
+    val: str | None
+    batch_per_worker: int
+    threads: int                   # torch threads of a CPU worker
+    eval_every: int
+    tracking_uri: str
+    run_id: str
+
+
+def _sum_over_workers(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    import torch.distributed as dist
+
+    out = tuple(t.detach().clone() for t in tensors)
+    for t in out:
+        dist.all_reduce(t)
+    return out
+
+
+def _mean_over_workers(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    (total,) = _sum_over_workers(t)
+    return total / dist.get_world_size()
+
+
+def distributed_trainer(model, device: torch.device):
+    """A ``Trainer`` for this worker: model on ``device``, wrapped in DDP when the world is
+    larger than one, with the loss normalisers and the memory statistics reduced across
+    workers. Call inside a Ray Train worker (or any initialised torch.distributed group)."""
+    import torch.distributed as dist
+
+    from ciae.train import Trainer
+
+    model.to(device)
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return Trainer(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    # the memory is a buffer kept identical by the reduction, so DDP need not broadcast it
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  broadcast_buffers=False)
+    model.reduce_mean, model.reduce_sum = _mean_over_workers, _sum_over_workers
+    return Trainer(model, module=ddp)
+
+
+class _MlflowLog:
+    """Rank 0's per-step metrics into the driver's MLflow run, written every ``every_s`` seconds
+    with the latest step as a tag."""
+
+    def __init__(self, tracking_uri: str, run_id: str, every_s: float = 2.0):
+        import mlflow
+
+        self.client, self.run_id = mlflow.MlflowClient(tracking_uri), run_id
+        self.pending, self.every_s, self.step, self.flushed_at = [], every_s, 0, time.monotonic()
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in values.items()]
+        self.step = step
+        if time.monotonic() - self.flushed_at >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        from mlflow.entities import RunTag
+
+        for k in range(0, len(self.pending), 1000):
+            self.client.log_batch(self.run_id, metrics=self.pending[k:k + 1000],
+                                  tags=[RunTag(STEP_TAG, str(self.step))])
+        self.pending, self.flushed_at = [], time.monotonic()
+
+
+def _batches(spec: WorkerSpec, trainer, rank: int, world: int):
+    """This rank's collated batches for steps [trainer.step, iterations): its part of the
+    training plan, streamed by its own Ray Data job, each checked against the step it is for."""
+    from pipeline.train_stream import rows_of_batches, step_batches, training_dataset
+
+    start, end = trainer.step, spec.config.solver.iterations
+    ds = training_dataset(spec.data, spec.config, global_batch=world * spec.batch_per_worker,
+                          world=world, rank=rank, start=start, end=end)
+    rows = rows_of_batches(ds.iter_batches(batch_size=spec.batch_per_worker, batch_format="numpy",
+                                           prefetch_batches=2))
+    for planned, batch in step_batches(rows, start, end):
+        if planned != trainer.step:
+            raise RuntimeError(f"rank {rank}: the plan gave step {planned} at step {trainer.step}")
+        yield batch
+
+
+def validate(model, val_shards: str, log: _MlflowLog, step: int) -> dict:
+    """PQ of ``model`` on the held-out shards, logged; returns the summary with string keys."""
+    from workflows.local import evaluate
+
+    pq = evaluate(model, val_shards)
+    log.log(step, {"val_pq": pq["All"]["pq"], "val_sq": pq["All"]["sq"], "val_rq": pq["All"]["rq"],
+                   "val_pq_things": pq["Things"]["pq"], "val_pq_stuff": pq["Stuff"]["pq"]})
+    return pq | {"per_class": {str(k): v for k, v in pq["per_class"].items()}}
+
+
+def train_worker(loop_config: dict) -> None:
+    """The Ray Train worker function; ``loop_config``: {"spec": WorkerSpec}."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from ciae.model import CIAEModel
+
+    spec: WorkerSpec = loop_config["spec"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(spec.threads)
+    cfg = spec.config
+    torch.manual_seed(cfg.solver.seed)
+    model = CIAEModel(cfg, spec.stuff_ids, spec.thing_ids)
+    trainer = distributed_trainer(model, device)
+
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            trainer.load(os.path.join(d, CHECKPOINT_FILE))
+    log = _MlflowLog(spec.tracking_uri, spec.run_id) if rank == 0 else None
+    if log and resumed:
+        log.log(trainer.step, {"resumed_at_step": trainer.step})
+
+    end = cfg.solver.iterations
+    state = {"t": time.perf_counter(), "val": None}
+
+    def on_step(step: int, stats: dict) -> None:
+        now = time.perf_counter()
+        stats["images_per_s"] = world * spec.batch_per_worker / (now - state["t"])   # data wait included
+        state["t"] = now
+        if log:
+            log.log(step, stats)
+            if spec.val and (step == end or (spec.eval_every and step % spec.eval_every == 0)):
+                state["val"] = validate(model, spec.val, log, step)
+
+    def on_checkpoint(step: int) -> None:
+        report = {"step": step, "pid": os.getpid()}
+        if state["val"] and step == end:
+            report["val"] = state["val"]
+        if log:
+            log.flush()
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                trainer.save(os.path.join(d, CHECKPOINT_FILE))
+                ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+            else:
+                ray.train.report(report)
+        state["t"] = time.perf_counter()   # the report is not a training step
+
+    trainer.fit(_batches(spec, trainer, rank, world), end, on_step=on_step, on_checkpoint=on_checkpoint)
