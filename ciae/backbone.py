@@ -216,26 +216,41 @@ class ResNet(nn.Module):
         return out
 
 
-def load_torchvision_weights(model: ResNet, path: str) -> None:
-    """Load a local torchvision-format ResNet state dict into ``model``.
-
-    The file is read with ``weights_only=True`` (tensors and plain containers only; pickled
-    code is refused). It may wrap the state dict in ``{"state_dict": ...}`` or
-    ``{"model": ...}``. ``fc.*`` and ``num_batches_tracked`` are ignored; any other missing,
-    unexpected or shape-mismatched key raises a ValueError naming the file and the keys.
-    """
-    if any(isinstance(m, nn.GroupNorm) for m in model.modules()):
-        raise ValueError(f"cannot load {path} into a GroupNorm ResNet: ImageNet weights carry "
-                         "BatchNorm statistics; use norm 'frozen_bn' or 'bn'")
+def read_weights(source, name: str):
+    """A checkpoint or state dict from a path or file object, read with ``weights_only=True``
+    (tensors and plain containers only; pickled code is refused); ValueError naming ``name``."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} is not a plain state dict (refused by weights_only loading): {e}") from e
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{name} is not a loadable state dict or checkpoint (refused by weights_only "
+                         f"loading or truncated: {e})") from None
+
+
+def torchvision_state(obj, name: str) -> Mapping[str, torch.Tensor]:
+    """The state dict of tensors in ``obj``, unwrapped from ``{"state_dict": ...}`` or
+    ``{"model": ...}``; ValueError naming ``name`` when there is none."""
     for wrapper in ("state_dict", "model"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{name} does not hold a state dict of tensors")
+    return obj
+
+
+def load_torchvision_weights(model: ResNet, path: str) -> None:
+    """Load a local torchvision-format ResNet state dict file into ``model``
+    (``load_torchvision_state``)."""
+    load_torchvision_state(model, torchvision_state(read_weights(path, path), path), path)
+
+
+def load_torchvision_state(model: ResNet, state: Mapping[str, torch.Tensor], name: str) -> list[str]:
+    """Load a torchvision-format ResNet state dict into ``model``; returns the keys loaded.
+
+    ``fc.*`` and ``num_batches_tracked`` are ignored; any other missing, unexpected or
+    shape-mismatched key raises a ValueError naming ``name`` and the keys."""
+    if any(isinstance(m, nn.GroupNorm) for m in model.modules()):
+        raise ValueError(f"cannot load {name} into a GroupNorm ResNet: ImageNet weights carry "
+                         "BatchNorm statistics; use norm 'frozen_bn' or 'bn'")
 
     def kept(key: str) -> bool:
         return not key.startswith("fc.") and not key.endswith("num_batches_tracked")
@@ -250,8 +265,9 @@ def load_torchvision_weights(model: ResNet, path: str) -> None:
                 for what, keys in (("missing", missing), ("unexpected", unexpected),
                                    ("shape-mismatched", mismatched)) if keys]
     if problems:
-        raise ValueError(f"{path} does not fit this ResNet; " + "; ".join(problems))
+        raise ValueError(f"{name} does not fit this ResNet; " + "; ".join(problems))
     model.load_state_dict(given, strict=False)
+    return sorted(given)
 
 
 def build_backbone(cfg: BackboneConfig) -> ResNet:

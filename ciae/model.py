@@ -27,12 +27,15 @@ from ciae.memory import CategoryMemory
 
 class CIAEModel(nn.Module):
     """``stuff_ids`` / ``thing_ids``: COCO category ids in contiguous-index order (the manifest's
-    ``stuff_index`` / ``thing_index``)."""
+    ``stuff_index`` / ``thing_index``); ``category_names``: id -> name where known (checkpoints
+    keep them, so that fine-tuning can tell which categories two models share)."""
 
-    def __init__(self, cfg: Config, stuff_ids: list[int], thing_ids: list[int]):
+    def __init__(self, cfg: Config, stuff_ids: list[int], thing_ids: list[int],
+                 category_names: dict[int, str] | None = None):
         super().__init__()
         self.cfg = cfg
         self.stuff_ids, self.thing_ids = list(stuff_ids), list(thing_ids)
+        self.category_names = {int(k): str(v) for k, v in (category_names or {}).items()}
         e = cfg.embedding
         self.backbone = build_backbone(cfg.backbone)
         self.fpn = FPN(self.backbone.out_channels, cfg.fpn.channels)

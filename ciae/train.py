@@ -121,7 +121,8 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "config": self.model.cfg.to_dict(), "stuff_ids": self.model.stuff_ids, "thing_ids": self.model.thing_ids}
+                "step": self.step, "config": self.model.cfg.to_dict(), "stuff_ids": self.model.stuff_ids,
+                "thing_ids": self.model.thing_ids, "category_names": self.model.category_names}
 
     def save(self, path: str) -> None:
         """Atomically write a checkpoint (a temporary file moved into place)."""
@@ -151,7 +152,8 @@ def load_checkpoint(path: str) -> dict:
 def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> CIAEModel:
     """A model rebuilt from a checkpoint's config and categories, weights and memory loaded."""
     ckpt = load_checkpoint(path)
-    model = CIAEModel(Config.from_dict(ckpt["config"]), ckpt["stuff_ids"], ckpt["thing_ids"])
+    model = CIAEModel(Config.from_dict(ckpt["config"]), ckpt["stuff_ids"], ckpt["thing_ids"],
+                      ckpt.get("category_names"))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 

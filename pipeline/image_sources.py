@@ -77,7 +77,11 @@ class Plan:
     categories: list[dict] | None
 
     def task_path(self, task: int) -> str:
-        return storage.join(self.dir, f"task-{task:06d}.parquet")
+        return self.task_file(self.dir, task)
+
+    @staticmethod
+    def task_file(plan_dir: str, task: int) -> str:
+        return storage.join(plan_dir, f"task-{task:06d}.parquet")
 
     def to_json(self) -> dict:
         return {"version": PLAN_VERSION, "input": self.input, "kind": self.kind, "images": self.images,

@@ -181,6 +181,14 @@ def read_manifest(shards_uri: str) -> dict:
     return manifest
 
 
+def model_categories(manifest: dict) -> tuple[list[int], list[int], dict[int, str]]:
+    """(stuff ids, thing ids) in contiguous-index order, and id -> name, of a manifest: what a
+    model of these shards is built with."""
+    stuff = [int(c) for c in sorted(manifest["stuff_index"], key=manifest["stuff_index"].get)]
+    things = [int(c) for c in sorted(manifest["thing_index"], key=manifest["thing_index"].get)]
+    return stuff, things, {int(c["id"]): c["name"] for c in manifest["categories"]}
+
+
 def shard_paths(shards_uri: str, manifest: dict | None = None) -> list[str]:
     """The manifest's shard files as full URIs/paths (what Ray Data's read_parquet takes)."""
     manifest = manifest or read_manifest(shards_uri)

@@ -121,3 +121,34 @@ def registered_untrained(tmp_path_factory) -> dict:
     tracking = f"sqlite:///{root}/mlflow.db"
     uri = register_checkpoint(ckpt, tracking_uri=tracking, model_name="ciae-untrained")
     return {"uri": uri, "tracking": tracking, "checkpoint": ckpt}
+
+
+@pytest.fixture(scope="session")
+def trained_small(synth_dataset, make_shards, tmp_path_factory) -> dict:
+    """``Config.small()`` trained for 160 steps on 64 synthetic 192x192 images in one process,
+    once per session, registered in a sqlite MLflow of its own: {"shards" (train, val),
+    "checkpoint", "losses", "untrained_pq", "trained_pq", "uri", "tracking"}."""
+    import torch
+
+    from ciae.config import Config
+    from ciae.train import Trainer, scale_schedule
+    from workflows.local import batch_stream, evaluate, model_for_shards
+    from workflows.registry import register_checkpoint
+
+    shards = {split: make_shards(synth_dataset(n, seed, 192, 192), 128)
+              for split, n, seed in (("train", 64, 0), ("val", 12, 1000))}
+    root = tmp_path_factory.mktemp("trained_small")
+    torch.manual_seed(0)
+    cfg = Config.small()
+    cfg.solver = scale_schedule(cfg.solver, 160)
+    model = model_for_shards(cfg, shards["train"])
+    untrained = evaluate(model, shards["val"])["All"]["pq"]
+    losses = []
+    ckpt = str(root / "model.pt")
+    Trainer(model).fit(batch_stream(shards["train"], cfg), 160, checkpoint_path=ckpt,
+                       on_step=lambda step, s: losses.append(s["loss"]))
+    trained = evaluate(model, shards["val"])["All"]["pq"]
+    tracking = f"sqlite:///{root}/mlflow.db"
+    uri = register_checkpoint(ckpt, tracking_uri=tracking, model_name="ciae-trained")
+    return {"shards": shards, "checkpoint": ckpt, "losses": losses, "untrained_pq": untrained,
+            "trained_pq": trained, "uri": uri, "tracking": tracking}

@@ -4,44 +4,25 @@ synthetic images far better than the same model untrained; and the oracle is nea
 from __future__ import annotations
 
 import pytest
-import torch
 
-from ciae.config import Config
-from ciae.train import Trainer, model_from_checkpoint, scale_schedule
-from workflows.local import batch_stream, evaluate, model_for_shards
-
-STEPS = 160
+from ciae.train import model_from_checkpoint
+from workflows.local import evaluate
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dataset, make_shards) -> dict:
-    return {split: make_shards(synth_dataset(n, seed, 192, 192), 128)
-            for split, n, seed in (("train", 64, 0), ("val", 12, 1000))}
-
-
-def test_training_beats_the_untrained_model(shards, tmp_path):
-    torch.manual_seed(0)
-    cfg = Config.small()
-    cfg.solver = scale_schedule(cfg.solver, STEPS)
-    model = model_for_shards(cfg, shards["train"])
-    untrained = evaluate(model, shards["val"])["All"]["pq"]
-
-    trainer = Trainer(model)
-    losses = []
-    ckpt = str(tmp_path / "model.pt")
-    trainer.fit(batch_stream(shards["train"], cfg), STEPS, checkpoint_path=ckpt,
-                on_step=lambda step, s: losses.append(s["loss"]))
+def test_training_beats_the_untrained_model(trained_small):
+    losses, val = trained_small["losses"], trained_small["shards"]["val"]
+    assert len(losses) == 160
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.7 * first
 
-    trained = evaluate(model, shards["val"])
-    print(f"PQ untrained {untrained:.3f} -> trained {trained['All']['pq']:.3f} after {STEPS} steps; "
+    model = model_from_checkpoint(trained_small["checkpoint"])
+    trained = evaluate(model, val)
+    untrained = trained_small["untrained_pq"]
+    print(f"PQ untrained {untrained:.3f} -> trained {trained['All']['pq']:.3f} after 160 steps; "
           f"things {trained['Things']['pq']:.3f}, stuff {trained['Stuff']['pq']:.3f}")
     assert trained["All"]["pq"] >= 0.25 and trained["All"]["pq"] >= untrained + 0.2
     assert trained["Things"]["pq"] > 0.1 and trained["Stuff"]["pq"] > 0.1
 
-    # the checkpoint reproduces the trained model, and the oracle (GT boxes, mask-mean queries)
-    # on its embeddings does better still
-    reloaded = model_from_checkpoint(ckpt)
-    assert evaluate(reloaded, shards["val"])["All"]["pq"] == pytest.approx(trained["All"]["pq"])
-    assert evaluate(reloaded, shards["val"], oracle=True)["All"]["pq"] > trained["All"]["pq"]
+    # the oracle (GT boxes, mask-mean queries) on the same embeddings does better still
+    assert evaluate(model, val, oracle=True)["All"]["pq"] > trained["All"]["pq"]
+    assert trained["All"]["pq"] == pytest.approx(trained_small["trained_pq"])   # the checkpoint is the model

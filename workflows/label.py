@@ -36,8 +36,8 @@ from pipeline import label_store as ls
 from pipeline import storage
 from pipeline.image_sources import TASK_IMAGES, Plan, load_plan, make_plan
 
-DECODE_BATCH = 16             # images per decode task call
-WORKER_MEMORY = 384 * 2**20   # a Ray worker process with numpy, PIL and torch imported
+DECODE_BATCH = 64             # images per decode task call
+WORKER_MEMORY = 512 * 2**20   # a Ray worker process with numpy, PIL and torch imported
 
 
 @dataclass
@@ -77,17 +77,37 @@ class LabelJob:
 # ------------------------------------------------------------------------------- stages
 
 
-def decode(batch: dict, input_cfg: dict) -> dict:
-    """Ray Data stage (CPU): plan rows -> the same with ``image`` ([h, w, 3] uint8 at the test
-    size, or empty), ``height`` / ``width`` (the image's own size), ``status`` and ``reason``,
-    and for shard rows with their ground truth, ``gt_runs`` / ``gt_segments``."""
+def chunks(item: dict, plan_dir: str, skip: dict[int, set[str]]) -> list[dict]:
+    """Ray Data ``flat_map``: a pending task -> its chunks of at most DECODE_BATCH plan rows not
+    in ``skip`` (the images already in its parts): {"task", "rows" (positions in the task)}."""
+    import pyarrow.parquet as pq
+
+    task = int(item["task"])
+    fs, path = storage.resolve(Plan.task_file(plan_dir, task))
+    with fs.open_input_file(path) as f:
+        keys = pq.read_table(f, columns=["key"])["key"].to_pylist()
+    todo = [k for k, key in enumerate(keys) if key not in skip.get(task, ())]
+    return [{"task": task, "rows": todo[k:k + DECODE_BATCH]} for k in range(0, len(todo), DECODE_BATCH)]
+
+
+def decode(chunk: dict, plan_dir: str, input_cfg: dict) -> dict:
+    """Ray Data stage (CPU): one chunk of plan rows -> the rows (``index``, ``key``,
+    ``file_name``, ``image_id``, ``task``, ...) with ``image`` ([h, w, 3] uint8 at the test size,
+    or empty), ``height`` / ``width`` (the image's own size), ``status`` and ``reason``, and for
+    shard rows with their ground truth, ``gt_runs`` / ``gt_segments``."""
     import numpy as np
+    import pyarrow.parquet as pq
 
     from ciae.config import InputConfig
     from ciae.transform import Transform, decode_rgb
 
     transform = Transform(InputConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in input_cfg.items()}))
+    task = int(chunk["task"][0])
+    fs, path = storage.resolve(Plan.task_file(plan_dir, task))
+    with fs.open_input_file(path) as f:
+        batch = pq.read_table(f).take(list(chunk["rows"][0])).to_pydict()
     n = len(batch["key"])
+    batch["task"] = np.full(n, task, dtype=np.int64)
     for column in ("uri", "shard", "gt_png", "gt_segments"):      # nulls arrive as None or NaN
         batch[column] = np.array([v if isinstance(v, str) else "" for v in batch[column]], dtype=object)
     images, heights, widths, status, reason = [], [], [], [], []
@@ -361,16 +381,15 @@ def _run(job: LabelJob, tracking: str, plan: Plan, store: ls.LabelStore, categor
             raise ValueError(f"the model actors would hold {job.workers * job.cpus_per_worker:g} of the "
                              f"cluster's {total:g} CPUs, leaving less than one for decoding and "
                              "encoding; lower --workers or --cpus-per-worker (0.5 shares a CPU)")
-        ds = ray.data.read_parquet([plan.task_path(t) for t in pending], include_paths=True)
-        ds = ds.map_batches(_with_task, batch_format="pyarrow")
-        if partial:
-            skip = {t: keys for t, keys in partial.items() if keys}
-            ds = ds.filter(lambda r: r["key"] not in skip.get(r["task"], ()))
-        ds = ds.repartition(target_num_rows_per_block=DECODE_BATCH)     # streaming: work for every CPU
+        # one item per pending task, expanded into chunks of images by short tasks: no task
+        # lives for the whole job (a paced reader would hold its CPU)
+        skip = {t: keys for t, keys in partial.items() if keys}
+        ds = (ray.data.from_items([{"task": t} for t in pending], override_num_blocks=len(pending))
+              .flat_map(chunks, fn_kwargs={"plan_dir": plan.dir, "skip": skip}))
         # decode declares its memory (a worker with torch loaded, and a batch of images at the
         # largest test size, twice over), which also keeps Ray Data from fusing it into the actors
         decode_memory = WORKER_MEMORY + DECODE_BATCH * 2 * 3 * input_cfg["max_size"] ** 2
-        ds = (ds.map_batches(decode, batch_size=DECODE_BATCH, fn_kwargs={"input_cfg": input_cfg},
+        ds = (ds.map_batches(decode, batch_size=1, fn_kwargs={"plan_dir": plan.dir, "input_cfg": input_cfg},
                              memory=decode_memory)
               .map_batches(labeler, batch_size=job.batch_size,
                            compute=ray.data.ActorPoolStrategy(size=job.workers),
@@ -396,14 +415,6 @@ def _run(job: LabelJob, tracking: str, plan: Plan, store: ls.LabelStore, categor
     unfinished = sorted(done)
     if unfinished:
         raise RuntimeError(f"tasks {unfinished[:10]} did not finish; run the job again to resume them")
-
-
-def _with_task(table):
-    """Plan rows read by ``read_parquet(include_paths=True)`` -> with their task number."""
-    import pyarrow as pa
-
-    tasks = [int(p.rsplit("task-", 1)[1][:6]) for p in table["path"].to_pylist()]
-    return table.drop_columns(["path"]).append_column("task", pa.array(tasks, pa.int64()))
 
 
 def draw_overlays(store: ls.LabelStore, plan: Plan, categories: list[dict], n: int) -> int:

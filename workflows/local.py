@@ -14,17 +14,15 @@ from ciae.model import CIAEModel
 from ciae.panoptic import CategoryTable
 from ciae.train import to_device
 from ciae.transform import Transform
-from pipeline.shards import decode_panoptic_row, read_manifest, read_shard, shard_paths
+from pipeline.shards import (decode_panoptic_row, model_categories, read_manifest, read_shard,
+                             shard_paths)
 from pipeline.targets import TargetMaker, collate
 from pipeline.train_stream import local_batches
 
 
 def model_for_shards(cfg: Config, shards_uri: str) -> CIAEModel:
     """A fresh model whose classes are the shards' categories."""
-    m = read_manifest(shards_uri)
-    stuff = sorted(m["stuff_index"], key=m["stuff_index"].get)
-    things = sorted(m["thing_index"], key=m["thing_index"].get)
-    return CIAEModel(cfg, [int(c) for c in stuff], [int(c) for c in things])
+    return CIAEModel(cfg, *model_categories(read_manifest(shards_uri)))
 
 
 def batch_stream(shards_uri: str, cfg: Config) -> Iterator[dict]:

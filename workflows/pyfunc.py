@@ -132,7 +132,8 @@ def log_model(checkpoint_path: str, *, name: str = "model",
     if not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
     ckpt = load_checkpoint(checkpoint_path)
-    metadata = {"ciae": {"config": ckpt["config"], "stuff_ids": ckpt["stuff_ids"], "thing_ids": ckpt["thing_ids"]}}
+    metadata = {"ciae": {"config": ckpt["config"], "stuff_ids": ckpt["stuff_ids"], "thing_ids": ckpt["thing_ids"],
+                         "category_names": {str(k): v for k, v in (ckpt.get("category_names") or {}).items()}}}
     return mlflow.pyfunc.log_model(
         name=name, python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
         artifacts={"checkpoint": checkpoint_path},

@@ -54,6 +54,7 @@ class TrainJob:
     eval_every: int = 0                    # validation PQ every N steps (0: at the end only)
     max_failures: int = 3
     pictures: int = 4                      # validation panels logged
+    init: str | None = None                # initial weights (workflows.weights): fine-tuning
 
     def __post_init__(self):
         checks = [
@@ -71,12 +72,13 @@ class TrainJob:
             if not ok:
                 raise ValueError(msg)
         b = self.config.backbone
-        if b.norm == "frozen_bn" and not b.weights:
+        if b.norm == "frozen_bn" and not b.weights and not self.init:
             raise ValueError(
                 "this config freezes the backbone's BatchNorm (backbone.norm 'frozen_bn', the paper's "
-                "recipe for ImageNet weights) but gives no backbone.weights, so its norms would do "
-                "nothing: set backbone.weights to a torchvision ResNet state dict, or choose "
-                "backbone.norm 'bn' or 'gn' (with freeze_at 0) to train from scratch")
+                "recipe for ImageNet weights) but gives no backbone.weights or --init, so its norms "
+                "would do nothing: set backbone.weights to a torchvision ResNet state dict, start from "
+                "a trained model with --init, or choose backbone.norm 'bn' or 'gn' (with freeze_at 0) "
+                "to train from scratch")
 
     def resolved(self) -> tuple[Config, int, float]:
         """(config with the run's solver, batch per worker, CPUs per worker). The learning
@@ -157,15 +159,14 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     from ray.train.torch import TorchTrainer
 
     from pipeline.ray_runtime import connect
-    from pipeline.shards import read_manifest
+    from pipeline.shards import model_categories, read_manifest
     from pipeline.train_stream import steps_per_epoch
 
     cfg, per_worker, cpus = job.resolved()
     solver = cfg.solver
     manifest = read_manifest(job.data)
     steps_per_epoch(manifest["counts"]["images"], solver.batch_size)   # refuses a set smaller than a batch
-    stuff_ids = [int(c) for c in sorted(manifest["stuff_index"], key=manifest["stuff_index"].get)]
-    thing_ids = [int(c) for c in sorted(manifest["thing_index"], key=manifest["thing_index"].get)]
+    stuff_ids, thing_ids, names = model_categories(manifest)
     name = job.name or time.strftime("ciae-%Y%m%d-%H%M%S")
 
     uri = tracking.configure(job.tracking_uri)
@@ -173,15 +174,24 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     exp_id = tracking.experiment_id(job.experiment, uri)
     params = flat_params(cfg.to_dict())
     params.update({"job.data": job.data, "job.val": str(job.val), "job.workers": str(job.workers),
-                   "job.batch_per_worker": str(per_worker), "job.gpus_per_worker": str(job.gpus_per_worker)})
+                   "job.batch_per_worker": str(per_worker), "job.gpus_per_worker": str(job.gpus_per_worker),
+                   "job.init": str(job.init)})
+    init = _init_source(job.init, uri, cfg, stuff_ids, thing_ids, names) if job.init else None
     run_id = _open_run(client, exp_id, name, params)
+    if init:
+        _log_lineage(client, run_id, *init)
     # paths the workers open: absolute, as their working directory need not be the driver's
-    spec = WorkerSpec(config=cfg, stuff_ids=stuff_ids, thing_ids=thing_ids, data=absolute(job.data),
+    spec = WorkerSpec(config=cfg, stuff_ids=stuff_ids, thing_ids=thing_ids, category_names=names,
+                      data=absolute(job.data),
                       val=absolute(job.val), batch_per_worker=per_worker, threads=max(1, int(cpus)),
                       eval_every=job.eval_every, tracking_uri=uri, run_id=run_id)
     bar = _Progress(client, run_id, solver.iterations) if progress else None
     try:
         with connect(address):
+            import ray
+
+            if init:    # the weights travel to every worker through the object store
+                spec = dataclasses.replace(spec, init=(job.init, ray.put(init[0].data)))
             _check_room_for_data(job.workers * cpus)
             trainer = TorchTrainer(
                 train_worker, train_loop_config={"spec": spec},
@@ -209,6 +219,29 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     client.set_terminated(run_id, status="FINISHED")
     summary.update(run_id=run_id, name=name, tracking_uri=uri)
     return summary
+
+
+def _init_source(spec: str, uri: str, cfg: Config, stuff_ids, thing_ids, names) -> tuple:
+    """(the fetched source, its transfer report), checked on the driver before any worker
+    starts: an unknown model, a foreign or unfitting checkpoint fails here."""
+    from ciae.finetune import transfer
+    from ciae.model import CIAEModel
+    from workflows.weights import fetch
+
+    source = fetch(spec, uri)
+    return source, transfer(CIAEModel(cfg, stuff_ids, thing_ids, names), source.source())
+
+
+def _log_lineage(client, run_id: str, source, report: dict) -> None:
+    """Where the run started from, in the registry's terms (tags) and in full (``init.json``)."""
+    tags = {"ciae.init": source.spec}
+    if source.run_id:
+        tags["ciae.init.run_id"] = source.run_id
+    if source.model_version:
+        tags["ciae.init.model_version"] = source.model_version
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    client.log_dict(run_id, report, "init.json")
 
 
 def _check_room_for_data(worker_cpus: float) -> None:

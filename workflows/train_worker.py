@@ -19,6 +19,7 @@ checkpoint and, at the end, the validation PQ.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import time
@@ -39,6 +40,7 @@ class WorkerSpec:
     config: Config                 # resolved: the run's solver (global batch, lr, schedule)
     stuff_ids: list[int]
     thing_ids: list[int]
+    category_names: dict[int, str]
     data: str                      # absolute path or URI of the training shards
     val: str | None
     batch_per_worker: int
@@ -46,6 +48,7 @@ class WorkerSpec:
     eval_every: int
     tracking_uri: str
     run_id: str
+    init: tuple | None = None      # (the --init source as given, an object ref to its file's bytes)
 
 
 def _sum_over_workers(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -154,10 +157,15 @@ def train_worker(loop_config: dict) -> None:
         torch.set_num_threads(spec.threads)
     cfg = spec.config
     torch.manual_seed(cfg.solver.seed)
-    model = CIAEModel(cfg, spec.stuff_ids, spec.thing_ids)
-    trainer = distributed_trainer(model, device)
-
+    model = CIAEModel(cfg, spec.stuff_ids, spec.thing_ids, spec.category_names)
     resumed = ray.train.get_checkpoint()
+    if spec.init and not resumed:       # fine-tuning: the source's weights, loaded here too
+        from ciae.backbone import read_weights
+        from ciae.finetune import read_source, transfer
+
+        name, ref = spec.init
+        transfer(model, read_source(read_weights(io.BytesIO(ray.get(ref)), name), name))
+    trainer = distributed_trainer(model, device)
     if resumed:
         with resumed.as_directory() as d:
             trainer.load(os.path.join(d, CHECKPOINT_FILE))
@@ -167,6 +175,9 @@ def train_worker(loop_config: dict) -> None:
 
     end = cfg.solver.iterations
     state = {"t": time.perf_counter(), "val": None}
+    if log and spec.init and spec.val and not resumed:     # where fine-tuning starts from
+        validate(model, spec.val, log, 0)
+        log.flush()
 
     def on_step(step: int, stats: dict) -> None:
         now = time.perf_counter()

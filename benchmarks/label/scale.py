@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+LINKS_PER_FILE = 50_000
+
 
 class TrivialLabeler:
     """The model stage's contract without a model: one stuff segment covering each image."""
@@ -57,10 +59,11 @@ def one_size(n: int, root: str) -> dict:
 
     folder = os.path.join(root, "images")
     os.makedirs(folder)
-    source = os.path.join(root, "one.jpg")
-    Image.new("RGB", (48, 32), (90, 120, 150)).save(source)
     t = time.perf_counter()
     for k in range(n):
+        if k % LINKS_PER_FILE == 0:      # a file system allows so many links to one file
+            source = os.path.join(root, f"source-{k // LINKS_PER_FILE}.jpg")
+            Image.new("RGB", (48, 32), (90, 120, 150)).save(source)
         os.link(source, os.path.join(folder, f"{k:08d}.jpg"))
     made = time.perf_counter() - t
     job = LabelJob(model=os.environ["CIAE_BENCH_MODEL"], input=folder, out=os.path.join(root, "out"),

@@ -9,12 +9,21 @@ logged with pictures, registered as a pyfunc model, and given the alias when it 
 A killed worker restarts from the latest checkpoint (--max-failures); a stopped driver resumes
 when run again with the same --name.
 
+--init starts from another model's weights (fine-tuning, e.g. a COCO model on your own data
+with other categories): every tensor whose name and shape fit is carried, the class logits and
+the category memory keep the rows of the categories both datasets share (same COCO id and
+name); the run records the source (tags ciae.init, ciae.init.run_id, ciae.init.model_version)
+and what was carried, partly carried, re-initialised and dropped (artifact init.json), and with
+--val logs the validation PQ before the first step.
+
 --config: 'small' (CPU-sized, the default), 'paper' (ResNet-50-FPN, 90k iterations; needs
 ImageNet weights, see below) or a JSON file of overrides:
   {"base": "paper", "backbone": {"weights": "/data/resnet50.pth"}, "solver": {"iterations": 45000}}
 
 examples:
   ciae train --data runs/demo/shards/train --val runs/demo/shards/val --register ciae-demo
+  ciae train --data shards/my_data --val shards/my_val --config paper --init models:/ciae-r50@champion \
+      --iterations 10000 --register ciae-my-data
   ciae train --data s3://bucket/shards/train2017 --val s3://bucket/shards/val2017 --config paper.json \\
       --workers 8 --gpus-per-worker 1 --batch-per-worker 2 --address auto \\
       --storage s3://bucket/ray_results --tracking-uri http://mlflow:5000 --register ciae-r50
@@ -57,6 +66,10 @@ def add_arguments(p):
                    help=f"worker-group restarts allowed (default {d['max_failures']})")
     p.add_argument("--pictures", type=int, default=d["pictures"],
                    help=f"validation panels logged to MLflow (default {d['pictures']})")
+    p.add_argument("--init", default=d["init"], metavar="SOURCE",
+                   help="start from these weights (fine-tuning): models:/NAME@ALIAS, models:/NAME/VERSION, "
+                        "runs:/RUN_ID/PATH, a checkpoint of this project or a torchvision ResNet state dict "
+                        "(path or URI); shared categories keep their weights, new ones start afresh")
 
 
 def load_config(spec: str):
