@@ -68,8 +68,10 @@ def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: li
     n_cae = emb.new_zeros(())
     n_iae = emb.new_zeros(())
     ones = torch.ones((h, w), dtype=emb.dtype, device=emb.device)
+    # unbind, not emb[i]: indexing would give every image's gradient a zero-filled full-batch tensor
+    images = emb.unbind(0)
     for i in range(b):
-        loss, n = dispatch.embedding_loss(emb[i], memory, mem_boxes, sem_t[i], ones,
+        loss, n = dispatch.embedding_loss(images[i], memory, mem_boxes, sem_t[i], ones,
                                           margin=cfg.margin, top_k=cfg.top_k,
                                           chunk=cfg.pixel_chunk, backend=backend)
         cae, n_cae = cae + loss, n_cae + n
@@ -79,7 +81,7 @@ def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: li
         queries = torch.cat([memory[:num_stuff], inst.to(memory.dtype)], dim=0)
         qboxes = torch.cat([stuff_boxes, expand_boxes(boxes[i].to(emb.dtype), cfg.box_expand)], dim=0)
         weight = torch.where(seg[i] >= num_stuff, cfg.thing_weight, 1.0).to(emb.dtype)
-        loss, n = dispatch.embedding_loss(emb[i], queries, qboxes, seg[i], weight,
+        loss, n = dispatch.embedding_loss(images[i], queries, qboxes, seg[i], weight,
                                           margin=cfg.margin, top_k=cfg.top_k,
                                           chunk=cfg.pixel_chunk, backend=backend)
         iae, n_iae = iae + loss, n_iae + n

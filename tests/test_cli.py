@@ -18,7 +18,7 @@ def test_every_command_has_help(command, capsys):
 
 def test_train_config_presets_files_and_lr_scaling(tmp_path):
     from workflows.commands.train import load_config
-    from workflows.train import TrainJob
+    from workflows.jobs import TrainJob
 
     assert load_config("paper").backbone.name == "resnet50"
     f = tmp_path / "c.json"
@@ -39,7 +39,7 @@ def test_train_config_presets_files_and_lr_scaling(tmp_path):
 
 def test_paper_recipe_without_weights_is_refused():
     from ciae.config import Config
-    from workflows.train import TrainJob
+    from workflows.jobs import TrainJob
 
     with pytest.raises(ValueError, match="backbone.weights"):
         TrainJob(data="x", config=Config())

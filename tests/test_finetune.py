@@ -21,7 +21,8 @@ from ciae.config import Config
 from ciae.finetune import memory_rows, read_source, transfer
 from ciae.train import load_checkpoint, model_from_checkpoint
 from workflows.local import evaluate, model_for_shards
-from workflows.train import TrainJob, train
+from workflows.jobs import TrainJob
+from workflows.train import train
 from workflows.weights import fetch
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Ray workers import nothing from tests

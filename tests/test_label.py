@@ -25,7 +25,8 @@ from pipeline import label_store as ls
 from pipeline.image_sources import load_plan, make_plan
 from pipeline.panoptic_png import decode_id_png
 from pipeline.synth import SynthSpec, write_dataset
-from workflows.label import LabelJob, label
+from workflows.jobs import LabelJob
+from workflows.label import label
 
 
 @pytest.fixture(scope="module")

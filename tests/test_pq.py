@@ -190,9 +190,13 @@ def test_random_images_match_panopticapi(tmp_path):
     assert all(seen.values()), seen
 
 
-def test_random_datasets_match_pq_compute(tmp_path):
-    from workflows.evaluate import evaluate
+def test_random_datasets_match_pq_compute(tmp_path, monkeypatch):
+    """The file evaluator, through hotcoco (local folders) and through our accumulator (URIs,
+    or when hotcoco is absent), against panopticapi."""
+    import workflows.evaluate as module
 
+    hotcoco_calls = []
+    monkeypatch.setattr(module, "_hotcoco", lambda *a, real=module._hotcoco: hotcoco_calls.append(1) or real(*a))
     rng = np.random.default_rng(99)
     for d in range(4):
         cases = [random_case(rng) for _ in range(50)]
@@ -201,12 +205,15 @@ def test_random_datasets_match_pq_compute(tmp_path):
         pred_json, pred_dir = write_dataset(root, cases, "pred")
         with contextlib.redirect_stdout(io.StringIO()):
             theirs = panopticapi.pq_compute(gt_json, pred_json, gt_dir, pred_dir)
-        assert_same_summary(evaluate(gt_json, gt_dir, pred_json, pred_dir, workers=1), theirs)
-
+        via_hotcoco = module.evaluate(gt_json, gt_dir, pred_json, pred_dir, workers=1)
+        assert_same_summary(via_hotcoco, theirs)
+        assert_same_summary(module.evaluate(gt_json, f"file://{gt_dir}", pred_json, f"file://{pred_dir}",
+                                            workers=1), theirs)
         acc = PQAccumulator(TABLE)
         for k, (gt_ids, gt_segs, pred_ids, pred_segs) in enumerate(cases):
             acc.add(gt_ids, gt_segs, pred_ids, pred_segs, image=f"image {k}")
         assert_same_summary(acc.summary(), theirs)
+    assert len(hotcoco_calls) == 4                            # the URI runs do not use it
 
 
 def test_many_segments_match_panopticapi(tmp_path):

@@ -17,7 +17,8 @@ from ray.train import UserCallback
 from ciae.config import Config
 from ciae.model import CIAEModel
 from pipeline.shards import read_manifest
-from workflows.train import TrainJob, train
+from workflows.jobs import TrainJob
+from workflows.train import train
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Ray workers import nothing from tests
 

@@ -29,49 +29,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 
 from ciae.panoptic import CategoryTable, DatasetError
 from pipeline import label_store as ls
 from pipeline import storage
-from pipeline.image_sources import TASK_IMAGES, Plan, load_plan, make_plan
+from pipeline.image_sources import Plan, load_plan, make_plan
+from workflows.jobs import LabelJob
 
 DECODE_BATCH = 64             # images per decode task call
 WORKER_MEMORY = 512 * 2**20   # a Ray worker process with numpy, PIL and torch imported
-
-
-@dataclass
-class LabelJob:
-    """One labeling job, checked when it is made. Paths may be local or filesystem URIs."""
-
-    model: str                          # models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...
-    input: str                          # folder, list file or shards
-    out: str
-    tracking_uri: str | None = None
-    workers: int = 1                    # model actors
-    batch_size: int = 8                 # images per model call
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0        # and torch threads of a CPU actor
-    gt_json: str | None = None          # ground truth for PQ (folders and lists; shards carry theirs)
-    gt_dir: str | None = None
-    coco_panoptic: bool = False         # OUT/panoptic/*.png + predictions.json
-    coco_instances: bool = False        # OUT/instances.json (thing segments, RLE)
-    overlays: int = 0                   # panels of the first N images
-    review: int = 1000                  # the N least confident images in review.csv
-    amp: bool = True                    # bfloat16 autocast on CUDA
-    compile: bool = False               # torch.compile of the network on CUDA
-    retry_rejected: bool = False        # label the rejected images of finished tasks again
-    task_images: int = TASK_IMAGES      # images per task (and output shard), fixed by the first run
-
-    def __post_init__(self):
-        if self.workers < 1 or self.batch_size < 1 or self.task_images < 1:
-            raise ValueError("workers, batch_size and task_images must be >= 1")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0 or self.overlays < 0 or self.review < 0:
-            raise ValueError("gpus_per_worker, overlays and review must be >= 0, cpus_per_worker > 0")
-        if (self.gt_json is None) != (self.gt_dir is None):
-            raise ValueError("give both gt_json and gt_dir, or neither")
-        for f in ("input", "out", "gt_json", "gt_dir"):
-            setattr(self, f, storage.absolute(getattr(self, f)))   # actors run elsewhere
 
 
 # ------------------------------------------------------------------------------- stages

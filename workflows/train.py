@@ -23,78 +23,16 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 
 from ciae.config import Config
 from pipeline.storage import absolute
 from workflows import tracking
-from workflows.train_worker import CHECKPOINT_FILE, STEP_TAG, WorkerSpec, train_worker
+from workflows.jobs import TrainJob
+
+CHECKPOINT_FILE = "checkpoint.pt"
+STEP_TAG = "ciae.step"          # rank 0's latest logged step (the driver's progress bar reads it)
 
 NAME_TAG = "ciae.run_name"      # the Ray Train run name, to reopen the MLflow run on resume
-
-
-@dataclass
-class TrainJob:
-    """One training run, checked when it is made. Paths may be local or filesystem URIs."""
-
-    data: str                              # prepared training shards
-    val: str | None = None                 # held-out shards: periodic and final PQ
-    config: Config = field(default_factory=Config.small)
-    workers: int = 2
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float | None = None   # default 0.5 without GPUs (room for Ray Data), else 4
-    batch_per_worker: int | None = None    # default solver.batch_size // workers
-    iterations: int | None = None          # default solver.iterations (decay steps scale with it)
-    storage: str = "runs/ray_results"      # Ray Train checkpoints (shared storage on a cluster)
-    name: str | None = None                # run name; give it again to resume a stopped run
-    tracking_uri: str | None = None
-    experiment: str = "ciae"
-    register: str | None = None            # registered model name (None: do not register)
-    alias: str = "champion"
-    eval_every: int = 0                    # validation PQ every N steps (0: at the end only)
-    max_failures: int = 3
-    pictures: int = 4                      # validation panels logged
-    init: str | None = None                # initial weights (workflows.weights): fine-tuning
-
-    def __post_init__(self):
-        checks = [
-            (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
-            (self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}"),
-            (self.cpus_per_worker is None or self.cpus_per_worker > 0,
-             f"cpus_per_worker must be > 0, got {self.cpus_per_worker}"),
-            (self.batch_per_worker is None or self.batch_per_worker >= 1,
-             f"batch_per_worker must be >= 1, got {self.batch_per_worker}"),
-            (self.iterations is None or self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
-            (self.eval_every >= 0 and self.max_failures >= 0 and self.pictures >= 0,
-             "eval_every, max_failures and pictures must be >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        b = self.config.backbone
-        if b.norm == "frozen_bn" and not b.weights and not self.init:
-            raise ValueError(
-                "this config freezes the backbone's BatchNorm (backbone.norm 'frozen_bn', the paper's "
-                "recipe for ImageNet weights) but gives no backbone.weights or --init, so its norms "
-                "would do nothing: set backbone.weights to a torchvision ResNet state dict, start from "
-                "a trained model with --init, or choose backbone.norm 'bn' or 'gn' (with freeze_at 0) "
-                "to train from scratch")
-
-    def resolved(self) -> tuple[Config, int, float]:
-        """(config with the run's solver, batch per worker, CPUs per worker). The learning
-        rate scales linearly with the global batch against solver.batch_size; the decay steps
-        and warm-up scale with ``iterations``."""
-        from ciae.train import scale_schedule
-
-        solver = self.config.solver
-        if self.iterations and self.iterations != solver.iterations:
-            solver = scale_schedule(solver, self.iterations)
-        per_worker = self.batch_per_worker or max(1, solver.batch_size // self.workers)
-        global_batch = per_worker * self.workers
-        solver = dataclasses.replace(solver, lr=solver.lr * global_batch / solver.batch_size,
-                                     batch_size=global_batch)
-        cpus = self.cpus_per_worker or (4.0 if self.gpus_per_worker else 0.5)
-        return dataclasses.replace(self.config, solver=solver), per_worker, cpus
 
 
 def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
@@ -161,6 +99,7 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     from pipeline.ray_runtime import connect
     from pipeline.shards import model_categories, read_manifest
     from pipeline.train_stream import steps_per_epoch
+    from workflows.train_worker import WorkerSpec, train_worker
 
     cfg, per_worker, cpus = job.resolved()
     solver = cfg.solver

@@ -28,9 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ciae.config import Config
-
-CHECKPOINT_FILE = "checkpoint.pt"
-STEP_TAG = "ciae.step"          # rank 0's latest logged step (the driver's progress bar reads it)
+from workflows.train import CHECKPOINT_FILE, STEP_TAG
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ def main(argv=None) -> int:
 
     from pipeline.label_store import LabelStore
     from pipeline.synth import SynthSpec, write_dataset
-    from workflows.label import LabelJob, label
+    from workflows.jobs import LabelJob
+    from workflows.label import label
 
     root = args.workdir or tempfile.mkdtemp(prefix="ciae-bench-confidence-")
     data = os.path.join(root, "val")

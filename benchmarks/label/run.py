@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from pipeline.ray_runtime import connect
-    from workflows.label import LabelJob, label
+    from workflows.jobs import LabelJob
+    from workflows.label import label
     from workflows.registry import register_checkpoint
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

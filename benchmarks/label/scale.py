@@ -55,7 +55,8 @@ def one_size(n: int, root: str) -> dict:
     """Label a folder of n images twice (the second run resumes); in this process."""
     from PIL import Image
 
-    from workflows.label import LabelJob, label
+    from workflows.jobs import LabelJob
+    from workflows.label import label
 
     folder = os.path.join(root, "images")
     os.makedirs(folder)

@@ -11,16 +11,19 @@ also by CPU time of this process (robust to other work on a shared machine):
 
 * decode: panopticapi's PNG -> id map (PIL to uint32, rgb2id) vs ``pipeline.panoptic_png.decode_id_png``
   (libspng to RGBA, ids one mask away, into a reused array);
-* files, 1 core: ``pq_compute_single_core`` vs ``workflows.evaluate.evaluate_pairs`` over the
+* files, 1 core: ``pq_compute_single_core`` vs our accumulator's file path
+  (``workflows.evaluate.evaluate_pairs``) vs hotcoco's ``PanopticEval`` (one thread) over the
   same (ground truth, prediction) pairs, JSONs already parsed (read, decode, match, count);
-* files, all cores: ``pq_compute`` vs ``workflows.evaluate.evaluate``, end to end (JSONs,
-  worker processes, merge; panopticapi forks one process per core, ours spawns ``--workers``);
-* streaming, 1 core: ``PQAccumulator.add`` on decoded id maps and ``add_indexed`` on segment-
-  index maps, against panopticapi's single-core rate on the files.
+* in memory, 1 core: ``PQAccumulator.add`` on decoded id maps and ``add_indexed`` on segment-
+  index maps, and torchmetrics' ``PanopticQuality.update`` on (category, instance) maps (when
+  torchmetrics is installed; it has no crowd rules, so its figure differs by design);
+* whole commands, start-up included, on 1 and all cores: ``ciae evaluate --workers N`` (hotcoco
+  on N threads for local folders), hotcoco's ``pq_compute`` and panopticapi's ``pq_compute``.
 
-Both sides' metrics are compared (max absolute difference). Nothing asserts on time.
+Every implementation's metrics are compared with panopticapi's (max absolute difference).
+Nothing asserts on time.
 
-    .venv/bin/python benchmarks/pq/run.py --images 200
+    .venv/bin/python benchmarks/pq/run.py --images 300
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from ciae.panoptic import CategoryTable
 from pipeline.coco import load_panoptic_json
 from pipeline.panoptic_png import decode_id_png as decode_ids
 from pipeline.panoptic_png import id_to_rgb
-from workflows.evaluate import default_workers, evaluate, evaluate_pairs, load_predictions
+from workflows.evaluate import default_workers, evaluate_pairs, load_predictions
 
 CATEGORIES = os.path.join(os.path.dirname(__file__), "..", "..", "pipeline", "data",
                           "coco_panoptic_categories.json")
@@ -188,17 +191,45 @@ def to_index(ids: np.ndarray, segments: list) -> np.ndarray:
     return order.astype(np.int32)[np.searchsorted(keys[order], ids)]
 
 
+def to_category_instance(ids: np.ndarray, segments: list, crowd_as_void: bool = False) -> np.ndarray:
+    """[H, W] ids -> [H, W, 2] int64 (category id, instance) for torchmetrics; void -> (-1, 0)."""
+    out = np.full(ids.shape + (2,), -1, dtype=np.int64)
+    out[..., 1] = 0
+    for k, s in enumerate(segments):
+        if crowd_as_void and s.iscrowd:
+            continue
+        mask = ids == s.id
+        out[mask, 0], out[mask, 1] = s.category_id, k + 1
+    return out
+
+
+def process_rate(cmd: list[str], n: int, env: dict, repeats: int) -> float:
+    """Images/s of a whole command (start-up included), best of ``repeats``."""
+    import subprocess
+    import sys
+
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, *cmd], check=True, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t)
+    return n / best
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=200, help="synthetic image pairs (default 200)")
+    parser.add_argument("--images", type=int, default=300, help="synthetic image pairs (default 300)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best counts")
     parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="worker processes for the all-core runs (default: available cores)")
+                        help="processes or threads for the all-core runs (default: available cores)")
     parser.add_argument("--workdir", help="keep the data here (default: a temporary folder)")
     args = parser.parse_args(argv)
+    os.environ["RAYON_NUM_THREADS"] = "1"          # hotcoco in this process: one core
 
-    from panopticapi.evaluation import pq_compute, pq_compute_single_core
+    from hotcoco.panoptic import PanopticEval
+    from panopticapi.evaluation import pq_compute_single_core
     from panopticapi.utils import rgb2id
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,7 +245,6 @@ def main(argv: list[str] | None = None) -> None:
               f"load average {os.getloadavg()[0]:.2f}; python {platform.python_version()}, "
               f"numpy {np.__version__}")
 
-        # panopticapi's inputs: its JSON dicts. Ours: checked records (parsing is not timed).
         categories = {c["id"]: c for c in gt_doc["categories"]}
         matched = list(zip(gt_doc["annotations"], pred_doc["annotations"]))
         files = [(os.path.join(src["gt_dir"], g["file_name"]), os.path.join(src["pred_dir"], p["file_name"]))
@@ -223,7 +253,6 @@ def main(argv: list[str] | None = None) -> None:
         preds, errors, _ = load_predictions(src["pred_json"], gt.records, gt.categories)
         assert not errors, errors
         pairs = [(r, preds[r.image_id]) for r in gt.records]
-        # Streaming inputs: maps already in memory, as in a labeling or training job.
         maps = [(decode_ids(open(g, "rb").read()), decode_ids(open(p, "rb").read())) for g, p in files]
         indexed = [(to_index(g, gr.segments), to_index(p, pr.segments)) for (g, p), (gr, pr) in zip(maps, pairs)]
 
@@ -232,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                 rgb2id(np.array(Image.open(g), dtype=np.uint32))
                 rgb2id(np.array(Image.open(p), dtype=np.uint32))
 
-        def ours_decode():  # into reused arrays, as evaluate_pairs does
+        def ours_decode():  # into reused arrays, as the accumulator's file path does
             out = np.empty((2, 480, 640), dtype=np.uint32)
             for g, p in files:
                 decode_ids(open(g, "rb").read(), out[0])
@@ -248,9 +277,10 @@ def main(argv: list[str] | None = None) -> None:
             assert not errors, errors
             return acc.summary()
 
-        def papi_all():
-            with contextlib.redirect_stdout(io.StringIO()):
-                return pq_compute(src["gt_json"], src["pred_json"], src["gt_dir"], src["pred_dir"])
+        def hotcoco_single():
+            ev = PanopticEval(gt_doc, pred_doc, gt_folder=src["gt_dir"], pred_folder=src["pred_dir"])
+            ev.evaluate()
+            return ev.results()
 
         def stream(add, inputs):
             def run():
@@ -261,31 +291,85 @@ def main(argv: list[str] | None = None) -> None:
             return run
 
         functions = {"papi decode": papi_decode, "ours decode": ours_decode,
-                     "papi single": papi_single, "ours single": ours_single,
-                     "papi all": papi_all, "ours all": lambda: evaluate(**src, workers=args.workers),
+                     "papi single": papi_single, "ours single": ours_single, "hotcoco single": hotcoco_single,
                      "ours add": stream(PQAccumulator.add, maps),
                      "ours add_indexed": stream(PQAccumulator.add_indexed, indexed)}
-        rows = [("decode 2 PNGs, 1 core", "papi decode", "ours decode"),
-                ("files, 1 core", "papi single", "ours single")]
+        try:
+            import torch
+            from torchmetrics.detection import PanopticQuality
+
+            tm_inputs = [(torch.from_numpy(to_category_instance(p, pr.segments))[None],
+                          torch.from_numpy(to_category_instance(g, gr.segments, crowd_as_void=True))[None])
+                         for (g, p), (gr, pr) in zip(maps, pairs)]
+
+            def torchmetrics_stream():
+                torch.set_num_threads(1)
+                metric = PanopticQuality(things=set(table.thing_ids), stuffs=set(table.stuff_ids),
+                                         allow_unknown_preds_category=True, return_sq_and_rq=True)
+                for p, g in tm_inputs:
+                    metric.update(p, g)
+                pq_, sq_, rq_ = metric.compute().tolist()
+                return {"All": {"pq": pq_, "sq": sq_, "rq": rq_}}
+            functions["torchmetrics add"] = torchmetrics_stream
+        except ImportError:
+            print("torchmetrics is not installed: its row is left out (pip install torchmetrics)")
         wall, cpu, out = race(functions, n, args.repeats)
-        rows += [
-                ("streaming id maps (`add`), 1 core", "papi single", "ours add"),
-                ("streaming index maps (`add_indexed`), 1 core", "papi single", "ours add_indexed"),
-                (f"files, all cores, end to end ({os.cpu_count()} vs {args.workers} processes)",
-                 "papi all", "ours all")]
-        diff = max(max_difference(out[k], out["papi all"])
-                   for k in ("ours single", "ours all", "ours add", "ours add_indexed"))
-        print(f"PQ {100 * out['papi all']['All']['pq']:.2f}; max |ciae - panopticapi| over every figure: "
-              f"{diff:.1e}; load average after: {os.getloadavg()[0]:.2f}\n")
-        print("| images/s | panopticapi | ciae | speed-up | 1-core rows by CPU time: panopticapi | ciae | speed-up |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for name, theirs, ours in rows:
-            line = f"| {name} | {wall[theirs]:.1f} | {wall[ours]:.1f} | {wall[ours] / wall[theirs]:.1f}x |"
-            if "all cores" in name:  # worker processes' CPU time is not this process's
-                line += " | | |"
-            else:
-                line += f" {cpu[theirs]:.1f} | {cpu[ours]:.1f} | {cpu[ours] / cpu[theirs]:.1f}x |"
-            print(line)
+
+        # whole commands, start-up included: ours, hotcoco's and panopticapi's, on 1 and all cores
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
+        ciae = ["-m", "workflows.cli", "evaluate", "--gt-json", src["gt_json"], "--gt-dir", src["gt_dir"],
+                "--pred-json", src["pred_json"], "--pred-dir", src["pred_dir"]]
+        hot = ["-c", "import sys, hotcoco.panoptic as p; p.pq_compute(*sys.argv[1:])",
+               src["gt_json"], src["pred_json"], src["gt_dir"], src["pred_dir"]]
+        papi = ["-c", "import sys, panopticapi.evaluation as p; p.pq_compute(*sys.argv[1:])",
+                src["gt_json"], src["pred_json"], src["gt_dir"], src["pred_dir"]]
+        commands = {}
+        for cores in sorted({1, args.workers}):
+            threads = {**env, "RAYON_NUM_THREADS": str(cores)}
+            commands[f"ciae {cores}"] = process_rate(ciae + ["--workers", str(cores)], n, threads, args.repeats)
+            commands[f"hotcoco {cores}"] = process_rate(hot, n, threads, args.repeats)
+        commands[f"papi {args.workers}"] = process_rate(papi, n, env, args.repeats)
+
+        diff = max(max_difference(out[k], papi_all_reference(out["papi single"], table))
+                   for k in ("ours single", "ours add", "ours add_indexed"))
+        hot_diff = max_difference(hotcoco_summary(out["hotcoco single"]), papi_all_reference(out["papi single"], table))
+        print(f"PQ {100 * out['ours single']['All']['pq']:.2f}; max |ciae - panopticapi| over every figure: {diff:.1e}; "
+              f"|hotcoco - panopticapi|: {hot_diff:.1e}; load average after: {os.getloadavg()[0]:.2f}")
+        if "torchmetrics add" in out:
+            print(f"torchmetrics' PQ {100 * out['torchmetrics add']['All']['pq']:.2f} (no crowd or void rules: "
+                  "crowd regions given as void; a different figure by design)")
+        print("\n| images/s, 1 core (this process's CPU time; wall in brackets) | panopticapi | ciae | hotcoco | torchmetrics |")
+        print("|---|---:|---:|---:|---:|")
+
+        def cell(name):
+            return f"{cpu[name]:.0f} ({wall[name]:.0f})" if name in cpu else "-"
+        print(f"| decode 2 PNGs | {cell('papi decode')} | {cell('ours decode')} | - | - |")
+        print(f"| files, JSONs parsed | {cell('papi single')} | {cell('ours single')} | {cell('hotcoco single')} | - |")
+        print(f"| in memory: id maps (`add`) | - | {cell('ours add')} | - | {cell('torchmetrics add')} |")
+        print(f"| in memory: index maps (`add_indexed`) | - | {cell('ours add_indexed')} | - | - |")
+        print("\n| images/s, whole command, start-up included (wall) | panopticapi | `ciae evaluate` | hotcoco |")
+        print("|---|---:|---:|---:|")
+        for cores in sorted({1, args.workers}):
+            theirs = f"{commands[f'papi {cores}']:.0f}" if f"papi {cores}" in commands else "-"
+            print(f"| {cores} core(s) | {theirs} | {commands[f'ciae {cores}']:.0f} | {commands[f'hotcoco {cores}']:.0f} |")
+
+
+def hotcoco_summary(result: dict) -> dict:
+    """hotcoco's result in our summary's shape (per_class: the classes with a TP, FP or FN)."""
+    out = {g: result[g] for g in ("All", "Things", "Stuff")}
+    out["per_class"] = {cid: r for cid, r in result["per_class"].items() if r["tp"] + r["fp"] + r["fn"]}
+    return out
+
+
+def papi_all_reference(pq_stat, table: CategoryTable) -> dict:
+    """panopticapi's results dict from its single-core PQStat."""
+    cats = {c.id: {"isthing": int(c.isthing)} for c in table.categories}
+    out = {}
+    for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
+        out[name], per_class = pq_stat.pq_average(cats, isthing=isthing)
+        if name == "All":
+            out["per_class"] = per_class
+    return out
 
 
 if __name__ == "__main__":

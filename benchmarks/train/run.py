@@ -66,7 +66,8 @@ def ray_train(shards: str, cfg: Config, workers: int, batch: int, steps: int, wa
     per-step MLflow metric (which includes waiting for data)."""
     import mlflow
 
-    from workflows.train import TrainJob, train
+    from workflows.jobs import TrainJob
+    from workflows.train import train
 
     job = TrainJob(data=shards, config=cfg, workers=workers, batch_per_worker=batch, cpus_per_worker=cpus,
                    iterations=warmup + steps, storage=os.path.join(root, "ray_results"),

@@ -39,8 +39,9 @@ def run(args) -> int:
     from pipeline.ray_runtime import connect
     from pipeline.shards import Source
     from pipeline.synth import SynthSpec, write_dataset
-    from workflows.label import LabelJob, label
-    from workflows.train import TrainJob, train
+    from workflows.jobs import LabelJob, TrainJob
+    from workflows.label import label
+    from workflows.train import train
 
     t0 = time.perf_counter()
     wd = os.path.abspath(args.workdir)

@@ -40,7 +40,7 @@ HELP = "label images with a registered model (Ray Data, streaming), Parquet and 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from workflows.cli import defaults
-    from workflows.label import LabelJob
+    from workflows.jobs import LabelJob
 
     d = defaults(LabelJob)
     p.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/ciae@champion")
@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ciae.evaluation import format_table
-    from workflows.label import LabelJob, label
+    from workflows.jobs import LabelJob
+    from workflows.label import label
 
     job = LabelJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LabelJob)})
     s = label(job, address=args.address)

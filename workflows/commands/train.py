@@ -36,7 +36,7 @@ HELP = "train with Ray Train, tracked and registered in MLflow"
 
 def add_arguments(p):
     from workflows.cli import defaults
-    from workflows.train import TrainJob
+    from workflows.jobs import TrainJob
 
     d = defaults(TrainJob)
     p.add_argument("--data", required=True, help="prepared training shards (folder or URI)")
@@ -97,7 +97,8 @@ def load_config(spec: str):
 
 
 def run(args) -> int:
-    from workflows.train import TrainJob, train
+    from workflows.jobs import TrainJob
+    from workflows.train import train
 
     fields = {f.name for f in dataclasses.fields(TrainJob)} - {"config"}
     job = TrainJob(config=load_config(args.config), **{k: getattr(args, k) for k in fields})
