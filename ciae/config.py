@@ -98,6 +98,7 @@ class SolverConfig:
     checkpoint_every: int = 5000
     seed: int = 0
     amp: bool = True            # bfloat16 autocast of the forward pass on CUDA (no effect on CPU)
+    channels_last: bool = True  # NHWC activations and weights: faster convolutions (oneDNN, tensor cores)
 
 
 @dataclass

@@ -13,11 +13,11 @@ def register(checkpoint: str, name: str, alias: str, pq: float | None, tracking_
     """Log ``checkpoint`` as the pyfunc model of the active MLflow run and register it under
     ``name``. Moves ``alias`` to the new version when no version holds it, or when ``pq`` beats
     the holder's. Returns (version, whether the alias moved)."""
-    import mlflow
 
+    from workflows import tracking
     from workflows.pyfunc import log_model
 
-    client = mlflow.MlflowClient(tracking_uri)
+    client = tracking.client(tracking_uri)
     info = log_model(checkpoint, registered_model_name=name)
     version = str(info.registered_model_version)
     if pq is not None:

@@ -47,15 +47,21 @@ def configure(tracking_uri: str | None = None) -> str:
     return uri
 
 
-def experiment_id(name: str, tracking_uri: str, artifact_location: str | None = None) -> str:
-    """The id of experiment ``name``, created with an explicit artifact location if missing."""
+def client(tracking_uri: str):
+    """An MlflowClient whose registry is ``tracking_uri`` too, whatever an earlier ``configure``
+    in this process set as MLflow's global registry."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(name)
+    return mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(name: str, tracking_uri: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created with an explicit artifact location if missing."""
+    client_ = client(tracking_uri)
+    exp = client_.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = artifact_location or default_artifact_root(tracking_uri)
     if location and location.startswith("file://"):
         location = location + "/" + name
-    return client.create_experiment(name, artifact_location=location)
+    return client_.create_experiment(name, artifact_location=location)

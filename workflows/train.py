@@ -92,7 +92,6 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     """Run ``job`` on the Ray cluster at ``address`` (default: a local Ray). ``callbacks``:
     Ray Train ``UserCallback``s. Returns a summary: run_id, name, step, checkpoint (a local
     copy), pq (dict or None), model_version, alias_moved, tracking_uri."""
-    import mlflow
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -109,7 +108,7 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     name = job.name or time.strftime("ciae-%Y%m%d-%H%M%S")
 
     uri = tracking.configure(job.tracking_uri)
-    client = mlflow.MlflowClient(uri)
+    client = tracking.client(uri)
     exp_id = tracking.experiment_id(job.experiment, uri)
     params = flat_params(cfg.to_dict())
     params.update({"job.data": job.data, "job.val": str(job.val), "job.workers": str(job.workers),

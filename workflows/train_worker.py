@@ -71,9 +71,9 @@ def distributed_trainer(model, device: torch.device):
     workers. Call inside a Ray Train worker (or any initialised torch.distributed group)."""
     import torch.distributed as dist
 
-    from ciae.train import Trainer
+    from ciae.train import Trainer, memory_format
 
-    model.to(device)
+    model.to(device, memory_format=memory_format(model.cfg.solver))
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return Trainer(model)
     from torch.nn.parallel import DistributedDataParallel
@@ -90,9 +90,9 @@ class _MlflowLog:
     with the latest step as a tag."""
 
     def __init__(self, tracking_uri: str, run_id: str, every_s: float = 2.0):
-        import mlflow
+        from workflows import tracking
 
-        self.client, self.run_id = mlflow.MlflowClient(tracking_uri), run_id
+        self.client, self.run_id = tracking.client(tracking_uri), run_id
         self.pending, self.every_s, self.step, self.flushed_at = [], every_s, 0, time.monotonic()
 
     def log(self, step: int, values: dict[str, float]) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ciae.backbone import read_weights
 from ciae.finetune import Source, read_source
 from pipeline import storage
+from workflows import tracking
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,14 @@ def fetch(spec: str, tracking_uri: str) -> InitSource:
         if not m:
             raise ValueError(f"{spec}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
         name, alias, version = m.groups()
-        client = mlflow.MlflowClient(tracking_uri)
+        client = tracking.client(tracking_uri)
         try:
             mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
         except Exception as e:
             raise ValueError(f"{spec}: no such registered model version in {tracking_uri} "
                              f"({type(e).__name__}: {e})") from None
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
-                                                     tracking_uri=tracking_uri)
+        folder = mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(name, mv.version), tracking_uri=tracking_uri)
         with open(_checkpoint_in(folder, spec), "rb") as f:
             return InitSource(spec, f.read(), mv.run_id, f"{name}/{mv.version}")
     if spec.startswith("runs:/"):
