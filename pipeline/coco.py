@@ -12,15 +12,17 @@ import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow.fs as pafs
-from PIL import Image
 
 from ciae.panoptic import (MAX_SEGMENT_ID, Category, CategoryTable, DatasetError, RecordError,
                            row_runs)
 from pipeline.panoptic_png import decode_id_png
-from pipeline.storage import read_bytes, resolve
+from pipeline.storage import read_bytes, read_uri
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 # --------------------------------------------------------------------------------- records
 
@@ -154,9 +156,8 @@ def parse_panoptic_json(doc: dict, source: str, categories: CategoryTable | None
 
 def read_json(uri: str, what: str = "JSON"):
     """A JSON document from a path or URI; a missing or unparsable file is a DatasetError."""
-    fs, path = resolve(uri)
     try:
-        return json.loads(read_bytes(fs, path))
+        return json.loads(read_uri(uri))
     except FileNotFoundError:
         raise DatasetError(f"{uri}: file not found") from None
     except (OSError, ValueError) as e:
@@ -193,6 +194,8 @@ def check_image(name: str, data: bytes, height: int, width: int) -> str:
     JPEG and PNG are checked by structure (a parsable header and the end marker in the last
     bytes, which a truncated file lacks) at a hundredth of a decode's cost; other formats are
     decoded in full."""
+    from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, size = im.format, im.size
