@@ -3,8 +3,8 @@
 The JSON side goes through ``pipeline.coco`` (the prediction JSON is checked against the
 ground-truth categories and images). Then, for local folders, the images are counted by
 hotcoco (``hotcoco.panoptic``, a Rust implementation of panopticapi's rules, on ``workers``
-threads; twice our file path per core in ``benchmarks/pq/run.py``); for URIs, or when hotcoco reports
-a problem or is missing, each image pair is read, decoded and added to a
+threads; 2.7x our file path per core in ``benchmarks/pq/run.py``); for URIs, or when hotcoco
+reports a problem or is missing, each image pair is read, decoded and added to a
 :class:`ciae.evaluation.pq.PQAccumulator`, over N worker processes whose partial states merge.
 Both give the same numbers (tested). Every problem, whichever image it comes from, is collected,
 and the evaluation fails with one :class:`EvaluationError` listing them rather than stopping at
