@@ -269,6 +269,15 @@ def _stream_json(store: LabelStore, name: str, write) -> None:
     store.fs.move(tmp, path)
 
 
+def _write_images(doc: _JsonArrays, store: LabelStore) -> None:
+    """The ``images`` array of a COCO file: one entry per labeled image, in shard order."""
+    doc.open("images")
+    for r in store.rows(["image_id", "file_name", "height", "width", "status"]):
+        if r["status"] == "labeled":
+            doc.add({"id": r["image_id"], "file_name": r["file_name"], "height": r["height"],
+                     "width": r["width"]})
+
+
 def export_coco_panoptic(store: LabelStore, categories: list[dict], pngs: bool) -> int:
     """``predictions.json`` (and, with ``pngs``, ``panoptic/<key>.png`` for each labeled image
     whose PNG is missing or of another size), streamed from the shards. Returns the images."""
@@ -276,11 +285,7 @@ def export_coco_panoptic(store: LabelStore, categories: list[dict], pngs: bool) 
 
     def write(doc):
         nonlocal count
-        doc.open("images")
-        for r in store.rows(["image_id", "file_name", "height", "width", "status"]):
-            if r["status"] == "labeled":
-                doc.add({"id": r["image_id"], "file_name": r["file_name"], "height": r["height"],
-                         "width": r["width"]})
+        _write_images(doc, store)
         doc.open("annotations")
         columns = ["key", "image_id", "status", "segments"] + (["png"] if pngs else [])
         for r in store.rows(columns):
@@ -309,11 +314,7 @@ def export_coco_instances(store: LabelStore, categories: list[dict]) -> int:
 
     def write(doc):
         nonlocal count
-        doc.open("images")
-        for r in store.rows(["image_id", "file_name", "height", "width", "status"]):
-            if r["status"] == "labeled":
-                doc.add({"id": r["image_id"], "file_name": r["file_name"], "height": r["height"],
-                         "width": r["width"]})
+        _write_images(doc, store)
         doc.open("annotations")
         for r in store.rows(["image_id", "height", "width", "status", "segments"]):
             for s in r["segments"] if r["status"] == "labeled" else ():

@@ -7,14 +7,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import signal
 import sys
 
 import mlflow
 import pytest
 import ray
 import torch
-from ray.train import UserCallback
 
 from ciae.backbone import ResNet
 from ciae.config import Config
@@ -24,6 +22,8 @@ from workflows.local import evaluate, model_for_shards
 from workflows.jobs import TrainJob
 from workflows.train import train
 from workflows.weights import fetch
+
+from ray_callbacks import KillRankOneAfterFirstCheckpoint
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Ray workers import nothing from tests
 
@@ -143,16 +143,6 @@ def test_the_cli_fine_tunes_onto_the_coco_sample_from_a_run_artifact(trained_sma
     ckpt = load_checkpoint(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/checkpoint/checkpoint.pt"))
     assert len(ckpt["stuff_ids"]) == 53 and len(ckpt["thing_ids"]) == 80
     assert ckpt["category_names"][1] == "person"
-
-
-class KillRankOneAfterFirstCheckpoint(UserCallback):
-    def __init__(self):
-        self.killed = False
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if checkpoint is not None and not self.killed:
-            self.killed = True
-            os.kill(metrics[1]["pid"], signal.SIGKILL)
 
 
 def test_a_killed_fine_tuning_run_resumes(trained_small, tmp_path):

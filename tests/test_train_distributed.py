@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import sys
 
 import mlflow
 import pytest
 import ray.cloudpickle
 import torch
-from ray.train import UserCallback
 
 from ciae.config import Config
 from ciae.model import CIAEModel
 from pipeline.shards import read_manifest
 from workflows.jobs import TrainJob
 from workflows.train import train
+
+from ray_callbacks import KillRankOneAfterFirstCheckpoint
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Ray workers import nothing from tests
 
@@ -58,18 +58,6 @@ def test_two_workers_take_the_steps_of_one_worker_with_their_joint_batch(shards,
     moved = max(float((one[k] - initial[k]).abs().max()) for k in one if one[k].is_floating_point())
     diff = max(float((one[k] - two[k]).abs().max()) for k in one if one[k].is_floating_point())
     assert moved > 1e-3 and diff < 1e-3 * moved, (moved, diff)
-
-
-class KillRankOneAfterFirstCheckpoint(UserCallback):
-    """Runs in the Ray Train controller: SIGKILLs worker 1 right after the first checkpoint."""
-
-    def __init__(self):
-        self.killed = False
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if checkpoint is not None and not self.killed:
-            self.killed = True
-            os.kill(metrics[1]["pid"], signal.SIGKILL)
 
 
 def test_killed_worker_resumes_from_checkpoint_into_one_mlflow_run(shards, tmp_path):

@@ -105,9 +105,8 @@ def decode(chunk: dict, plan_dir: str, input_cfg: dict) -> dict:
 
 
 def _read(uri: str) -> bytes:
-    fs, path = storage.resolve(uri)
     try:
-        return storage.read_bytes(fs, path)
+        return storage.read_uri(uri)
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: file not found") from None
 
@@ -199,8 +198,7 @@ def encode(batch: dict, out_uri: str, categories: list[dict], coco_panoptic: boo
                     index = decode_index_runs(batch["gt_runs"][k], row["height"], row["width"])
                     acc.add_indexed(index, gt_segments, ids, segments, image=name)
                 else:
-                    fs, path = storage.resolve(batch["gt_png"][k])
-                    acc.add(decode_id_png(storage.read_bytes(fs, path)), gt_segments, ids, segments, image=name)
+                    acc.add(decode_id_png(storage.read_uri(batch["gt_png"][k])), gt_segments, ids, segments, image=name)
                 row.update(pq=acc.summary()["All"]["pq"], pq_stats=json.dumps(ls.pq_state(acc)))
                 states.setdefault(task, PQAccumulator(table)).merge(acc)
             if coco_panoptic:
@@ -420,8 +418,7 @@ def draw_overlays(store: ls.LabelStore, plan: Plan, categories: list[dict], n: i
         else:
             image = decode_rgb(_read(entry["uri"]))
             if entry["gt_png"]:
-                gfs, gpath = storage.resolve(entry["gt_png"])
-                gt = (decode_id_png(storage.read_bytes(gfs, gpath)), json.loads(entry["gt_segments"]))
+                gt = (decode_id_png(storage.read_uri(entry["gt_png"])), json.loads(entry["gt_segments"]))
         buf = io.BytesIO()
         Image.fromarray(panel(image, ids, r["segments"], categories, gt=gt)).save(buf, format="PNG")
         store.write_overlay(r["key"], buf.getvalue())

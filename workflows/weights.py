@@ -82,8 +82,7 @@ def fetch(spec: str, tracking_uri: str) -> InitSource:
         path = _checkpoint_in(local, spec) if os.path.isdir(local) else local
         with open(path, "rb") as f:
             return InitSource(spec, f.read(), spec.split("/")[1])
-    fs, path = storage.resolve(spec)
     try:
-        return InitSource(spec, storage.read_bytes(fs, path))
+        return InitSource(spec, storage.read_uri(spec))
     except FileNotFoundError:
         raise FileNotFoundError(f"{spec}: no such file") from None
