@@ -26,9 +26,11 @@ The top_k terms are selected on z (l is non-decreasing in z, so the kept values 
 tied terms have equal values, so which of them is kept does not change the loss.
 
 Memory: a custom autograd Function that runs over chunks of whole rows (``chunk`` pixels rounded
-down to whole rows, at least one). The forward keeps nothing but its inputs; the backward
-recomputes each chunk and applies the hand-written gradient below, so peak memory is a few
-[chunk, Q] buffers plus the [D, H, W] gradient itself:
+down to whole rows, at least one). When the image spans several chunks, the forward keeps
+nothing but its inputs and the backward recomputes each chunk, so peak memory is a few
+[chunk, Q] buffers plus the [D, H, W] gradient itself; when it fits in one chunk, the forward's
+buffers (normalised embeddings, box mask, kept terms) are kept for the backward instead, at the
+same peak. The backward applies the hand-written gradient:
 
     g_ij     = w_i / ((2 + margin) u_ij)  for kept j with z_ij > 0 and u_ij >= TINY, else 0,
                u_ij = 1 - max(z_ij, 0) / (2 + margin)                 (dl/dz)
@@ -79,6 +81,16 @@ def _hinge(e: torch.Tensor, q: torch.Tensor, outside: torch.Tensor, t: torch.Ten
     return p, norm, s.add_(c).scatter_(1, t[:, None], c + 1)
 
 
+def _chunk(e: torch.Tensor, q: torch.Tensor, boxes: torch.Tensor, t: torch.Tensor, r0: int, r1: int,
+           width: int, margin: float, k: int) -> tuple[torch.Tensor, ...]:
+    """One chunk's forward: e [C, D], t [C] (-1 = ignore) -> p [C, D], norm [C, 1], outside
+    [C, Q], t [C] clamped to [0, Q), kept [C, k] top-k of z, idx [C, k] their query indices."""
+    outside, t = outside_boxes(boxes, r0, r1, width), t.clamp_min(0)
+    p, norm, z = _hinge(e, q, outside, t, margin)
+    kept, idx = z.topk(k, dim=1)
+    return p, norm, outside, t, kept, idx
+
+
 class _EmbeddingLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb, queries, boxes, target, weight, margin, top_k, chunk):
@@ -89,14 +101,15 @@ class _EmbeddingLoss(torch.autograd.Function):
         w_all = torch.where(t_all >= 0, weight.reshape(-1).to(acc), 0)  # 0 on ignored pixels
         k = min(top_k, q.shape[0])
         loss = q.new_zeros(())
-        for r0, r1, a, b in row_chunks(h, w, chunk):
-            _, _, z = _hinge(e_all[:, a:b].T.to(acc), q, outside_boxes(boxes, r0, r1, w),
-                             t_all[a:b].clamp_min(0), margin)
-            kept = z.topk(k, dim=1).values.clamp_min_(0)                 # l' of the kept terms
+        chunks = list(row_chunks(h, w, chunk))
+        for r0, r1, a, b in chunks:
+            state = _chunk(e_all[:, a:b].T.to(acc), q, boxes, t_all[a:b], r0, r1, w, margin, k)
+            kept = state[4].clamp_min(0)                                   # l' of the kept terms
             l_kept = -torch.log((1 - kept / (2 + margin)).clamp_min_(TINY))
             loss += (w_all[a:b] * l_kept.sum(1)).sum()
         ctx.save_for_backward(emb, queries, boxes, target, weight)
         ctx.margin, ctx.k, ctx.chunk = margin, k, chunk
+        ctx.state = state if len(chunks) == 1 else None   # one chunk: no recomputation
         num_valid = (t_all >= 0).sum().to(acc)
         ctx.mark_non_differentiable(num_valid)
         return loss, num_valid
@@ -105,7 +118,8 @@ class _EmbeddingLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_num_valid):
         emb, queries, boxes, target, weight = ctx.saved_tensors
-        margin, k, chunk = ctx.margin, ctx.k, ctx.chunk
+        margin, k, chunk, state = ctx.margin, ctx.k, ctx.chunk, ctx.state
+        ctx.state = None
         d, h, w = emb.shape
         acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
         e_all, q, t_all = emb.reshape(d, h * w), queries.to(acc), target.reshape(-1)
@@ -115,9 +129,11 @@ class _EmbeddingLoss(torch.autograd.Function):
         grad_q = torch.zeros_like(q) if need_q else None
         grad_w = torch.empty_like(w_all) if need_w else None
         for r0, r1, a, b in row_chunks(h, w, chunk):
-            outside, t = outside_boxes(boxes, r0, r1, w), t_all[a:b].clamp_min(0)
-            p, norm, z = _hinge(e_all[:, a:b].T.to(acc), q, outside, t, margin)
-            kept, idx = z.topk(k, dim=1)
+            if state is None:
+                p, norm, outside, t, kept, idx = _chunk(e_all[:, a:b].T.to(acc), q, boxes, t_all[a:b],
+                                                        r0, r1, w, margin, k)
+            else:
+                (p, norm, outside, t, kept, idx), state = state, None
             u = 1 - kept.clamp_min(0) / (2 + margin)
             if need_w:
                 grad_w[a:b] = (t_all[a:b] >= 0) * -torch.log(u.clamp_min(TINY)).sum(1) * grad_loss
@@ -125,7 +141,7 @@ class _EmbeddingLoss(torch.autograd.Function):
                 continue
             g = torch.where((kept > 0) & (u >= TINY),                       # dL/dz_ij, kept j
                             w_all[a:b, None] / ((2 + margin) * u.clamp_min(TINY)), 0)
-            grad_s = torch.zeros_like(z).scatter_(1, idx, g)                # k != t_i
+            grad_s = kept.new_zeros(outside.shape).scatter_(1, idx, g)                                    # k != t_i
             grad_s.scatter_(1, t[:, None], -g.sum(1, keepdim=True))         # k = t_i
             grad_s.masked_fill_(outside, 0)
             if need_q:

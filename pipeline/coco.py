@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------- records
 
 
-@dataclass
+@dataclass(slots=True)
 class Segment:
     id: int
     category_id: int
@@ -67,18 +67,20 @@ class CocoPanoptic:
 
 def _parse_segment(name: str, k: int, s: dict, categories: dict[int, Category]) -> Segment:
     try:
-        seg = Segment(int(s["id"]), int(s["category_id"]), int(s.get("iscrowd", 0)))
+        sid, cid, crowd, area, bbox = s["id"], s["category_id"], s.get("iscrowd", 0), s.get("area"), s.get("bbox")
+        if not (type(sid) is int and type(cid) is int and type(crowd) is int):  # the common case skips int()
+            sid, cid, crowd = int(sid), int(cid), int(crowd)
+        if area is not None:
+            area = int(area)
+        if bbox is not None:
+            bbox = [round(v) for v in bbox]
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(name, f"segments_info[{k}] is malformed ({e!r})") from None
-    if not 0 < seg.id <= MAX_SEGMENT_ID:
-        raise RecordError(name, f"segment id {seg.id} is outside [1, {MAX_SEGMENT_ID}] (0 is void)")
-    if seg.category_id not in categories:
-        raise RecordError(name, f"segment {seg.id} has unknown category_id {seg.category_id}")
-    if "area" in s:
-        seg.area = int(s["area"])
-    if "bbox" in s:
-        seg.bbox = [int(round(v)) for v in s["bbox"]]
-    return seg
+    if not 0 < sid <= MAX_SEGMENT_ID:
+        raise RecordError(name, f"segment id {sid} is outside [1, {MAX_SEGMENT_ID}] (0 is void)")
+    if cid not in categories:
+        raise RecordError(name, f"segment {sid} has unknown category_id {cid}")
+    return Segment(sid, cid, crowd, area, bbox)
 
 
 def annotations_by_image(annotations: list, what: str) -> tuple[list[tuple[int, dict]], list[RecordError]]:
@@ -145,8 +147,8 @@ def parse_panoptic_json(doc: dict, source: str, categories: CategoryTable | None
             if not isinstance(infos, list):
                 raise RecordError(name, "annotation has no 'segments_info' list")
             rec.segments = [_parse_segment(name, k, s, cats) for k, s in enumerate(infos)]
-            dup = sorted(i for i, n in Counter(s.id for s in rec.segments).items() if n > 1)
-            if dup:
+            if len({s.id for s in rec.segments}) < len(rec.segments):
+                dup = sorted(i for i, n in Counter(s.id for s in rec.segments).items() if n > 1)
                 raise RecordError(name, f"duplicate segment ids {dup}")
             records.append(rec)
         except RecordError as e:

@@ -224,10 +224,11 @@ def test_embedding_loss_chunk_sizes_agree():
             torch.testing.assert_close(gr, ref, rtol=1e-6, atol=1e-7)
 
 
-def test_embedding_loss_gradcheck():
+@pytest.mark.parametrize("chunk", [5, None])  # rows recomputed in the backward / kept from the forward
+def test_embedding_loss_gradcheck(chunk):
     emb, queries, boxes, target, weight = make_case(8, d=3, h=3, w=4, q=3)
     weight.requires_grad_()
-    fn = lambda e, q, wt: embedding_loss(e, q, boxes, target, wt, MARGIN, 2, chunk=5)[0]
+    fn = lambda e, q, wt: embedding_loss(e, q, boxes, target, wt, MARGIN, 2, chunk=chunk)[0]
     assert torch.autograd.gradcheck(fn, (emb.requires_grad_(), queries.requires_grad_(), weight))
 
 

@@ -428,6 +428,28 @@ def test_bad_files_name_image_and_problem(small_dataset, name):
     assert f"image 1 (1.jpg): {e.problem}" in str(err.value)
 
 
+@pytest.mark.parametrize("edit", ["PNG id missing from the JSON", "JSON segment without pixels"])
+def test_inconsistent_ground_truth(small_dataset, edit):
+    """Local folders (hotcoco) count a ground truth whose PNG and JSON disagree as panopticapi
+    does; the accumulator (URIs) refuses the image, naming it."""
+    from workflows.evaluate import EvaluationError, evaluate
+
+    d = small_dataset
+
+    def corrupt(doc):
+        segs = _segments_of_image_1(doc)
+        if edit == "PNG id missing from the JSON":
+            segs.pop(0)
+        else:
+            segs.append({"id": 123456, "category_id": segs[0]["category_id"], "iscrowd": 0, "area": 5})
+    _edit(d["gt_json"], corrupt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = panopticapi.pq_compute(d["gt_json"], d["pred_json"], d["gt_dir"], d["pred_dir"])
+    assert_same_summary(evaluate(d["gt_json"], d["gt_dir"], d["pred_json"], d["pred_dir"], workers=1), theirs)
+    with pytest.raises(EvaluationError, match=r"image 1 \(1.jpg\): ground-truth "):
+        evaluate(d["gt_json"], f"file://{d['gt_dir']}", d["pred_json"], d["pred_dir"], workers=1)
+
+
 @pytest.mark.timeout(60)
 def test_every_problem_is_listed_and_the_cli_fails(small_dataset, capsys):
     from workflows.cli import main

@@ -21,8 +21,8 @@ def add_arguments(p):
     p.add_argument("--workdir", default="runs/demo", help="where everything is written (default runs/demo)")
     p.add_argument("--train-images", type=int, default=256, help="synthetic training images (default 256)")
     p.add_argument("--val-images", type=int, default=48, help="synthetic held-out images (default 48)")
-    p.add_argument("--iterations", type=int, default=900,
-                   help="training steps (default 900; Config.small()'s warm-up and decay steps scale with it)")
+    p.add_argument("--iterations", type=int, default=750,
+                   help="training steps (default 750; Config.small()'s warm-up and decay steps scale with it)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers and labeling actors (default 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
