@@ -29,8 +29,8 @@ Memory: a custom autograd Function that runs over chunks of whole rows (``chunk`
 down to whole rows, at least one). When the image spans several chunks, the forward keeps
 nothing but its inputs and the backward recomputes each chunk, so peak memory is a few
 [chunk, Q] buffers plus the [D, H, W] gradient itself; when it fits in one chunk, the forward's
-buffers (normalised embeddings, box mask, kept terms) are kept for the backward instead, at the
-same peak. The backward applies the hand-written gradient:
+buffers (normalised embeddings, box mask, kept terms: one chunk's worth, at most) are held until
+the backward instead. The backward applies the hand-written gradient:
 
     g_ij     = w_i / ((2 + margin) u_ij)  for kept j with z_ij > 0 and u_ij >= TINY, else 0,
                u_ij = 1 - max(z_ij, 0) / (2 + margin)                 (dl/dz)
@@ -141,7 +141,7 @@ class _EmbeddingLoss(torch.autograd.Function):
                 continue
             g = torch.where((kept > 0) & (u >= TINY),                       # dL/dz_ij, kept j
                             w_all[a:b, None] / ((2 + margin) * u.clamp_min(TINY)), 0)
-            grad_s = kept.new_zeros(outside.shape).scatter_(1, idx, g)                                    # k != t_i
+            grad_s = kept.new_zeros(outside.shape).scatter_(1, idx, g)      # k != t_i
             grad_s.scatter_(1, t[:, None], -g.sum(1, keepdim=True))         # k = t_i
             grad_s.masked_fill_(outside, 0)
             if need_q:
