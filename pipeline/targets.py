@@ -34,7 +34,10 @@ class TargetMaker:
     ``input``: sizes and flips (``train``: a shorter side drawn from ``input.shorter_sides`` and
     a flip with ``input.flip_prob``; else the test size, no flip); ``thing_mode``: Table II.
     Randomness is drawn from (seed, epoch, image_id), so a row gives the same targets wherever
-    it runs."""
+    it runs; given the training ``step``, the shorter side is drawn from (seed, step) instead:
+    every image of a step, on every worker, gets the same one, so a batch is not padded to its
+    largest image and data-parallel workers do equal work (one pixel in eight less on average
+    with 2 images of 160-224 px; no worker waits on another's larger batch)."""
 
     def __init__(self, stuff_index: dict, thing_index: dict, input: InputConfig = InputConfig(),
                  thing_mode: str = "merged", train: bool = True, seed: int = 0, epoch: int = 0):
@@ -51,11 +54,15 @@ class TargetMaker:
     def num_stuff(self) -> int:
         return len(self.stuff_index)
 
-    def __call__(self, row: dict) -> dict:
+    def __call__(self, row: dict, step: int | None = None) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, int(row["image_id"])])
         image = decode_rgb(row["image"])
         h0, w0 = image.shape[:2]
-        size = self.transform.train_size(h0, w0, rng) if self.train else self.transform.test_size(h0, w0)
+        if self.train:
+            size_rng = rng if step is None else np.random.default_rng([self.seed, int(step)])
+            size = self.transform.train_size(h0, w0, size_rng)
+        else:
+            size = self.transform.test_size(h0, w0)
         image = resize_image(image, size)
         index, segments = decode_panoptic_row(row)
         if index.shape != (h0, w0):

@@ -3,10 +3,10 @@
 Epoch e visits the rows in the order ``np.random.default_rng([seed, e]).permutation(n)``. Global
 step s of global batch G = W * B takes the next G rows (an epoch is n // G steps; the last
 n mod G rows of each permutation are left out), and rank r of W takes rows r*B .. r*B+B-1 of
-them. Augmentation draws from (seed, epoch, image id). So:
+them. Augmentation draws from (seed, epoch, image id), the shorter side from (seed, step). So:
 
 * a step sees the images, and the jitter and flips, that one process with batch G sees,
-  whatever W is;
+  whatever W is (the jitter's shorter side is one per step, flips one per image);
 * a worker restarted from the checkpoint of step s starts its stream at step s, so a restart
   neither repeats nor skips an image.
 
@@ -111,7 +111,7 @@ class ShardTargets:
             path, row = rows[r]
             self.maker.epoch = int(epoch)
             try:
-                t = self.maker(row)
+                t = self.maker(row, step=int(step))
             except Exception as e:  # a corrupt image: skip it, name it
                 log.warning("skipping image %s (%s) in %s: %s", row.get("image_id"),
                             row.get("file_name"), path, e)

@@ -88,6 +88,17 @@ def test_local_batches_follow_the_plan(shards):
     assert manifest["counts"]["images"] == len(ids) == 6
 
 
+def test_one_shorter_side_per_step(shards):
+    """Every image of a step gets the step's shorter side (no padding between sizes, equal work
+    for data-parallel workers); the side still varies from step to step."""
+    sides = []
+    for _, (_, b) in zip(range(12), local_batches(shards, stream_config(4))):
+        per_image = {min(h, w) for h, w in b["image_sizes"]}
+        assert len(per_image) == 1
+        sides.append(per_image.pop())
+    assert set(sides) == {64, 96}
+
+
 def test_ray_data_streams_each_rank_its_part_of_the_plan(shards, ray_local):
     start, end = 1, 7
     local = dict(zip(range(start, end), (b for _, b in local_batches(shards, stream_config(4), start=start))))
