@@ -72,16 +72,14 @@ def fetch(spec: str, tracking_uri: str) -> InitSource:
                              f"({type(e).__name__}: {e})") from None
         folder = mlflow.artifacts.download_artifacts(
             artifact_uri=client.get_model_version_download_uri(name, mv.version), tracking_uri=tracking_uri)
-        with open(_checkpoint_in(folder, spec), "rb") as f:
-            return InitSource(spec, f.read(), mv.run_id, f"{name}/{mv.version}")
+        return InitSource(spec, storage.read_uri(_checkpoint_in(folder, spec)), mv.run_id, f"{name}/{mv.version}")
     if spec.startswith("runs:/"):
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=spec, tracking_uri=tracking_uri)
         except Exception as e:
             raise ValueError(f"{spec}: cannot fetch it from {tracking_uri} ({type(e).__name__}: {e})") from None
         path = _checkpoint_in(local, spec) if os.path.isdir(local) else local
-        with open(path, "rb") as f:
-            return InitSource(spec, f.read(), spec.split("/")[1])
+        return InitSource(spec, storage.read_uri(path), spec.split("/")[1])
     try:
         return InitSource(spec, storage.read_uri(spec))
     except FileNotFoundError:
