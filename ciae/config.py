@@ -150,7 +150,8 @@ class Config:
     @classmethod
     def small(cls) -> "Config":
         """A CPU-sized configuration: width-reduced ResNet-18 trained from scratch on ~192 px
-        images; 700 steps of batch 4 reach PQ ~0.7 on the synthetic data in ~5 min on 2 cores."""
+        images; its 700 steps of batch 4 (the demo's schedule) reach held-out PQ ~0.73 on the
+        synthetic data, in ~4.5 min of training on 2 cores with 2 Ray Train workers."""
         return cls(
             backbone=BackboneConfig(name="resnet18", width=16, norm="gn", freeze_at=0),
             fpn=FPNConfig(channels=64),

@@ -19,6 +19,7 @@ checkpoint and, at the end, the validation PQ.
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import tempfile
@@ -78,9 +79,12 @@ def distributed_trainer(model, device: torch.device):
         return Trainer(model)
     from torch.nn.parallel import DistributedDataParallel
 
-    # the memory is a buffer kept identical by the reduction, so DDP need not broadcast it
+    # the memory is a buffer kept identical by the reduction, so DDP need not sync it before each
+    # forward (torch 2.13 renamed the option; its new one still syncs once, at start, harmlessly)
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  broadcast_buffers=False)
+                                  **{no_sync: False})
     model.reduce_mean, model.reduce_sum = _mean_over_workers, _sum_over_workers
     return Trainer(model, module=ddp)
 
