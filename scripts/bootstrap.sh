@@ -27,3 +27,7 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$root/cons
   pip_install --no-deps "panopticapi-lite==0.2.0"
   touch "$stamp"
 fi
+# The project's bytecode, as pip writes it for installed packages (an editable install does
+# not): every Ray worker process imports these modules and would otherwise compile them anew
+# wherever PYTHONDONTWRITEBYTECODE is set. Incremental: only changed files are compiled.
+"$venv/bin/python" -m compileall -q -j 0 "$root/ciae" "$root/kernels" "$root/pipeline" "$root/workflows"

@@ -18,14 +18,12 @@ HELP = "run the pipeline end to end on synthetic data"
 
 
 def add_arguments(p):
-    from ciae.config import Config
-
     p.add_argument("--workdir", default="runs/demo", help="where everything is written (default runs/demo)")
     p.add_argument("--train-images", type=int, default=256, help="synthetic training images (default 256)")
     p.add_argument("--val-images", type=int, default=48, help="synthetic held-out images (default 48)")
-    p.add_argument("--iterations", type=int, default=None,
-                   help=f"training steps (default: Config.small()'s {Config.small().solver.iterations}; "
-                        "its warm-up and decay steps scale with another value)")
+    p.add_argument("--iterations", type=int, default=600,
+                   help="training steps (default 600: held-out PQ ~0.72 in ~5 min on 2 cores; "
+                        "Config.small()'s warm-up and decay steps scale with it)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers and labeling actors (default 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
@@ -50,7 +48,6 @@ def run(args) -> int:
     wd = os.path.abspath(args.workdir)
     uri = "sqlite:///" + os.path.join(wd, "mlruns", "mlflow.db")
     cfg = Config.small()
-    iterations = args.iterations or cfg.solver.iterations
     size = cfg.input.test_shorter_side
     splits = {"train": (args.train_images, args.seed), "val": (args.val_images, args.seed + 1000)}
     with connect(args.address):
@@ -64,9 +61,9 @@ def run(args) -> int:
             print(f"[demo] {split}: {m['counts']['images']} images in {m['counts']['shards']} shards, "
                   f"{m['counts']['rejected']} rejected -> {out}")
 
-        print(f"[demo] training Config.small() for {iterations} steps on {args.workers} Ray Train workers")
+        print(f"[demo] training Config.small() for {args.iterations} steps on {args.workers} Ray Train workers")
         s = train(TrainJob(data=os.path.join(wd, "shards", "train"), val=os.path.join(wd, "shards", "val"),
-                           config=cfg, workers=args.workers, iterations=iterations,
+                           config=cfg, workers=args.workers, iterations=args.iterations,
                            storage=os.path.join(wd, "ray_results"), tracking_uri=uri, experiment="ciae-demo",
                            register="ciae-demo"), address=args.address)
         print(f"[demo] trained to step {s['step']}: validation PQ {100 * s['pq']['All']['pq']:.1f}; "
