@@ -43,6 +43,28 @@ def category_sums(emb: torch.Tensor, sem: torch.Tensor, num_categories: int, bac
     return sums.sum(0), counts.sum(0)
 
 
+class _Unbind(torch.autograd.Function):
+    """``t.unbind(0)`` whose backward writes the parts' gradients into one tensor laid out as
+    ``t`` (autograd's own stacks them into a contiguous one: for a channels-last ``t``, the 4x
+    upsampling's backward then takes 5x as long on the CPU). Unlike ``t[i]``, no part's
+    gradient is a zero-filled tensor of the whole batch."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.set_materialize_grads(False)
+        ctx.like, ctx.device = torch.empty_like(t, device="meta"), t.device
+        return t.unbind(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        like = ctx.like
+        out = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=ctx.device)
+        for part, g in zip(out.unbind(0), grads):
+            part.zero_() if g is None else part.copy_(g)
+        return out
+
+
 def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: list[torch.Tensor],
               memory: torch.Tensor, num_stuff: int, cfg: EmbeddingConfig, backend: str = "auto",
               reduce_fn: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
@@ -68,8 +90,7 @@ def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: li
     n_cae = emb.new_zeros(())
     n_iae = emb.new_zeros(())
     ones = torch.ones((h, w), dtype=emb.dtype, device=emb.device)
-    # unbind, not emb[i]: indexing would give every image's gradient a zero-filled full-batch tensor
-    images = emb.unbind(0)
+    images = _Unbind.apply(emb)
     for i in range(b):
         loss, n = dispatch.embedding_loss(images[i], memory, mem_boxes, sem_t[i], ones,
                                           margin=cfg.margin, top_k=cfg.top_k,

@@ -21,13 +21,16 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ciae.config import InputConfig
 from ciae.panoptic import measure_segments
+
+if TYPE_CHECKING:
+    import torch      # imported where used: Ray Data's tasks make numpy targets without it
 
 SIZE_DIVISIBILITY = 32
 MAX_PIXELS = 100_000_000      # larger images are refused before they are decoded
@@ -93,7 +96,9 @@ def resize_nearest(a, size: tuple[int, int]):
         return a
     ys = (2 * np.arange(oh, dtype=np.int64) + 1) * h // (2 * oh)
     xs = (2 * np.arange(ow, dtype=np.int64) + 1) * w // (2 * ow)
-    if isinstance(a, torch.Tensor):
+    if not isinstance(a, np.ndarray):
+        import torch
+
         ys, xs = torch.from_numpy(ys).to(a.device), torch.from_numpy(xs).to(a.device)
     return a[ys[:, None], xs[None, :]]
 
@@ -107,6 +112,8 @@ def padded_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
 def pad_batch(maps: Sequence[np.ndarray], fill: int, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Maps [..., h_i, w_i] of one dtype -> [B, ..., H, W] padded with ``fill`` at the bottom and
     right; (H, W) = ``size`` or ``padded_size`` of the maps."""
+    import torch
+
     hh, ww = size or padded_size([m.shape[-2:] for m in maps])
     out = torch.full((len(maps), *maps[0].shape[:-2], hh, ww), fill,
                      dtype=torch.from_numpy(np.empty(0, maps[0].dtype)).dtype)

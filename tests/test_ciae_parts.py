@@ -184,6 +184,28 @@ def test_ciae_loss_gradient_reaches_segment_means(monkeypatch):
     assert diff[seg < c_st].max() < 1e-12
 
 
+def test_ciae_loss_gradient_keeps_the_embedding_layout(monkeypatch):
+    """A channels-last batch gets a channels-last gradient, equal to plain autograd's."""
+    import ciae.ciae_loss as module
+
+    emb, sem, seg, boxes, memory, c_st = _toy_batch(2)
+    cfg = EmbeddingConfig(pixel_chunk=32)
+    grads = []
+    for unbind in (module._Unbind, None):
+        if unbind is None:
+            monkeypatch.setattr(module._Unbind, "apply", lambda t: t.unbind(0))
+        x = emb.clone().requires_grad_(True)
+        y = x.contiguous(memory_format=torch.channels_last)   # as the model's, not a leaf
+        y.register_hook(grads.append)
+        ciae_loss(y, sem, seg, boxes, memory, c_st, cfg)["loss_ciae"].backward()
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(grads[0], grads[1])
+    # a part that the loss does not reach gets zeros
+    x = torch.randn(3, 2, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    module._Unbind.apply(x)[1].sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x).index_fill_(0, torch.tensor([1]), 1.0))
+
+
 def test_oracle_on_perfect_embeddings_reproduces_ground_truth():
     """Table IV's oracle on embeddings that are one unit vector per segment: exact output."""
     from ciae.config import InferenceConfig
