@@ -22,7 +22,7 @@ def add_arguments(p):
     p.add_argument("--train-images", type=int, default=256, help="synthetic training images (default 256)")
     p.add_argument("--val-images", type=int, default=48, help="synthetic held-out images (default 48)")
     p.add_argument("--iterations", type=int, default=600,
-                   help="training steps (default 600: held-out PQ ~0.72 in ~5 min on 2 cores; "
+                   help="training steps (default 600: held-out PQ ~0.72 in ~4 min on 2 cores; "
                         "Config.small()'s warm-up and decay steps scale with it)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers and labeling actors (default 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
