@@ -6,7 +6,7 @@ training worker that spin took more CPU than the training step. ``IdleBackoff`` 
 loop step until the consumer takes an output or starts waiting for one (checked every
 ``POLL_S``, a few attribute reads), or ``MAX_PAUSE_S`` at most: nothing else can give an idle
 executor work. A pause of a fixed 20 ms, the first version, still ran the loop 50 times a
-second, and its accounting slowed a 2-worker CPU training step by 8-19% (``benchmarks/RESULTS.md``).
+second, and its accounting took 12-19% of a 2-worker CPU training step (``benchmarks/RESULTS.md``).
 
 This leans on private parts of Ray Data (tested with the Ray of ``constraints.txt``): the
 ``ExecutionCallback`` class, the executor's ``_topology`` and ``_output_node``. A Ray without
