@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NMS_BLOCK = 64   # boxes resolved together in batched_nms
+NMS_BLOCK = {"cpu": 64, "cuda": 1024}   # boxes resolved together in batched_nms, per device type:
+# on a GPU each block costs a few launches and host syncs whatever its size
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
@@ -81,27 +82,29 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
     the kept boxes, by decreasing score (ties keep the input order).
 
     A box is dropped when a kept box of its class with a higher score has IoU > ``iou_thresh``
-    with it. Classes are processed one at a time, so IoUs are only computed within a class."""
+    with it. One greedy pass over every class at once: each class's boxes are moved (in
+    float64) by a multiple of the span of all boxes, so that boxes of two classes never
+    overlap."""
     order = torch.sort(scores, descending=True, stable=True).indices
-    keep = torch.zeros(len(order), dtype=torch.bool, device=boxes.device)
-    ranked_classes = classes[order]
-    for c in torch.unique(ranked_classes):
-        idx = order[ranked_classes == c]
-        keep[idx[_greedy_nms(boxes[idx], iou_thresh)]] = True
-    return order[keep[order]]
+    if len(order) == 0:
+        return order
+    span = (boxes.max() - boxes.min()).double() + 1
+    moved = boxes.double() + (classes.double() * span)[:, None]
+    return order[_greedy_nms(moved[order], iou_thresh)]
 
 
 def _greedy_nms(boxes: torch.Tensor, iou_thresh: float) -> torch.Tensor:
     """Greedy NMS of [N, 4] boxes sorted by decreasing score -> [K] positions of the kept ones.
 
-    Boxes are resolved in blocks of ``NMS_BLOCK``: a block is first tested against the boxes
-    kept so far; greedy NMS inside the block is then the fixed point of ``keep[j] = alive[j] and
+    Boxes are resolved in blocks of ``NMS_BLOCK`` (per device type): a block is first tested
+    against the boxes kept so far; greedy NMS inside the block is then the fixed point of ``keep[j] = alive[j] and
     not any(keep[i] and over[i, j] for i < j)``, iterated from ``keep = alive``. The fixed point
-    is unique and every round settles at least one more box, so a block takes at most
-    ``NMS_BLOCK`` rounds (two or three on real detections)."""
+    is unique and every round settles at least one more box, so a block takes at most as many
+    rounds as it has boxes (two or three of 64 on real detections)."""
     kept: list[torch.Tensor] = []
-    for start in range(0, len(boxes), NMS_BLOCK):
-        blk = boxes[start:start + NMS_BLOCK]
+    size = NMS_BLOCK.get(boxes.device.type, NMS_BLOCK["cpu"])
+    for start in range(0, len(boxes), size):
+        blk = boxes[start:start + size]
         alive = torch.ones(len(blk), dtype=torch.bool, device=boxes.device)
         if kept:
             prev = boxes[torch.cat(kept)]

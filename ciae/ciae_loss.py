@@ -18,8 +18,6 @@ takes it as queries, as the paper orders it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from ciae.box_ops import expand_boxes
@@ -65,14 +63,20 @@ class _Unbind(torch.autograd.Function):
         return out
 
 
+def ciae_normalisers(sem: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """The local normalisers of :func:`ciae_loss`: [2] float32, the pixels of the CAE (with a
+    category) and of the IAE (with a segment)."""
+    return torch.stack([(sem != IGNORE_SEM).sum(), (seg >= 0).sum()]).float()
+
+
 def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: list[torch.Tensor],
               memory: torch.Tensor, num_stuff: int, cfg: EmbeddingConfig, backend: str = "auto",
-              reduce_fn: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
+              normalisers: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """emb [B, D, H, W] pre-normalisation; sem, seg [B, H, W] int64 (see pipeline.targets);
     boxes: per image [N_b, 4] xyxy ground-truth thing boxes (instance j <-> seg value C_st + j);
-    memory [C, D] unit vectors; ``reduce_fn`` maps a local pixel count to its mean over
+    memory [C, D] unit vectors; ``normalisers``: the CAE and IAE pixel counts, their means over
     data-parallel workers, so that averaged gradients equal those of one worker with the whole
-    batch.
+    batch (default: this batch's own, :func:`ciae_normalisers`).
 
     Returns loss_cae, loss_iae, loss_ciae (scalars)."""
     b, _, h, w = emb.shape
@@ -82,7 +86,7 @@ def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: li
     n_seg = num_stuff + max((len(x) for x in boxes), default=0)
     seg_sums, _ = dispatch.segment_sums(emb, seg, n_seg, backend=backend)
 
-    full = emb.new_tensor([[0.0, 0.0, float(w), float(h)]])
+    full = emb.new_tensor([[0.0, 0.0, float(w), float(h)]], dtype=torch.float32)   # pixels: never bf16
     mem_boxes = full.expand(c, 4)
     stuff_boxes = full.expand(num_stuff, 4)
     cae = emb.new_zeros(())
@@ -100,13 +104,15 @@ def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: li
         n_inst = len(boxes[i])
         inst = normalize(seg_sums[i, num_stuff:num_stuff + n_inst], dim=1)
         queries = torch.cat([memory[:num_stuff], inst.to(memory.dtype)], dim=0)
-        qboxes = torch.cat([stuff_boxes, expand_boxes(boxes[i].to(emb.dtype), cfg.box_expand)], dim=0)
+        qboxes = torch.cat([stuff_boxes, expand_boxes(boxes[i].float(), cfg.box_expand)], dim=0)
         weight = torch.where(seg[i] >= num_stuff, cfg.thing_weight, 1.0).to(emb.dtype)
         loss, n = dispatch.embedding_loss(images[i], queries, qboxes, seg[i], weight,
                                           margin=cfg.margin, top_k=cfg.top_k,
                                           chunk=cfg.pixel_chunk, backend=backend)
         iae, n_iae = iae + loss, n_iae + n
 
-    loss_cae = cae / reduce_fn(n_cae).clamp_min(1)
-    loss_iae = iae / reduce_fn(n_iae).clamp_min(1)
+    if normalisers is not None:
+        n_cae, n_iae = normalisers
+    loss_cae = cae / n_cae.clamp_min(1)
+    loss_iae = iae / n_iae.clamp_min(1)
     return {"loss_cae": loss_cae, "loss_iae": loss_iae, "loss_ciae": loss_cae + cfg.alpha * loss_iae}

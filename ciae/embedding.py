@@ -92,10 +92,11 @@ def normalize(emb: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tens
 def sample_at(emb4: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """Values of ``full_resolution(emb4)`` at full-resolution pixels, without building it.
 
-    emb4 [D, h, w]; xy [K, 2] integer pixel (x, y) -> [K, D] (pre-normalisation)."""
+    emb4 [D, h, w]; xy [K, 2] integer pixel (x, y) -> [K, D] (pre-normalisation), float32
+    (float64 for float64 maps): coordinates in bfloat16 would be 8 px apart beyond 1024."""
     d, h, w = emb4.shape
-    gx = (xy[:, 0].to(emb4.dtype) + 0.5) / (4 * w) * 2 - 1
-    gy = (xy[:, 1].to(emb4.dtype) + 0.5) / (4 * h) * 2 - 1
-    grid = torch.stack([gx, gy], dim=-1).view(1, 1, -1, 2)
-    out = F.grid_sample(emb4[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    acc = torch.float64 if emb4.dtype == torch.float64 else torch.float32
+    grid = (xy.to(acc) + 0.5) / xy.new_tensor([4 * w, 4 * h], dtype=acc) * 2 - 1
+    out = F.grid_sample(emb4[None].to(acc), grid.view(1, 1, -1, 2), mode="bilinear",
+                        padding_mode="border", align_corners=False)
     return out[0, :, 0].t()

@@ -11,14 +11,14 @@ the distances (left, top, right, bottom) from the location to the box sides.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ciae.backbone import make_norm
-from ciae.box_ops import batched_nms, clip_boxes, giou_loss, iou_loss, sigmoid_focal_loss
+from ciae.box_ops import batched_nms, giou_loss, iou_loss, sigmoid_focal_loss
 from ciae.config import FCOSConfig
 
 
@@ -33,10 +33,12 @@ class FCOSHead(nn.Module):
     * ``cls_logits`` [B, C_th, H_l, W_l]
     * ``centerness`` [B, 1, H_l, W_l] (logits)
     * ``box_reg``    [B, 4, H_l, W_l] ltrb in pixels: ``relu(scale_l * x) * stride_l``
-    * ``box_embed``  [B, D, H_l, W_l] (not supervised here; fused by the embedding branch)
+    * ``box_embed``  [B, D, H_l, W_l] (not supervised here; fused by the embedding branch),
+      only with an ``embed_dim`` (None: the branch fuses none, Table III, and the head has no
+      parameter that the loss would not reach, as DDP requires)
     """
 
-    def __init__(self, in_channels: int, num_classes: int, embed_dim: int, cfg: FCOSConfig,
+    def __init__(self, in_channels: int, num_classes: int, embed_dim: int | None, cfg: FCOSConfig,
                  norm: str = "gn"):
         super().__init__()
         if norm not in ("gn", "none"):
@@ -47,7 +49,7 @@ class FCOSHead(nn.Module):
         self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.centerness = nn.Conv2d(in_channels, 1, 3, padding=1)
         self.box_reg = nn.Conv2d(in_channels, 4, 3, padding=1)
-        self.box_embed = nn.Conv2d(in_channels, embed_dim, 3, padding=1)
+        self.box_embed = nn.Conv2d(in_channels, embed_dim, 3, padding=1) if embed_dim else None
         self.scales = nn.Parameter(torch.ones(len(self.strides)))  # one learnable scale per level
 
         for m in self.modules():
@@ -60,14 +62,16 @@ class FCOSHead(nn.Module):
     def forward(self, feats: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         if len(feats) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature maps, got {len(feats)}")
-        out: dict[str, list[torch.Tensor]] = {"cls_logits": [], "centerness": [], "box_reg": [],
-                                              "box_embed": []}
+        out: dict[str, list[torch.Tensor]] = {"cls_logits": [], "centerness": [], "box_reg": []}
+        if self.box_embed is not None:
+            out["box_embed"] = []
         for level, (x, stride) in enumerate(zip(feats, self.strides)):
             c, b = self.cls_tower(x), self.box_tower(x)
             out["cls_logits"].append(self.cls_logits(c))
             out["centerness"].append(self.centerness(b))
             out["box_reg"].append(F.relu(self.scales[level] * self.box_reg(b)) * stride)
-            out["box_embed"].append(self.box_embed(b))
+            if self.box_embed is not None:
+                out["box_embed"].append(self.box_embed(b))
         return out
 
 
@@ -171,10 +175,16 @@ def flatten_levels(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
 
 
+def fcos_normalisers(targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The local normalisers of :func:`fcos_losses`: [2] float32, the number of positive
+    locations and the sum of their centerness targets."""
+    pos = targets["labels"] >= 0
+    return torch.stack([pos.sum().float(), torch.where(pos, targets["centerness"].float(), 0).sum()])
+
+
 def fcos_losses(head_out: dict[str, list[torch.Tensor]], locations: Sequence[torch.Tensor],
                 targets: dict[str, torch.Tensor], cfg: FCOSConfig,
-                reduce_fn: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-                ) -> dict[str, torch.Tensor]:
+                normalisers: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Losses of :class:`FCOSHead` outputs against :func:`fcos_targets`.
 
     * ``loss_cls``: sigmoid focal loss over all locations and classes, summed, / num_pos
@@ -182,8 +192,8 @@ def fcos_losses(head_out: dict[str, list[torch.Tensor]], locations: Sequence[tor
       weighted by their centerness targets, / the sum of those targets
     * ``loss_ctr``: BCE-with-logits of centerness on positives, / num_pos
 
-    ``num_pos`` is clamped to >= 1. ``reduce_fn`` maps a local scalar (num_pos, the centerness
-    sum) to its mean over data-parallel workers (identity by default). With no positive,
+    ``normalisers``: (num_pos, the centerness sum), their means over data-parallel workers
+    (default: this batch's own, :func:`fcos_normalisers`); num_pos is clamped to >= 1. With no positive,
     ``loss_box`` and ``loss_ctr`` are zeros whose (zero) gradients still reach ``box_reg`` and
     ``centerness`` (the sums run over empty selections of them); ``loss_cls`` is then the focal
     loss of the negatives alone, as in FCOS. Computed in float32 whatever the head's dtype;
@@ -195,7 +205,9 @@ def fcos_losses(head_out: dict[str, list[torch.Tensor]], locations: Sequence[tor
         raise ValueError("head outputs and locations disagree on the number of locations")
     labels = targets["labels"]
     pos = labels >= 0
-    num_pos = reduce_fn(pos.sum().float()).clamp_min(1)
+    if normalisers is None:
+        normalisers = fcos_normalisers(targets)
+    num_pos = normalisers[0].clamp_min(1)
 
     onehot = torch.zeros_like(cls)
     onehot[pos] = F.one_hot(labels[pos], cls.shape[-1]).float()
@@ -204,7 +216,7 @@ def fcos_losses(head_out: dict[str, list[torch.Tensor]], locations: Sequence[tor
     ctr_t = targets["centerness"][pos].float()
     box_fn = giou_loss if cfg.box_loss == "giou" else iou_loss
     box = box_fn(reg[pos], targets["reg"][pos].float())
-    ctr_sum = reduce_fn(ctr_t.sum()).clamp_min(torch.finfo(ctr_t.dtype).eps)
+    ctr_sum = normalisers[1].clamp_min(torch.finfo(ctr_t.dtype).eps)
     loss_box = (box * ctr_t).sum() / ctr_sum
     loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos], ctr_t, reduction="sum") / num_pos
     return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}
@@ -228,26 +240,33 @@ def fcos_detect(head_out: dict[str, list[torch.Tensor]], locations: Sequence[tor
       (clamped into the image), where the CIAE inference reads the query embedding
     * ``levels`` [K] int64: 0 for P3 ... 4 for P7
     """
-    results = []
-    for b, (h, w) in enumerate(image_sizes):
-        per_level = []
-        for level, loc in enumerate(locations):
-            cls = head_out["cls_logits"][level][b].flatten(1).t().sigmoid()   # [HW, C]
-            ctr = head_out["centerness"][level][b].flatten(1).t().sigmoid()   # [HW, 1]
-            scores = (cls * ctr).sqrt().flatten()
-            cand = (scores > cfg.score_thresh).nonzero()[:, 0]
-            if len(cand) > cfg.pre_nms_topk:
-                cand = cand[scores[cand].topk(cfg.pre_nms_topk).indices]
-            idx, cls_id = cand // cls.shape[1], cand % cls.shape[1]
-            ltrb = head_out["box_reg"][level][b].flatten(1).t()[idx]          # [K, 4]
-            xy = loc[idx].to(ltrb.device)
-            boxes = clip_boxes(torch.cat([xy - ltrb[:, :2], xy + ltrb[:, 2:]], dim=1), (h, w))
-            per_level.append((boxes, scores[cand], cls_id, xy, torch.full_like(cls_id, level)))
-        boxes, scores, cls_id, xy, levels = (torch.cat(t) for t in zip(*per_level))
-        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        boxes, scores, cls_id, xy, levels = (t[nonempty] for t in (boxes, scores, cls_id, xy, levels))
-        keep = batched_nms(boxes, scores, cls_id, cfg.nms_thresh)[:cfg.max_detections]
+    per_level = []
+    for level, loc in enumerate(locations):        # every image at once: [B, ...]
+        cls = head_out["cls_logits"][level].float().flatten(2).transpose(1, 2).sigmoid()  # [B, HW, C]
+        ctr = head_out["centerness"][level].float().flatten(2).transpose(1, 2).sigmoid()  # [B, HW, 1]
+        scores = (cls * ctr).sqrt().flatten(1)
+        top, cand = scores.topk(min(cfg.pre_nms_topk, scores.shape[1]), dim=1)          # [B, K]
+        idx, cls_id = cand // cls.shape[2], cand % cls.shape[2]
+        reg = head_out["box_reg"][level].float().flatten(2).transpose(1, 2)               # [B, HW, 4]
+        ltrb = reg.gather(1, idx[..., None].expand(-1, -1, 4))
+        xy = loc.to(ltrb.device)[idx]                                                     # [B, K, 2]
+        per_level.append((torch.cat([xy - ltrb[..., :2], xy + ltrb[..., 2:]], dim=2), top, cls_id,
+                          xy, torch.full_like(cls_id, level)))
+    boxes, scores, cls_id, xy, levels = (torch.cat(t, dim=1) for t in zip(*per_level))
+    hw = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)               # [B, 2]
+    high = hw.flip(1).repeat(1, 2)[:, None]                                               # (w, h, w, h)
+    boxes = torch.minimum(boxes.clamp_min(0), high)
+    # the top-k of a level above the threshold are its best k among those above it
+    ok = (scores > cfg.score_thresh) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    counts = ok.sum(1).tolist()                                     # the batch's one host sync
+    boxes, scores, cls_id, xy, levels = (t[ok] for t in (boxes, scores, cls_id, xy, levels))
+    results, start = [], 0
+    for (h, w), n in zip(image_sizes, counts):
+        part = slice(start, start + n)
+        start += n
+        keep = part.start + batched_nms(boxes[part], scores[part], cls_id[part],
+                                        cfg.nms_thresh)[:cfg.max_detections]
         pixel = torch.stack([xy[keep, 0].long().clamp(0, w - 1), xy[keep, 1].long().clamp(0, h - 1)], 1)
         results.append({"boxes": boxes[keep], "scores": scores[keep], "classes": cls_id[keep],
-                        "locations": pixel, "levels": levels[keep]})
+                         "locations": pixel, "levels": levels[keep]})
     return results

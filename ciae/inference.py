@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ciae.box_ops import box_iou
 from ciae.config import InferenceConfig
 from ciae.embedding import full_resolution, normalize, sample_at
 from ciae.panoptic import measure_segments
+from ciae.transform import resize_nearest
 from kernels import dispatch
 
 
@@ -58,41 +60,52 @@ def select_instances(queries: torch.Tensor, boxes: torch.Tensor, scores: torch.T
     queries [K, D] unit, boxes [K, 4], scores [K] (any order). Drops detections under
     ``instance_score_thresh``, then, greedily by score, any whose query has cosine >=
     ``duplicate_similarity`` with a kept query whose box overlaps its own: such pairs are one
-    instance found from two locations, and two queries would split its pixels between them."""
+    instance found from two locations, and two queries would split its pixels between them.
+    The duplicate matrix is made on the queries' device (in float32 under any autocast) and
+    reaches the host once, where the greedy pass runs."""
     order = torch.argsort(scores, descending=True)
     order = order[scores[order] >= cfg.instance_score_thresh]
     if len(order) < 2:
         return order
-    sim = queries[order] @ queries[order].t()
-    overlap = box_iou(boxes[order], boxes[order]) > 0
-    dup = (sim >= cfg.duplicate_similarity) & overlap
-    keep = torch.ones(len(order), dtype=torch.bool)
+    q = queries[order].float()
+    with torch.autocast(q.device.type, enabled=False):
+        sim = q @ q.t()
+    dup = ((sim >= cfg.duplicate_similarity) & (box_iou(boxes[order], boxes[order]) > 0)).cpu().numpy()
+    keep = np.ones(len(order), dtype=bool)
     for i in range(1, len(order)):
-        keep[i] = not bool((dup[i, :i] & keep[:i]).any())
-    return order[keep]
+        keep[i] = not (dup[i, :i] & keep[:i]).any()
+    return order[torch.from_numpy(np.flatnonzero(keep)).to(order.device)]
+
+
+# the columns of ``assemble``'s per-query table
+SEGMENT_ID, THING_CLASS, AREA, BBOX, MARGIN, DETECTION = 0, 1, 2, slice(3, 7), 7, 8
 
 
 def assemble(emb: torch.Tensor, image_size: tuple[int, int], stuff_memory: torch.Tensor,
              queries: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor,
-             scores: torch.Tensor, stuff_ids: list[int], thing_ids: list[int], cfg: InferenceConfig,
-             stride: int = 4, backend: str = "auto") -> tuple[torch.Tensor, list[dict]]:
-    """Assign pixels and build the COCO panoptic output of one image, on emb's device.
+             scores: torch.Tensor, cfg: InferenceConfig, stride: int = 4, backend: str = "auto",
+             out_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assign pixels and measure the segments of one image, all on emb's device.
 
     emb [D, h, w] pre-normalisation embeddings of the padded input: the stride-4 map P' + P''
     (``stride`` 4; upsampling and normalisation are fused into the assignment) or a
     full-resolution map (``stride`` 1); image_size (H, W) the unpadded input size;
     stuff_memory [C_st, D]; queries [N, D], boxes [N, 4] xyxy, classes [N] (contiguous thing
-    classes) and scores [N] (detector scores) of the instances.
+    classes) and scores [N] (detector scores) of the instances; ``out_size`` the size of the
+    output map (default ``image_size``; nearest resampling, ``ciae.transform.resize_nearest``).
 
-    Returns (ids [H, W] int32 tensor of segment ids on emb's device, 0 = void; segments_info
-    with id, category_id, iscrowd, area, bbox (COCO category ids) and ``score``, the
-    confidence of ``segment_scores``). Only a few numbers per query cross to the host."""
+    Segments are the queries that win enough pixels at the input size (stuff: the scaled stuff
+    area; instances: ``min_instance_area``), numbered 1.. in query order. Returns (ids [H', W']
+    int32 at ``out_size``, 0 = void; table [C_st + N, 9] float64, per query: its segment id (0:
+    none), thing class (-1 for stuff), area and COCO bbox measured at ``out_size``, mean margin
+    between the best and second-best similarity of its pixels at the input size, detector
+    score) for ``segments_info`` to read on the host."""
     h, w = image_size
     out_h, out_w = emb.shape[1] * stride, emb.shape[2] * stride
     c_st = stuff_memory.shape[0]
-    all_queries = torch.cat([normalize(stuff_memory, dim=1), queries], dim=0).to(emb.dtype)
-    full = boxes.new_tensor([[0.0, 0.0, float(out_w), float(out_h)]]).expand(c_st, 4)
-    all_boxes = torch.cat([full, boxes.to(full.dtype)], dim=0)
+    all_queries = torch.cat([normalize(stuff_memory.float(), dim=1), queries.float()], dim=0)
+    full = boxes.new_tensor([[0.0, 0.0, float(out_w), float(out_h)]], dtype=torch.float32)
+    all_boxes = torch.cat([full.expand(c_st, 4), boxes.float()], dim=0)
     if stride == 4:
         labels, best, second = dispatch.assign_upsampled(emb, (out_h, out_w), all_queries, all_boxes,
                                                          backend=backend)
@@ -104,25 +117,38 @@ def assemble(emb: torch.Tensor, image_size: tuple[int, int], stuff_memory: torch
     areas = torch.bincount(flat, minlength=q)
     margins = torch.zeros(q, dtype=torch.float64, device=flat.device).index_add_(
         0, flat, (best - second)[:h, :w].reshape(-1).double())
-    areas, margins = areas.tolist(), margins.tolist()
-    min_stuff = stuff_area_threshold(cfg, h, w)
-    lut = torch.zeros(q, dtype=torch.int32)
+    is_stuff = torch.arange(q, device=flat.device) < c_st
+    min_area = torch.where(is_stuff, stuff_area_threshold(cfg, h, w), max(cfg.min_instance_area, 1))
+    keep = (areas > 0) & (areas >= min_area)
+    segment = torch.cumsum(keep, 0) * keep                                    # [Q], 0 = dropped
+    ids = resize_nearest(segment.to(torch.int32)[labels], out_size or image_size)
+    measured, bbox = measure_segments(ids, q)                                 # by segment id
+    at = (segment - 1).clamp_min(0)
+    table = torch.zeros(q, 9, dtype=torch.float64, device=flat.device)
+    table[:, SEGMENT_ID] = segment
+    table[:, THING_CLASS] = torch.cat([classes.new_full((c_st,), -1), classes]).double()
+    table[:, AREA] = torch.where(keep, measured[at], 0)
+    table[:, BBOX] = torch.where(keep[:, None], bbox[at], 0).double()
+    table[:, MARGIN] = margins / areas.clamp_min(1)
+    table[:, DETECTION] = torch.cat([scores.new_full((c_st,), math.nan), scores]).double()
+    return ids, table
+
+
+def segments_info(table: np.ndarray, stuff_ids: list[int], thing_ids: list[int]) -> list[dict]:
+    """``assemble``'s table (numpy) -> COCO panoptic segments_info (COCO category ids) with a
+    confidence ``score`` each; a segment left without pixels at the output size is dropped."""
+    c_st = len(stuff_ids)
     segments = []
-    classes, scores = classes.tolist(), scores.tolist()
-    for k in range(q):
-        area = areas[k]
-        if area == 0 or (k < c_st and area < min_stuff) or (k >= c_st and area < max(cfg.min_instance_area, 1)):
+    for k, row in enumerate(table):
+        if row[SEGMENT_ID] == 0 or row[AREA] == 0:
             continue
-        lut[k] = len(segments) + 1
-        category = stuff_ids[k] if k < c_st else thing_ids[int(classes[k - c_st])]
-        score = segment_score(margins[k] / area, None if k < c_st else scores[k - c_st])
-        segments.append({"id": len(segments) + 1, "category_id": int(category), "iscrowd": 0,
-                         "area": area, "score": score})
-    ids = lut.to(labels.device)[labels]
-    _, boxes_xywh = measure_segments(ids, len(segments))
-    for seg, box in zip(segments, boxes_xywh.tolist()):
-        seg["bbox"] = box
-    return ids, segments
+        thing = k >= c_st
+        category = thing_ids[int(row[THING_CLASS])] if thing else stuff_ids[k]
+        segments.append({"id": int(row[SEGMENT_ID]), "category_id": int(category), "iscrowd": 0,
+                         "area": int(row[AREA]), "bbox": [int(v) for v in row[BBOX]],
+                         "score": segment_score(float(row[MARGIN]),
+                                                float(row[DETECTION]) if thing else None)})
+    return segments
 
 
 def segment_score(mean_margin: float, detection_score: float | None) -> float:
@@ -140,5 +166,7 @@ def image_quality(segments: list[dict], height: int, width: int) -> float:
 
 
 def classes_from_embedding(queries: torch.Tensor, thing_memory: torch.Tensor) -> torch.Tensor:
-    """Table II, 'inference from embedding': each instance query's nearest thing memory entry."""
-    return (queries @ normalize(thing_memory, dim=1).t()).argmax(dim=1)
+    """Table II, 'inference from embedding': each instance query's nearest thing memory entry
+    (cosines in float32 under any autocast)."""
+    with torch.autocast(queries.device.type, enabled=False):
+        return (queries.float() @ normalize(thing_memory.float(), dim=1).t()).argmax(dim=1)

@@ -45,12 +45,12 @@ class CategoryMemory(nn.Module):
 
     @torch.no_grad()
     def update(self, sums: torch.Tensor, counts: torch.Tensor, step: int, total_steps: int) -> None:
-        """sums [C, D] of pre-normalisation embeddings per category, counts [C] pixels per category."""
-        present = counts > 0
-        if not present.any():
-            return
-        means = sums[present].float()
+        """sums [C, D] of pre-normalisation embeddings per category, counts [C] pixels per category
+        (or both scaled by one factor, such as their means over workers: only the directions of
+        the sums count). Categories without pixels keep their entry; no host synchronisation."""
+        means = sums.float()
         means = means / means.norm(dim=1, keepdim=True).clamp_min(1e-12)
         lam = self.momentum_at(step, total_steps)
-        new = lam * self.memory[present] + (1.0 - lam) * means.to(self.memory.dtype)
-        self.memory[present] = new / new.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        new = lam * self.memory + (1.0 - lam) * means.to(self.memory.dtype)
+        new = new / new.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.memory.copy_(torch.where((counts > 0)[:, None], new, self.memory))

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from ciae.backbone import build_backbone
-from ciae.ciae_loss import category_sums, ciae_loss
+from ciae.ciae_loss import category_sums, ciae_loss, ciae_normalisers
 from ciae.config import Config
 from ciae.embedding import EmbeddingBranch, full_resolution
-from ciae.fcos import FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_targets
+from ciae.fcos import (FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_normalisers,
+                       fcos_targets)
 from ciae.fpn import FPN
 from ciae.inference import (assemble, classes_from_embedding, detection_queries, oracle_queries,
-                            select_instances)
+                            segments_info, select_instances)
 from ciae.memory import CategoryMemory
 
 
@@ -39,7 +40,8 @@ class CIAEModel(nn.Module):
         e = cfg.embedding
         self.backbone = build_backbone(cfg.backbone)
         self.fpn = FPN(self.backbone.out_channels, cfg.fpn.channels)
-        self.head = FCOSHead(cfg.fpn.channels, len(thing_ids), e.dim, cfg.fcos)
+        self.head = FCOSHead(cfg.fpn.channels, len(thing_ids), e.dim if e.box_embedding else None,
+                             cfg.fcos)
         self.embedding = EmbeddingBranch(cfg.fpn.channels, e.branch_channels, e.dim,
                                          coordconv=e.coordconv, box_embedding=e.box_embedding)
         n_memory = len(stuff_ids) + {"merged": 1, "specific": len(thing_ids), "none": 0}[e.thing_mode]
@@ -47,10 +49,10 @@ class CIAEModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(cfg.input.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.input.pixel_std).view(1, 3, 1, 1), persistent=False)
         self.kernel_backend = "auto"
-        # over data-parallel workers (set by the distributed trainer): the mean of a local scalar,
-        # and the sum of the memory statistics (so that every worker's memory stays identical)
+        # the mean of a flat tensor over data-parallel workers (set by the distributed trainer):
+        # a step's memory statistics and loss normalisers, so that every worker's memory stays
+        # identical and W workers with batch B take the step of one worker with batch W * B
         self.reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-        self.reduce_sum: Callable[..., tuple[torch.Tensor, ...]] = lambda *ts: ts
 
     @property
     def num_stuff(self) -> int:
@@ -69,52 +71,69 @@ class CIAEModel(nn.Module):
         levels = [p[f"p{i}"] for i in range(3, 3 + len(self.cfg.fcos.strides))]
         head = self.head(levels)
         locations = compute_locations([f.shape[-2:] for f in levels], self.cfg.fcos.strides, images.device)
-        emb4 = self.embedding([p["p2"], p["p3"], p["p4"], p["p5"]],
-                              head["box_embed"] if self.cfg.embedding.box_embedding else None)
+        emb4 = self.embedding([p["p2"], p["p3"], p["p4"], p["p5"]], head.get("box_embed"))
         return head, locations, emb4
 
     def forward(self, batch: dict, memory_step: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-        """batch: ``pipeline.targets.collate`` output on the model's device; ``memory_step``:
-        (t, T) of a training step, which first updates the memory with this batch's category
-        means (Eq. 13-14, sums reduced over workers); None leaves it as it is.
+        """batch: ``pipeline.targets.collate`` output on the model's device (``sem`` and ``seg``
+        of any integer dtype: they travel narrow and are widened here); ``memory_step``: (t, T)
+        of a training step, which first updates the memory with this batch's category means
+        (Eq. 13-14) before the loss takes it; None leaves it as it is.
+
+        Over data-parallel workers, one all-reduce (``reduce_mean``) per step carries the memory
+        statistics and every loss normaliser (FCOS positives and centerness sum, CIAE pixel
+        counts) together: the memory update depends only on the sums' directions, so their
+        means do as well as their sums.
 
         Returns loss_cls, loss_box, loss_ctr, loss_cae, loss_iae, loss_ciae and loss (Eq. 15)."""
+        sem, seg = batch["sem"].long(), batch["seg"].long()
         head, locations, emb4 = self._forward_features(batch["images"])
         fc = self.cfg.fcos
-        targets = fcos_targets(locations, fc.strides, fc.size_ranges, batch["seg"], batch["boxes"],
+        targets = fcos_targets(locations, fc.strides, fc.size_ranges, seg, batch["boxes"],
                                batch["classes"], self.num_stuff, fc.center_sample_radius)
-        out = fcos_losses(head, locations, targets, fc, reduce_fn=self.reduce_mean)
         emb = full_resolution(emb4)
+        stats = [fcos_normalisers(targets), ciae_normalisers(sem, seg)]
         if memory_step is not None:
-            sums, counts = category_sums(emb, batch["sem"], self.memory.num_categories,
+            sums, counts = category_sums(emb, sem, self.memory.num_categories,
                                          backend=self.kernel_backend)
-            self.memory.update(*self.reduce_sum(sums, counts), *memory_step)
-        out.update(ciae_loss(emb, batch["sem"], batch["seg"], batch["boxes"], self.memory(),
-                             self.num_stuff, self.cfg.embedding, backend=self.kernel_backend,
-                             reduce_fn=self.reduce_mean))
+            stats += [counts, sums.flatten()]
+        stats = self.reduce_mean(torch.cat(stats))
+        if memory_step is not None:
+            c = self.memory.num_categories
+            self.memory.update(stats[4 + c:].view(c, -1), stats[4:4 + c], *memory_step)
+        out = fcos_losses(head, locations, targets, fc, normalisers=stats[:2])
+        out.update(ciae_loss(emb, sem, seg, batch["boxes"], self.memory(), self.num_stuff,
+                             self.cfg.embedding, backend=self.kernel_backend,
+                             normalisers=stats[2:4]))
         out["loss"] = out["loss_cls"] + out["loss_box"] + out["loss_ctr"] + out["loss_ciae"]
         return out
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, image_sizes: list[tuple[int, int]],
-                oracle: dict | None = None, return_embeddings: bool = False) -> list[dict]:
-        """images [B, 3, H, W] uint8 padded; image_sizes: the unpadded (h, w) of each.
+                oracle: dict | None = None, return_embeddings: bool = False,
+                out_sizes: list[tuple[int, int]] | None = None) -> list[dict]:
+        """images [B, 3, H, W] uint8 padded; image_sizes: the unpadded (h, w) of each;
+        out_sizes: the (H, W) each id map is returned at (default ``image_sizes``; nearest
+        resampling, ``ciae.transform.resize_nearest``), its segments measured there.
 
         ``oracle`` (Table IV): a collate batch with ground-truth ``seg``, ``boxes``, ``classes``
-        replacing the detections. Returns per image {"panoptic": [h, w] int32 segment ids, a
+        replacing the detections. Returns per image {"panoptic": [H, W] int32 segment ids, a
         tensor on the images' device, "segments_info": [...] with a ``score`` per segment}
-        (+ "embedding": [D, h/4, w/4] when asked)."""
+        (+ "embedding": [D, h/4, w/4] when asked). The assignment and the measurements run on
+        the images' device; the segments' numbers reach the host in one copy for the batch."""
+        if not image_sizes:
+            return []
         head, locations, emb4 = self._forward_features(images)
         memory = self.memory()
         stuff_memory = memory[: self.num_stuff]
         inf = self.cfg.inference
-        results = []
         if oracle is None:
             dets = fcos_detect(head, locations, image_sizes, self.cfg.fcos)
+        maps, tables = [], []
         for i, size in enumerate(image_sizes):
             if oracle is not None:
                 n = len(oracle["boxes"][i])
-                queries = oracle_queries(emb4[i], oracle["seg"][i], self.num_stuff, n)
+                queries = oracle_queries(emb4[i], oracle["seg"][i].long(), self.num_stuff, n)
                 boxes, classes = oracle["boxes"][i], oracle["classes"][i]
                 scores = boxes.new_ones(n)
             else:
@@ -125,10 +144,19 @@ class CIAEModel(nn.Module):
                 if inf.instance_class_from == "embedding":
                     thing_memory = memory[self.num_stuff:]
                     classes = classes_from_embedding(queries, thing_memory)
-            ids, segments = assemble(emb4[i], size, stuff_memory, queries, boxes, classes, scores,
-                                     self.stuff_ids, self.thing_ids, inf, backend=self.kernel_backend)
+            ids, table = assemble(emb4[i], size, stuff_memory, queries, boxes, classes, scores, inf,
+                                  backend=self.kernel_backend,
+                                  out_size=out_sizes[i] if out_sizes else None)
+            maps.append(ids)
+            tables.append(table)
+        rows = torch.cat(tables).cpu().numpy()
+        results, start = [], 0
+        for i, (ids, table) in enumerate(zip(maps, tables)):
+            segments = segments_info(rows[start:start + len(table)], self.stuff_ids, self.thing_ids)
+            start += len(table)
             res = {"panoptic": ids, "segments_info": segments}
             if return_embeddings:
-                res["embedding"] = emb4[i, :, : (size[0] + 3) // 4, : (size[1] + 3) // 4].cpu()
+                h, w = image_sizes[i]
+                res["embedding"] = emb4[i, :, : (h + 3) // 4, : (w + 3) // 4].cpu()
             results.append(res)
         return results

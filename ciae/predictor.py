@@ -1,6 +1,7 @@
 """Prediction on images of any size: resize to the model's test size, pad, predict, and map the
-panoptic output back to each image's own size, all through ``ciae.transform`` (the same
-preprocessing as training and validation), with the post-processing on the model's device.
+panoptic output back to each image's own size, with ``ciae.transform``'s sizes and resampling
+(the same preprocessing as training and validation) and the post-processing on the model's
+device.
 
 The MLflow pyfunc (``workflows.pyfunc``), the labeling job (which resizes in CPU tasks and calls
 ``predict_resized``), training pictures and the demo all go through :class:`Predictor`.
@@ -75,12 +76,15 @@ class Predictor:
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            preds = self.model.predict(batch, test_sizes, return_embeddings=return_embeddings)
-        results = []
+            preds = self.model.predict(batch, test_sizes, return_embeddings=return_embeddings,
+                                       out_sizes=list(sizes))
+        maps = torch.cat([p["panoptic"].reshape(-1) for p in preds]).cpu().numpy()   # one copy
+        results, start = [], 0
         for (h, w), pred in zip(sizes, preds):
-            ids, segments = self.transform.postprocess(pred["panoptic"], pred["segments_info"], (h, w))
-            res = {"panoptic": ids.cpu().numpy(), "segments_info": segments,
+            segments = pred["segments_info"]
+            res = {"panoptic": maps[start:start + h * w].reshape(h, w), "segments_info": segments,
                    "quality": image_quality(segments, h, w)}
+            start += h * w
             if return_embeddings:
                 res["embedding"] = pred["embedding"].float().numpy()
             results.append(res)

@@ -5,15 +5,18 @@ The schedule is the paper's (lr 0.01, momentum 0.9, weight decay 1e-4, x0.1 at 2
 the run) scaled to the run length with ``scale_schedule``. ``Trainer.fit`` is the one loop: in
 one process it is called as it is; a Ray Train worker calls it with hooks (``on_step`` for
 metrics and validation, ``on_checkpoint`` to report checkpoints) on a model whose
-``reduce_mean`` / ``reduce_sum`` all-reduce over the workers.
+``reduce_mean`` all-reduces over the workers. On a GPU, ``prefetch`` keeps the device fed: the
+next batch is pinned and copied on a side stream while the current step runs, and a step reads
+its losses back in one copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -89,10 +92,11 @@ class Trainer:
         with torch.autocast(device.type, dtype=torch.bfloat16,
                             enabled=self.solver.amp and device.type == "cuda"):
             out = self.module(batch, memory_step=(self.step, self.solver.iterations))
-        for term in LOSS_TERMS + ("loss",):
-            value = out[term]
-            if not torch.isfinite(value):
-                raise FloatingPointError(f"non-finite loss at step {self.step}: {term} = {value.item()} "
+        terms = LOSS_TERMS + ("loss",)
+        values = torch.stack([out[t].detach().float() for t in terms]).tolist()   # one host copy
+        for term, value in zip(terms, values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite loss at step {self.step}: {term} = {value} "
                                          f"(lr {lr:.3g}); lower the learning rate or check the inputs")
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -100,7 +104,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.solver.clip_grad_norm)
         self.optimizer.step()
         self.step += 1
-        stats = {k: float(out[k].detach()) for k in LOSS_TERMS + ("loss",)}
+        stats = dict(zip(terms, values))
         stats.update(lr=lr, step_time=time.perf_counter() - t0)
         return stats
 
@@ -113,13 +117,12 @@ class Trainer:
         and the last, the checkpoint is written to ``checkpoint_path`` (if given), then
         ``on_checkpoint(step)`` is called."""
         end = num_steps if num_steps is not None else self.solver.iterations
-        device = next(self.model.parameters()).device
-        it = iter(batches)
+        it = prefetch(batches, next(self.model.parameters()).device)
         while self.step < end:
             batch = next(it, None)
             if batch is None:
                 raise ValueError(f"the batches ran out at step {self.step}, before step {end}")
-            stats = self.train_step(to_device(batch, device))
+            stats = self.train_step(batch)
             if on_step:
                 on_step(self.step, stats)
             if self.step % self.solver.checkpoint_every == 0 or self.step == end:
@@ -167,13 +170,50 @@ def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> CIAE
     return model.to(device).eval()
 
 
+def _map_tensors(batch: dict, fn) -> dict:
+    """``fn`` applied to a collate batch's tensors (and lists of tensors)."""
+    def apply(v):
+        if torch.is_tensor(v):
+            return fn(v)
+        if isinstance(v, list) and v and torch.is_tensor(v[0]):
+            return [fn(x) for x in v]
+        return v
+    return {k: apply(v) for k, v in batch.items()}
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a collate batch's tensors (and lists of tensors) to ``device``."""
-    def move(v):
-        if torch.is_tensor(v):
-            return v.to(device, non_blocking=True)
-        if isinstance(v, list) and v and torch.is_tensor(v[0]):
-            return [x.to(device, non_blocking=True) for x in v]
-        return v
-    return {k: move(v) for k, v in batch.items()}
+    return _map_tensors(batch, lambda t: t.to(device, non_blocking=True))
 
+
+def prefetch(batches: Iterable[dict], device: torch.device) -> Iterator[dict]:
+    """``batches`` on ``device``, in order. The batch for step k + 1 is drawn (collation, in
+    training Ray Data's iterator too) and, on CUDA, pinned and copied on a side stream as soon
+    as step k has queued its kernels, so that this host work and the copy overlap the GPU's
+    work on step k. No thread: a Python thread beside a step that queues thousands of small
+    kernels takes the GIL from it (a busy one slowed such a loop 660x on the CPU,
+    benchmarks/RESULTS.md)."""
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+
+    def send(batch: dict | None) -> tuple[dict | None, torch.cuda.Event | None]:
+        if batch is None or not cuda:
+            return batch, None
+        with torch.cuda.stream(stream):
+            moved = to_device(_map_tensors(batch, torch.Tensor.pin_memory), device)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return moved, done
+
+    it = iter(batches)
+    batch, done = send(next(it, None))
+    while batch is not None:
+        if done is None:
+            batch = to_device(batch, device)
+        else:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(done)
+            # the copies were allocated on the side stream: keep them until this one is done
+            _map_tensors(batch, lambda t: t.record_stream(current))
+        yield batch
+        batch, done = send(next(it, None))

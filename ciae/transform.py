@@ -7,9 +7,10 @@ of 32, and map a prediction back to the image's own size.
   (PIL), label maps nearest (:func:`resize_nearest`).
 * Pad: every map of a batch zero-padded (labels with their ignore value) at the bottom and
   right to one size divisible by ``SIZE_DIVISIBILITY``.
-* Map back (:meth:`Transform.postprocess`): the predicted id map resized (nearest) to the
-  image's size, and its segments re-measured there; a segment that vanished in the resize is
-  dropped, so every listed segment has pixels, as COCO panoptic requires.
+* Map back (:func:`resize_nearest`, which ``ciae.inference.assemble`` applies on the model's
+  device before it measures the segments): the predicted id map resized (nearest) to the
+  image's size; a segment that vanished in the resize is dropped, so every listed segment has
+  pixels, as COCO panoptic requires.
 
 ``pipeline.targets`` (training targets), ``ciae.predictor`` (prediction on images of any size)
 and validation (``workflows.local.evaluate``) all go through :class:`Transform`, so the three
@@ -27,7 +28,6 @@ import numpy as np
 from PIL import Image
 
 from ciae.config import InputConfig
-from ciae.panoptic import measure_segments
 
 if TYPE_CHECKING:
     import torch      # imported where used: Ray Data's tasks make numpy targets without it
@@ -116,22 +116,10 @@ def pad_batch(maps: Sequence[np.ndarray], fill: int, size: tuple[int, int] | Non
 
     hh, ww = size or padded_size([m.shape[-2:] for m in maps])
     out = torch.full((len(maps), *maps[0].shape[:-2], hh, ww), fill,
-                     dtype=torch.from_numpy(np.empty(0, maps[0].dtype)).dtype)
+                     dtype=torch.from_numpy(np.empty(0, maps[0].dtype)).dtype, device="cpu")
     for k, m in enumerate(maps):
         out[k, ..., : m.shape[-2], : m.shape[-1]] = torch.from_numpy(np.ascontiguousarray(m))
     return out
-
-
-def remeasure(ids, segments: list[dict]) -> list[dict]:
-    """segments_info of ``ids`` [H, W] (a numpy array or a tensor; segment i has id i, as the
-    model numbers them) with area and bbox measured on this map; segments with no pixel left
-    are dropped."""
-    for k, s in enumerate(segments):
-        if s["id"] != k + 1:
-            raise ValueError(f"segment ids must be 1..N in order, got {s['id']} at position {k + 1}")
-    areas, boxes = measure_segments(ids, len(segments))
-    areas, boxes = areas.tolist(), boxes.tolist()
-    return [{**s, "area": areas[k], "bbox": boxes[k]} for k, s in enumerate(segments) if areas[k] > 0]
 
 
 class Transform:
@@ -158,11 +146,3 @@ class Transform:
         """[h, w, 3] uint8 images (at their test sizes) -> ([B, 3, Hp, Wp] uint8 zero-padded,
         the (h, w) of each)."""
         return pad_batch([im.transpose(2, 0, 1) for im in images], 0), [im.shape[:2] for im in images]
-
-    @staticmethod
-    def postprocess(ids, segments: list[dict], size: tuple[int, int]):
-        """A prediction at the test size (ids [h, w], a numpy array or a tensor on any device,
-        numbered 1..N as ``segments``) -> ids at ``size`` (H, W), of the same kind, and its
-        segments re-measured there."""
-        ids = resize_nearest(ids, size)
-        return ids, remeasure(ids, segments)

@@ -14,7 +14,7 @@ at low resolution ([D, h, W]); the vertical pass is the two-tap lerp per row blo
 taps computed as PyTorch computes them, so the map matches the full upsampling to the last bit
 (PyTorch's summation order of the two taps is not reproduced).
 
-Everything is computed in float32 without autograd.
+Everything is computed in float32 without autograd, with the caller's autocast off.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.ciae_loss import EPS, outside_boxes, row_chunks
+from kernels.ciae_loss import EPS, exact, outside_boxes, row_chunks
 
 
 def _assign_pixels(e: torch.Tensor, q: torch.Tensor, boxes: torch.Tensor, row0: int, row1: int,
@@ -31,7 +31,8 @@ def _assign_pixels(e: torch.Tensor, q: torch.Tensor, boxes: torch.Tensor, row0: 
     boxes [Q, 4] float32 -> labels [C] int64, best [C] float32, second [C] float32."""
     e = e.float()
     p = e / e.norm(dim=1, keepdim=True).clamp_min(EPS)
-    s = (q @ p.T).T.contiguous().masked_fill_(outside_boxes(boxes, row0, row1, width), 0)
+    with exact(e.device):
+        s = (q @ p.T).T.contiguous().masked_fill_(outside_boxes(boxes, row0, row1, width), 0)
     best, labels = s.max(dim=1)   # first maximum on ties
     second = s.scatter_(1, labels[:, None], float("-inf")).amax(dim=1).clamp_min_(-1)
     return labels, best, second

@@ -38,8 +38,9 @@ the backward instead. The backward applies the hand-written gradient:
     G        = dL/ds, zero outside the boxes;  dL/dq = G^T p,  dL/dp = G q
     dL/de_i  = (dp_i - p_i (p_i . dp_i)) / ||e_i||, or dp_i / EPS where ||e_i|| < EPS (F.normalize)
 
-Inputs of any float dtype are computed in float32 (float64 stays float64, for gradcheck);
-gradients come back in the inputs' dtypes.
+Inputs of any float dtype are computed in float32 (float64 stays float64, for gradcheck), with
+the caller's autocast off (``exact``): under bfloat16 autocast ``q @ p.T`` would otherwise run in
+bfloat16 in the forward and not in the backward. Gradients come back in the inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ import torch
 
 EPS = 1e-12    # floor of ||e|| in the normalisation, as F.normalize
 TINY = 1e-12   # floor of the log's argument in Eq. 8
+
+
+def exact(device: torch.device):
+    """A context in which ``device``'s autocast is off, so that the twins compute in the dtypes
+    they choose (float32) whatever autocast the caller runs under."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def outside_boxes(boxes: torch.Tensor, row0: int, row1: int, width: int) -> torch.Tensor:
@@ -94,6 +101,12 @@ def _chunk(e: torch.Tensor, q: torch.Tensor, boxes: torch.Tensor, t: torch.Tenso
 class _EmbeddingLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb, queries, boxes, target, weight, margin, top_k, chunk):
+        with exact(emb.device):
+            return _EmbeddingLoss._forward(ctx, emb, queries, boxes, target, weight, margin, top_k,
+                                           chunk)
+
+    @staticmethod
+    def _forward(ctx, emb, queries, boxes, target, weight, margin, top_k, chunk):
         d, h, w = emb.shape
         acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
         boxes = boxes.float()
@@ -117,6 +130,11 @@ class _EmbeddingLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_num_valid):
+        with exact(grad_loss.device):
+            return _EmbeddingLoss._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         emb, queries, boxes, target, weight = ctx.saved_tensors
         margin, k, chunk, state = ctx.margin, ctx.k, ctx.chunk, ctx.state
         ctx.state = None

@@ -1,20 +1,25 @@
 """PNG codec for COCO panoptic id maps: an 8-bit RGB PNG whose pixel value is the segment id
 ``id = R + 256 * G + 256**2 * B`` (0 = void).
 
-Decoding goes through libspng (``pyspng``), about twice as fast as PIL on COCO's PNGs; ids come
-from decoding to RGBA and reading each pixel's 4 bytes as one little-endian uint32, with no
-per-channel arithmetic. Encoding writes the PNG chunks directly with zlib (filter 0 rows), which
+Decoding goes through libspng (``pyspng``), about twice as fast as PIL on COCO's PNGs, or PIL
+where pyspng is not installed (the same ids); ids come from decoding to RGBA and reading each
+pixel's 4 bytes as one little-endian uint32, with no per-channel arithmetic. Encoding writes the PNG chunks directly with zlib (filter 0 rows), which
 suits these maps of long runs and is several times faster than PIL's encoder.
 The shards store segment-index maps run-length encoded instead (see ``pipeline.shards``).
 """
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
 import numpy as np
-import pyspng
+
+try:
+    import pyspng
+except ImportError:     # PIL decodes the same files
+    pyspng = None
 
 from ciae.panoptic import MAX_SEGMENT_ID
 
@@ -38,7 +43,16 @@ def _header(data: bytes) -> tuple[int, int, int, int]:
     return w, h, depth, ctype
 
 
-def _decode(data: bytes, fmt: str | None) -> np.ndarray:
+def _decode(data: bytes, fmt: str) -> np.ndarray:
+    """PNG bytes -> [H, W, C] uint8 in PIL mode ``fmt`` ("RGBA", "RGB")."""
+    if pyspng is None:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return np.asarray(im.convert(fmt))
+        except Exception as e:  # PIL raises many types for corrupt data
+            raise ValueError(f"unreadable PNG ({type(e).__name__}: {e})") from None
     try:
         return pyspng.load(data, format=fmt)
     except RuntimeError as e:  # pyspng's only error type

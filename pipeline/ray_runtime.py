@@ -1,10 +1,12 @@
-"""Connecting to Ray: a cluster given by address, or a local instance sized for a small machine."""
+"""Connecting to Ray: a cluster given by address, or a local instance sized for a small machine;
+and the device Ray assigned a worker."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import sys
 
 # Local defaults; a cluster's own settings win when its address is given.
 _ENV_DEFAULTS = {
@@ -53,3 +55,21 @@ def connect(address: str | None = None, quiet: bool = True):
         yield
     finally:
         ray.shutdown()
+
+
+def assigned_device() -> str:
+    """The device this process may run a model on. In a Ray task or actor, the GPUs Ray
+    assigned it (``ray.get_gpu_ids()``): none means the CPU even on a GPU node, since Ray need
+    not hide the node's GPUs from a zero-GPU worker; else the first one, at its position in
+    ``CUDA_VISIBLE_DEVICES`` (which Ray sets to the assigned ids, so usually ``cuda:0``).
+    Anywhere else (a plain ``mlflow.pyfunc.load_model``, a Ray driver): CUDA when available."""
+    import torch
+
+    ray = sys.modules.get("ray")        # a process that never imported Ray is no Ray worker
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    gpus = [str(g) for g in ray.get_gpu_ids()]
+    if not gpus:
+        return "cpu"
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return f"cuda:{visible.index(gpus[0]) if gpus[0] in visible else int(gpus[0])}"

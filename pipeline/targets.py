@@ -3,10 +3,13 @@
 Per image, with C_st stuff and C_th thing classes (contiguous indices from the manifest):
 
 * ``image``   [3, H, W] uint8 RGB (the model normalises)
-* ``sem``     [H, W] int64: stuff classes 0..C_st-1; things one class C_st ("merged", the
+* ``sem``     [H, W] uint8: stuff classes 0..C_st-1; things one class C_st ("merged", the
   paper's default), or C_st..C_st+C_th-1 ("specific"), or ignored ("none"); 255 = ignore (void)
-* ``seg``     [H, W] int64: a stuff pixel carries its stuff class index, thing instance j carries
+* ``seg``     [H, W] int16: a stuff pixel carries its stuff class index, thing instance j carries
   C_st + j; -1 = ignore (void and crowd regions)
+
+``sem`` and ``seg`` stay this narrow through Ray Data, collation and the copy to the device (a
+quarter and an eighth of int64's bytes); the model widens them there.
 * ``boxes``   [N, 4] float32 xyxy of the N non-crowd thing instances (pixel edges: x1 = x + w)
 * ``classes`` [N] int64 contiguous thing class of each instance
 * ``image_id`` int, ``orig_size`` (H0, W0), ``scale`` float, ``flipped`` bool
@@ -45,6 +48,9 @@ class TargetMaker:
         self.thing_index = {int(k): int(v) for k, v in thing_index.items()}
         self.transform, self.thing_mode = Transform(input), thing_mode
         self.train, self.seed, self.epoch = train, seed, epoch
+        if len(self.stuff_index) + len(self.thing_index) >= IGNORE_SEM:
+            raise ValueError(f"{len(self.stuff_index) + len(self.thing_index)} categories: at most "
+                             f"{IGNORE_SEM - 1} fit the semantic targets (uint8, {IGNORE_SEM} = ignore)")
 
     @classmethod
     def from_manifest(cls, manifest: dict, **kwargs) -> "TargetMaker":
@@ -80,8 +86,8 @@ class TargetMaker:
         """[H, W] segment-index map + segments -> sem, seg, boxes, classes."""
         c_st, n = self.num_stuff, len(segments)
         areas, boxes_xywh = measure_segments(index, n)
-        sem_lut = np.full(n + 1, IGNORE_SEM, np.int64)
-        seg_lut = np.full(n + 1, IGNORE_SEG, np.int64)
+        sem_lut = np.full(n + 1, IGNORE_SEM, np.uint8)
+        seg_lut = np.full(n + 1, IGNORE_SEG, np.int16)
         boxes, classes = [], []
         for i, s in enumerate(segments, start=1):
             cid = int(s["category_id"])

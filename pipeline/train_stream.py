@@ -116,9 +116,8 @@ class ShardTargets:
                 log.warning("skipping image %s (%s) in %s: %s", row.get("image_id"),
                             row.get("file_name"), path, e)
                 continue
-            yield {"step": int(step), "image": t["image"], "sem": t["sem"].astype(np.uint8),
-                   "seg": t["seg"].astype(np.int16), "boxes": t["boxes"], "classes": t["classes"],
-                   "image_id": t["image_id"]}
+            yield {"step": int(step), "image": t["image"], "sem": t["sem"], "seg": t["seg"],
+                   "boxes": t["boxes"], "classes": t["classes"], "image_id": t["image_id"]}
 
 
 def training_dataset(shards_uri: str, cfg: Config, *, global_batch: int, world: int, rank: int,
@@ -177,8 +176,8 @@ def _warn_lost(step: int) -> None:
 
 
 def _collate(rows: list[dict]) -> dict:
-    return collate([{"image": np.array(r["image"]), "sem": np.asarray(r["sem"], np.int64),
-                     "seg": np.asarray(r["seg"], np.int64),
+    return collate([{"image": np.array(r["image"]), "sem": np.array(r["sem"], np.uint8),
+                     "seg": np.array(r["seg"], np.int16),
                      "boxes": np.array(r["boxes"], np.float32).reshape(-1, 4),
                      "classes": np.array(r["classes"], np.int64), "image_id": int(r["image_id"])}
                     for r in rows])

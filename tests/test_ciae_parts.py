@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ciae.ciae_loss import category_sums, ciae_loss
 from ciae.config import Config, EmbeddingConfig
 from ciae.embedding import EmbeddingBranch, full_resolution, sample_at
-from ciae.inference import assemble, oracle_queries
+from ciae.inference import assemble, oracle_queries, segments_info
 from ciae.memory import CategoryMemory
 
 
@@ -223,8 +223,9 @@ def test_oracle_on_perfect_embeddings_reproduces_ground_truth():
     boxes = torch.tensor([[4.0, 3, 12, 11], [10, 9, 27, 20]], dtype=torch.float64)
     classes = torch.tensor([1, 0])
     queries = oracle_queries(emb, seg, c_st, 2, stride=1)
-    ids, segments = assemble(emb, (h, w), basis[:c_st], queries, boxes, classes, torch.ones(2),
-                             stuff_ids=[100, 101], thing_ids=[1, 2], cfg=InferenceConfig(stuff_area=0), stride=1)
+    ids, table = assemble(emb, (h, w), basis[:c_st], queries, boxes, classes, torch.ones(2),
+                          cfg=InferenceConfig(stuff_area=0), stride=1)
+    segments = segments_info(table.numpy(), stuff_ids=[100, 101], thing_ids=[1, 2])
     ids = ids.numpy()
     by_cat = {s["category_id"]: s for s in segments}
     assert sorted(by_cat) == [1, 2, 100, 101]
@@ -266,7 +267,8 @@ def test_post_processing_on_the_device_equals_the_numpy_reference():
         classes, scores = torch.tensor([0, 1, 1, 0]), torch.rand(4, generator=g)
         cfg = InferenceConfig(stuff_area=2000, min_instance_area=5)
         size = (45, 57)
-        ids, segments = assemble(emb4, size, stuff, queries, boxes, classes, scores, [7, 9, 11], [1, 3], cfg)
+        ids, table = assemble(emb4, size, stuff, queries, boxes, classes, scores, cfg)
+        segments = segments_info(table.numpy(), [7, 9, 11], [1, 3])
         # the numpy reference
         all_q = torch.cat([stuff, queries])
         all_b = torch.cat([torch.tensor([[0.0, 0, 60, 48]]).expand(3, 4), boxes])
@@ -285,6 +287,29 @@ def test_post_processing_on_the_device_equals_the_numpy_reference():
         assert np.array_equal(ids.numpy(), ref_ids)
         assert [{k: v for k, v in s.items() if k != "score"} for s in segments] == ref
         assert all(0 <= s["score"] <= 1 for s in segments) and len(ref) >= 2
+
+
+def test_segments_are_measured_at_the_output_size_and_vanished_ones_dropped():
+    """Predictions at a test size larger than the image (COCO: 480x640 at 800) map back with a
+    thin segment gone: ``assemble`` measures at the output size and ``segments_info`` drops it."""
+    from ciae.config import InferenceConfig
+
+    h, w = 300, 400
+    seg = torch.zeros(h, w, dtype=torch.int64)
+    seg[0] = 1                                              # one row: gone when shrunk to 96 rows
+    seg[100:200, 100:300] = 2
+    basis = torch.eye(3, dtype=torch.float64) * 2.0
+    emb = basis[seg].permute(2, 0, 1).contiguous()
+    ids, table = assemble(emb, (h, w), basis, basis.new_zeros(0, 3), basis.new_zeros(0, 4),
+                          torch.zeros(0, dtype=torch.int64), basis.new_zeros(0),
+                          InferenceConfig(stuff_area=0), stride=1, out_size=(96, 128))
+    segments = segments_info(table.numpy(), [184, 1, 3], [])
+    ids = ids.numpy()
+    assert ids.shape == (96, 128) and 2 not in ids
+    assert [s["id"] for s in segments] == [1, 3] and [s["category_id"] for s in segments] == [184, 3]
+    for s in segments:
+        ys, xs = np.nonzero(ids == s["id"])
+        assert s["area"] == len(ys) and s["bbox"] == [xs.min(), ys.min(), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
 
 
 def test_scores_follow_the_margin_and_the_detector():

@@ -52,6 +52,9 @@ def test_paper_recipe_without_weights_is_refused():
     (["train", "--data", "nowhere", "--config", "paper"], "ciae train: this config freezes the backbone's BatchNorm"),
     (["train", "--data", "nowhere"], "ciae train: nowhere: no manifest.json; run `ciae prepare` first"),
     (["train", "--data", "nowhere", "--config", "missing.json"], "ciae train: --config missing.json: not 'small'"),
+    (["train", "--data", "nowhere", "--gpus-per-worker", "0.5"],
+     "ciae train: gpus_per_worker must be 0 (CPU) or a whole number of GPUs, got 0.5: DDP ranks cannot "
+     "share a GPU (NCCL refuses two ranks on one device); only labeling can share GPUs"),
     (["evaluate", "--gt-json", "a.json", "--gt-dir", "a", "--pred-json", "b.json", "--pred-dir", "b"],
      "ciae evaluate: a.json: file not found"),
     (["label", "--model", "models:/nothing/1", "--input", ".", "--out", "o", "--tracking-uri", "sqlite:///{tmp}/m.db"],
@@ -69,6 +72,32 @@ def test_user_errors_are_one_line_with_status_2(argv, message, tmp_path, monkeyp
         assert code == 2
     assert err.startswith(message), err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_training_refuses_shared_gpus_and_unsynchronised_batchnorm(tmp_path, monkeypatch, capsys):
+    """Two DDP ranks on one GPU (NCCL refuses them), and BatchNorm trained by several CPU workers
+    (SyncBatchNorm runs on GPUs only; unsynchronised, the ranks' statistics drift apart)."""
+    from ciae.config import Config
+    from workflows.jobs import TrainJob
+
+    for gpus in (0.5, 0.25, 1.5):
+        with pytest.raises(ValueError, match=f"got {gpus:g}: .* only labeling can share GPUs"):
+            TrainJob(data="x", gpus_per_worker=gpus)
+    for gpus in (0, 1, 2.0):
+        TrainJob(data="x", gpus_per_worker=gpus)
+
+    bn = Config.small().merged({"backbone": {"norm": "bn"}})
+    with pytest.raises(ValueError, match="backbone.norm 'bn' with 2 CPU workers: .*SyncBatchNorm"):
+        TrainJob(data="x", config=bn, workers=2)
+    TrainJob(data="x", config=bn, workers=1)
+    TrainJob(data="x", config=bn, workers=2, gpus_per_worker=1)
+    TrainJob(data="x", config=bn.merged({"backbone": {"freeze_at": 5}}), workers=2)   # no BatchNorm trains
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bn.json").write_text('{"backbone": {"norm": "bn"}}')
+    assert main(["train", "--data", "nowhere", "--config", "bn.json", "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ciae train: backbone.norm 'bn' with 2 CPU workers") and len(err.splitlines()) == 1
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,20 @@ def test_rgb_id_roundtrip():
     ids[0, 0] = 2**24 - 1
     assert np.array_equal(decode_id_png(encode_id_png(ids)), ids)
     assert id_to_rgb(np.array([[1 + 256 * 2 + 256 * 256 * 3]])).tolist() == [[[1, 2, 3]]]
+
+
+def test_png_decoding_without_pyspng_gives_the_same_ids(synth_small, monkeypatch):
+    """Where pyspng is not installed (the GPU suite's machine), PIL decodes: same ids, and a
+    damaged file is still one ValueError."""
+    import pipeline.panoptic_png as codec
+
+    data = [p.read_bytes() for p in sorted(Path(synth_small["panoptic_dir"]).glob("*.png"))[:3]]
+    fast = [decode_id_png(d) for d in data]
+    monkeypatch.setattr(codec, "pyspng", None)
+    for d, ids in zip(data, fast):
+        assert np.array_equal(decode_id_png(d), ids)
+    with pytest.raises(ValueError, match="unreadable PNG"):
+        decode_id_png(data[0][:200])
 
 
 def test_png_id_missing_from_json(synth_copy):

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from ciae.backbone import group_count
-from ciae.box_ops import (batched_nms, box_iou, clip_boxes, expand_boxes, giou_loss, iou_loss,
-                          sigmoid_focal_loss)
+from ciae.box_ops import (NMS_BLOCK, batched_nms, box_iou, clip_boxes, expand_boxes, giou_loss,
+                          iou_loss, sigmoid_focal_loss)
 from ciae.config import FCOSConfig
-from ciae.fcos import FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_targets
+from ciae.fcos import (FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_normalisers,
+                       fcos_targets)
 
 INF = float("inf")
 
@@ -57,8 +58,10 @@ def test_box_iou_matches_loop():
     torch.testing.assert_close(box_iou(a[:3], a[:3]).diagonal(), torch.ones(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("block", [64, 1024])       # the CPU's and the GPU's block sizes
 @pytest.mark.parametrize("thresh", [0.3, 0.5, 0.7])
-def test_batched_nms_matches_bruteforce(thresh):
+def test_batched_nms_matches_bruteforce(thresh, block, monkeypatch):
+    monkeypatch.setitem(NMS_BLOCK, "cpu", block)
     gen = torch.Generator().manual_seed(int(thresh * 10))
     n = 700  # several NMS blocks
     boxes = random_boxes(n, gen)
@@ -71,7 +74,9 @@ def test_batched_nms_matches_bruteforce(thresh):
     assert 0 < len(keep) < n
 
 
-def test_batched_nms_long_chain_and_edge_cases():
+@pytest.mark.parametrize("block", [64, 1024])
+def test_batched_nms_long_chain_and_edge_cases(block, monkeypatch):
+    monkeypatch.setitem(NMS_BLOCK, "cpu", block)
     # Each box overlaps only its neighbours (IoU 1/3): greedy keeps every other one, the worst
     # case for the in-block fixed point.
     n = 300
@@ -158,6 +163,10 @@ def test_head_output_shapes(batch, strides):
     for key, c in [("cls_logits", 5), ("centerness", 1), ("box_reg", 4), ("box_embed", 8)]:
         assert [tuple(t.shape) for t in out[key]] == [(batch, c, h, w) for h, w in sizes]
     assert all((r >= 0).all() for r in out["box_reg"])
+    # without box embeddings (Table III's ablation) the head has no parameter the loss misses
+    plain = FCOSHead(in_channels=48, num_classes=5, embed_dim=None, cfg=cfg)
+    assert set(plain([torch.randn(batch, 48, h, w) for h, w in sizes])) == {"cls_logits", "centerness", "box_reg"}
+    assert not any("box_embed" in name for name, _ in plain.named_parameters())
     prior = -math.log((1 - cfg.prior_prob) / cfg.prior_prob)
     torch.testing.assert_close(head.cls_logits.bias, torch.full((5,), prior))
     assert head.scales.shape == (len(strides),)
@@ -353,11 +362,15 @@ def test_losses_with_positives_train_the_head():
         opt.step()
         totals.append(total.item())
     assert totals[-1] < 0.6 * totals[0]
-    # reduce_fn scales the normalisers: doubling num_pos halves the classification loss
+    # the normalisers (their means over workers, in training): doubling num_pos halves the
+    # classification loss; by default they are the batch's own
     out = head(feats)
-    base = fcos_losses(out, locs, t, cfg)["loss_cls"]
-    doubled = fcos_losses(out, locs, t, cfg, reduce_fn=lambda v: 2 * v)["loss_cls"]
-    torch.testing.assert_close(doubled, base / 2)
+    base = fcos_losses(out, locs, t, cfg)
+    own = fcos_normalisers(t)
+    assert own[0] == (t["labels"] >= 0).sum() and own[0] > 0
+    doubled = fcos_losses(out, locs, t, cfg, normalisers=own * torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(doubled["loss_cls"], base["loss_cls"] / 2)
+    torch.testing.assert_close(doubled["loss_box"], base["loss_box"])
 
 
 # ---------------------------------------------------------------- detection

@@ -1,7 +1,8 @@
-"""Batch labeling: a registered model over a list, a folder (nested) or shards, as a streaming Ray
-Data job; Parquet shards and COCO files that panopticapi and pycocotools read; streaming PQ;
-confidence scores and the review list; bad images rejected with their reason; and a job killed
-anywhere (driver or model actor) and run again labels every image exactly once."""
+"""Batch labeling: a registered model (or its checkpoint file, without MLflow) over a list, a folder
+(nested) or shards, as a streaming Ray Data job; Parquet shards and COCO files that panopticapi
+and pycocotools read; streaming PQ; confidence scores and the review list; bad images rejected
+with their reason; and a job killed anywhere (driver or model actor) and run again labels every
+image exactly once."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
+from ciae.backbone import ResNet
 from ciae.panoptic import DatasetError
 from ciae.train import model_from_checkpoint
 from pipeline import label_store as ls
@@ -283,6 +286,32 @@ def test_unwritable_output_and_missing_model_fail_at_once(model, synth_small, tm
                  "--out", str(tmp_path / "o"), "--tracking-uri", model["tracking"]]) == 2
     assert "ciae label: models:/nope@champion: no such model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_file_labels_as_its_registered_model_without_mlflow(model, synth_small, tmp_path,
+                                                                        ray_local):
+    """``--model`` given the checkpoint file: the same labels as the registered model, in a
+    process (driver and Ray workers) where MLflow cannot be imported."""
+    blocker = tmp_path / "blocker" / "mlflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('MLflow is blocked in this test')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker.parent), root]))
+    out = tmp_path / "from_checkpoint"
+    done = subprocess.run([sys.executable, "-m", "workflows.cli", "label", "--model", model["checkpoint"],
+                           "--input", synth_small["images"], "--out", str(out), "--batch-size", "3",
+                           "--cpus-per-worker", "0.5"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    label(job(model, synth_small["images"], tmp_path / "registered", batch_size=3), progress=False)
+    by_checkpoint, registered = shard_rows(out), shard_rows(tmp_path / "registered")
+    assert len(registered) == 6 and all(r["status"] == "labeled" for r in registered)
+    assert [(r["key"], r["png"], r["segments"]) for r in by_checkpoint] == \
+        [(r["key"], r["png"], r["segments"]) for r in registered]
+    resnet = tmp_path / "resnet.pt"
+    torch.save(ResNet(depth=18).state_dict(), resnet)
+    with pytest.raises(ValueError, match="resnet.pt: a torchvision ResNet state dict, not a trained ciae model"):
+        label(LabelJob(model=str(resnet), input=synth_small["images"], out=str(tmp_path / "o")), progress=False)
 
 
 def test_an_output_folder_belongs_to_one_input(model, synth_small, tmp_path, ray_local):

@@ -198,3 +198,28 @@ def test_checkpoints_never_execute_pickled_code(tmp_path):
 def test_to_device_moves_lists():
     b = to_device(toy_batch(), torch.device("cpu"))
     assert b["boxes"][0].device.type == "cpu" and b["image_ids"] == [0, 1]
+
+
+def test_prefetch_keeps_the_order_and_raises_the_producers_error():
+    from ciae.train import prefetch
+
+    cpu = torch.device("cpu")
+    batches = [{"images": torch.full((1,), k), "boxes": [torch.zeros(1, 4)], "image_ids": [k]}
+               for k in range(7)]
+    got = list(prefetch(iter(batches), cpu))
+    assert [int(b["images"]) for b in got] == list(range(7)) and got[3]["image_ids"] == [3]
+    assert list(prefetch(iter([]), cpu)) == []
+
+    drawn = []
+
+    def failing():
+        for k in range(2):
+            drawn.append(k)
+            yield batches[k]
+        raise ValueError("image 5 (x.jpg): truncated")
+
+    it = prefetch(failing(), cpu)
+    assert int(next(it)["images"]) == 0 and drawn == [0]     # drawn when asked for: no thread
+    assert int(next(it)["images"]) == 1
+    with pytest.raises(ValueError, match="image 5"):
+        next(it)

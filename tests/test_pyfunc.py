@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import ray.cloudpickle
 import torch
 from PIL import Image
 
@@ -24,8 +25,11 @@ from ciae.transform import decode_rgb
 from ciae.train import Trainer, model_from_checkpoint
 from pipeline.panoptic_png import decode_id_png
 from pipeline.synth import SynthSpec, render, select_categories
+from pipeline.ray_runtime import assigned_device
 from workflows.pyfunc import PIP_REQUIREMENTS, log_model
 from workflows.tracking import configure, experiment_id
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Ray workers import nothing from tests
 
 NAME = "ciae-test"
 
@@ -179,3 +183,57 @@ def test_the_registered_model_is_logged_from_code(registered):
     assert flavor["model_code_path"].endswith("pyfunc_model.py") and "python_model" not in flavor
     assert "pyfunc_model.py" in os.listdir(local)
     assert not [n for n in os.listdir(local) if n.endswith(".pkl")]
+
+
+# ---- the device a loaded model takes ------------------------------------------------------------
+
+class DeviceProbe:
+    """A zero-GPU Ray actor on a node whose CUDA looks available (Ray need not hide a node's
+    GPUs from such a worker)."""
+
+    def __init__(self):
+        torch.cuda.is_available = lambda: True
+
+    def loaded_device(self, model_uri: str, tracking_uri: str) -> str:
+        from workflows.tracking import configure
+
+        configure(tracking_uri)
+        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor.model
+        return str(next(model.parameters()).device)
+
+    def device(self, assigned=None, visible=None) -> str:
+        """``assigned_device()`` with Ray's assignment faked as ``assigned`` GPU ids (None: the real
+        one) and CUDA_VISIBLE_DEVICES as ``visible``."""
+        import ray
+
+        if assigned is not None:
+            ray.get_gpu_ids = lambda: assigned
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        if visible is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        return assigned_device()
+
+
+def test_a_ray_worker_runs_the_model_on_the_gpu_ray_assigned_it(registered, ray_local):
+    import ray
+
+    probe = ray.remote(num_cpus=0, num_gpus=0)(DeviceProbe).remote()
+    try:
+        assert ray.get(probe.device.remote()) == "cpu"              # no GPU assigned, even if CUDA is there
+        assert ray.get(probe.loaded_device.remote(registered["info"].model_uri, registered["uri"])) == "cpu"
+        for assigned, visible, device in [([2], "2", "cuda:0"),        # Ray sets CUDA_VISIBLE_DEVICES
+                                          (["3"], "1,3", "cuda:1"),
+                                          ([1], None, "cuda:1"),       # ... unless told not to
+                                          ([], "0,1", "cpu")]:
+            assert ray.get(probe.device.remote(assigned, visible)) == device, (assigned, visible)
+    finally:
+        ray.kill(probe)
+
+
+def test_outside_ray_workers_the_model_runs_on_cuda_when_available(ray_local, monkeypatch):
+    """A Ray driver, or a plain ``mlflow.pyfunc.load_model`` in a process without Ray."""
+    assert assigned_device() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert assigned_device() == "cuda"                                 # this process is Ray's driver
+    monkeypatch.delitem(sys.modules, "ray")
+    assert assigned_device() == "cuda"

@@ -36,7 +36,10 @@ class TrainJob:
     def __post_init__(self):
         checks = [
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
-            (self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}"),
+            (self.gpus_per_worker == 0 or (self.gpus_per_worker >= 1 and self.gpus_per_worker % 1 == 0),
+             f"gpus_per_worker must be 0 (CPU) or a whole number of GPUs, got {self.gpus_per_worker:g}: "
+             "DDP ranks cannot share a GPU (NCCL refuses two ranks on one device); only labeling "
+             "can share GPUs"),
             (self.cpus_per_worker is None or self.cpus_per_worker > 0,
              f"cpus_per_worker must be > 0, got {self.cpus_per_worker}"),
             (self.batch_per_worker is None or self.batch_per_worker >= 1,
@@ -49,6 +52,11 @@ class TrainJob:
             if not ok:
                 raise ValueError(msg)
         b = self.config.backbone
+        if b.norm == "bn" and b.freeze_at < 5 and self.workers > 1 and not self.gpus_per_worker:
+            raise ValueError(
+                f"backbone.norm 'bn' with {self.workers} CPU workers: the workers' BatchNorm statistics "
+                "must be synchronised (SyncBatchNorm), which torch runs on GPUs only; choose "
+                "backbone.norm 'gn', one worker, or --gpus-per-worker 1")
         if b.norm == "frozen_bn" and not b.weights and not self.init:
             raise ValueError(
                 "this config freezes the backbone's BatchNorm (backbone.norm 'frozen_bn', the paper's "
@@ -79,7 +87,7 @@ class TrainJob:
 class LabelJob:
     """One labeling job, checked when it is made. Paths may be local or filesystem URIs."""
 
-    model: str                          # models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...
+    model: str                          # models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., a checkpoint file
     input: str                          # folder, list file or shards
     out: str
     tracking_uri: str | None = None
@@ -105,7 +113,11 @@ class LabelJob:
             raise ValueError("gpus_per_worker, overlays and review must be >= 0, cpus_per_worker > 0")
         if (self.gt_json is None) != (self.gt_dir is None):
             raise ValueError("give both gt_json and gt_dir, or neither")
+        import os
+
         from pipeline.storage import absolute
 
         for f in ("input", "out", "gt_json", "gt_dir"):
             setattr(self, f, absolute(getattr(self, f)))   # actors run elsewhere
+        if os.path.exists(self.model):                     # a local checkpoint or model folder
+            self.model = os.path.abspath(self.model)

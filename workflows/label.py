@@ -21,8 +21,10 @@ in three stages, writing Parquet shards exactly once.
 
 The actors load the registered model through MLflow (``mlflow.pyfunc.load_model``, the same code
 and checkpoint as any consumer) and call its predictor on ready batches, not its ``predict`` on
-encoded bytes. Exactly once, whatever is killed: see ``pipeline.label_store``. The driver holds
-one plan task of bookkeeping per task in flight, never a record per image.
+encoded bytes. The model may also be a checkpoint file that ``ciae train`` wrote (a path or URI
+that every actor can read); then nothing imports MLflow. Exactly once, whatever is killed: see
+``pipeline.label_store``. The driver holds one plan task of bookkeeping per task in flight, never
+a record per image.
 """
 
 from __future__ import annotations
@@ -38,6 +40,32 @@ from workflows.jobs import LabelJob
 
 DECODE_BATCH = 64             # images per decode task call
 WORKER_MEMORY = 512 * 2**20   # a Ray worker process with numpy, PIL and torch imported
+MLFLOW_URIS = ("models:/", "runs:/")
+
+
+def is_checkpoint(model: str) -> bool:
+    """Whether ``model`` names a checkpoint file of ``ciae train`` (a path or filesystem URI)
+    rather than an MLflow model (``models:/...``, ``runs:/...``, a logged model's folder)."""
+    import pyarrow.fs as pafs
+
+    if model.startswith(MLFLOW_URIS):
+        return False
+    fs, path = storage.resolve(model)
+    return storage.file_type(fs, path) == pafs.FileType.File
+
+
+def read_checkpoint(uri: str):
+    """The checkpoint file at ``uri`` as a ``ciae.finetune.Source`` (``weights_only`` loading);
+    ValueError when it is not a checkpoint of this project."""
+    import io
+
+    from ciae.backbone import read_weights
+    from ciae.finetune import read_source
+
+    source = read_source(read_weights(io.BytesIO(storage.read_uri(uri)), uri), uri)
+    if source.kind != "ciae":
+        raise ValueError(f"{uri}: a torchvision ResNet state dict, not a trained ciae model")
+    return source
 
 
 # ------------------------------------------------------------------------------- stages
@@ -130,20 +158,32 @@ def _read_shard_rows(batch: dict) -> dict[tuple[str, int], dict]:
 
 
 class Labeler:
-    """Ray Data model actor: the registered model loaded once through MLflow; a batch of decoded
-    images in, their id maps at their own sizes and segments (with scores) out."""
+    """Ray Data model actor: the model loaded once (a registered model through MLflow, or a
+    checkpoint file); a batch of decoded images in, their id maps at their own sizes and segments
+    (with scores) out."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, threads: int, amp: bool, compile: bool):
-        import mlflow.pyfunc
+    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, amp: bool, compile: bool):
         import torch
 
         from ciae.predictor import Predictor
-        from workflows.tracking import configure
 
         torch.set_num_threads(threads)
-        configure(tracking_uri)
-        loaded = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
-        self.predictor = Predictor(loaded.model, amp=amp, compile=compile)
+        if is_checkpoint(model_uri):     # checked by the driver (read_checkpoint)
+            import io
+
+            from ciae.train import model_from_checkpoint
+
+            from pipeline.ray_runtime import assigned_device
+
+            model = model_from_checkpoint(io.BytesIO(storage.read_uri(model_uri)), assigned_device())
+        else:
+            import mlflow.pyfunc
+
+            from workflows.tracking import configure
+
+            configure(tracking_uri)
+            model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor.model
+        self.predictor = Predictor(model, amp=amp, compile=compile)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -216,12 +256,18 @@ def encode(batch: dict, out_uri: str, categories: list[dict], coco_panoptic: boo
 # ------------------------------------------------------------------------------- driver
 
 
-def _model_input_config(model_uri: str) -> dict:
-    """The registered model's InputConfig (test size), from its MLflow metadata or, for a model
-    logged without it, its checkpoint."""
+def _model_input_config(model_uri: str, tracking: str | None) -> dict:
+    """The model's InputConfig (test size): a checkpoint file's, else the registered model's, from
+    its MLflow metadata or, for a model logged without it, its checkpoint. ValueError when there
+    is no such model."""
+    if is_checkpoint(model_uri):
+        return read_checkpoint(model_uri).config["input"]
     import mlflow
 
-    info = mlflow.models.get_model_info(model_uri)
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except Exception as e:
+        raise ValueError(f"{model_uri}: no such model in {tracking} ({type(e).__name__}: {e})") from None
     meta = (info.metadata or {}).get("ciae")
     if meta:
         return meta["config"]["input"]
@@ -265,16 +311,14 @@ def label(job: LabelJob, address: str | None = None, progress: bool = True, labe
     this run), "processed" (by this run), "seconds", "images_per_second" (this run's labeling),
     "overlays" (drawn by this run), "review" (rows of review.csv), "metrics" (PQ summary with
     ground truth, else None), "timings" (seconds: plan, scan of what is done, labeling, the
-    exports at the end)}."""
-    import mlflow
+    exports at the end), "stages" (Ray Data's statistics of each stage, text; None when nothing
+    was left to label)}."""
+    tracking = None
+    if not is_checkpoint(job.model):
+        from workflows.tracking import configure
 
-    from workflows.tracking import configure
-
-    tracking = configure(job.tracking_uri)
-    try:
-        mlflow.models.get_model_info(job.model)
-    except Exception as e:
-        raise ValueError(f"{job.model}: no such model in {tracking} ({type(e).__name__}: {e})") from None
+        tracking = configure(job.tracking_uri)
+    input_cfg = _model_input_config(job.model, tracking)
     store = ls.LabelStore(job.out)
     store.check_writable()
     clock = time.perf_counter()
@@ -297,8 +341,10 @@ def label(job: LabelJob, address: str | None = None, progress: bool = True, labe
     todo = sum(plan.task_sizes[t] - len(partial.get(t, ())) for t in pending)
     start = time.perf_counter()
     timings["scan"] = start - clock - timings["plan"]
+    stages = None
     if todo:
-        _run(job, tracking, plan, store, categories, table, pending, partial, todo, address, progress, labeler)
+        stages = _run(job, tracking, input_cfg, plan, store, categories, table, pending, partial, todo,
+                      address, progress, labeler)
     seconds = time.perf_counter() - start
     timings["label"] = seconds
 
@@ -306,7 +352,7 @@ def label(job: LabelJob, address: str | None = None, progress: bool = True, labe
     summary = {"out": job.out, "images": plan.images, **counts, "skipped": plan.images - todo,
                "processed": todo, "seconds": seconds,
                "images_per_second": todo / seconds if todo and seconds > 0 else None,
-               "metrics": None, "overlays": 0}
+               "metrics": None, "overlays": 0, "stages": stages}
     if job.coco_panoptic:
         ls.export_coco_panoptic(store, categories, pngs=True)
     if job.coco_instances:
@@ -323,17 +369,16 @@ def label(job: LabelJob, address: str | None = None, progress: bool = True, labe
     return summary
 
 
-def _run(job: LabelJob, tracking: str, plan: Plan, store: ls.LabelStore, categories: list[dict],
-         table: CategoryTable, pending: list[int], partial: dict[int, set[str]], todo: int,
-         address: str | None, progress: bool, labeler) -> None:
+def _run(job: LabelJob, tracking: str | None, input_cfg: dict, plan: Plan, store: ls.LabelStore,
+         categories: list[dict], table: CategoryTable, pending: list[int], partial: dict[int, set[str]],
+         todo: int, address: str | None, progress: bool, labeler) -> str:
     """The Ray Data job over the pending tasks' images not yet in a part; seals tasks as they
-    fill."""
+    fill. Returns Ray Data's statistics of the stages."""
     from tqdm import tqdm
 
     from ciae.evaluation.pq import PQAccumulator
     from pipeline.ray_runtime import connect
 
-    input_cfg = _model_input_config(job.model)
     done = {t: set(partial.get(t, ())) for t in pending}
     running = PQAccumulator(table)
     with connect(address):
@@ -376,9 +421,11 @@ def _run(job: LabelJob, tracking: str, plan: Plan, store: ls.LabelStore, categor
                 if len(done[task]) == plan.task_sizes[task]:
                     store.seal(task, plan.task_sizes[task], table)
                     del done[task]
+        stats = ds.stats()
     unfinished = sorted(done)
     if unfinished:
         raise RuntimeError(f"tasks {unfinished[:10]} did not finish; run the job again to resume them")
+    return stats
 
 
 def draw_overlays(store: ls.LabelStore, plan: Plan, categories: list[dict], n: int) -> int:

@@ -13,7 +13,6 @@ from ciae.evaluation.pq import PQAccumulator
 from ciae.model import CIAEModel
 from ciae.panoptic import CategoryTable
 from ciae.train import to_device
-from ciae.transform import Transform
 from pipeline.shards import (decode_panoptic_row, model_categories, read_manifest, read_shard,
                              shard_paths)
 from pipeline.targets import TargetMaker, collate
@@ -32,11 +31,19 @@ def batch_stream(shards_uri: str, cfg: Config) -> Iterator[dict]:
     return (batch for _, batch in local_batches(shards_uri, cfg))
 
 
-@torch.no_grad()
 def evaluate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: bool = False) -> dict:
-    """PQ of ``model`` on shards, streamed shard by shard through the PQ accumulator (no PNG
-    round trip). Predictions are made at the test size and mapped back to each image's own size
-    (``ciae.transform.Transform.postprocess``), as ``ciae.predictor.Predictor`` does."""
+    """PQ of ``model`` on shards (``accumulate`` over all their rows, summarised)."""
+    return accumulate(model, shards_uri, batch_size, oracle).summary()
+
+
+@torch.no_grad()
+def accumulate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: bool = False,
+               part: tuple[int, int] = (0, 1)) -> PQAccumulator:
+    """PQ statistics of ``model`` on the rows of part ``(rank, parts)`` of the shards (rank r
+    of W takes rows [r N / W, (r + 1) N / W) and reads only the shards holding them), streamed
+    shard by shard through the PQ accumulator (no PNG round trip); the parts' accumulators
+    merge into the whole set's. Predictions are made at the test size and mapped back to each
+    image's own size (``model.predict``'s ``out_sizes``), as ``ciae.predictor.Predictor`` does."""
     manifest = read_manifest(shards_uri)
     acc = PQAccumulator(CategoryTable.from_json(manifest["categories"]))
     maker = TargetMaker.from_manifest(manifest, input=model.cfg.input,
@@ -44,22 +51,30 @@ def evaluate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: boo
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for chunk in _row_batches(shards_uri, manifest, batch_size):
+    for chunk in _row_batches(shards_uri, manifest, batch_size, part):
         batch = to_device(collate([maker(r) for r in chunk]), device)
-        preds = model.predict(batch["images"], batch["image_sizes"], oracle=batch if oracle else None)
+        preds = model.predict(batch["images"], batch["image_sizes"], oracle=batch if oracle else None,
+                              out_sizes=[(r["height"], r["width"]) for r in chunk])
         for row, pred in zip(chunk, preds):
             gt_index, gt_segments = decode_panoptic_row(row)
-            ids, segments = Transform.postprocess(pred["panoptic"], pred["segments_info"], gt_index.shape)
-            ids = ids.cpu().numpy()
-            acc.add_indexed(gt_index, gt_segments, ids, segments,
-                            image=f"image {row['image_id']} ({row['file_name']})")
+            acc.add_indexed(gt_index, gt_segments, pred["panoptic"].cpu().numpy(),
+                            pred["segments_info"], image=f"image {row['image_id']} ({row['file_name']})")
     model.train(was_training)
-    return acc.summary()
+    return acc
 
 
-def _row_batches(shards_uri: str, manifest: dict, batch_size: int) -> Iterator[list[dict]]:
-    """Rows of the shards, ``batch_size`` at a time, one shard in memory at a time."""
-    for path in shard_paths(shards_uri, manifest):
-        table = read_shard(path)
-        for k in range(0, table.num_rows, batch_size):
-            yield table.slice(k, batch_size).to_pylist()
+def _row_batches(shards_uri: str, manifest: dict, batch_size: int,
+                 part: tuple[int, int]) -> Iterator[list[dict]]:
+    """The rows of ``part`` (see ``accumulate``), ``batch_size`` at a time, one shard in memory
+    at a time."""
+    rank, parts = part
+    total = sum(s["rows"] for s in manifest["shards"])
+    lo, hi = total * rank // parts, total * (rank + 1) // parts
+    first = 0                                   # the shard's first row in the whole set
+    for path, shard in zip(shard_paths(shards_uri, manifest), manifest["shards"]):
+        begin, end = max(lo, first), min(hi, first + shard["rows"])
+        if begin < end:
+            table = read_shard(path).slice(begin - first, end - begin)
+            for k in range(0, table.num_rows, batch_size):
+                yield table.slice(k, batch_size).to_pylist()
+        first += shard["rows"]

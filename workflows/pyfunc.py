@@ -13,7 +13,9 @@ Input: a DataFrame with ``image`` (encoded JPEG/PNG/... bytes, any size) and opt
 ``height``, ``width`` (the input image's size), ``panoptic_png`` (a COCO panoptic PNG at that
 size: id = R + 256 G + 256² B, 0 = void) and ``segments_info`` (a JSON list of {id,
 category_id, iscrowd, area, bbox}, COCO category ids). An unreadable image raises ValueError
-naming its row. The model runs on CUDA when available, else on the CPU.
+naming its row. The model runs where ``pipeline.ray_runtime.assigned_device`` says: inside a
+Ray task or actor on the GPU Ray assigned it (none assigned: the CPU), elsewhere on CUDA when
+available.
 
 The model is logged from code (MLflow's models-from-code): the registered version holds
 ``workflows/pyfunc_model.py``, which builds a :class:`CIAEPyfunc`, the checkpoint as an artifact
@@ -52,13 +54,12 @@ class CIAEPyfunc(mlflow.pyfunc.PythonModel):
     ``ciae.train.Trainer`` checkpoint."""
 
     def load_context(self, context) -> None:
-        import torch
-
         from ciae.predictor import Predictor
         from ciae.train import model_from_checkpoint
+        from pipeline.ray_runtime import assigned_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.predictor = Predictor(model_from_checkpoint(context.artifacts["checkpoint"], device))
+        self.predictor = Predictor(model_from_checkpoint(context.artifacts["checkpoint"],
+                                                         assigned_device()))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """model_input: DataFrame with ``image`` bytes and optional ``image_id``; params:

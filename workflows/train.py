@@ -5,9 +5,9 @@ CLI reads its defaults from it. ``train(job)`` creates (or, for a run name given
 one MLflow run and logs the resolved config; starts a TorchTrainer whose workers run
 ``workflows.train_worker.train_worker`` on a :class:`~workflows.train_worker.WorkerSpec` built
 from the job, each streaming its part of the training plan (``pipeline.train_stream``) with Ray
-Data, rank 0 validating on the held-out shards along the way and at the end; then logs the
-final checkpoint with pictures, logs the MLflow pyfunc model, registers it, and moves the alias
-when its validation PQ beats the holder's.
+Data and validating its part of the held-out shards along the way and at the end (rank 0 logs
+the PQ); then logs the final checkpoint with pictures, logs the MLflow pyfunc model, registers
+it, and moves the alias when its validation PQ beats the holder's.
 
 Failures: Ray Train restarts the worker group from the latest checkpoint (``max_failures``
 times); a driver run again with the same ``name`` resumes from the run's storage and logs into
@@ -193,8 +193,8 @@ def _check_room_for_data(worker_cpus: float) -> None:
 
 
 def _finish(job: TrainJob, uri: str, run_id: str, checkpoint: str, pq: dict | None) -> dict:
-    """Artifacts, the pyfunc model, registration and the alias. ``pq``: rank 0's validation
-    of the final checkpoint."""
+    """Artifacts, the pyfunc model, registration and the alias. ``pq``: the workers'
+    validation of the final checkpoint, as rank 0 reported it."""
     import mlflow
 
     from ciae.train import load_checkpoint, model_from_checkpoint

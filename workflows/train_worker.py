@@ -6,15 +6,19 @@ broadcasts rank 0's weights), resume from the latest Ray Train checkpoint if the
 Ray Data job of its own from the resumed step on. Across workers:
 
 * gradients are averaged by DDP, and every loss normaliser (FCOS positives and centerness sum,
-  CIAE pixel counts) is averaged with them (``model.reduce_mean``), so that W workers with
-  batch B take the step one worker takes with batch W * B;
-* the batch's category sums and counts are summed (``model.reduce_sum``) before the memory
-  update, so the memory is identical on every worker.
+  CIAE pixel counts) is averaged with them, so that W workers with batch B take the step one
+  worker takes with batch W * B;
+* the batch's category sums and counts are averaged before the memory update, so the memory is
+  identical on every worker; both in one all-reduce per step (``model.reduce_mean``);
+* trained BatchNorm layers become SyncBatchNorm (GPUs only; ``TrainJob`` refuses them on more
+  than one CPU worker), so their statistics are the global batch's on every worker.
 
-The hooks: after each step rank 0 logs to MLflow (the run the driver created) and validates on
-the held-out shards every ``eval_every`` steps and at the end; at checkpoint steps every rank
-reports (``ray.train.report`` is collective) with its pid and step, rank 0 also with the
-checkpoint and, at the end, the validation PQ.
+The hooks (:class:`StepHooks`): after each step rank 0 logs to MLflow (the run the driver
+created); every ``eval_every`` steps and at the end every rank validates its part of the
+held-out shards and the PQ statistics are summed over the ranks, so that no rank waits in a
+collective while another validates (past the process group's timeout the job would abort); at
+checkpoint steps every rank reports (``ray.train.report`` is collective) with its pid and step,
+rank 0 also with the checkpoint and, at the end, the validation PQ.
 """
 
 from __future__ import annotations
@@ -66,10 +70,24 @@ def _mean_over_workers(t: torch.Tensor) -> torch.Tensor:
     return total / dist.get_world_size()
 
 
+def sync_batchnorm(model: torch.nn.Module) -> int:
+    """Replace, in place, every trained BatchNorm layer of ``model`` (a parameter requiring a
+    gradient) by a SyncBatchNorm sharing its parameters and statistics (the state dict keeps
+    its keys); frozen ones (``FrozenBatchNorm2d``, BatchNorm of frozen stages, in eval mode)
+    stay as they are. Returns how many were replaced."""
+    trained = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, torch.nn.modules.batchnorm._BatchNorm)
+               and any(p.requires_grad for p in child.parameters())]
+    for parent, name, child in trained:
+        setattr(parent, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return len(trained)
+
+
 def distributed_trainer(model, device: torch.device):
     """A ``Trainer`` for this worker: model on ``device``, wrapped in DDP when the world is
-    larger than one, with the loss normalisers and the memory statistics reduced across
-    workers. Call inside a Ray Train worker (or any initialised torch.distributed group)."""
+    larger than one, with trained BatchNorm synchronised (``sync_batchnorm``), the loss
+    normalisers and the memory statistics reduced across workers. Call inside a Ray Train
+    worker (or any initialised torch.distributed group)."""
     import torch.distributed as dist
 
     from ciae.train import Trainer, memory_format
@@ -79,13 +97,15 @@ def distributed_trainer(model, device: torch.device):
         return Trainer(model)
     from torch.nn.parallel import DistributedDataParallel
 
+    sync_batchnorm(model)     # before DDP, which refuses it on the CPU (so does TrainJob, earlier)
+
     # the memory is a buffer kept identical by the reduction, so DDP need not sync it before each
     # forward (torch 2.13 renamed the option; its new one still syncs once, at start, harmlessly)
     params = inspect.signature(DistributedDataParallel).parameters
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   **{no_sync: False})
-    model.reduce_mean, model.reduce_sum = _mean_over_workers, _sum_over_workers
+    model.reduce_mean = _mean_over_workers
     return Trainer(model, module=ddp)
 
 
@@ -117,30 +137,82 @@ class _MlflowLog:
         self.pending, self.flushed_at = [], time.monotonic()
 
 
-def _batches(spec: WorkerSpec, trainer, rank: int, world: int):
-    """This rank's collated batches for steps [trainer.step, iterations): its part of the
-    training plan, streamed by its own Ray Data job, each checked against the step it is for."""
+def _batches(spec: WorkerSpec, start: int, rank: int, world: int):
+    """This rank's collated batches for steps [start, iterations) in order (``Trainer.fit``
+    draws them ahead of its steps): its part of the training plan, streamed by its own Ray Data
+    job, each checked against the step it is for."""
     from pipeline.train_stream import rows_of_batches, step_batches, training_dataset
 
-    start, end = trainer.step, spec.config.solver.iterations
+    end = spec.config.solver.iterations
     ds = training_dataset(spec.data, spec.config, global_batch=world * spec.batch_per_worker,
                           world=world, rank=rank, start=start, end=end)
     rows = rows_of_batches(ds.iter_batches(batch_size=spec.batch_per_worker, batch_format="numpy",
                                            prefetch_batches=2))
-    for planned, batch in step_batches(rows, start, end):
-        if planned != trainer.step:
-            raise RuntimeError(f"rank {rank}: the plan gave step {planned} at step {trainer.step}")
+    for step, (planned, batch) in enumerate(step_batches(rows, start, end), start):
+        if planned != step:
+            raise RuntimeError(f"rank {rank}: the plan gave step {planned} at step {step}")
         yield batch
 
 
-def validate(model, val_shards: str, log: _MlflowLog, step: int) -> dict:
-    """PQ of ``model`` on the held-out shards, logged; returns the summary with string keys."""
-    from workflows.local import evaluate
+def validate(model, val_shards: str, rank: int, world: int, log: _MlflowLog | None, step: int) -> dict:
+    """PQ of ``model`` on the held-out shards, a collective: every rank evaluates its part
+    (``workflows.local.accumulate``), the PQ statistics are summed over the ranks, and rank 0
+    (the one with ``log``) logs. Returns the summary, with string keys, on every rank."""
+    from workflows.local import accumulate
 
-    pq = evaluate(model, val_shards)
-    log.log(step, {"val_pq": pq["All"]["pq"], "val_sq": pq["All"]["sq"], "val_rq": pq["All"]["rq"],
-                   "val_pq_things": pq["Things"]["pq"], "val_pq_stuff": pq["Stuff"]["pq"]})
+    acc = accumulate(model, val_shards, part=(rank, world))
+    if world > 1:
+        device = next(model.parameters()).device
+        fields = ("iou", "tp", "fp", "fn")
+        *sums, images = _sum_over_workers(*(torch.from_numpy(getattr(acc, f)).to(device) for f in fields),
+                                          torch.tensor([acc.images], device=device))
+        for f, total in zip(fields, sums):
+            getattr(acc, f)[:] = total.cpu().numpy()
+        acc.images = int(images)
+    pq = acc.summary()
+    if log:
+        log.log(step, {"val_pq": pq["All"]["pq"], "val_sq": pq["All"]["sq"], "val_rq": pq["All"]["rq"],
+                       "val_pq_things": pq["Things"]["pq"], "val_pq_stuff": pq["Stuff"]["pq"]})
     return pq | {"per_class": {str(k): v for k, v in pq["per_class"].items()}}
+
+
+class StepHooks:
+    """``Trainer.fit``'s hooks on one rank (see the module docstring). ``log``: rank 0's
+    MLflow log, None elsewhere; ``report(metrics, checkpoint_dir)``: ``ray.train.report``,
+    ``checkpoint_dir`` (with ``CHECKPOINT_FILE``) given on rank 0 only."""
+
+    def __init__(self, spec: WorkerSpec, trainer, rank: int, world: int, log: _MlflowLog | None, report):
+        self.spec, self.trainer, self.rank, self.world = spec, trainer, rank, world
+        self.log, self.report = log, report
+        self.t, self.val = time.perf_counter(), None
+
+    def validate(self, step: int) -> None:
+        """On every rank at once (``validate``); rank 0 writes the PQ to MLflow at once."""
+        self.val = validate(self.trainer.model, self.spec.val, self.rank, self.world, self.log, step)
+        if self.log:
+            self.log.flush()
+
+    def on_step(self, step: int, stats: dict) -> None:
+        now = time.perf_counter()
+        stats["images_per_s"] = self.world * self.spec.batch_per_worker / (now - self.t)   # data wait included
+        self.t = now
+        if self.log:
+            self.log.log(step, stats)
+        every = self.spec.eval_every
+        if self.spec.val and (step == self.spec.config.solver.iterations or (every and step % every == 0)):
+            self.validate(step)
+
+    def on_checkpoint(self, step: int) -> None:
+        metrics = {"step": step, "pid": os.getpid()}
+        if self.val and step == self.spec.config.solver.iterations:
+            metrics["val"] = self.val
+        if self.log:
+            self.log.flush()
+        with tempfile.TemporaryDirectory() as d:
+            if self.rank == 0:
+                self.trainer.save(os.path.join(d, CHECKPOINT_FILE))
+            self.report(metrics, d if self.rank == 0 else None)
+        self.t = time.perf_counter()       # the report is not a training step
 
 
 def train_worker(loop_config: dict) -> None:
@@ -175,33 +247,11 @@ def train_worker(loop_config: dict) -> None:
     if log and resumed:
         log.log(trainer.step, {"resumed_at_step": trainer.step})
 
-    end = cfg.solver.iterations
-    state = {"t": time.perf_counter(), "val": None}
-    if log and spec.init and spec.val and not resumed:     # where fine-tuning starts from
-        validate(model, spec.val, log, 0)
-        log.flush()
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-    def on_step(step: int, stats: dict) -> None:
-        now = time.perf_counter()
-        stats["images_per_s"] = world * spec.batch_per_worker / (now - state["t"])   # data wait included
-        state["t"] = now
-        if log:
-            log.log(step, stats)
-            if spec.val and (step == end or (spec.eval_every and step % spec.eval_every == 0)):
-                state["val"] = validate(model, spec.val, log, step)
-
-    def on_checkpoint(step: int) -> None:
-        report = {"step": step, "pid": os.getpid()}
-        if state["val"] and step == end:
-            report["val"] = state["val"]
-        if log:
-            log.flush()
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                trainer.save(os.path.join(d, CHECKPOINT_FILE))
-                ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
-            else:
-                ray.train.report(report)
-        state["t"] = time.perf_counter()   # the report is not a training step
-
-    trainer.fit(_batches(spec, trainer, rank, world), end, on_step=on_step, on_checkpoint=on_checkpoint)
+    hooks = StepHooks(spec, trainer, rank, world, log, report)
+    if spec.init and spec.val and not resumed:     # where fine-tuning starts from
+        hooks.validate(0)
+    trainer.fit(_batches(spec, trainer.step, rank, world), cfg.solver.iterations, on_step=hooks.on_step,
+                on_checkpoint=hooks.on_checkpoint)

@@ -1,6 +1,10 @@
 """Label images with a registered model: a streaming Ray Data job (decode on CPU tasks, the model
 on actors, encode and write on CPU tasks), written exactly once as Parquet shards.
 
+--model is an MLflow model (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model) or a
+checkpoint file that `ciae train` wrote (path or URI, readable where the actors run; no MLflow
+needed then).
+
 Input (path or URI): a folder of images (with its subfolders), a list file (one path or URI per
 line), or prepared shards (a folder with manifest.json). Output:
 
@@ -43,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from workflows.jobs import LabelJob
 
     d = defaults(LabelJob)
-    p.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/ciae@champion")
+    p.add_argument("--model", required=True,
+                   help="MLflow model URI (e.g. models:/ciae@champion) or a checkpoint file of ciae train")
     p.add_argument("--input", required=True, help="folder of images, list file, or shards folder (path or URI)")
     p.add_argument("--out", required=True, help="output folder (path or URI)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
@@ -71,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="label again the images an earlier run rejected (the files may have been fixed)")
     p.add_argument("--task-images", type=int, default=d["task_images"],
                    help=f"images per task and output shard, fixed by the first run (default {d['task_images']})")
+    p.add_argument("--stats", action="store_true",
+                   help="print Ray Data's statistics of each stage at the end (where the time went)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,4 +99,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {s['overlays']} panels in {args.out}/overlays")
     if s["metrics"] is not None:
         print(format_table(s["metrics"]))
+    if args.stats and s["stages"]:
+        print(s["stages"])
     return 0
