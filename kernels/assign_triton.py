@@ -30,16 +30,30 @@ import triton
 import triton.language as tl
 
 from kernels.assign import _linear_taps, _outputs
-from kernels.triton_blocks import (SIMILARITY_SEED, box_cosine, dot_precision, load_pixels,
-                                   load_queries_t, pad16, padded_queries_t, per_dtype, pixel_block,
-                                   tile_for)
+from kernels.triton_blocks import (Tile, box_cosine, dot_precision, load_pixels, load_queries_t,
+                                   pad16, padded_queries_t, pixel_block, tile_for)
 
-# Autotune tables, (Q_PAD, dtype class of the embedding) -> Tile (``triton_blocks.tile_for``),
-# seeded from sm_90 register/spill figures (``SIMILARITY_SEED``), not timings, until a GPU session
-# pastes the proposal of benchmarks/gpu/suite.py's `tiles` section.
-ASSIGN_TILES = per_dtype(SIMILARITY_SEED)
-ASSIGN_UPSAMPLED_TILES = per_dtype(SIMILARITY_SEED)
-
+# Autotune tables, (Q_PAD, dtype class of the embedding) -> Tile
+# (``triton_blocks.tile_for``): the classes timed on an NVIDIA H200 by the GPU suite's `tiles`
+# section (2026-12-04, triton 3.6.0; benchmarks/RESULTS.md) take the fastest tile whose outputs
+# agree; the others keep their seed from sm_90 register/spill figures
+# (benchmarks/kernels/resources.py).
+ASSIGN_TILES = {
+    (16, "fp32"): Tile(128, 8), (16, "bf16"): Tile(128, 8),
+    (32, "fp32"): Tile(128, 8), (32, "bf16"): Tile(128, 8),
+    (64, "fp32"): Tile(128, 8), (64, "bf16"): Tile(128, 8),
+    (128, "fp32"): Tile(32, 4), (128, "bf16"): Tile(32, 4),
+    (256, "fp32"): Tile(32, 8), (256, "bf16"): Tile(32, 8),
+    (512, "fp32"): Tile(16, 8), (512, "bf16"): Tile(16, 8),
+}
+ASSIGN_UPSAMPLED_TILES = {
+    (16, "fp32"): Tile(128, 8), (16, "bf16"): Tile(128, 8),
+    (32, "fp32"): Tile(128, 8), (32, "bf16"): Tile(128, 8),
+    (64, "fp32"): Tile(128, 8), (64, "bf16"): Tile(128, 4),
+    (128, "fp32"): Tile(32, 4), (128, "bf16"): Tile(32, 4),
+    (256, "fp32"): Tile(32, 8), (256, "bf16"): Tile(32, 4),
+    (512, "fp32"): Tile(16, 8), (512, "bf16"): Tile(16, 8),
+}
 
 @triton.jit
 def _argmax_store(s, pix, n, Q, lab_ptr, best_ptr, second_ptr, Q_PAD: tl.constexpr):

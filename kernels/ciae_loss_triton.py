@@ -38,22 +38,36 @@ import triton
 import triton.language as tl
 
 from kernels.ciae_loss import TINY
-from kernels.triton_blocks import (EPS_C, SIMILARITY_SEED, Tile, box_cosine, dot_precision,
-                                   load_pixels, load_queries_t, pad16, padded_queries_t, per_dtype,
-                                   persistent_programs, pixel_block, tile_for)
+from kernels.triton_blocks import (EPS_C, Tile, box_cosine, dot_precision, load_pixels,
+                                   load_queries_t, pad16, padded_queries_t, persistent_programs,
+                                   pixel_block, tile_for)
 
 TINY_C = tl.constexpr(TINY)
 
 
-# Autotune tables, (Q_PAD, dtype class) -> Tile (``triton_blocks.tile_for``). Values from sm_90
-# register/spill figures of benchmarks/kernels/resources.py, not timings, until a GPU session
-# pastes the proposal of benchmarks/gpu/suite.py's `tiles` section. Forward: ``SIMILARITY_SEED``.
-# Backward, which holds more such tiles and both query layouts: 16 pixels
-# over 4 warps (8 past Q_PAD 128) stays within ~32 bytes of spill; larger tiles spill hundreds.
-LOSS_FWD_TILES = per_dtype(SIMILARITY_SEED)
-LOSS_BWD_TILES = per_dtype({16: Tile(16, 4), 32: Tile(16, 4), 64: Tile(16, 4), 128: Tile(16, 4),
-                            256: Tile(16, 8), 512: Tile(16, 8)})
-
+# Autotune tables, (Q_PAD, dtype class) -> Tile
+# (``triton_blocks.tile_for``): the classes timed on an NVIDIA H200 by the GPU suite's `tiles`
+# section (2026-12-04, triton 3.6.0; benchmarks/RESULTS.md) take the fastest tile whose outputs
+# agree; the others keep their seed from sm_90 register/spill figures
+# (benchmarks/kernels/resources.py).
+# Backward, which holds more such tiles and both query layouts: 16 pixels per program; larger
+# tiles spill hundreds of bytes.
+LOSS_FWD_TILES = {
+    (16, "fp32"): Tile(128, 8), (16, "bf16"): Tile(128, 8),
+    (32, "fp32"): Tile(128, 8), (32, "bf16"): Tile(128, 8),
+    (64, "fp32"): Tile(128, 8), (64, "bf16"): Tile(128, 4),
+    (128, "fp32"): Tile(128, 4), (128, "bf16"): Tile(128, 4),
+    (256, "fp32"): Tile(32, 8), (256, "bf16"): Tile(64, 4),
+    (512, "fp32"): Tile(16, 8), (512, "bf16"): Tile(16, 8),
+}
+LOSS_BWD_TILES = {
+    (16, "fp32"): Tile(16, 4), (16, "bf16"): Tile(16, 4),
+    (32, "fp32"): Tile(16, 4), (32, "bf16"): Tile(16, 4),
+    (64, "fp32"): Tile(16, 4), (64, "bf16"): Tile(16, 4, 1),
+    (128, "fp32"): Tile(16, 4), (128, "bf16"): Tile(16, 4),
+    (256, "fp32"): Tile(16, 8), (256, "bf16"): Tile(16, 8),
+    (512, "fp32"): Tile(16, 8), (512, "bf16"): Tile(16, 8),
+}
 
 @triton.jit
 def _hinge(s, t_ptr, w_ptr, pix, n, Q, margin, Q_PAD: tl.constexpr):

@@ -25,15 +25,23 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_blocks import Tile, dot_precision, pad16, per_dtype, pixel_block, tile_for
+from kernels.triton_blocks import Tile, dot_precision, pad16, pixel_block, tile_for
 
-# Autotune tables (``triton_blocks.tile_for``): forward (S_BLOCK, dtype class) -> Tile, backward
-# (D_PAD, dtype class) -> Tile. Values from sm_90 register/spill figures of
-# benchmarks/kernels/resources.py, not timings, until a GPU session pastes the proposal of
-# benchmarks/gpu/suite.py's `tiles` section: the forward, 64 pixels over 8 warps, compiles to
-# ~150 registers and no stack with S_BLOCK <= 64; the backward is a gather, 128 pixels over 4 warps.
-SEGMENT_SUMS_TILES = per_dtype({16: Tile(64, 8), 32: Tile(64, 8), 64: Tile(64, 8)})
-SEGMENT_SUMS_BWD_TILES = per_dtype({16: Tile(128, 4), 32: Tile(128, 4), 64: Tile(128, 4)})
+# Autotune tables, forward (S_BLOCK, dtype class), backward (D_PAD, dtype class) -> Tile
+# (``triton_blocks.tile_for``): the classes timed on an NVIDIA H200 by the GPU suite's `tiles`
+# section (2026-12-04, triton 3.6.0; benchmarks/RESULTS.md) take the fastest tile whose outputs
+# agree; the others keep their seed from sm_90 register/spill figures
+# (benchmarks/kernels/resources.py).
+SEGMENT_SUMS_TILES = {
+    (16, "fp32"): Tile(64, 8), (16, "bf16"): Tile(64, 8),
+    (32, "fp32"): Tile(64, 8), (32, "bf16"): Tile(64, 8),
+    (64, "fp32"): Tile(32, 4), (64, "bf16"): Tile(32, 4),
+}
+SEGMENT_SUMS_BWD_TILES = {
+    (16, "fp32"): Tile(128, 4), (16, "bf16"): Tile(128, 4),
+    (32, "fp32"): Tile(64, 4), (32, "bf16"): Tile(128, 8),
+    (64, "fp32"): Tile(128, 4), (64, "bf16"): Tile(128, 4),
+}
 
 
 @triton.jit

@@ -10,10 +10,10 @@ columns are masked by the callers.
 
 Each launcher reads its GPU launch configuration (``Tile``: pixels per program, warps, pipeline
 stages) from an autotune table beside its kernel, keyed by shape class (the padded size that
-sets the register tiles) and dtype class (``tile_for``). The tables hold the values chosen from
-sm_90 register/spill figures (benchmarks/kernels/resources.py), not timings, until a GPU session
-pastes the proposal of benchmarks/gpu/suite.py's ``tiles`` section. On CPU tensors (the
-interpreter) they do not apply: see ``pixel_block``.
+sets the register tiles) and dtype class (``tile_for``). The tables hold the tiles timed fastest
+on an H200 by benchmarks/gpu/suite.py's ``tiles`` section for the classes it measures, and values
+chosen from sm_90 register/spill figures (benchmarks/kernels/resources.py) for the others. On
+CPU tensors (the interpreter) they do not apply: see ``pixel_block``.
 
 Pixel offsets are int32: a [D, H, W] map (or one image of a batch) must hold fewer than 2**31
 elements.
@@ -109,21 +109,6 @@ class Tile:
         if self.num_stages is None:
             return {"num_warps": self.num_warps}
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
-
-
-DTYPE_CLASSES = ("fp32", "bf16")
-
-
-def per_dtype(by_size: dict[int, Tile]) -> dict[tuple[int, str], Tile]:
-    """An autotune table {(size class, dtype class): Tile} whose entries do not (yet) differ
-    between dtype classes."""
-    return {(size, dc): tile for size, tile in by_size.items() for dc in DTYPE_CLASSES}
-
-
-# The seed of the tables of kernels that hold a few [pixels, Q_PAD] float32 tiles (loss forward,
-# assignment): about 8192 elements per program over 8 warps, 64 x 128 at COCO's Q, which
-# compiles for sm_90 to ~140 registers and no spills (benchmarks/kernels/resources.py).
-SIMILARITY_SEED = {q: Tile(min(128, 8192 // q), 8) for q in (16, 32, 64, 128, 256, 512)}
 
 
 def dtype_class(dtype: torch.dtype) -> str:

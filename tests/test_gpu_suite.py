@@ -25,7 +25,7 @@ def finite(*values) -> bool:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[dict, str, Path]:
     out = tmp_path_factory.mktemp("gpu_suite")
-    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), str(out), "--smoke"],
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--smoke", str(out)],
                          capture_output=True, text=True, timeout=900)
     assert (out / "results.json").exists(), run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -43,6 +43,8 @@ def test_every_section_ran_and_is_reported(smoke):
         assert entry["summary"] and entry["tables"], name
         assert f"## {name}: ok" in md and f"| {name} | ok |" in md
     assert (out / "suite.log").read_text().count("[suite]") == 2 * len(SECTIONS)
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "suite.log",
+                                                     "tiles.json"]     # no temporary left
 
 
 def test_env_and_ceilings(smoke):
@@ -124,3 +126,29 @@ def test_e2e_numerics_and_tiles(smoke):
         assert set(proposed) == names
         for name, value in proposed.items():
             assert {ast.literal_eval(k) for k in value.keys} == set(getattr(module, name))
+
+
+def test_a_cuda_fault_ends_only_its_kernel(tmp_path):
+    """A (simulated) CUDA fault in the loss kernel: each section records it, is started again in
+    a fresh process without the loss, and measures every other kernel; the suite goes on."""
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), str(tmp_path),
+                          "--smoke", "--sections", "correctness,kernels,tiles",
+                          "--inject-fault", "loss"], capture_output=True, text=True, timeout=600)
+    results = json.loads((tmp_path / "results.json").read_text())
+    sections = results["sections"]
+    assert run.returncode == 1 and list(sections) == ["correctness", "kernels", "tiles"]
+    for name, entry in sections.items():
+        assert entry["status"] == "failed" and entry["launches"] == 2, (name, entry.get("reason"))
+        assert [f["unit"] for f in entry["faults"]] == ["loss"] and "CUDA fault" in entry["reason"]
+        assert all("loss faulted earlier" in x for x in entry["skipped"])
+    cases = sections["correctness"]["cases"]
+    others = [c for c in cases if c["op"] != "loss"]
+    assert len(others) == 15 and all(c["passed"] for c in others)
+    assert not any(c["passed"] for c in cases if c["op"] == "loss")
+    for rows in sections["kernels"]["tables_by_dtype"].values():
+        assert {r["op"] for r in rows} == {"segment_sums", "assign", "assign_upsampled"}
+        assert not [r for r in rows if "error" in r]
+    assert {g["kernel"] for g in sections["tiles"]["groups"]} == {
+        "assign", "assign_upsampled", "segment_sums", "segment_sums bwd"}
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("CUDA fault in loss") == 3

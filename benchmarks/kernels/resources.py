@@ -4,7 +4,11 @@ tables (COCO sizes by default: D = 32, Q = 113 -> Q_PAD 128, 113 segments). Need
 bundled ptxas and ``cuobjdump --dump-resource-usage`` reads it. This is how the tile sizes were
 chosen without a GPU; timings still need ``run.py`` on one.
 
-    .venv/bin/python benchmarks/kernels/resources.py [--arch 90] [--dtype bf16] [--queries 200]
+The figures depend on the Triton version (its code generation and bundled ptxas): run it through
+``resources.sh``, which runs it with the GPU machine's Triton; the header names the version used.
+
+    bash benchmarks/kernels/resources.sh [--arch 90] [--dtype bf16] [--queries 200]
+    .venv/bin/python benchmarks/kernels/resources.py [...]   # with whatever Triton the venv has
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ def main(argv=None) -> int:
     seg_bwd = tile_for(S.SEGMENT_SUMS_BWD_TILES, d_pad, dtype)
     loss = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, t_ptr=i64, w_ptr=e, c_ptr=f32, n="i32",
                 width="i32", Q="i32", D="i32", top_k="i32")
-    assign = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, lab_ptr=i64, best_ptr=f32, n="i32",
-                  width="i32", Q="i32", D="i32")
+    assign = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, lab_ptr=i64, best_ptr=f32, second_ptr=f32,
+                  n="i32", width="i32", Q="i32", D="i32")
     taps = {f"{a}_ptr": (i32 if a[0] == "r" else f32)
             for a in ("ry0", "ry1", "wy0", "wy1", "rx0", "rx1", "wx0", "wx1")}
     sums = dict(lab_ptr=i64, n="i32", S="i32", D="i32")
@@ -79,11 +83,15 @@ def main(argv=None) -> int:
         ("segment_sums backward", S._segment_sums_bwd_kernel, dict(sums, gs_ptr=f32, ge_ptr=e),
          dict(D_PAD=d_pad, BLOCK=seg_bwd.block), seg_bwd),
     ]
-    print(f"sm_{args.arch}, emb {args.dtype}, D = {args.dim}, Q = {args.queries}\n")
+    print(f"sm_{args.arch}, emb {args.dtype}, D = {args.dim}, Q = {args.queries}, "
+          f"triton {triton.__version__} ({Path(triton.__file__).parent})\n")
     print("| kernel | pixels/program | warps | stages | registers | stack bytes |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, fn, sig, consts, tile in specs:
         names = fn.arg_names
+        unset = [a for a in names if a not in sig and a not in consts]
+        if unset:       # an argument added to the kernel since: it would compile as a constexpr
+            raise SystemExit(f"{name}: no type or value for {', '.join(unset)} in resources.py")
         src = ASTSource(fn, {a: sig.get(a, "constexpr") for a in names},
                         constexprs={(names.index(k),): v for k, v in consts.items()})
         cubin = triton.compile(src, target=target, options=tile.options()).asm["cubin"]

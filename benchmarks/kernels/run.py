@@ -38,6 +38,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,8 +210,9 @@ def hbm_tbps(device_name: str) -> float | None:
 
 def run_table(shape: Shape, dtype, device, tbps: float, warmup: int, repeats: int,
               compile_twins: bool = True, compile_budget_s: float | None = None,
-              compile_backend: str = "inductor") -> list[dict]:
-    """Time every operation with each implementation: the Triton kernels, the eager twins and,
+              compile_backend: str = "inductor", ops: Sequence[str] | None = None) -> list[dict]:
+    """Time every operation (or those named in ``ops``, keys of ``operations``) with each
+    implementation: the Triton kernels, the eager twins and,
     with ``compile_twins``, ``torch.compile(backend=compile_backend)`` of the twins, whose
     compilation and timing together get ``compile_budget_s`` seconds (None: no limit; an
     operation past it, or after it, is recorded as skipped).
@@ -237,12 +239,14 @@ def run_table(shape: Shape, dtype, device, tbps: float, warmup: int, repeats: in
                                   for k, f in twins.items()}
     inputs = make_inputs(shape, dtype, device)
     elem = torch.tensor([], dtype=dtype).element_size()
-    floors = floor_bytes(shape, elem)
+    floors = {op: n for op, n in floor_bytes(shape, elem).items() if ops is None or op in ops}
     grad_bytes = shape.images * shape.dim * shape.height * shape.width * elem
     results = {}
     compile_end = None if compile_budget_s is None else time.perf_counter() + compile_budget_s
     for impl_name, impl in impls.items():
         for op, run in operations(impl, inputs).items():
+            if op not in floors:
+                continue
             limit = None
             if impl_name == "compiled twin" and compile_end is not None:
                 limit = compile_end - time.perf_counter()

@@ -1,0 +1,51 @@
+"""The second GPU run's scripts (benchmarks/gpu/README.md): ``ray_tree.sh`` packs Ray and MLflow
+for the GPU machine from the pins of constraints.txt; ``jobs.sh --smoke`` runs the real jobs
+(prepare, train, label with a checkpoint file) on tiny inputs here and reports every figure.
+The clean-Python check (``ray_tree.sh --check-clean``: downloads, a new venv) is a manual step."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = ROOT / "benchmarks" / "gpu"
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_package_of_the_tree_is_pinned():
+    script = (GPU / "ray_tree.sh").read_text()
+    tree = [line.split()[0] for line in script.split('TREE="', 1)[1].split('"', 1)[0].splitlines() if line.strip()]
+    pins = {norm(m[1]) for m in re.finditer(r"^([A-Za-z0-9_.\-]+)==", (ROOT / "constraints.txt").read_text(), re.M)}
+    assert {"ray", "mlflow-skinny", "pydantic", "jsonschema", "pycocotools"} <= set(tree)
+    assert [n for n in tree if norm(n) not in pins] == []
+
+
+def test_scripts_have_help():
+    for script in ("ray_tree.sh", "jobs.sh"):
+        done = subprocess.run(["bash", str(GPU / script), "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "--smoke" in done.stdout + done.stderr, script
+
+
+def test_jobs_smoke_reports_every_figure(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(GPU / "jobs.sh"), str(out), "--smoke", "--python", sys.executable,
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    phases = json.loads((out / "jobs.json").read_text())["phases"]
+    assert phases["end"]["problem"] is None
+    train, labels = phases["train"], phases["label"]
+    assert train["rc"] == 0 and train["steps_done"] == 3 and train["losses_finite"]
+    assert train["time_to_first_step_s"] > 0 and train["images_per_s"] > 0 and train["step_ms"] > 0
+    assert labels["rc"] == 0 and labels["labeled"] == labels["images"] == 24
+    assert labels["images_per_s"] > 0 and labels["segments_per_image"] > 0
+    assert {"MapBatches(decode)", "MapBatches(Labeler)", "MapBatches(encode)"} <= set(labels["stage_task_seconds"])
+    assert labels["actor_capacity_images_per_s"] > 0 and labels["limited_by"]
+    assert labels["checkpoint"].endswith("checkpoint.pt")
+    assert {p.name for p in out.iterdir()} == {"jobs.json", "jobs.md", "jobs.log", "commands.log"}
