@@ -179,7 +179,7 @@ def fcos_normalisers(targets: dict[str, torch.Tensor]) -> torch.Tensor:
     """The local normalisers of :func:`fcos_losses`: [2] float32, the number of positive
     locations and the sum of their centerness targets."""
     pos = targets["labels"] >= 0
-    return torch.stack([pos.sum().float(), torch.where(pos, targets["centerness"].float(), 0).sum()])
+    return torch.stack([pos.sum().float(), targets["centerness"][pos].float().sum()])
 
 
 def fcos_losses(head_out: dict[str, list[torch.Tensor]], locations: Sequence[torch.Tensor],
