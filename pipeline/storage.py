@@ -2,9 +2,13 @@
 one way to open, read, write atomically and list them.
 
 Paths are ``str``: a local path or a URI. ``resolve`` turns one into a pyarrow filesystem and a
-path on it; the other helpers take that pair. Writes go to a temporary name beside the target
-and are moved into place (``write_bytes_atomic``), so a reader never sees half a file; the
-temporary names contain ``TMP_MARK`` so that a job can clean up after a killed run.
+path on it; the helpers take that pair, or a URI (``read_uri``, ``write_uri``, ``read_parquet``,
+``parquet_file``). Writes go to a hidden temporary name beside the target (``.NAME.tmp-PID-RAND``:
+a leading dot, so that pyarrow, pandas and Spark reading the folder as a dataset skip it) and
+are moved into place (``write_bytes_atomic``, ``open_atomic``), so a reader never sees half a
+file; the temporary names contain ``TMP_MARK`` so that a job can clean up after a killed run.
+Job-internal files and folders (manifests, plans, parts) are named with a leading ``_`` for the
+same reason (``INTERNAL``).
 pyarrow is imported on first use: a command that reads only local files (``read_uri``) starts
 without it (~70 ms on the 2-core VM).
 """
@@ -12,12 +16,15 @@ without it (~70 ms on the 2-core VM).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import pyarrow.fs as pafs
 
 TMP_MARK = ".tmp-"
+INTERNAL = "_"        # prefix of job-internal names, skipped by dataset readers
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -57,12 +64,57 @@ def read_uri(uri: str) -> bytes:
     return read_bytes(*resolve(uri))
 
 
+def temporary_name(path: str) -> str:
+    """A hidden name beside ``path`` for writing it: ``DIR/.NAME.tmp-PID-RAND``."""
+    folder, _, name = path.rpartition("/")
+    return f"{folder}/.{name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+
+
+@contextmanager
+def open_atomic(fs: pafs.FileSystem, path: str):
+    """A stream to write ``path`` through: it goes to ``temporary_name(path)`` and is moved into
+    place when the block ends without an exception (removed when it raises)."""
+    tmp = temporary_name(path)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            yield f
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
+    fs.move(tmp, path)
+
+
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write to a temporary name beside ``path``, then move it into place."""
-    tmp = f"{path}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
-    with fs.open_output_stream(tmp) as f:
+    with open_atomic(fs, path) as f:
         f.write(data)
-    fs.move(tmp, path)
+
+
+def write_uri(uri: str, data: bytes) -> None:
+    """``write_bytes_atomic`` to a local path or URI, creating its folder."""
+    fs, path = resolve(uri)
+    fs.create_dir(path.rpartition("/")[0], recursive=True)
+    write_bytes_atomic(fs, path, data)
+
+
+@contextmanager
+def parquet_file(uri: str):
+    """A ``pyarrow.parquet.ParquetFile`` over one file given by a local path or URI (row groups,
+    footer metadata), open for the block."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        yield pq.ParquetFile(f)
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """The rows of one Parquet file given by a local path or URI (``columns`` only, if given)."""
+    with parquet_file(uri) as file:
+        return file.read(columns=columns)
 
 
 def file_type(fs: pafs.FileSystem, path: str) -> pafs.FileType:

@@ -281,6 +281,47 @@ class PQAccumulator:
     def __add__(self, other: "PQAccumulator") -> "PQAccumulator":
         return PQAccumulator(self.categories).merge(self).merge(other)
 
+    # --------------------------------------------------------------------------- state
+
+    def to_json(self) -> dict:
+        """The statistics as a JSON-friendly dict, only the categories with any (by position):
+        {"images", "c", "iou", "tp", "fp", "fn"}. ``add_json`` reads it back exactly."""
+        nz = np.flatnonzero(self.tp + self.fp + self.fn)
+        return {"images": self.images, "c": nz.tolist(), "iou": self.iou[nz].tolist(),
+                "tp": self.tp[nz].tolist(), "fp": self.fp[nz].tolist(), "fn": self.fn[nz].tolist()}
+
+    def add_json(self, state: dict) -> "PQAccumulator":
+        """Add the statistics of a ``to_json`` state of the same category table; returns self."""
+        c = np.asarray(state["c"], dtype=np.int64)
+        np.add.at(self.iou, c, state["iou"])
+        np.add.at(self.tp, c, state["tp"])
+        np.add.at(self.fp, c, state["fp"])
+        np.add.at(self.fn, c, state["fn"])
+        self.images += int(state["images"])
+        return self
+
+    @classmethod
+    def from_json(cls, categories: CategoryTable, state: dict) -> "PQAccumulator":
+        return cls(categories).add_json(state)
+
+    def to_vector(self) -> np.ndarray:
+        """[4C + 1] float64: iou, tp, fp, fn and images in one vector (counts below 2^53 are
+        exact), so that processes sum their states with one all-reduce; ``from_vector`` reads
+        a sum back."""
+        return np.concatenate([self.iou, self.tp, self.fp, self.fn, [self.images]]).astype(np.float64)
+
+    @classmethod
+    def from_vector(cls, categories: CategoryTable, vector: np.ndarray) -> "PQAccumulator":
+        acc = cls(categories)
+        c = len(acc.category_ids)
+        if vector.shape != (4 * c + 1,):
+            raise ValueError(f"a PQ state vector of {vector.shape} for {c} categories")
+        acc.iou[:] = vector[:c]
+        for k, name in enumerate(("tp", "fp", "fn"), start=1):
+            getattr(acc, name)[:] = np.rint(vector[k * c:(k + 1) * c]).astype(np.int64)
+        acc.images = int(round(float(vector[-1])))
+        return acc
+
     # --------------------------------------------------------------------------- results
 
     def summary(self) -> dict:
