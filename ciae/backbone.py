@@ -19,12 +19,12 @@ every block starts as the identity) wherever that weight is trained.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from ciae import checkpoint
 from ciae.config import BackboneConfig
 
 LEVELS = ("c2", "c3", "c4", "c5")
@@ -216,16 +216,6 @@ class ResNet(nn.Module):
         return out
 
 
-def read_weights(source, name: str):
-    """A checkpoint or state dict from a path or file object, read with ``weights_only=True``
-    (tensors and plain containers only; pickled code is refused); ValueError naming ``name``."""
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{name} is not a loadable state dict or checkpoint (refused by weights_only "
-                         f"loading or truncated: {e})") from None
-
-
 def torchvision_state(obj, name: str) -> Mapping[str, torch.Tensor]:
     """The state dict of tensors in ``obj``, unwrapped from ``{"state_dict": ...}`` or
     ``{"model": ...}``; ValueError naming ``name`` when there is none."""
@@ -240,7 +230,7 @@ def torchvision_state(obj, name: str) -> Mapping[str, torch.Tensor]:
 def load_torchvision_weights(model: ResNet, path: str) -> None:
     """Load a local torchvision-format ResNet state dict file into ``model``
     (``load_torchvision_state``)."""
-    load_torchvision_state(model, torchvision_state(read_weights(path, path), path), path)
+    load_torchvision_state(model, torchvision_state(checkpoint.load(path, path), path), path)
 
 
 def load_torchvision_state(model: ResNet, state: Mapping[str, torch.Tensor], name: str) -> list[str]:

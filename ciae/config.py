@@ -164,6 +164,31 @@ class Config:
             input=InputConfig(shorter_sides=(160, 192, 224), max_size=320, test_shorter_side=192),
         )
 
+    @classmethod
+    def load(cls, spec: str) -> "Config":
+        """A preset by name (``PRESETS``: 'small', 'paper') or a JSON file of overrides,
+        ``{"base": "small"|"paper", section: {key: value}}`` (base 'small' when absent). A bad
+        one is a ValueError that starts with ``spec``."""
+        import json
+
+        names = ", ".join(repr(k) for k in PRESETS)
+        if spec in PRESETS:
+            return PRESETS[spec]()
+        try:
+            with open(spec) as f:
+                overrides = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{spec}: not {names} or a readable JSON file ({e})") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{spec}: expected a JSON object of config sections")
+        base = overrides.pop("base", "small")
+        if base not in PRESETS:
+            raise ValueError(f"{spec}: base must be one of {names}, got {base!r}")
+        try:
+            return PRESETS[base]().merged(overrides)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{spec}: {e}") from None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -195,6 +220,9 @@ class Config:
                 raise ValueError(f"unknown config section {section!r}")
             d[section].update(values)
         return Config.from_dict(d)
+
+
+PRESETS = {"small": Config.small, "paper": Config}    # the configs ``Config.load`` knows by name
 
 
 def _tupled(v):

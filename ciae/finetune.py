@@ -1,8 +1,8 @@
 """Start a model from another model's weights, whatever its categories (fine-tuning; detectron2's
 ``MODEL.WEIGHTS``, mmdetection's ``load_from``).
 
-A source is a checkpoint of this project (``ciae.train.Trainer.save``) or a torchvision-format
-ResNet state dict (ImageNet weights). ``transfer(model, source)``:
+A source is a checkpoint of this project (``ciae.checkpoint``) or a torchvision-format ResNet
+state dict (ImageNet weights), as ``ciae.checkpoint.load`` read it. ``transfer(model, source)``:
 
 * a ciae checkpoint: every parameter and buffer whose name and shape the model shares is
   carried. The category-dependent ones (the proposal head's class logits, one row per thing
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ciae import checkpoint
 from ciae.backbone import load_torchvision_state, torchvision_state
 from ciae.model import CIAEModel
 
@@ -47,9 +48,9 @@ class Source:
 
 
 def read_source(obj, name: str) -> Source:
-    """What ``torch.load(..., weights_only=True)`` gave for ``name`` -> a Source; ValueError
-    when it is neither a ciae checkpoint nor a torchvision ResNet state dict."""
-    if isinstance(obj, Mapping) and {"model", "stuff_ids", "thing_ids", "config"} <= set(obj):
+    """What ``ciae.checkpoint.load`` gave for ``name`` -> a Source; ValueError when it is
+    neither a ciae checkpoint nor a torchvision ResNet state dict."""
+    if not checkpoint.missing(obj):
         return Source(name, "ciae", obj["model"], tuple(obj["stuff_ids"]), tuple(obj["thing_ids"]),
                       obj.get("category_names"), obj["config"])
     try:

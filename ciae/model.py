@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ciae import checkpoint
 from ciae.backbone import build_backbone
 from ciae.ciae_loss import category_sums, ciae_loss, ciae_normalisers
 from ciae.config import Config
@@ -53,6 +54,20 @@ class CIAEModel(nn.Module):
         # a step's memory statistics and loss normalisers, so that every worker's memory stays
         # identical and W workers with batch B take the step of one worker with batch W * B
         self.reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, device: str | torch.device = "cpu") -> "CIAEModel":
+        """The model a checkpoint (``ciae.checkpoint``, as ``ciae.checkpoint.load`` read it)
+        describes: rebuilt from its config and categories, weights and memory loaded, in eval
+        mode on ``device``. ValueError naming what is missing when ``ckpt`` is not one."""
+        lacking = checkpoint.missing(ckpt)
+        if lacking:
+            held = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"not a ciae checkpoint: it lacks {', '.join(lacking)} (it holds {held})")
+        model = cls(Config.from_dict(ckpt["config"]), ckpt["stuff_ids"], ckpt["thing_ids"],
+                    ckpt.get("category_names"))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device).eval()
 
     @property
     def num_stuff(self) -> int:

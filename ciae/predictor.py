@@ -4,7 +4,8 @@ panoptic output back to each image's own size, with ``ciae.transform``'s sizes a
 device.
 
 The MLflow pyfunc (``workflows.pyfunc``), the labeling job (which resizes in CPU tasks and calls
-``predict_resized``), training pictures and the demo all go through :class:`Predictor`.
+``predict_resized``), validation (``workflows.local.accumulate``, with the oracle protocol's
+ground truth when asked), training pictures and the demo all go through :class:`Predictor`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from ciae.allocator import retain_freed_memory
 from ciae.inference import image_quality
 from ciae.model import CIAEModel
-from ciae.transform import Transform
+from ciae.panoptic import IGNORE_SEG
+from ciae.transform import Transform, pad_batch
 
 
 class Predictor:
@@ -66,18 +68,35 @@ class Predictor:
 
     @torch.no_grad()
     def predict_resized(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
-                        return_embeddings: bool = False) -> list[dict]:
+                        return_embeddings: bool = False,
+                        oracle: Sequence[dict] | None = None) -> list[dict]:
         """One batch of images already at their test sizes (``Transform.resize_for_test``) and
-        the (H, W) each should be labeled at -> the results described in the class docstring."""
+        the (H, W) each should be labeled at -> the results described in the class docstring.
+
+        ``oracle`` (Table IV, an evaluation protocol): per image its ground truth at the test
+        size, ``pipeline.targets.TargetMaker``'s ``seg`` [h, w] int16, ``boxes`` [N, 4] and
+        ``classes`` [N] numpy arrays; the instances are then the ground truth's, each queried by
+        its mask's mean embedding, instead of the detections."""
         if not images:
             return []
         batch, test_sizes = self.transform.batch(images)
+        return self.predict_batch(batch, test_sizes, sizes, return_embeddings, oracle)
+
+    @torch.no_grad()
+    def predict_batch(self, batch: torch.Tensor, test_sizes: Sequence[tuple[int, int]],
+                      sizes: Sequence[tuple[int, int]], return_embeddings: bool = False,
+                      oracle: Sequence[dict] | None = None) -> list[dict]:
+        """``predict_resized`` on a batch already made (``Transform.batch``: [B, 3, H, W] uint8,
+        padded, on any device, and the test size of each image)."""
+        if not len(test_sizes):
+            return []
         batch = batch.to(self.device, non_blocking=True)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
+        truth = None if oracle is None else self._oracle(oracle, tuple(batch.shape[-2:]))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            preds = self.model.predict(batch, test_sizes, return_embeddings=return_embeddings,
-                                       out_sizes=list(sizes))
+            preds = self.model.predict(batch, list(test_sizes), oracle=truth,
+                                       return_embeddings=return_embeddings, out_sizes=list(sizes))
         maps = torch.cat([p["panoptic"].reshape(-1) for p in preds]).cpu().numpy()   # one copy
         results, start = [], 0
         for (h, w), pred in zip(sizes, preds):
@@ -89,3 +108,12 @@ class Predictor:
                 res["embedding"] = pred["embedding"].float().numpy()
             results.append(res)
         return results
+
+    def _oracle(self, targets: Sequence[dict], padded: tuple[int, int]) -> dict:
+        """Per-image ground truth -> ``CIAEModel.predict``'s ``oracle``: ``seg`` padded to the
+        batch (ignore outside the images), boxes and classes, on the model's device."""
+        def put(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(a)).to(self.device, non_blocking=True)
+
+        return {"seg": pad_batch([t["seg"] for t in targets], IGNORE_SEG, padded).to(self.device),
+                "boxes": [put(t["boxes"]) for t in targets], "classes": [put(t["classes"]) for t in targets]}

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from ciae import checkpoint
 from ciae.allocator import retain_freed_memory
-from ciae.config import Config, SolverConfig
+from ciae.config import SolverConfig
 from ciae.model import CIAEModel
 
 LOSS_TERMS = ("loss_cls", "loss_box", "loss_ctr", "loss_cae", "loss_iae")
@@ -109,13 +109,13 @@ class Trainer:
         return stats
 
     def fit(self, batches: Iterable[dict], num_steps: int | None = None,
-            on_step: Callable[[int, dict], None] | None = None, checkpoint_path: str | None = None,
+            on_step: Callable[[int, dict], None] | None = None,
             on_checkpoint: Callable[[int], None] | None = None) -> None:
         """Train until ``num_steps`` (default: solver.iterations) steps have been taken in all.
 
         After each step ``on_step(step, stats)``; at every ``solver.checkpoint_every``-th step
-        and the last, the checkpoint is written to ``checkpoint_path`` (if given), then
-        ``on_checkpoint(step)`` is called."""
+        and the last, ``on_checkpoint(step)``, which takes ``self.checkpoint()`` where it wants
+        it kept (e.g. ``pipeline.storage.write_uri(path, ciae.checkpoint.to_bytes(...))``)."""
         end = num_steps if num_steps is not None else self.solver.iterations
         it = prefetch(batches, next(self.model.parameters()).device)
         while self.step < end:
@@ -125,49 +125,22 @@ class Trainer:
             stats = self.train_step(batch)
             if on_step:
                 on_step(self.step, stats)
-            if self.step % self.solver.checkpoint_every == 0 or self.step == end:
-                if checkpoint_path:
-                    self.save(checkpoint_path)
-                if on_checkpoint:
-                    on_checkpoint(self.step)
+            if on_checkpoint and (self.step % self.solver.checkpoint_every == 0 or self.step == end):
+                on_checkpoint(self.step)
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "config": self.model.cfg.to_dict(), "stuff_ids": self.model.stuff_ids,
-                "thing_ids": self.model.thing_ids, "category_names": self.model.category_names}
+    def checkpoint(self) -> dict:
+        """The checkpoint (``ciae.checkpoint``): model with memory, optimiser, step, config and
+        categories, in memory (tensors shared with the live model: serialise before training on)."""
+        return checkpoint.make(self.model, self.optimizer.state_dict(), self.step)
 
-    def save(self, path: str) -> None:
-        """Atomically write a checkpoint (a temporary file moved into place)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-
-    def load(self, path: str) -> None:
+    def restore(self, ckpt: dict) -> None:
         """Resume model, optimiser, memory and step from a checkpoint of the same model."""
-        ckpt = load_checkpoint(path)
+        lacking = checkpoint.missing(ckpt, checkpoint.MODEL_KEYS + checkpoint.RESUME_KEYS)
+        if lacking:
+            raise ValueError(f"cannot resume from a checkpoint without {', '.join(lacking)}")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
-
-
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint without executing pickled code (``weights_only``)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f"{path}: not a loadable ciae checkpoint ({type(e).__name__}: {e})") from None
-
-
-def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> CIAEModel:
-    """A model rebuilt from a checkpoint's config and categories, weights and memory loaded."""
-    ckpt = load_checkpoint(path)
-    model = CIAEModel(Config.from_dict(ckpt["config"]), ckpt["stuff_ids"], ckpt["thing_ids"],
-                      ckpt.get("category_names"))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
 
 
 def _map_tensors(batch: dict, fn) -> dict:

@@ -213,14 +213,17 @@ def check_image(name: str, data: bytes, height: int, width: int) -> str:
     return fmt
 
 
-def decode_panoptic(name: str, data: bytes, height: int, width: int) -> np.ndarray:
-    """Panoptic PNG bytes -> [H, W] uint32 ids, checking it decodes and has the image's size."""
+def decode_panoptic(name: str, data: bytes, height: int, width: int, what: str = "panoptic PNG",
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """Panoptic PNG bytes -> [H, W] uint32 ids (into ``out`` if given, see ``decode_id_png``),
+    checking that it decodes and has the image's size; a problem is a RecordError naming the
+    image and ``what`` (the data stage and the evaluator both decode here)."""
     try:
-        ids = decode_id_png(data)
-    except Exception as e:
-        raise RecordError(name, f"panoptic PNG is unreadable or truncated ({type(e).__name__}: {e})") from None
+        ids = decode_id_png(data, out)
+    except Exception as e:  # the decoders raise many types for corrupt data
+        raise RecordError(name, f"{what} is unreadable or truncated ({type(e).__name__}: {e})") from None
     if ids.shape != (height, width):
-        raise RecordError(name, f"panoptic PNG is {ids.shape[1]}x{ids.shape[0]} "
+        raise RecordError(name, f"{what} is {ids.shape[1]}x{ids.shape[0]} "
                                 f"but the image is {width}x{height}")
     return ids
 

@@ -17,7 +17,7 @@ and a plan is whole or absent.
 
 **Keys.** An image's ``key`` is its path relative to the input root without the extension
 (``a/0001`` for ``a/0001.jpg``; shards: the row's ``file_name`` likewise); outputs are named
-after it (``panoptic/a/0001.png``), so two inputs with one key (``a/1.jpg`` and ``a/1.png``)
+after it (``_coco/panoptic/a/0001.png``), so two inputs with one key (``a/1.jpg`` and ``a/1.png``)
 are an error.
 
 **Image ids.** Shards: the row's ``image_id``. Folders and lists: with a ground-truth JSON, the
@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from ciae.panoptic import CategoryTable, DatasetError
 from pipeline import storage
-from pipeline.shards import MANIFEST, read_manifest, shard_paths
+from pipeline.shards import manifest_file, read_manifest, shard_paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PLAN_FILE = "plan.json"
@@ -82,6 +82,19 @@ class Plan:
     @staticmethod
     def task_file(plan_dir: str, task: int) -> str:
         return storage.join(plan_dir, f"task-{task:06d}.parquet")
+
+    @staticmethod
+    def read_task(plan_dir: str, task: int) -> list[dict]:
+        """The plan rows (``PLAN_SCHEMA``) of one task, in plan order."""
+        return storage.read_parquet(Plan.task_file(plan_dir, task)).to_pylist()
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(task, row in it) of a plan index."""
+        for task, size in enumerate(self.task_sizes):
+            if index < size:
+                return task, index
+            index -= size
+        raise IndexError(index)
 
     def to_json(self) -> dict:
         return {"version": PLAN_VERSION, "input": self.input, "kind": self.kind, "images": self.images,
@@ -153,9 +166,7 @@ def _lines(stream, chunk: int = 1 << 20) -> Iterator[str]:
 def _shard_rows(uri: str, manifest: dict) -> Iterator[tuple[int, str, str, int]]:
     """(image id, file name, shard, row) of every row, one row group at a time."""
     for path in shard_paths(uri, manifest):
-        fs, p = storage.resolve(path)
-        with fs.open_input_file(p) as f:
-            file = pq.ParquetFile(f)
+        with storage.parquet_file(path) as file:
             row = 0
             for g in range(file.num_row_groups):
                 t = file.read_row_group(g, columns=["image_id", "file_name"])
@@ -221,25 +232,26 @@ def _first_duplicates(values: Iterator, limit: int = 5) -> list:
 
 
 class _TaskWriter:
-    """Writes plan rows into task files of ``size`` rows."""
+    """Writes plan rows into task files of ``size`` rows in the folder ``plan_dir`` (a path or
+    URI; ``fs``, ``path``: its filesystem and path there)."""
 
-    def __init__(self, fs: pafs.FileSystem, plan_dir: str, size: int):
-        self.fs, self.dir, self.size = fs, plan_dir, size
+    def __init__(self, fs: pafs.FileSystem, path: str, plan_dir: str, size: int):
+        self.fs, self.dir, self.uri, self.size = fs, path, plan_dir, size
         self.rows: list[dict] = []
         self.sizes: list[int] = []
+        self.written = 0                      # rows in the task files so far
 
     def add(self, row: dict) -> None:
-        self.rows.append({**row, "index": sum(self.sizes) + len(self.rows)})
+        self.rows.append({**row, "index": self.written + len(self.rows)})
         if len(self.rows) == self.size:
             self.flush()
 
     def flush(self) -> None:
         if self.rows:
-            buf = pa.BufferOutputStream()
-            pq.write_table(pa.Table.from_pylist(self.rows, schema=PLAN_SCHEMA), buf)
-            name = storage.join(self.dir, f"task-{len(self.sizes):06d}.parquet")
-            storage.write_bytes_atomic(self.fs, name, buf.getvalue().to_pybytes())
+            with storage.open_atomic(self.fs, storage.join(self.dir, f"task-{len(self.sizes):06d}.parquet")) as f:
+                pq.write_table(pa.Table.from_pylist(self.rows, schema=PLAN_SCHEMA), f)
             self.sizes.append(len(self.rows))
+            self.written += len(self.rows)
             self.rows = []
 
 
@@ -278,8 +290,7 @@ def make_plan(input_uri: str, plan_dir: str, gt_json: str | None = None, gt_dir:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise DatasetError(f"{input_uri}: no such file or folder")
-    if info.type == pafs.FileType.Directory and \
-            storage.file_type(fs, storage.join(path, MANIFEST)) == pafs.FileType.File:
+    if info.type == pafs.FileType.Directory and manifest_file(fs, path) is not None:
         kind = "shards"
         if gt_json:
             raise DatasetError(f"{input_uri}: shards carry their own ground truth; drop --gt-json/--gt-dir")
@@ -289,7 +300,7 @@ def make_plan(input_uri: str, plan_dir: str, gt_json: str | None = None, gt_dir:
     for stale in storage.list_folder(out_fs, out_path):       # a partial plan of a killed run
         out_fs.delete_file(stale.path)
     out_fs.create_dir(out_path, recursive=True)
-    writer = _TaskWriter(out_fs, out_path, task_images)
+    writer = _TaskWriter(out_fs, out_path, plan_dir, task_images)
     with tempfile.TemporaryDirectory(prefix="ciae-plan-") as work:
         if kind == "shards":
             manifest = read_manifest(input_uri)
@@ -379,9 +390,7 @@ def _plan_files(entries, writer: _TaskWriter, gt, gt_dir: str | None, uri: str, 
 def _plan_ids(writer: _TaskWriter) -> Iterator[int]:
     """The image ids of the task files written so far and of the rows not yet flushed."""
     for k in range(len(writer.sizes)):
-        t = pq.read_table(writer.fs.open_input_file(storage.join(writer.dir, f"task-{k:06d}.parquet")),
-                          columns=["image_id"])
-        yield from t["image_id"].to_pylist()
+        yield from storage.read_parquet(Plan.task_file(writer.uri, k), columns=["image_id"])["image_id"].to_pylist()
     yield from (r["image_id"] for r in writer.rows)
 
 

@@ -5,7 +5,9 @@ The driver reads and checks the JSON, plans shards of ``rows_per_shard`` images 
 order and skips those already written (shard names digest their input). Ray Data runs one task
 per remaining shard: read each image and PNG, validate, encode, write the shard atomically.
 A bad record is rejected with its reason and the job goes on. Finally the driver removes stale
-shards and temporary files of earlier runs and writes the manifest.
+shards and temporary files of earlier runs and writes the manifest (``_manifest.json``, hidden
+from dataset readers: ``pandas.read_parquet(out)`` gives one row per image; see
+``pipeline.shards``).
 """
 
 from __future__ import annotations
@@ -51,12 +53,12 @@ def convert_shard(task: dict) -> dict:
 
 
 def _clean_stale(fs: pafs.FileSystem, out: str, keep: set[str]) -> list[str]:
-    """Remove shard files not in the plan and leftover temporary files of interrupted runs."""
-    removed = []
-    for info in fs.get_file_info(pafs.FileSelector(out)):
+    """Remove shard files not in the plan and leftover temporary files of interrupted runs
+    (``storage.remove_temporaries``: hidden names, and the visible ones of earlier versions)."""
+    removed = storage.remove_temporaries(fs, out)
+    for info in storage.list_folder(fs, out):
         name = info.base_name
-        stale_shard = name.startswith("part-") and name.endswith(".parquet") and name not in keep
-        if stale_shard or ".tmp-" in name:
+        if name.startswith("part-") and name.endswith(".parquet") and name not in keep:
             fs.delete_file(info.path)
             removed.append(name)
     return removed
@@ -99,9 +101,8 @@ def prepare(source: Source, out: str, rows_per_shard: int = 128, address: str | 
 
     fs, out_base = storage.resolve(out)
     fs.create_dir(out_base, recursive=True)
-    present = {i.base_name for i in fs.get_file_info(pafs.FileSelector(out_base))}
-    done = {name: read_shard_summary(fs, storage.join(out_base, name))
-            for name, _ in plan if name in present}
+    present = {i.base_name for i in storage.list_folder(fs, out_base)}
+    done = {name: read_shard_summary(storage.join(out, name)) for name, _ in plan if name in present}
     todo = [(name, chunk) for name, chunk in plan if name not in done]
 
     if todo:

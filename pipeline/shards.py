@@ -9,8 +9,12 @@ source paths.
 Run-length encoding is lossless, costs nothing to produce (validation already walks the runs)
 and decodes about 20x faster than a PNG, which the training reader feels on every step.
 
-``manifest.json`` beside the shards holds the schema version, the category table with its
-contiguous stuff/thing index maps, counts, the shard list and every rejected record.
+``_manifest.json`` beside the shards holds the schema version, the category table with its
+contiguous stuff/thing index maps, counts, the shard list and every rejected record. Its
+leading ``_`` (and the temporaries' leading ``.``) makes pyarrow, pandas and Spark skip it, so
+reading the folder as a Parquet dataset gives one row per image. Folders written before the
+rename hold ``manifest.json``: readers fall back to it, and a re-run of ``prepare`` moves it to
+the new name.
 
 Writes are atomic: a shard is written to a hidden temporary name and moved into place, so a
 reader never sees half a file. Shard names carry a digest of their input records, so a re-run
@@ -20,20 +24,21 @@ skips the shards already written and a changed input never mixes with a stale on
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ciae.panoptic import CategoryTable, DatasetError, RecordError, measure_runs
 from pipeline import coco, storage
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = storage.INTERNAL + "manifest.json"
+LEGACY_MANIFEST = "manifest.json"      # the name before MANIFEST; still read
 REJECTS_KEY = b"ciae.rejected"
 
 SEGMENT_TYPE = pa.struct([
@@ -131,17 +136,16 @@ def write_shard(fs, path: str, rows: list[dict], rejects: list[dict]) -> None:
     """Write rows to ``path`` atomically; the shard's rejects ride in the file metadata."""
     schema = SCHEMA.with_metadata({**SCHEMA.metadata, REJECTS_KEY: json.dumps(rejects).encode()})
     table = pa.Table.from_pylist(rows, schema=schema)
-    buf = io.BytesIO()
     # images are compressed already: zstd would spend time for nothing
     compression = {name: "zstd" for name in SCHEMA.names} | {"image": "none"}
-    pq.write_table(table, buf, compression=compression, row_group_size=16)
-    storage.write_bytes_atomic(fs, path, buf.getvalue())
+    with storage.open_atomic(fs, path) as f:
+        pq.write_table(table, f, compression=compression, row_group_size=16)
 
 
-def read_shard_summary(fs, path: str) -> dict:
-    """Rows and rejects of a shard already on disk, from its footer only."""
-    with fs.open_input_file(path) as f:
-        meta = pq.read_metadata(f)
+def read_shard_summary(uri: str) -> dict:
+    """Rows and rejects of a shard already on disk (path or URI), from its footer only."""
+    with storage.parquet_file(uri) as file:
+        meta = file.metadata
     rejects = json.loads(meta.metadata.get(REJECTS_KEY, b"[]"))
     return {"rows": meta.num_rows, "rejected": rejects}
 
@@ -163,18 +167,35 @@ def write_manifest(fs, out_dir: str, source: Source, categories: CategoryTable,
         "rejected": rejected,
     }
     storage.write_bytes_atomic(fs, storage.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+    try:    # a folder of the old layout: its manifest now lives under MANIFEST, read first
+        fs.delete_file(storage.join(out_dir, LEGACY_MANIFEST))
+    except FileNotFoundError:
+        pass
     return manifest
 
 
 # ----------------------------------------------------------------------------------- reading
 
 
+def manifest_file(fs, base: str) -> str | None:
+    """The path of the manifest of the prepared folder ``base`` on ``fs`` (``MANIFEST``, or
+    ``LEGACY_MANIFEST`` in a folder of the old layout); None when there is none."""
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        if storage.file_type(fs, storage.join(base, name)) == pafs.FileType.File:
+            return storage.join(base, name)
+    return None
+
+
 def read_manifest(shards_uri: str) -> dict:
     fs, base = storage.resolve(shards_uri)
-    try:
-        manifest = json.loads(storage.read_bytes(fs, storage.join(base, MANIFEST)))
-    except FileNotFoundError:
-        raise DatasetError(f"{shards_uri}: no {MANIFEST}; run `ciae prepare` first") from None
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        try:
+            manifest = json.loads(storage.read_bytes(fs, storage.join(base, name)))
+            break
+        except FileNotFoundError:
+            continue
+    else:
+        raise DatasetError(f"{shards_uri}: no {MANIFEST}; run `ciae prepare` first")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DatasetError(f"{shards_uri}: shard schema version {manifest.get('schema_version')}, "
                                 f"this code reads version {SCHEMA_VERSION}")
@@ -198,21 +219,14 @@ def shard_paths(shards_uri: str, manifest: dict | None = None) -> list[str]:
 
 def read_table(shards_uri: str) -> pa.Table:
     """All rows of a prepared dataset as one Arrow table (for small sets and plain loops)."""
-    manifest = read_manifest(shards_uri)
-    fs, base = storage.resolve(shards_uri)
-    tables = []
-    for s in manifest["shards"]:
-        with fs.open_input_file(storage.join(base, s["file"])) as f:
-            tables.append(pq.read_table(f))
+    tables = [read_shard(path) for path in shard_paths(shards_uri)]
     return pa.concat_tables(tables).replace_schema_metadata(SCHEMA.metadata) if tables \
         else SCHEMA.empty_table()
 
 
 def read_shard(uri: str) -> pa.Table:
     """The rows of one shard file (a path or URI from ``shard_paths``)."""
-    fs, path = storage.resolve(uri)
-    with fs.open_input_file(path) as f:
-        return pq.read_table(f)
+    return storage.read_parquet(uri)
 
 
 def decode_panoptic_row(row: dict) -> tuple[np.ndarray, list[dict]]:

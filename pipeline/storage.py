@@ -112,7 +112,15 @@ def parquet_file(uri: str):
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """The rows of one Parquet file given by a local path or URI (``columns`` only, if given)."""
+    """The rows of one Parquet file, or of a folder read as a dataset (its Parquet files, the
+    names starting with ``.`` or ``_`` skipped, as pandas and Spark do), given by a local path
+    or URI (``columns`` only, if given)."""
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    if file_type(fs, path) == pafs.FileType.Directory:
+        return ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
     with parquet_file(uri) as file:
         return file.read(columns=columns)
 

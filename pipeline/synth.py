@@ -174,7 +174,7 @@ def render(categories: CategoryTable, index: int, seed: int, spec: SynthSpec):
     return rgb, ids, segments
 
 
-def write_dataset(out: str, n_images: int, seed: int = 0, categories: CategoryTable | None = None,
+def write_dataset(out: str, n_images: int = 32, seed: int = 0, categories: CategoryTable | None = None,
                   spec: SynthSpec | None = None, progress: bool = False) -> dict:
     """Write ``out/images/*.jpg``, ``out/panoptic/*.png`` and ``out/panoptic.json``.
 

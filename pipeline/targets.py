@@ -62,7 +62,7 @@ class TargetMaker:
 
     def __call__(self, row: dict, step: int | None = None) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, int(row["image_id"])])
-        image = decode_rgb(row["image"])
+        image, index, segments = decode_row(row)
         h0, w0 = image.shape[:2]
         if self.train:
             size_rng = rng if step is None else np.random.default_rng([self.seed, int(step)])
@@ -70,20 +70,18 @@ class TargetMaker:
         else:
             size = self.transform.test_size(h0, w0)
         image = resize_image(image, size)
-        index, segments = decode_panoptic_row(row)
-        if index.shape != (h0, w0):
-            raise ValueError(f"image {row['image_id']}: panoptic map {index.shape} != image {(h0, w0)}")
         index = resize_nearest(index, size)
         flipped = bool(self.train and rng.random() < self.transform.cfg.flip_prob)
         if flipped:
             image, index = image[:, ::-1], index[:, ::-1]
-        out = self._labels(np.ascontiguousarray(index), segments)
+        out = self.labels(np.ascontiguousarray(index), segments)
         out.update(image=np.ascontiguousarray(image.transpose(2, 0, 1)), image_id=int(row["image_id"]),
                    orig_size=(h0, w0), scale=size[0] / h0, flipped=flipped)
         return out
 
-    def _labels(self, index: np.ndarray, segments: list[dict]) -> dict:
-        """[H, W] segment-index map + segments -> sem, seg, boxes, classes."""
+    def labels(self, index: np.ndarray, segments: list[dict]) -> dict:
+        """[H, W] segment-index map (at the size the targets are wanted at) + segments -> sem,
+        seg, boxes, classes."""
         c_st, n = self.num_stuff, len(segments)
         areas, boxes_xywh = measure_segments(index, n)
         sem_lut = np.full(n + 1, IGNORE_SEM, np.uint8)
@@ -105,6 +103,17 @@ class TargetMaker:
         return {"sem": sem_lut[index], "seg": seg_lut[index],
                 "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
                 "classes": np.asarray(classes, np.int64)}
+
+
+def decode_row(row: dict) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """A shard row -> its image ([H, W, 3] uint8 RGB, ``decode_rgb``), its [H, W] segment-index
+    map and its segments, each decoded once; a map of another size than the image is a
+    ValueError naming the image."""
+    image = decode_rgb(row["image"])
+    index, segments = decode_panoptic_row(row)
+    if index.shape != image.shape[:2]:
+        raise ValueError(f"image {row['image_id']}: panoptic map {index.shape} != image {image.shape[:2]}")
+    return image, index, segments
 
 
 def collate(items: list[dict]) -> dict:

@@ -29,7 +29,6 @@ import logging
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ciae.config import Config
 from pipeline import storage
@@ -90,9 +89,7 @@ class ShardTargets:
             shard = int(np.searchsorted(self.first_row, r, side="right")) - 1
             groups.setdefault(shard, []).append(r)
         for shard, wanted in groups.items():
-            fs, path = storage.resolve(self.paths[shard])
-            with fs.open_input_file(path) as f:
-                file = pq.ParquetFile(f)
+            with storage.parquet_file(self.paths[shard]) as file:
                 ends = np.cumsum([file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)])
                 by_group = {}
                 for r in wanted:

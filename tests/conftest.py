@@ -53,7 +53,10 @@ def synth_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def make_shards(tmp_path_factory, ray_local):
     """``make_shards(source, rows_per_shard)``: shards of a dataset's paths (``synth_dataset``,
-    ``coco_sample``) prepared once per session for each pair; copy them before changing them."""
+    ``coco_sample``) prepared once per session for each pair; copy them before changing them.
+    Prepared in this process (``in_process``: the Ray Data job's very shards, tested in
+    test_data_prepare.py, without a job's overhead); the session's Ray is started all the same
+    for the tests that stream them through Ray."""
     from pipeline.prepare import prepare
     from pipeline.shards import Source
 
@@ -64,7 +67,7 @@ def make_shards(tmp_path_factory, ray_local):
         if key not in made:
             out = str(tmp_path_factory.mktemp("shards") / "shards")
             prepare(Source(source["images"], source["panoptic_json"], source["panoptic_dir"]), out,
-                    rows_per_shard=rows_per_shard, progress=False)
+                    rows_per_shard=rows_per_shard, progress=False, in_process=True)
             made[key] = out
         return made[key]
 
@@ -102,7 +105,35 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def registered_untrained(tmp_path_factory) -> dict:
+def _empty_mlflow_db(tmp_path_factory) -> str:
+    """An MLflow sqlite database with its tables, made once: MLflow's schema migrations take
+    3-5 s for every new database."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("mlflow_empty") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
+    return str(db)
+
+
+@pytest.fixture
+def mlflow_db(_empty_mlflow_db, tmp_path) -> str:
+    """The tracking URI of a new sqlite MLflow store of this test's own, ``tmp_path/mlflow.db``
+    (artifacts beside it): a copy of an empty database."""
+    shutil.copy(_empty_mlflow_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def write_checkpoint(trainer, path) -> str:
+    """Write ``trainer``'s checkpoint to ``path`` (atomically, as the training jobs do); returns it."""
+    from ciae import checkpoint
+    from pipeline.storage import write_uri
+
+    write_uri(str(path), checkpoint.to_bytes(trainer.checkpoint()))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def registered_untrained(tmp_path_factory, _empty_mlflow_db) -> dict:
     """An untrained Config.small() model on the synthetic categories, registered (and given
     @champion) in a sqlite MLflow of its own: {"uri": models:/..., "tracking", "checkpoint"}."""
     import torch
@@ -116,15 +147,15 @@ def registered_untrained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("registered_untrained")
     cats = select_categories()
     torch.manual_seed(0)
-    ckpt = str(root / "model.pt")
-    Trainer(CIAEModel(Config.small(), cats.stuff_ids, cats.thing_ids)).save(ckpt)
+    ckpt = write_checkpoint(Trainer(CIAEModel(Config.small(), cats.stuff_ids, cats.thing_ids)), root / "model.pt")
+    shutil.copy(_empty_mlflow_db, root / "mlflow.db")
     tracking = f"sqlite:///{root}/mlflow.db"
     uri = register_checkpoint(ckpt, tracking_uri=tracking, model_name="ciae-untrained")
     return {"uri": uri, "tracking": tracking, "checkpoint": ckpt}
 
 
 @pytest.fixture(scope="session")
-def trained_small(synth_dataset, make_shards, tmp_path_factory) -> dict:
+def trained_small(synth_dataset, make_shards, tmp_path_factory, _empty_mlflow_db) -> dict:
     """``Config.small()`` trained for 160 steps on 64 synthetic 192x192 images in one process,
     once per session, registered in a sqlite MLflow of its own: {"shards" (train, val),
     "checkpoint", "losses", "untrained_pq", "trained_pq", "uri", "tracking"}."""
@@ -144,10 +175,11 @@ def trained_small(synth_dataset, make_shards, tmp_path_factory) -> dict:
     model = model_for_shards(cfg, shards["train"])
     untrained = evaluate(model, shards["val"])["All"]["pq"]
     losses = []
-    ckpt = str(root / "model.pt")
-    Trainer(model).fit(batch_stream(shards["train"], cfg), 160, checkpoint_path=ckpt,
-                       on_step=lambda step, s: losses.append(s["loss"]))
+    trainer = Trainer(model)
+    trainer.fit(batch_stream(shards["train"], cfg), 160, on_step=lambda step, s: losses.append(s["loss"]))
+    ckpt = write_checkpoint(trainer, root / "model.pt")
     trained = evaluate(model, shards["val"])["All"]["pq"]
+    shutil.copy(_empty_mlflow_db, root / "mlflow.db")
     tracking = f"sqlite:///{root}/mlflow.db"
     uri = register_checkpoint(ckpt, tracking_uri=tracking, model_name="ciae-trained")
     return {"shards": shards, "checkpoint": ckpt, "losses": losses, "untrained_pq": untrained,

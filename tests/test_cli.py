@@ -3,6 +3,8 @@ and their scaling."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from workflows.cli import COMMANDS, main
@@ -17,19 +19,23 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_train_config_presets_files_and_lr_scaling(tmp_path):
-    from workflows.commands.train import load_config
+    from ciae.config import Config
     from workflows.jobs import TrainJob
 
-    assert load_config("paper").backbone.name == "resnet50"
+    assert Config.load("paper").backbone.name == "resnet50"
     f = tmp_path / "c.json"
     f.write_text('{"base": "paper", "solver": {"iterations": 1000}, "embedding": {"top_k": 3}}')
-    cfg = load_config(str(f))
+    cfg = Config.load(str(f))
     assert (cfg.backbone.name, cfg.solver.iterations, cfg.embedding.top_k) == ("resnet50", 1000, 3)
     f.write_text('{"embedding": {"no_such_knob": 1}}')
     with pytest.raises(ValueError, match="no_such_knob"):
-        load_config(str(f))
+        Config.load(str(f))
+    for bad in ('{"base": "huge"}', '{"solver": 3}', '[1]'):
+        f.write_text(bad)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(f))}: "):
+            Config.load(str(f))
 
-    small = load_config("small")                       # lr 0.01 at batch 4
+    small = Config.load("small")                       # lr 0.01 at batch 4
     cfg, per_worker, cpus = TrainJob(data="x", config=small, workers=2).resolved()
     assert (per_worker, cfg.solver.batch_size, cfg.solver.lr, cpus) == (2, 4, 0.01, 0.5)
     cfg, per_worker, _ = TrainJob(data="x", config=small, workers=4, batch_per_worker=2, iterations=350).resolved()
@@ -50,7 +56,7 @@ def test_paper_recipe_without_weights_is_refused():
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "nowhere", "--workers", "x"], "ciae train: argument --workers: invalid int value: 'x'"),
     (["train", "--data", "nowhere", "--config", "paper"], "ciae train: this config freezes the backbone's BatchNorm"),
-    (["train", "--data", "nowhere"], "ciae train: nowhere: no manifest.json; run `ciae prepare` first"),
+    (["train", "--data", "nowhere"], "ciae train: nowhere: no _manifest.json; run `ciae prepare` first"),
     (["train", "--data", "nowhere", "--config", "missing.json"], "ciae train: --config missing.json: not 'small'"),
     (["train", "--data", "nowhere", "--gpus-per-worker", "0.5"],
      "ciae train: gpus_per_worker must be 0 (CPU) or a whole number of GPUs, got 0.5: DDP ranks cannot "
@@ -58,7 +64,7 @@ def test_paper_recipe_without_weights_is_refused():
     (["evaluate", "--gt-json", "a.json", "--gt-dir", "a", "--pred-json", "b.json", "--pred-dir", "b"],
      "ciae evaluate: a.json: file not found"),
     (["label", "--model", "models:/nothing/1", "--input", ".", "--out", "o", "--tracking-uri", "sqlite:///{tmp}/m.db"],
-     "ciae label: models:/nothing/1: no such model"),
+     "ciae label: models:/nothing/1: no such registered model version in sqlite:///"),
     (["prepare", "--images", "i", "--panoptic-json", "p.json", "--panoptic-dir", "p", "--out", "o"],
      "ciae prepare: p.json: file not found"),
 ])
@@ -102,7 +108,7 @@ def test_training_refuses_shared_gpus_and_unsynchronised_batchnorm(tmp_path, mon
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="no manifest.json"):
+    with pytest.raises(ValueError, match="no _manifest.json"):
         main(["train", "--data", "nowhere", "--debug"])
 
 

@@ -13,8 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from ciae.panoptic import DatasetError
+from pipeline import storage
 from pipeline.prepare import prepare
-from pipeline.shards import MANIFEST, Source, decode_panoptic_row, read_manifest, read_table, shard_paths
+from pipeline.shards import (LEGACY_MANIFEST, MANIFEST, Source, decode_panoptic_row, read_manifest, read_table,
+                             shard_paths)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -29,15 +32,16 @@ def _direct_ids(png_path: str) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
-def test_real_coco_sample_reproduced_exactly(coco_sample, tmp_path):
-    m = prepare(_source(coco_sample), str(tmp_path / "shards"), progress=False)
+def test_real_coco_sample_reproduced_exactly(coco_sample, make_shards):
+    shards = make_shards(coco_sample)           # the session's, shared with other tests
+    m = read_manifest(shards)
     assert m["counts"] == {"source_records": 2, "images": 2, "rejected": 0, "shards": 1}
     assert len(m["categories"]) == 133
     assert len(m["stuff_index"]) == 53 and len(m["thing_index"]) == 80
     assert sorted(m["stuff_index"].values()) == list(range(53))
     doc = json.load(open(coco_sample["panoptic_json"]))
     anns = {a["image_id"]: a for a in doc["annotations"]}
-    rows = read_table(str(tmp_path / "shards")).to_pylist()
+    rows = read_table(shards).to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted(anns)
     for row in rows:
         ann = anns[row["image_id"]]
@@ -126,3 +130,41 @@ def test_in_process_writes_what_the_ray_job_writes(synth_copy, tmp_path):
     assert sorted(os.listdir(tmp_path / "local")) == sorted(os.listdir(tmp_path / "ray"))
     assert (read_table(str(tmp_path / "local")).to_pylist()
             == read_table(str(tmp_path / "ray")).to_pylist())
+
+
+def test_parquet_tools_read_the_folder_as_one_row_per_image(synth_shards, tmp_path):
+    """pandas, pyarrow.dataset (and Spark, which shares the rule) skip names starting with '_'
+    or '.': the manifest and the temporaries of a write under way."""
+    import shutil
+
+    import pandas
+    import pyarrow.dataset
+
+    out = tmp_path / "shards"
+    shutil.copytree(synth_shards, out)
+    (out / ".part-00009-000000000000.parquet.tmp-123-abcd").write_bytes(b"half a shard")
+    assert sorted(pandas.read_parquet(out, columns=["image_id"])["image_id"]) == [1, 2, 3, 4, 5, 6]
+    table = pyarrow.dataset.dataset(str(out), format="parquet").to_table(columns=["image_id", "file_name"])
+    assert sorted(table.column("image_id").to_pylist()) == [1, 2, 3, 4, 5, 6]
+    assert table.to_pylist() == read_table(str(out)).select(["image_id", "file_name"]).to_pylist()
+    assert sorted(storage.read_parquet(str(out), columns=["image_id"])["image_id"].to_pylist()) == [1, 2, 3, 4, 5, 6]
+
+
+def test_folders_of_the_old_layout_are_read_and_a_rerun_renames_their_manifest(synth_small, synth_shards,
+                                                                               tmp_path):
+    import shutil
+
+    import pandas
+
+    out = tmp_path / "old"
+    shutil.copytree(synth_shards, out)
+    os.rename(out / MANIFEST, out / LEGACY_MANIFEST)              # as prepared before the rename
+    assert read_manifest(str(out)) == read_manifest(synth_shards)
+    assert read_table(str(out)).to_pylist() == read_table(synth_shards).to_pylist()
+    again = prepare(_source(synth_small), str(out), rows_per_shard=4, progress=False, in_process=True)
+    assert again["skipped_shards"] == again["counts"]["shards"] == 2
+    assert sorted(os.listdir(out)) == sorted([s["file"] for s in again["shards"]] + [MANIFEST])
+    assert len(pandas.read_parquet(out, columns=["image_id"])) == 6
+
+    with pytest.raises(DatasetError, match=f"{tmp_path}: no {MANIFEST}; run `ciae prepare` first"):
+        read_manifest(str(tmp_path))

@@ -238,16 +238,15 @@ def test_assignment_under_bf16_autocast_equals_fp32(backend):
 # ---- device discipline of the labeling actor and of fine-tuning's weight surgery --------------
 
 def test_labeling_actors_batch_function_keeps_to_the_inputs_device(registered_untrained):
-    """``workflows.label.Labeler.__call__`` on a decoded batch (one rejected row), with the
-    registered model's head planted to detect everywhere."""
-    import json
-
+    """``pipeline.label_stages.Labeler.__call__`` on a decoded batch (one rejected row), with the
+    registered model's checkpoint (its bytes, as the actors get them) and its head planted to
+    detect everywhere."""
     from ciae.transform import Transform
+    from pipeline.label_stages import Labeler
     from pipeline.synth import SynthSpec, render, select_categories
-    from workflows.label import Labeler
 
-    labeler = Labeler(registered_untrained["uri"], registered_untrained["tracking"], threads=1, amp=True,
-                      compile=False)
+    with open(registered_untrained["checkpoint"], "rb") as f:
+        labeler = Labeler(f.read(), "model.pt", threads=1, amp=True, compile=False)
     head = labeler.predictor.model.head
     with torch.no_grad():
         head.cls_logits.bias.fill_(10.0)
@@ -264,10 +263,10 @@ def test_labeling_actors_batch_function_keeps_to_the_inputs_device(registered_un
     with meta_default():
         out = labeler(batch)
     assert "image" not in out and list(out["key"]) == ["a", "bad", "b"]
-    assert out["ids"][1].shape == (0, 0) and out["segments"][1] == ""
+    assert out["ids"][1].shape == (0, 0) and out["segments"][1] == []
     things = set(labeler.predictor.model.thing_ids)
     for k, (h, w) in ((0, (70, 90)), (2, (96, 128))):
-        ids, segments = out["ids"][k], json.loads(out["segments"][k])
+        ids, segments = out["ids"][k], out["segments"][k]
         assert isinstance(ids, np.ndarray) and ids.shape == (h, w)
         assert sum(s["category_id"] in things for s in segments) >= 2   # detections became instances
         for s in segments:
@@ -285,7 +284,7 @@ def test_fine_tunings_weight_surgery_keeps_to_the_inputs_device():
     torch.manual_seed(0)
     names = {184: "sky-other-merged", 187: "grass-merged", 190: "road", 1: "person", 3: "car", 5: "airplane"}
     source = CIAEModel(tiny_config(), stuff_ids=[184, 187], thing_ids=[1, 3], category_names=names)
-    checkpoint = read_source(Trainer(source).state_dict(), "source.pt")
+    checkpoint = read_source(Trainer(source).checkpoint(), "source.pt")
     model = CIAEModel(tiny_config(), stuff_ids=[184, 190], thing_ids=[1, 5], category_names=names)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     with meta_default():

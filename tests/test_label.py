@@ -1,8 +1,9 @@
 """Batch labeling: a registered model (or its checkpoint file, without MLflow) over a list, a folder
-(nested) or shards, as a streaming Ray Data job; Parquet shards and COCO files that panopticapi
-and pycocotools read; streaming PQ; confidence scores and the review list; bad images rejected
-with their reason; and a job killed anywhere (driver or model actor) and run again labels every
-image exactly once."""
+(nested) or shards, as a streaming Ray Data job; Parquet shards that pandas and pyarrow read as
+one row per image, and COCO files that panopticapi and pycocotools read; streaming PQ; confidence
+scores and the review list; bad images rejected with their reason; a job killed anywhere (driver
+or model actor) and run again labels every image exactly once; an output of the earlier layout
+resumes and exports in it; model actors that fit the machine by default."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,15 +23,17 @@ import pytest
 import torch
 from PIL import Image
 
+from ciae import checkpoint
 from ciae.backbone import ResNet
+from ciae.model import CIAEModel
 from ciae.panoptic import DatasetError
-from ciae.train import model_from_checkpoint
 from pipeline import label_store as ls
+from pipeline import storage
 from pipeline.image_sources import load_plan, make_plan
 from pipeline.panoptic_png import decode_id_png
 from pipeline.synth import SynthSpec, write_dataset
 from workflows.jobs import LabelJob
-from workflows.label import label
+from workflows.label import actor_cpus, label
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +56,11 @@ def shard_rows(out) -> list[dict]:
                             "png", "segments", "quality", "pq"]))
 
 
-def check_outputs(out, images: dict[str, tuple[int, int]], coco: bool = True) -> list[dict]:
+def check_outputs(out, images: dict[str, tuple[int, int]], coco: bool = True, layout: ls.Layout = ls.LAYOUT) -> list[dict]:
     """Every expected key has one labeled row (and, with ``coco``, one whole PNG and one
     annotation) at its image's size, agreeing with its segments; nothing else is there (no
     temporaries, no parts, no duplicates). ``images``: key -> (h, w). Returns the rows."""
+    assert ls.LabelStore(str(out)).layout == layout
     rows = [r for r in shard_rows(out) if r["status"] == "labeled"]
     assert sorted(r["key"] for r in rows) == sorted(images)
     assert [r["index"] for r in shard_rows(out)] == sorted(r["index"] for r in shard_rows(out))
@@ -66,16 +71,17 @@ def check_outputs(out, images: dict[str, tuple[int, int]], coco: bool = True) ->
         assert all(0 <= s["score"] <= 1 for s in r["segments"]) and 0 <= r["quality"] <= 1
     for root, _, files in os.walk(out):
         assert not [n for n in files if ".tmp-" in n], root
-    assert not os.path.isdir(os.path.join(out, "parts")) or not any(os.scandir(os.path.join(out, "parts")))
+    parts = os.path.join(out, layout.parts)
+    assert not os.path.isdir(parts) or not any(os.scandir(parts))
     if coco:
-        pred = load_json(os.path.join(out, "predictions.json"))
+        pred = load_json(os.path.join(out, layout.predictions))
         anns = {a["file_name"][:-4]: a for a in pred["annotations"]}
         assert len(anns) == len(pred["annotations"]) == len(pred["images"]) == len(images)
-        pngs = [os.path.relpath(os.path.join(d, n), os.path.join(out, "panoptic"))[:-4]
-                for d, _, files in os.walk(os.path.join(out, "panoptic")) for n in files]
+        folder = os.path.join(out, layout.panoptic)
+        pngs = [os.path.relpath(os.path.join(d, n), folder)[:-4] for d, _, files in os.walk(folder) for n in files]
         assert sorted(pngs) == sorted(images)
         for r in rows:
-            assert open(os.path.join(out, "panoptic", r["key"] + ".png"), "rb").read() == r["png"]
+            assert open(os.path.join(folder, r["key"] + ".png"), "rb").read() == r["png"]
             assert [s["id"] for s in anns[r["key"]]["segments_info"]] == [s["id"] for s in r["segments"]]
     return rows
 
@@ -97,6 +103,7 @@ def test_plans_follow_the_documented_key_and_id_rules(tmp_path):
     assert p.kind == "folder" and p.task_sizes == (2, 1) and load_plan(str(tmp_path / "p1")) == p
     assert [(r["key"], r["file_name"], r["image_id"], r["index"]) for r in rows] == \
         [("a", "a.PNG", 1, 0), ("b", "b.jpg", 2, 1), ("sub/c", "sub/c.jpg", 3, 2)]
+    assert [p.locate(i) for i in range(3)] == [(0, 0), (0, 1), (1, 0)]
 
     numeric = tmp_path / "coco"
     (numeric / "x").mkdir(parents=True)
@@ -126,7 +133,7 @@ def test_plans_follow_the_documented_key_and_id_rules(tmp_path):
         plan(tmp_path / "clash.txt", "p6")
     (tmp_path / "twice.txt").write_text("imgs/b.jpg\nother/b.jpg\n")
     with pytest.raises(DatasetError, match="image ids .* occur twice, e.g. 7"):
-        plan(tmp_path / "twice.txt", "p7", gt_json=str(tmp_path / "gt.json"), gt_dir="gt")
+        plan(tmp_path / "twice.txt", "p7", gt_json=str(tmp_path / "gt.json"), gt_dir="gt", task_images=1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images"):
         plan(tmp_path / "empty", "p8")
@@ -142,55 +149,83 @@ def test_external_sort_holds_one_run(tmp_path):
     assert len(os.listdir(tmp_path)) == -(-5000 // 64)
 
 
-# --------------------------------------------------------------------------------- jobs
+def test_model_actors_fit_the_machine_by_default():
+    """Without --cpus-per-worker: 1 CPU per actor where that leaves one to the tasks, else the
+    largest share that does (0.5 steps, finer below 0.5), said in one line; a share the user
+    sets is checked; a cluster with nothing to spare is refused."""
+    def cpus(workers, cluster, set_=None):
+        return actor_cpus(LabelJob(model="m", input="i", out="o", workers=workers, cpus_per_worker=set_), cluster)
+
+    assert cpus(1, 2) == (1.0, None) and cpus(2, 8) == (1.0, None)
+    share, note = cpus(2, 2)
+    assert share == 0.5 and note.startswith("label: 2 model actors x 0.5 CPU (the cluster has 2; one is left")
+    assert cpus(3, 4)[0] == 1.0 and cpus(4, 4)[0] == 0.5 and cpus(3, 2)[0] == 0.3
+    assert cpus(2, 2, set_=0.5) == (0.5, None)
+    with pytest.raises(ValueError, match="would hold 2 of the cluster's 2 CPUs.*lower --workers or --cpus-per-worker"):
+        cpus(2, 2, set_=1)
+    with pytest.raises(ValueError, match="the cluster has 1 CPUs: 1 model actors and the decoding"):
+        cpus(1, 1)
 
 
-def test_label_list_with_ground_truth_rejects_exports_and_panels(model, synth_small, tmp_path, ray_local):
+# ------------------------------------------------------------------- labeled once, read often
+
+
+@pytest.fixture(scope="module")
+def listed(model, synth_small, tmp_path_factory, ray_local) -> dict:
+    """A list of the 6 synthetic images, a truncated JPEG and a missing file, labeled once with
+    the ground truth, COCO exports and 2 panels in tasks of 3: {"out", "summary", "listing",
+    "names", "keys" (key -> (h, w)), "job" (its LabelJob arguments)}."""
+    root = tmp_path_factory.mktemp("listed")
+    names = sorted(os.listdir(synth_small["images"]))
+    corrupt = root / "corrupt.jpg"
+    data = open(os.path.join(synth_small["images"], names[0]), "rb").read()
+    corrupt.write_bytes(data[: len(data) // 3])                 # truncated JPEG
+    listing = root / "inputs.txt"
+    listing.write_text("\n".join([os.path.join(synth_small["images"], n) for n in names]
+                                 + [str(corrupt), str(root / "gone.jpg")]) + "\n")
+    kw = dict(batch_size=3, task_images=3, gt_json=synth_small["panoptic_json"], gt_dir=synth_small["panoptic_dir"],
+              overlays=2, coco_panoptic=True, coco_instances=True)
+    out = root / "out"
+    s = label(job(model, listing, out, **kw), progress=False)
+    gt = load_json(synth_small["panoptic_json"])
+    keys = {os.path.splitext(im["file_name"])[0]: (im["height"], im["width"]) for im in gt["images"]}
+    return {"out": out, "summary": s, "listing": listing, "names": names, "keys": keys, "job": kw}
+
+
+def test_label_list_with_ground_truth_rejects_exports_and_panels(listed, synth_small):
     panopticapi = pytest.importorskip("panopticapi.evaluation")
     from pycocotools import mask as rle
 
-    gt = load_json(synth_small["panoptic_json"])
-    names = sorted(os.listdir(synth_small["images"]))
-    corrupt = tmp_path / "corrupt.jpg"
-    data = open(os.path.join(synth_small["images"], names[0]), "rb").read()
-    corrupt.write_bytes(data[: len(data) // 3])                 # truncated JPEG
-    listing = tmp_path / "inputs.txt"
-    listing.write_text("\n".join([os.path.join(synth_small["images"], n) for n in names]
-                                 + [str(corrupt), str(tmp_path / "gone.jpg")]) + "\n")
-    out = tmp_path / "out"
-    s = label(job(model, listing, out, batch_size=3, task_images=3, gt_json=synth_small["panoptic_json"],
-                  gt_dir=synth_small["panoptic_dir"], overlays=2, coco_panoptic=True, coco_instances=True),
-              progress=False)
+    s, out, names, keys = listed["summary"], listed["out"], listed["names"], listed["keys"]
     assert (s["labeled"], s["rejected"], s["processed"], s["overlays"], s["review"]) == (6, 2, 8, 2, 6)
     assert len(os.listdir(out / "labels")) == 3                 # 8 images in tasks of 3
-
-    keys = {os.path.splitext(im["file_name"])[0]: (im["height"], im["width"]) for im in gt["images"]}
+    gt = load_json(synth_small["panoptic_json"])
     rows = check_outputs(str(out), keys)
-    pred = load_json(out / "predictions.json")
+    pred = load_json(out / "_coco" / "predictions.json")
     assert sorted((im["id"], im["file_name"]) for im in pred["images"]) == \
         sorted((im["id"], im["file_name"]) for im in gt["images"])          # ids from the ground truth
-    rejects = {os.path.basename(r["file"]): r for r in load_json(out / "rejects.json")["rejected"]}
+    rejects = {os.path.basename(r["file"]): r for r in load_json(out / "_rejects.json")["rejected"]}
     assert set(rejects) == {"corrupt.jpg", "gone.jpg"}
     assert "unreadable image" in rejects["corrupt.jpg"]["reason"]
     assert "not found" in rejects["gone.jpg"]["reason"]
     assert {r["image_id"] for r in rejects.values()} == {7, 8}             # after the GT's 1..6
 
-    panels = sorted(os.listdir(out / "overlays"))
+    panels = sorted(os.listdir(out / "_overlays"))
     assert panels == [os.path.splitext(n)[0] + ".png" for n in names[:2]]
-    assert Image.open(out / "overlays" / panels[0]).size[0] == 3 * 128 + 2 * 4   # image | pred | GT
+    assert Image.open(out / "_overlays" / panels[0]).size[0] == 3 * 128 + 2 * 4   # image | pred | GT
 
     # streaming PQ equals panopticapi on the exported COCO files
-    metrics = load_json(out / "metrics.json")
+    metrics = load_json(out / "_metrics.json")
     assert metrics["images"] == {"evaluated": 6, "input": 8}
     with contextlib.redirect_stdout(io.StringIO()):
-        theirs = panopticapi.pq_compute(synth_small["panoptic_json"], str(out / "predictions.json"),
-                                        synth_small["panoptic_dir"], str(out / "panoptic"))
+        theirs = panopticapi.pq_compute(synth_small["panoptic_json"], str(out / "_coco" / "predictions.json"),
+                                        synth_small["panoptic_dir"], str(out / "_coco" / "panoptic"))
     for group in ("All", "Things", "Stuff"):
         assert metrics[group]["pq"] == pytest.approx(theirs[group]["pq"], abs=1e-9)
         assert metrics[group]["n"] == theirs[group]["n"]
 
     # COCO instances: pycocotools decodes each RLE into its segment's mask
-    instances = load_json(out / "instances.json")
+    instances = load_json(out / "_coco" / "instances.json")
     things = {c["id"] for c in instances["categories"]}
     by_key = {r["image_id"]: r for r in rows}
     for ann in instances["annotations"]:
@@ -201,31 +236,95 @@ def test_label_list_with_ground_truth_rejects_exports_and_panels(model, synth_sm
     assert len(instances["annotations"]) == sum(s["category_id"] in things for r in rows for s in r["segments"])
 
     # the review list: least confident first
-    review = (out / "review.csv").read_text().splitlines()
+    review = (out / "_review.csv").read_text().splitlines()
     qualities = [float(line.split(",")[4]) for line in review[1:]]
     assert len(qualities) == 6 and qualities == sorted(qualities)
 
     # `ciae export` writes the same COCO files from the shards
     from workflows.cli import main
 
-    first = (out / "predictions.json").read_bytes()
-    os.remove(out / "predictions.json")
-    os.remove(out / "panoptic" / (rows[0]["key"] + ".png"))
+    first = (out / "_coco" / "predictions.json").read_bytes()
+    os.remove(out / "_coco" / "predictions.json")
+    os.remove(out / "_coco" / "panoptic" / (rows[0]["key"] + ".png"))
     assert main(["export", "--labels", str(out), "--coco-panoptic"]) == 0
-    assert (out / "predictions.json").read_bytes() == first
+    assert (out / "_coco" / "predictions.json").read_bytes() == first
     check_outputs(str(out), keys)
 
 
-def test_label_shards_scores_as_the_local_evaluation(model, synth_shards, tmp_path, ray_local):
+def test_an_output_reads_as_a_dataset_of_one_row_per_image(listed):
+    """pandas and pyarrow.dataset read the output folder as the shards only (the plan, parts,
+    COCO files and the rest are named with a leading _)."""
+    import pandas
+    import pyarrow.dataset as pads
+
+    out = str(listed["out"])
+    expected = sorted(r["key"] for r in shard_rows(out))
+    assert len(expected) == 8
+    frame = pandas.read_parquet(out)
+    assert sorted(frame["key"]) == expected and len(frame) == 8
+    dataset = pads.dataset(out, format="parquet")
+    assert sorted(dataset.to_table(columns=["key"])["key"].to_pylist()) == expected
+    assert all(os.path.relpath(f, out).startswith("labels/") for f in dataset.files)
+    assert sorted(storage.read_parquet(out, columns=["key"])["key"].to_pylist()) == expected
+    assert sorted(n for n in os.listdir(out) if not n.startswith("_")) == ["labels"]
+
+
+LEGACY_NAMES = {"_plan": "plan", "_parts": "parts", "_coco/panoptic": "panoptic",
+                "_coco/predictions.json": "predictions.json", "_coco/instances.json": "instances.json",
+                "_rejects.json": "rejects.json", "_review.csv": "review.csv", "_metrics.json": "metrics.json",
+                "_overlays": "overlays"}
+
+
+def test_an_output_of_the_earlier_layout_resumes_and_exports_in_it(listed, model, tmp_path, ray_local):
+    """A folder as the earlier layout wrote it (a new one's files renamed back), with one task
+    unfinished: `ciae label` finishes it and `ciae export` exports, both under the old names."""
+    from workflows.cli import main
+
+    old = tmp_path / "old"
+    shutil.copytree(listed["out"], old)
+    for new, name in LEGACY_NAMES.items():
+        if (old / new).exists():
+            os.rename(old / new, old / name)
+    os.rmdir(old / "_coco")
+    os.remove(old / "labels" / "task-000001.parquet")          # its 3 images are labeled again
+    os.remove(old / "predictions.json")
+    assert ls.LabelStore(str(old)).layout == ls.LEGACY_LAYOUT
+    s = label(job(model, listed["listing"], old, **listed["job"]), progress=False)
+    assert (s["labeled"], s["rejected"], s["processed"], s["skipped"]) == (6, 2, 3, 5)
+    assert not [n for n in os.listdir(old) if n.startswith("_")]
+    check_outputs(str(old), listed["keys"], layout=ls.LEGACY_LAYOUT)
+    assert load_json(old / "metrics.json")["images"] == {"evaluated": 6, "input": 8}
+    assert (old / "predictions.json").read_bytes() == (listed["out"] / "_coco" / "predictions.json").read_bytes()
+    os.remove(old / "instances.json")
+    assert main(["export", "--labels", str(old), "--coco-instances", "--review", "2"]) == 0
+    assert (old / "instances.json").read_bytes() == (listed["out"] / "_coco" / "instances.json").read_bytes()
+    assert len((old / "review.csv").read_text().splitlines()) == 3
+    assert not [n for n in os.listdir(old) if n.startswith("_")]
+
+
+@pytest.fixture(scope="module")
+def folder_labeled(model, synth_small, tmp_path_factory, ray_local) -> dict:
+    """The synthetic images' folder labeled once with the registered model: {"out", "summary"}."""
+    out = tmp_path_factory.mktemp("folder") / "out"
+    return {"out": out, "summary": label(job(model, synth_small["images"], out, batch_size=3), progress=False)}
+
+
+def test_label_shards_scores_as_the_local_evaluation(model, synth_shards, tmp_path, ray_local, capsys):
+    """Two model actors without --cpus-per-worker: a share that fits the machine, said in one line."""
+    import ray
+
+    from pipeline.shards import read_manifest
     from workflows.local import evaluate
 
-    s = label(job(model, synth_shards, tmp_path / "out", batch_size=3, workers=2, cpus_per_worker=0.5),
-              progress=False)
+    j = job(model, synth_shards, tmp_path / "out", batch_size=3, workers=2)
+    s = label(j, progress=False)
+    note = actor_cpus(j, ray.cluster_resources()["CPU"])[1]
+    assert capsys.readouterr().out.strip() == (note or "")
     assert (s["labeled"], s["rejected"]) == (6, 0)
     rows = shard_rows(tmp_path / "out")
-    manifest = load_json(os.path.join(synth_shards, "manifest.json"))
+    manifest = read_manifest(synth_shards)
     assert sorted(r["image_id"] for r in rows) == list(range(1, manifest["counts"]["images"] + 1))
-    reference = evaluate(model_from_checkpoint(model["checkpoint"]), synth_shards)
+    reference = evaluate(CIAEModel.from_checkpoint(checkpoint.load(model["checkpoint"], "model.pt")), synth_shards)
     for group in ("All", "Things", "Stuff"):
         assert s["metrics"][group]["pq"] == pytest.approx(reference[group]["pq"], abs=1e-12)
     assert all(r["pq"] is not None for r in rows)
@@ -270,7 +369,7 @@ def test_odd_images_are_labeled_and_bad_ones_rejected_with_their_reason(model, t
     assert "cannot identify image file" in reasons["text"]
     assert "unreadable image" in reasons["cut"]
     assert "over the 100 MP limit (a decompression bomb?)" in reasons["bomb"]
-    rejects = load_json(out / "rejects.json")["rejected"]
+    rejects = load_json(out / "_rejects.json")["rejected"]
     assert sorted(r["key"] for r in rejects) == sorted(reasons)
 
 
@@ -284,27 +383,29 @@ def test_unwritable_output_and_missing_model_fail_at_once(model, synth_small, tm
     assert capsys.readouterr().err.strip().startswith(f"ciae label: {blocker}/out: cannot write the output there")
     assert main(["label", "--model", "models:/nope@champion", "--input", synth_small["images"],
                  "--out", str(tmp_path / "o"), "--tracking-uri", model["tracking"]]) == 2
-    assert "ciae label: models:/nope@champion: no such model" in capsys.readouterr().err
+    assert "ciae label: models:/nope@champion: no such registered model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
-def test_a_checkpoint_file_labels_as_its_registered_model_without_mlflow(model, synth_small, tmp_path,
-                                                                        ray_local):
-    """``--model`` given the checkpoint file: the same labels as the registered model, in a
-    process (driver and Ray workers) where MLflow cannot be imported."""
-    blocker = tmp_path / "blocker" / "mlflow"
-    blocker.mkdir(parents=True)
+def test_a_checkpoint_file_labels_as_its_registered_model_without_mlflow(model, synth_small, folder_labeled,
+                                                                        tmp_path, ray_local):
+    """``--model`` given the checkpoint file: the same labels as the registered model, from a
+    driver that cannot import MLflow, on this session's Ray (the job's workers find the same
+    blocking package first: Ray puts the driver's working folder on their path)."""
+    import ray
+
+    blocker = tmp_path / "mlflow"
+    blocker.mkdir()
     (blocker / "__init__.py").write_text("raise ImportError('MLflow is blocked in this test')\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker.parent), root]))
+    env = dict(os.environ, PYTHONPATH=root)
     out = tmp_path / "from_checkpoint"
     done = subprocess.run([sys.executable, "-m", "workflows.cli", "label", "--model", model["checkpoint"],
                            "--input", synth_small["images"], "--out", str(out), "--batch-size", "3",
-                           "--cpus-per-worker", "0.5"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
+                           "--address", ray.get_runtime_context().gcs_address],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    label(job(model, synth_small["images"], tmp_path / "registered", batch_size=3), progress=False)
-    by_checkpoint, registered = shard_rows(out), shard_rows(tmp_path / "registered")
+    by_checkpoint, registered = shard_rows(out), shard_rows(folder_labeled["out"])
     assert len(registered) == 6 and all(r["status"] == "labeled" for r in registered)
     assert [(r["key"], r["png"], r["segments"]) for r in by_checkpoint] == \
         [(r["key"], r["png"], r["segments"]) for r in registered]
@@ -314,14 +415,12 @@ def test_a_checkpoint_file_labels_as_its_registered_model_without_mlflow(model, 
         label(LabelJob(model=str(resnet), input=synth_small["images"], out=str(tmp_path / "o")), progress=False)
 
 
-def test_an_output_folder_belongs_to_one_input(model, synth_small, tmp_path, ray_local):
-    out = tmp_path / "out"
-    label(job(model, synth_small["images"], out), progress=False)
+def test_an_output_folder_belongs_to_one_input(model, folder_labeled, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     Image.new("RGB", (32, 32)).save(other / "x.jpg")
     with pytest.raises(DatasetError, match="holds the labels of .*use another --out"):
-        label(job(model, other, out), progress=False)
+        label(job(model, other, folder_labeled["out"]), progress=False)
 
 
 def test_retry_rejected_labels_a_fixed_file_once(model, synth_small, tmp_path, ray_local):
@@ -353,7 +452,7 @@ def _wait_for(path, enough, proc, seconds=180):
 def _written(out) -> int:
     """Parts and sealed shards on disk."""
     return sum(len([f for f in files if f.endswith(".parquet") and ".tmp-" not in f])
-               for folder in ("parts", "labels") for _, _, files in os.walk(out / folder))
+               for folder in ("_parts", "labels") for _, _, files in os.walk(out / folder))
 
 
 def test_killed_driver_resumes_and_labels_every_image_exactly_once(model, tmp_path, ray_local):
@@ -362,9 +461,9 @@ def test_killed_driver_resumes_and_labels_every_image_exactly_once(model, tmp_pa
     src = tmp_path / "src"
     write_dataset(str(src), 48, seed=11, spec=SynthSpec(height=64, width=96))
     images, out = str(src / "images"), tmp_path / "out"
-    cmd = [sys.executable, "-m", "workflows.cli", "label", "--model", model["uri"], "--input", images,
-           "--out", str(out), "--tracking-uri", model["tracking"], "--batch-size", "1", "--task-images", "4",
-           "--coco-panoptic", "--address", ray.get_runtime_context().gcs_address]
+    cmd = [sys.executable, "-m", "workflows.cli", "label", "--model", model["checkpoint"], "--input", images,
+           "--out", str(out), "--batch-size", "1", "--task-images", "4",        # the registered model's file:
+           "--coco-panoptic", "--address", ray.get_runtime_context().gcs_address]  # a driver without MLflow
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for(out, lambda: _written(out) >= 1, proc)
@@ -374,7 +473,8 @@ def test_killed_driver_resumes_and_labels_every_image_exactly_once(model, tmp_pa
         proc.stderr.close()
     sealed_before = {n: (out / "labels" / n).read_bytes() for n in os.listdir(out / "labels")} \
         if (out / "labels").is_dir() else {}
-    (out / "panoptic" / "synth_0011_000047.png.tmp-99-dead").write_bytes(b"\x89PNG half")   # a torn write
+    (out / "_coco" / "panoptic").mkdir(parents=True, exist_ok=True)
+    (out / "_coco" / "panoptic" / ".synth_0011_000047.png.tmp-99-dead").write_bytes(b"\x89PNG half")   # a torn write
 
     s = label(job(model, images, out, batch_size=4, coco_panoptic=True), progress=False)
     assert s["labeled"] == 48 and s["rejected"] == 0 and 0 < s["skipped"] < 48
@@ -383,9 +483,9 @@ def test_killed_driver_resumes_and_labels_every_image_exactly_once(model, tmp_pa
     check_outputs(str(out), keys)
     for n, data in sealed_before.items():                       # sealed shards untouched
         assert (out / "labels" / n).read_bytes() == data
-    first = (out / "predictions.json").read_bytes()
+    first = (out / "_coco" / "predictions.json").read_bytes()
     again = label(job(model, images, out, coco_panoptic=True), progress=False)
-    assert again["processed"] == 0 and (out / "predictions.json").read_bytes() == first
+    assert again["processed"] == 0 and (out / "_coco" / "predictions.json").read_bytes() == first
 
 
 def test_a_killed_model_actor_is_replaced_and_nothing_is_lost(model, tmp_path, ray_local):

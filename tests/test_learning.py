@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ciae.train import model_from_checkpoint
+from ciae import checkpoint
+from ciae.model import CIAEModel
 from workflows.local import evaluate
 
 
@@ -15,7 +16,7 @@ def test_training_beats_the_untrained_model(trained_small):
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.7 * first
 
-    model = model_from_checkpoint(trained_small["checkpoint"])
+    model = CIAEModel.from_checkpoint(checkpoint.load(trained_small["checkpoint"], "model.pt"))
     trained = evaluate(model, val)
     untrained = trained_small["untrained_pq"]
     print(f"PQ untrained {untrained:.3f} -> trained {trained['All']['pq']:.3f} after 160 steps; "

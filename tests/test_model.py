@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from ciae import checkpoint
 from ciae.config import Config
 from ciae.model import CIAEModel
-from ciae.train import Trainer, lr_at, model_from_checkpoint, scale_schedule, to_device
+from ciae.train import Trainer, lr_at, scale_schedule, to_device
 
 
 def tiny_config(**embedding) -> Config:
@@ -150,10 +151,10 @@ def test_checkpoint_resume_is_exact(tmp_path):
     first.model.load_state_dict(init)
     for b in batches[:2]:
         first.train_step(b)
-    path = str(tmp_path / "ckpt.pt")
-    first.save(path)
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(checkpoint.to_bytes(first.checkpoint()))
     resumed = Trainer(CIAEModel(cfg, [184, 187], [1, 3]))
-    resumed.load(path)
+    resumed.restore(checkpoint.load(str(path), "ckpt.pt"))
     assert resumed.step == 2
     assert torch.equal(resumed.model.memory.memory, first.model.memory.memory)
     for b in batches[2:]:
@@ -162,8 +163,21 @@ def test_checkpoint_resume_is_exact(tmp_path):
         assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
     assert not torch.equal(init["memory.memory"], straight.model.memory.memory)  # the memory moved
 
-    rebuilt = model_from_checkpoint(path)
-    assert rebuilt.stuff_ids == [184, 187] and rebuilt.cfg == first.model.cfg
+    rebuilt = CIAEModel.from_checkpoint(checkpoint.load(path.read_bytes(), "ckpt.pt"))
+    assert rebuilt.stuff_ids == [184, 187] and rebuilt.cfg == first.model.cfg and not rebuilt.training
+    with pytest.raises(ValueError, match="not a ciae checkpoint: it lacks config, thing_ids"):
+        CIAEModel.from_checkpoint({"model": {}, "stuff_ids": []})
+    with pytest.raises(ValueError, match="without optimizer, step"):
+        resumed.restore({k: v for k, v in checkpoint.make(rebuilt).items() if k != "step"})
+
+
+def test_fit_calls_on_checkpoint_at_every_checkpoint_step_and_the_last():
+    cfg = tiny_config()
+    cfg.solver = dataclasses.replace(scale_schedule(cfg.solver, 5), checkpoint_every=2)
+    trainer = Trainer(CIAEModel(cfg, [184, 187], [1, 3]))
+    steps = []
+    trainer.fit([toy_batch(seed=s) for s in range(5)], 5, on_checkpoint=steps.append)
+    assert steps == [2, 4, 5]
 
 
 def test_fit_reports_a_stream_that_runs_out(tmp_path):
@@ -191,8 +205,12 @@ def test_checkpoints_never_execute_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"model": _Evil()}, f, protocol=2)
-    with pytest.raises(ValueError, match="not a loadable ciae checkpoint"):
-        model_from_checkpoint(str(path))
+    with pytest.raises(ValueError, match="evil.pt: not a loadable checkpoint or state dict"):
+        checkpoint.load(str(path), "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt: not a loadable checkpoint"):
+        checkpoint.load(path.read_bytes(), "evil.pt")
+    with pytest.raises(FileNotFoundError, match="gone.pt: no such file"):
+        checkpoint.load(str(tmp_path / "gone.pt"), "gone.pt")
 
 
 def test_to_device_moves_lists():

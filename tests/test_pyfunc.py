@@ -1,5 +1,6 @@
 """The registry contract: a checkpoint logged with ``workflows.pyfunc.log_model``, registered and
-aliased, predicts through plain MLflow (``models:/NAME@ALIAS``), also in a Python where this
+aliased (``workflows.registry``, through the client only), predicts through plain MLflow
+(``models:/NAME@ALIAS``, the consumer pointing MLflow at the store), also in a Python where this
 project is not installed; and the Predictor behind it maps predictions to each image's size."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,16 +20,21 @@ import ray.cloudpickle
 import torch
 from PIL import Image
 
+from mlflow.models import Model
+
+from ciae import checkpoint
 from ciae.config import Config
 from ciae.model import CIAEModel
 from ciae.predictor import Predictor
 from ciae.transform import decode_rgb
-from ciae.train import Trainer, model_from_checkpoint
+from ciae.train import Trainer
+from conftest import write_checkpoint
 from pipeline.panoptic_png import decode_id_png
 from pipeline.synth import SynthSpec, render, select_categories
 from pipeline.ray_runtime import assigned_device
-from workflows.pyfunc import PIP_REQUIREMENTS, log_model
-from workflows.tracking import configure, experiment_id
+from workflows.pyfunc import PIP_REQUIREMENTS
+from workflows.registry import register_checkpoint
+from workflows.tracking import Tracking
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Ray workers import nothing from tests
 
@@ -41,22 +48,32 @@ def encode(rgb: np.ndarray, fmt: str = "JPEG") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory) -> dict:
+def registered(tmp_path_factory, _empty_mlflow_db) -> dict:
     """An untrained Config.small() checkpoint, logged, registered and aliased @champion in a
     fresh sqlite MLflow (the README's steps)."""
     root = tmp_path_factory.mktemp("registry")
+    shutil.copy(_empty_mlflow_db, root / "mlflow.db")
     cats = select_categories()
     torch.manual_seed(0)
-    ckpt = str(root / "model.pt")
-    Trainer(CIAEModel(Config.small(), cats.stuff_ids, cats.thing_ids)).save(ckpt)
-
-    uri = configure(f"sqlite:///{root}/mlflow.db")
-    with mlflow.start_run(experiment_id=experiment_id("ciae-test", uri)):
-        info = log_model(ckpt, registered_model_name=NAME)
-    mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", info.registered_model_version)
+    ckpt = write_checkpoint(Trainer(CIAEModel(Config.small(), cats.stuff_ids, cats.thing_ids)), root / "model.pt")
+    tracking = Tracking.resolve(f"sqlite:///{root}/mlflow.db")
+    version = register_checkpoint(ckpt, tracking_uri=tracking.uri, model_name=NAME, experiment="ciae-test")
+    assert version == f"models:/{NAME}/1"    # the first version takes @champion
+    source = tracking.client().get_model_version_download_uri(NAME, "1")
     images = [render(cats, i, seed=5, spec=SynthSpec(height=h, width=w))[0]
               for i, (h, w) in enumerate([(70, 90), (96, 128), (50, 61)])]
-    return {"uri": uri, "info": info, "checkpoint": ckpt, "categories": cats, "images": images}
+    return {"uri": tracking.uri, "tracking": tracking, "model_uri": source, "checkpoint": ckpt,
+            "categories": cats, "images": images}
+
+
+@pytest.fixture
+def plain_mlflow(registered, monkeypatch):
+    """A consumer's process: MLflow pointed at the store by the environment, as a user does."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+
+
+def from_checkpoint(path: str) -> CIAEModel:
+    return CIAEModel.from_checkpoint(checkpoint.load(path, path))
 
 
 def check_output(row, image: np.ndarray, categories) -> np.ndarray:
@@ -71,7 +88,7 @@ def check_output(row, image: np.ndarray, categories) -> np.ndarray:
     return ids
 
 
-def test_registered_model_predicts_through_plain_mlflow(registered):
+def test_registered_model_predicts_through_plain_mlflow(registered, plain_mlflow):
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     images = registered["images"]
     out = model.predict(pd.DataFrame({"image": [encode(images[0])]}))
@@ -80,7 +97,7 @@ def test_registered_model_predicts_through_plain_mlflow(registered):
     ids = check_output(out.iloc[0], images[0], registered["categories"])
 
     # the same as the Predictor on the checkpoint, given the same decoded pixels
-    direct = Predictor(model_from_checkpoint(registered["checkpoint"]))([decode_rgb(encode(images[0]))])[0]
+    direct = Predictor(from_checkpoint(registered["checkpoint"]))([decode_rgb(encode(images[0]))])[0]
     assert np.array_equal(ids, direct["panoptic"])
 
     # several sizes in one call, ids passed through, batch_size as a param
@@ -92,12 +109,15 @@ def test_registered_model_predicts_through_plain_mlflow(registered):
 
 
 def test_logged_model_carries_signature_example_requirements_and_code(registered):
-    info = registered["info"]
+    local = registered["tracking"].download(registered["model_uri"])
+    info = Model.load(local)
     assert [c.name for c in info.signature.inputs.inputs] == ["image", "image_id"]
     assert not info.signature.inputs.inputs[1].required
     assert {c.name for c in info.signature.outputs.inputs} == {"image_id", "height", "width",
                                                                 "panoptic_png", "segments_info"}
-    local = mlflow.artifacts.download_artifacts(info.model_uri)
+    ckpt = checkpoint.load(registered["checkpoint"], "model.pt")
+    assert Config.from_dict(info.metadata["ciae"]["config"]) == Config.from_dict(ckpt["config"])
+    assert info.metadata["ciae"]["thing_ids"] == ckpt["thing_ids"]
     assert sorted(os.listdir(os.path.join(local, "code"))) == ["ciae", "kernels", "pipeline", "workflows"]
     with open(os.path.join(local, "requirements.txt")) as f:
         requirements = f.read()
@@ -107,7 +127,7 @@ def test_logged_model_carries_signature_example_requirements_and_code(registered
     assert os.path.exists(os.path.join(local, "input_example.json"))
 
 
-def test_unreadable_image_names_its_row(registered):
+def test_unreadable_image_names_its_row(registered, plain_mlflow):
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     good = encode(registered["images"][0])
     df = pd.DataFrame({"image": [good, good[: len(good) // 2]], "image_id": [4, 5]})
@@ -131,7 +151,7 @@ print(json.dumps({{"ciae": ciae.__file__, "png": out["panoptic_png"][0].hex(),
 """
 
 
-def test_model_loads_where_the_project_is_not_installed(registered, tmp_path):
+def test_model_loads_where_the_project_is_not_installed(registered, plain_mlflow, tmp_path):
     image_file = tmp_path / "x.jpg"
     image_file.write_bytes(encode(registered["images"][1]))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -147,7 +167,7 @@ def test_model_loads_where_the_project_is_not_installed(registered, tmp_path):
 
 
 def test_predictor_maps_back_to_each_image_size(registered):
-    model = model_from_checkpoint(registered["checkpoint"])
+    model = from_checkpoint(registered["checkpoint"])
     predictor = Predictor(model)
     cats = registered["categories"]
     # at the test size (192 x 256, multiples of 32) the Predictor is the model itself
@@ -176,7 +196,7 @@ def test_the_registered_model_is_logged_from_code(registered):
     """MLflow's models-from-code: the version stores the model file, no pickled Python object."""
     import yaml
 
-    local = mlflow.artifacts.download_artifacts(registered["info"].model_uri)
+    local = registered["tracking"].download(registered["model_uri"])
     with open(os.path.join(local, "MLmodel")) as f:
         flavor = yaml.safe_load(f)["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
@@ -194,11 +214,8 @@ class DeviceProbe:
     def __init__(self):
         torch.cuda.is_available = lambda: True
 
-    def loaded_device(self, model_uri: str, tracking_uri: str) -> str:
-        from workflows.tracking import configure
-
-        configure(tracking_uri)
-        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor.model
+    def loaded_device(self, model_uri: str, tracking: Tracking) -> str:
+        model = mlflow.pyfunc.load_model(tracking.download(model_uri)).unwrap_python_model().predictor.model
         return str(next(model.parameters()).device)
 
     def device(self, assigned=None, visible=None) -> str:
@@ -220,7 +237,7 @@ def test_a_ray_worker_runs_the_model_on_the_gpu_ray_assigned_it(registered, ray_
     probe = ray.remote(num_cpus=0, num_gpus=0)(DeviceProbe).remote()
     try:
         assert ray.get(probe.device.remote()) == "cpu"              # no GPU assigned, even if CUDA is there
-        assert ray.get(probe.loaded_device.remote(registered["info"].model_uri, registered["uri"])) == "cpu"
+        assert ray.get(probe.loaded_device.remote(registered["model_uri"], registered["tracking"])) == "cpu"
         for assigned, visible, device in [([2], "2", "cuda:0"),        # Ray sets CUDA_VISIBLE_DEVICES
                                           (["3"], "1,3", "cuda:1"),
                                           ([1], None, "cuda:1"),       # ... unless told not to

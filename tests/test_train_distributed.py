@@ -13,7 +13,6 @@ import sys
 import time
 from datetime import timedelta
 
-import mlflow
 import pytest
 import ray.cloudpickle
 import torch
@@ -42,18 +41,24 @@ def tiny_config(**solver) -> Config:
     return cfg
 
 
-def test_two_workers_take_the_steps_of_one_worker_with_their_joint_batch(shards, tmp_path):
+def test_two_workers_take_the_steps_of_one_worker_with_their_joint_batch(shards, mlflow_db, tmp_path):
     """``ciae train`` end to end, 1 worker with batch 4 and 2 workers with batch 2: the plan gives
-    them the same images per step, so the memory is the same and the weights nearly so."""
-    cfg = tiny_config(warmup_iters=1, lr=0.02, iterations=3)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    them the same images per step, so the memory is the same and the weights nearly so.
+    Trained without box embeddings, Table III's ablation (a Ray Train run less than a test of its
+    own; the killed-worker test below trains two workers with them): the head computes none, so
+    DDP finds every parameter used (an unused one fails the second step: "Expected to have
+    finished reduction")."""
+    cfg = tiny_config(warmup_iters=1, lr=0.02, iterations=3).merged({"embedding": {"box_embedding": False}})
     final = {}
     for workers in (1, 2):
         job = TrainJob(data=shards, config=cfg, workers=workers, batch_per_worker=4 // workers, iterations=3,
-                       storage=str(tmp_path / "rt"), name=f"equivalence-{workers}", tracking_uri=uri,
+                       storage=str(tmp_path / "rt"), name=f"equivalence-{workers}", tracking_uri=mlflow_db,
                        experiment="equivalence", pictures=0)
-        final[workers] = torch.load(train(job, progress=False)["checkpoint"], weights_only=True)["model"]
+        summary = train(job, progress=False)
+        assert summary["step"] == 3
+        final[workers] = torch.load(summary["checkpoint"], weights_only=True)["model"]
     one, two = final[1], final[2]
+    assert not [k for k in two if "box_embed" in k]
 
     manifest = read_manifest(shards)
     torch.manual_seed(cfg.solver.seed)
@@ -67,14 +72,16 @@ def test_two_workers_take_the_steps_of_one_worker_with_their_joint_batch(shards,
     assert moved > 1e-3 and diff < 1e-3 * moved, (moved, diff)
 
 
-def test_killed_worker_resumes_from_checkpoint_into_one_mlflow_run(shards, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_killed_worker_resumes_from_checkpoint_into_one_mlflow_run(shards, mlflow_db, tmp_path):
+    uri = mlflow_db
     job = TrainJob(data=f"file://{shards}", val=shards, config=tiny_config(checkpoint_every=4), workers=2,
                    batch_per_worker=1, iterations=12, storage=f"file://{tmp_path}/ray_results", name="killed",
                    tracking_uri=uri, experiment="ft", register="ciae-test", pictures=1, max_failures=2)
     summary = train(job, callbacks=(KillRankOneAfterFirstCheckpoint(),), progress=False)
 
     assert summary["step"] == 12
+    import mlflow     # here: the gloo ranks below import this module, and most need no MLflow
+
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ft").experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == summary["run_id"]
@@ -93,19 +100,6 @@ def test_killed_worker_resumes_from_checkpoint_into_one_mlflow_run(shards, tmp_p
     champion = client.get_model_version_by_alias("ciae-test", "champion")
     assert str(champion.version) == "1"
     assert float(champion.tags["val_pq"]) == pytest.approx(run.data.metrics["val_pq"], abs=1e-6)
-
-
-def test_two_workers_train_without_box_embeddings(shards, tmp_path):
-    """Table III's ablation: the head computes no box embedding, so DDP finds every parameter
-    used (an unused one fails the second step: "Expected to have finished reduction")."""
-    cfg = tiny_config(warmup_iters=1, iterations=3).merged({"embedding": {"box_embedding": False}})
-    job = TrainJob(data=shards, config=cfg, workers=2, batch_per_worker=2, iterations=3,
-                   storage=str(tmp_path / "rt"), name="no-box-embedding",
-                   tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="ablation", pictures=0)
-    summary = train(job, progress=False)
-    assert summary["step"] == 3
-    state = torch.load(summary["checkpoint"], weights_only=True)["model"]
-    assert not [k for k in state if "box_embed" in k]
 
 
 # ---- two gloo processes, without Ray ---------------------------------------------------------
@@ -214,19 +208,20 @@ GROUP_TIMEOUT_S = 8.0
 def _validation_setup(rank: int, shards: str, out: str, uri: str, run_id: str):
     """The model, and rank 0's MLflow log (its client made before the group's clock runs)."""
     from workflows.local import model_for_shards
+    from workflows.tracking import Tracking
     from workflows.train_worker import _MlflowLog
 
     cfg = tiny_config(iterations=2, checkpoint_every=100)
     torch.manual_seed(cfg.solver.seed)
-    return model_for_shards(cfg, shards), _MlflowLog(uri, run_id) if rank == 0 else None
+    return model_for_shards(cfg, shards), _MlflowLog(Tracking(uri), run_id) if rank == 0 else None
 
 
 def _train_validating_every_step(rank: int, world: int, prepared, shards: str, out: str, uri: str,
                                  run_id: str) -> None:
     """Two steps under DDP with the workers' hooks, validating (slowly) after each."""
     from workflows.local import batch_stream
-    from workflows.train import CHECKPOINT_FILE
-    from workflows.train_worker import StepHooks, WorkerSpec, distributed_trainer
+    from workflows.tracking import Tracking
+    from workflows.train_worker import CHECKPOINT_FILE, StepHooks, WorkerSpec, distributed_trainer
 
     model, log = prepared
     validated = []
@@ -246,7 +241,7 @@ def _train_validating_every_step(rank: int, world: int, prepared, shards: str, o
     cfg = model.cfg
     spec = WorkerSpec(config=cfg, stuff_ids=model.stuff_ids, thing_ids=model.thing_ids,
                       category_names=model.category_names, data=shards, val=shards, batch_per_worker=2,
-                      threads=1, eval_every=1, tracking_uri=uri, run_id=run_id)
+                      threads=1, eval_every=1, tracking=Tracking(uri), run_id=run_id)
     trainer = distributed_trainer(model, torch.device("cpu"))
     hooks = StepHooks(spec, trainer, rank, world, log, report)
     trainer.fit(batch_stream(shards, cfg), cfg.solver.iterations, on_step=hooks.on_step,
@@ -255,17 +250,17 @@ def _train_validating_every_step(rank: int, world: int, prepared, shards: str, o
         json.dump({"validated": validated, "pq": hooks.val["All"]["pq"]}, f)
 
 
-def test_validation_stalls_no_rank_and_gives_the_pq_of_one_process(shards, tmp_path):
+def test_validation_stalls_no_rank_and_gives_the_pq_of_one_process(shards, mlflow_db, tmp_path):
     """Validation that alone takes longer than the process group's timeout: every rank validates
     its half at the same time, so no rank waits in a collective meanwhile, and the PQ statistics
     summed over the ranks give the PQ one process measures."""
-    from ciae.train import model_from_checkpoint
+    from ciae import checkpoint
     from workflows.local import evaluate
-    from workflows.tracking import configure, experiment_id
+    from workflows.tracking import Tracking
 
-    uri = configure(f"sqlite:///{tmp_path}/mlflow.db")
-    client = mlflow.MlflowClient(uri)
-    run_id = client.create_run(experiment_id("validation", uri)).info.run_id
+    tracking = Tracking.resolve(mlflow_db)
+    uri, client = tracking.uri, tracking.client()
+    run_id = client.create_run(tracking.experiment_id("validation")).info.run_id
     images = read_manifest(shards)["counts"]["images"]
     assert images * VALIDATION_S_PER_IMAGE > GROUP_TIMEOUT_S + 3
     spawn_ranks(_train_validating_every_step, shards, str(tmp_path), uri, run_id,
@@ -273,7 +268,8 @@ def test_validation_stalls_no_rank_and_gives_the_pq_of_one_process(shards, tmp_p
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [sum(r["validated"]) for r in ranks] == [images, images]    # two validations, half each
-    reference = evaluate(model_from_checkpoint(str(tmp_path / "checkpoint.pt")), shards)["All"]["pq"]
+    path = str(tmp_path / "checkpoint.pt")
+    reference = evaluate(CIAEModel.from_checkpoint(checkpoint.load(path, path)), shards)["All"]["pq"]
     assert ranks[0]["pq"] == ranks[1]["pq"] == pytest.approx(reference, abs=1e-12)
     logged = {m.step: m.value for m in client.get_metric_history(run_id, "val_pq")}
     assert sorted(logged) == [1, 2] and logged[2] == pytest.approx(reference, abs=1e-12)

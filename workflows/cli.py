@@ -1,9 +1,10 @@
 """The ``ciae`` command: one subcommand per pipeline stage.
 
 Each subcommand lives in ``workflows/commands/<name>.py`` with ``HELP``, ``add_arguments(parser)``
-and ``run(args) -> int``; heavy imports (torch, Ray, MLflow) happen inside ``run`` so that
-``ciae --help`` stays instant. Defaults come from the functions and job classes the commands
-call (``defaults``), never from a second copy here.
+and ``run(args) -> int``; heavy imports (torch, Ray, MLflow) happen inside ``run``, and only the
+invoked subcommand's ``add_arguments`` runs, so that ``ciae --help`` stays instant. Defaults
+come from the functions and job classes the commands call (``defaults``), never from a second
+copy in a command.
 
 A user's mistake (a bad option, path, file or model) ends the command with one line,
 ``ciae <command>: <what is wrong>``, and exit status 2; ``--debug`` shows the traceback instead.
@@ -21,14 +22,9 @@ COMMANDS = ("synth", "prepare", "train", "evaluate", "label", "export", "demo")
 EXIT_USER_ERROR = 2
 
 
-class UserError(Exception):
-    """A problem with what the user asked for, with the message to show them."""
-
-
 # the exceptions that mean bad input rather than a bug: ValueError (the project's RecordError,
 # DatasetError, EvaluationError, bad config values), missing or unreadable files
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +41,9 @@ def defaults(obj) -> dict:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The ``ciae`` parser; with ``only``, just that subcommand's (its module alone is imported)."""
+    """The ``ciae`` parser; with ``only``, just that subcommand's (its module alone is imported).
+    Without, the subcommands are listed but get no arguments: ``ciae --help`` imports nothing
+    that their ``add_arguments`` import to read defaults."""
     parser = _Parser(prog="ciae", description="CIAE panoptic segmentation pipeline: data, training, "
                                               "labeling, evaluation.")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -55,7 +53,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         module = importlib.import_module(f"workflows.commands.{name}")
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
+        if only is not None:
+            module.add_arguments(p)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the traceback of any error")
         p.set_defaults(_run=module.run)

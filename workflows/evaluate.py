@@ -28,9 +28,9 @@ import numpy as np
 
 from ciae.evaluation.pq import PQAccumulator
 from ciae.panoptic import CategoryTable, DatasetError, RecordError
-from pipeline.coco import PanopticRecord, annotations_by_image, parse_panoptic_json, read_file, read_json
-from pipeline.panoptic_png import decode_id_png
-from pipeline.storage import join, resolve, write_bytes_atomic
+from pipeline.coco import (PanopticRecord, annotations_by_image, decode_panoptic, parse_panoptic_json,
+                           read_file, read_json)
+from pipeline.storage import join, resolve, write_uri
 
 if TYPE_CHECKING:
     import multiprocessing.context
@@ -54,17 +54,9 @@ class EvaluationError(ValueError):
 
 def read_ids(name: str, what: str, fs, path: str, height: int, width: int,
              out: np.ndarray | None = None) -> np.ndarray:
-    """Read and decode one panoptic PNG of a record (into ``out`` if given, see decode_id_png),
-    checking its size; errors are RecordErrors."""
-    data = read_file(name, what, fs, path)
-    try:
-        ids = decode_id_png(data, out)
-    except Exception as e:  # the decoders raise many types for corrupt data
-        raise RecordError(name, f"{what} {path} is unreadable or truncated ({type(e).__name__}: {e})") from None
-    if ids.shape != (height, width):
-        raise RecordError(name, f"{what} {path} is {ids.shape[1]}x{ids.shape[0]} "
-                                f"but the image is {width}x{height}")
-    return ids
+    """Read and decode one panoptic PNG of a record (``pipeline.coco.decode_panoptic``, into
+    ``out`` if given), checking its size; errors are RecordErrors naming ``what`` and the path."""
+    return decode_panoptic(name, read_file(name, what, fs, path), height, width, what=f"{what} {path}", out=out)
 
 
 # ------------------------------------------------------------------------------- the JSON
@@ -242,6 +234,5 @@ def _hotcoco(gt: str | dict, pred: str | dict, gt_dir: str, pred_dir: str, worke
 
 def write_metrics(uri: str, summary: dict) -> None:
     """Write a summary as JSON to a path or URI (category ids become string keys)."""
-    fs, path = resolve(uri)
-    write_bytes_atomic(fs, path, (json.dumps(summary, indent=2) + "\n").encode())
+    write_uri(uri, (json.dumps(summary, indent=2) + "\n").encode())
 

@@ -31,7 +31,7 @@ class TrainJob:
     eval_every: int = 0                    # validation PQ every N steps (0: at the end only)
     max_failures: int = 3
     pictures: int = 4                      # validation panels logged
-    init: str | None = None                # initial weights (workflows.weights): fine-tuning
+    init: str | None = None                # initial weights (workflows.models.fetch): fine-tuning
 
     def __post_init__(self):
         checks = [
@@ -94,13 +94,13 @@ class LabelJob:
     workers: int = 1                    # model actors
     batch_size: int = 8                 # images per model call
     gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0        # and torch threads of a CPU actor
+    cpus_per_worker: float | None = None   # and torch threads of a CPU actor (default: 1, or a share that fits)
     gt_json: str | None = None          # ground truth for PQ (folders and lists; shards carry theirs)
     gt_dir: str | None = None
-    coco_panoptic: bool = False         # OUT/panoptic/*.png + predictions.json
-    coco_instances: bool = False        # OUT/instances.json (thing segments, RLE)
+    coco_panoptic: bool = False         # OUT/_coco/panoptic/*.png + _coco/predictions.json
+    coco_instances: bool = False        # OUT/_coco/instances.json (thing segments, RLE)
     overlays: int = 0                   # panels of the first N images
-    review: int = 1000                  # the N least confident images in review.csv
+    review: int = 1000                  # the N least confident images in OUT/_review.csv
     amp: bool = True                    # bfloat16 autocast on CUDA
     compile: bool = False               # torch.compile of the network on CUDA
     retry_rejected: bool = False        # label the rejected images of finished tasks again
@@ -109,7 +109,8 @@ class LabelJob:
     def __post_init__(self):
         if self.workers < 1 or self.batch_size < 1 or self.task_images < 1:
             raise ValueError("workers, batch_size and task_images must be >= 1")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0 or self.overlays < 0 or self.review < 0:
+        if self.gpus_per_worker < 0 or (self.cpus_per_worker is not None and self.cpus_per_worker <= 0) \
+                or self.overlays < 0 or self.review < 0:
             raise ValueError("gpus_per_worker, overlays and review must be >= 0, cpus_per_worker > 0")
         if (self.gt_json is None) != (self.gt_dir is None):
             raise ValueError("give both gt_json and gt_dir, or neither")

@@ -12,10 +12,10 @@ from ciae.config import Config
 from ciae.evaluation.pq import PQAccumulator
 from ciae.model import CIAEModel
 from ciae.panoptic import CategoryTable
-from ciae.train import to_device
-from pipeline.shards import (decode_panoptic_row, model_categories, read_manifest, read_shard,
-                             shard_paths)
-from pipeline.targets import TargetMaker, collate
+from ciae.predictor import Predictor
+from ciae.transform import resize_nearest
+from pipeline.shards import model_categories, read_manifest, read_shard, shard_paths
+from pipeline.targets import TargetMaker, decode_row
 from pipeline.train_stream import local_batches
 
 
@@ -42,24 +42,31 @@ def accumulate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: b
     """PQ statistics of ``model`` on the rows of part ``(rank, parts)`` of the shards (rank r
     of W takes rows [r N / W, (r + 1) N / W) and reads only the shards holding them), streamed
     shard by shard through the PQ accumulator (no PNG round trip); the parts' accumulators
-    merge into the whole set's. Predictions are made at the test size and mapped back to each
-    image's own size (``model.predict``'s ``out_sizes``), as ``ciae.predictor.Predictor`` does."""
+    merge into the whole set's.
+
+    Prediction is ``ciae.predictor.Predictor``'s (test size, mapped back to each image's own
+    size) in float32 and the model's own layout (no autocast: the PQ does not depend on the
+    device's bfloat16); each row's image and ground truth are decoded once
+    (``pipeline.targets.decode_row``). ``oracle`` (Table IV) gives the predictor the ground
+    truth's instances at the test size (``TargetMaker.labels``)."""
     manifest = read_manifest(shards_uri)
     acc = PQAccumulator(CategoryTable.from_json(manifest["categories"]))
     maker = TargetMaker.from_manifest(manifest, input=model.cfg.input,
                                       thing_mode=model.cfg.embedding.thing_mode, train=False)
-    device = next(model.parameters()).device
     was_training = model.training
-    model.eval()
-    for chunk in _row_batches(shards_uri, manifest, batch_size, part):
-        batch = to_device(collate([maker(r) for r in chunk]), device)
-        preds = model.predict(batch["images"], batch["image_sizes"], oracle=batch if oracle else None,
-                              out_sizes=[(r["height"], r["width"]) for r in chunk])
-        for row, pred in zip(chunk, preds):
-            gt_index, gt_segments = decode_panoptic_row(row)
-            acc.add_indexed(gt_index, gt_segments, pred["panoptic"].cpu().numpy(),
-                            pred["segments_info"], image=f"image {row['image_id']} ({row['file_name']})")
-    model.train(was_training)
+    predictor = Predictor(model, batch_size, amp=False, channels_last=False)
+    try:
+        for chunk in _row_batches(shards_uri, manifest, batch_size, part):
+            rows = [decode_row(r) for r in chunk]
+            images = [predictor.transform.resize_for_test(image) for image, _, _ in rows]
+            truth = [maker.labels(resize_nearest(index, im.shape[:2]), segments)
+                     for im, (_, index, segments) in zip(images, rows)] if oracle else None
+            preds = predictor.predict_resized(images, [index.shape for _, index, _ in rows], oracle=truth)
+            for row, (_, index, segments), pred in zip(chunk, rows, preds):
+                acc.add_indexed(index, segments, pred["panoptic"], pred["segments_info"],
+                                image=f"image {row['image_id']} ({row['file_name']})")
+    finally:
+        model.train(was_training)
     return acc
 
 

@@ -21,6 +21,9 @@ The model is logged from code (MLflow's models-from-code): the registered versio
 ``workflows/pyfunc_model.py``, which builds a :class:`CIAEPyfunc`, the checkpoint as an artifact
 and this project's packages as ``code_paths`` (nothing is pickled). Its MLflow ``metadata``
 holds ``ciae``: the checkpoint's config and category ids, readable without downloading it.
+``log_model`` saves the model folder with ``mlflow.pyfunc.save_model`` and uploads it into the
+run's artifacts with the client (``workflows.tracking.Tracking``): no active run, no global
+tracking URI.
 """
 
 from __future__ import annotations
@@ -51,15 +54,16 @@ PACKAGES = ("ciae", "kernels", "pipeline", "workflows")
 
 class CIAEPyfunc(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc around :class:`ciae.predictor.Predictor`; artifact ``checkpoint`` is a
-    ``ciae.train.Trainer`` checkpoint."""
+    checkpoint of this project (``ciae.checkpoint``)."""
 
     def load_context(self, context) -> None:
+        from ciae import checkpoint
+        from ciae.model import CIAEModel
         from ciae.predictor import Predictor
-        from ciae.train import model_from_checkpoint
         from pipeline.ray_runtime import assigned_device
 
-        self.predictor = Predictor(model_from_checkpoint(context.artifacts["checkpoint"],
-                                                         assigned_device()))
+        path = context.artifacts["checkpoint"]
+        self.predictor = Predictor(CIAEModel.from_checkpoint(checkpoint.load(path, path), assigned_device()))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """model_input: DataFrame with ``image`` bytes and optional ``image_id``; params:
@@ -123,21 +127,30 @@ def package_dirs() -> list[str]:
     return [os.path.dirname(importlib.import_module(p).__file__) for p in PACKAGES]
 
 
-def log_model(checkpoint_path: str, *, name: str = "model",
-              registered_model_name: str | None = None):
-    """Log the checkpoint as a pyfunc model (in the active MLflow run, if any) and register it
-    as a new version of ``registered_model_name`` when given. Returns the ModelInfo
-    (``model_uri``, ``registered_model_version``, ...)."""
-    from ciae.train import load_checkpoint
+def model_metadata(ckpt: dict) -> dict:
+    """The MLflow ``metadata`` of a logged checkpoint: its config and categories under ``ciae``."""
+    return {"ciae": {"config": ckpt["config"], "stuff_ids": ckpt["stuff_ids"], "thing_ids": ckpt["thing_ids"],
+                     "category_names": {str(k): v for k, v in (ckpt.get("category_names") or {}).items()}}}
 
-    if not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
-    ckpt = load_checkpoint(checkpoint_path)
-    metadata = {"ciae": {"config": ckpt["config"], "stuff_ids": ckpt["stuff_ids"], "thing_ids": ckpt["thing_ids"],
-                         "category_names": {str(k): v for k, v in (ckpt.get("category_names") or {}).items()}}}
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
-        artifacts={"checkpoint": checkpoint_path},
-        code_paths=package_dirs(), signature=signature(), input_example=input_example(),
-        pip_requirements=PIP_REQUIREMENTS, registered_model_name=registered_model_name, metadata=metadata)
 
+def log_model(tracking, run_id: str, checkpoint_file: str, ckpt: dict, *, name: str = "model") -> str:
+    """Log a checkpoint as the pyfunc model ``name`` of run ``run_id`` (``tracking``: a
+    ``workflows.tracking.Tracking``). ``checkpoint_file``: the checkpoint's local file (stored
+    as the model's ``checkpoint`` artifact); ``ckpt``: its contents, as already loaded (the
+    metadata's source). Returns the model's artifact URI (a registry version's source).
+
+    The model folder is made with ``mlflow.pyfunc.save_model`` (models-from-code) and uploaded
+    with the client: no active run or process-global tracking URI is involved."""
+    import tempfile
+
+    if not os.path.isfile(checkpoint_file):
+        raise FileNotFoundError(f"checkpoint {checkpoint_file} does not exist")
+    client = tracking.client()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, name)
+        mlflow.pyfunc.save_model(
+            folder, python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
+            artifacts={"checkpoint": checkpoint_file}, code_paths=package_dirs(), signature=signature(),
+            input_example=input_example(), pip_requirements=PIP_REQUIREMENTS, metadata=model_metadata(ckpt))
+        client.log_artifacts(run_id, folder, name)
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{name}"

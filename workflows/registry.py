@@ -1,7 +1,8 @@
 """The model registry: register a checkpoint as an MLflow pyfunc model version and move an alias
 (e.g. ``champion``) to it when its validation PQ beats the current holder's.
 
-A version's PQ is kept as its tag ``val_pq``; a holder without one is beaten by any PQ.
+A version's PQ is kept as its tag ``val_pq``; a holder without one is beaten by any PQ. All
+through the client of one ``workflows.tracking.Tracking`` (registry = tracking URI).
 """
 
 from __future__ import annotations
@@ -9,17 +10,25 @@ from __future__ import annotations
 PQ_TAG = "val_pq"
 
 
-def register(checkpoint: str, name: str, alias: str, pq: float | None, tracking_uri: str) -> tuple[str, bool]:
-    """Log ``checkpoint`` as the pyfunc model of the active MLflow run and register it under
-    ``name``. Moves ``alias`` to the new version when no version holds it, or when ``pq`` beats
-    the holder's. Returns (version, whether the alias moved)."""
+def register(tracking, run_id: str, checkpoint_file: str, ckpt: dict, name: str, alias: str,
+             pq: float | None) -> tuple[str, bool]:
+    """Log the checkpoint (its local file, and its contents as loaded) as the pyfunc model of run
+    ``run_id`` and register it as a new version of ``name``. Moves ``alias`` to the new version
+    when no version holds it, or when ``pq`` beats the holder's. Returns (version, whether the
+    alias moved)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-    from workflows import tracking
     from workflows.pyfunc import log_model
 
-    client = tracking.client(tracking_uri)
-    info = log_model(checkpoint, registered_model_name=name)
-    version = str(info.registered_model_version)
+    client = tracking.client()
+    source = log_model(tracking, run_id, checkpoint_file, ckpt)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    version = str(client.create_model_version(name, source, run_id=run_id).version)
     if pq is not None:
         client.set_model_version_tag(name, version, PQ_TAG, f"{pq:.6f}")
     holder = client.get_registered_model(name).aliases.get(alias)
@@ -33,15 +42,21 @@ def register(checkpoint: str, name: str, alias: str, pq: float | None, tracking_
     return version, moved
 
 
-def register_checkpoint(checkpoint: str, *, tracking_uri: str, model_name: str, alias: str = "champion",
-                        experiment: str = "ciae", pq: float | None = None) -> str:
-    """``register`` a checkpoint made outside the training driver (an imported model, tests,
+def register_checkpoint(checkpoint_file: str, *, tracking_uri: str | None, model_name: str,
+                        alias: str = "champion", experiment: str = "ciae", pq: float | None = None) -> str:
+    """``register`` a checkpoint file made outside the training driver (an imported model, tests,
     benchmarks) in a new run of ``experiment``. Returns the version's URI ``models:/NAME/VERSION``."""
-    import mlflow
+    from ciae import checkpoint
+    from workflows.tracking import Tracking
 
-    from workflows.tracking import configure, experiment_id
-
-    uri = configure(tracking_uri)
-    with mlflow.start_run(experiment_id=experiment_id(experiment, uri), run_name="register-checkpoint"):
-        version, _ = register(checkpoint, model_name, alias, pq, uri)
+    tracking = Tracking.resolve(tracking_uri)
+    client = tracking.client()
+    run_id = client.create_run(tracking.experiment_id(experiment), run_name="register-checkpoint").info.run_id
+    try:
+        version, _ = register(tracking, run_id, checkpoint_file, checkpoint.load(checkpoint_file, checkpoint_file),
+                              model_name, alias, pq)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id)
     return f"models:/{model_name}/{version}"

@@ -19,18 +19,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import threading
 import time
 
 from ciae.config import Config
 from pipeline.storage import absolute
-from workflows import tracking
 from workflows.jobs import TrainJob
-
-CHECKPOINT_FILE = "checkpoint.pt"
-STEP_TAG = "ciae.step"          # rank 0's latest logged step (the driver's progress bar reads it)
+from workflows.tracking import Tracking
+from workflows.train_worker import CHECKPOINT_FILE, STEP_TAG
 
 NAME_TAG = "ciae.run_name"      # the Ray Train run name, to reopen the MLflow run on resume
 
@@ -107,14 +104,14 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     stuff_ids, thing_ids, names = model_categories(manifest)
     name = job.name or time.strftime("ciae-%Y%m%d-%H%M%S")
 
-    uri = tracking.configure(job.tracking_uri)
-    client = tracking.client(uri)
-    exp_id = tracking.experiment_id(job.experiment, uri)
+    tracking = Tracking.resolve(job.tracking_uri)
+    client = tracking.client()
+    exp_id = tracking.experiment_id(job.experiment)
     params = flat_params(cfg.to_dict())
     params.update({"job.data": job.data, "job.val": str(job.val), "job.workers": str(job.workers),
                    "job.batch_per_worker": str(per_worker), "job.gpus_per_worker": str(job.gpus_per_worker),
                    "job.init": str(job.init)})
-    init = _init_source(job.init, uri, cfg, stuff_ids, thing_ids, names) if job.init else None
+    init = _init_source(job.init, tracking, cfg, stuff_ids, thing_ids, names) if job.init else None
     run_id = _open_run(client, exp_id, name, params)
     if init:
         _log_lineage(client, run_id, *init)
@@ -122,7 +119,7 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     spec = WorkerSpec(config=cfg, stuff_ids=stuff_ids, thing_ids=thing_ids, category_names=names,
                       data=absolute(job.data),
                       val=absolute(job.val), batch_per_worker=per_worker, threads=max(1, int(cpus)),
-                      eval_every=job.eval_every, tracking_uri=uri, run_id=run_id)
+                      eval_every=job.eval_every, tracking=tracking, run_id=run_id)
     bar = _Progress(client, run_id, solver.iterations) if progress else None
     try:
         with connect(address):
@@ -145,28 +142,28 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
             if bar:
                 bar.done.set()
                 bar.join()
-            checkpoint = os.path.join(tempfile.mkdtemp(prefix="ciae-train-"), CHECKPOINT_FILE)
             with result.checkpoint.as_directory() as d:
-                shutil.copy(os.path.join(d, CHECKPOINT_FILE), checkpoint)
-        summary = _finish(job, uri, run_id, checkpoint, (result.metrics or {}).get("val"))
+                with open(os.path.join(d, CHECKPOINT_FILE), "rb") as f:
+                    data = f.read()
+        summary = _finish(job, tracking, run_id, data, (result.metrics or {}).get("val"))
     except BaseException:
         if bar:
             bar.done.set()
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
-    summary.update(run_id=run_id, name=name, tracking_uri=uri)
+    summary.update(run_id=run_id, name=name, tracking_uri=tracking.uri)
     return summary
 
 
-def _init_source(spec: str, uri: str, cfg: Config, stuff_ids, thing_ids, names) -> tuple:
+def _init_source(spec: str, tracking: Tracking, cfg: Config, stuff_ids, thing_ids, names) -> tuple:
     """(the fetched source, its transfer report), checked on the driver before any worker
     starts: an unknown model, a foreign or unfitting checkpoint fails here."""
     from ciae.finetune import transfer
     from ciae.model import CIAEModel
-    from workflows.weights import fetch
+    from workflows.models import fetch
 
-    source = fetch(spec, uri)
+    source = fetch(spec, tracking)
     return source, transfer(CIAEModel(cfg, stuff_ids, thing_ids, names), source.source())
 
 
@@ -192,34 +189,37 @@ def _check_room_for_data(worker_cpus: float) -> None:
                          "less than one for Ray Data's read tasks; lower --cpus-per-worker or --workers")
 
 
-def _finish(job: TrainJob, uri: str, run_id: str, checkpoint: str, pq: dict | None) -> dict:
-    """Artifacts, the pyfunc model, registration and the alias. ``pq``: the workers'
-    validation of the final checkpoint, as rank 0 reported it."""
-    import mlflow
+def _finish(job: TrainJob, tracking: Tracking, run_id: str, data: bytes, pq: dict | None) -> dict:
+    """Artifacts, the pyfunc model, registration and the alias, from the final checkpoint's
+    bytes, loaded here once. ``pq``: the workers' validation of the final checkpoint, as rank 0
+    reported it."""
+    from ciae import checkpoint
+    from ciae.model import CIAEModel
 
-    from ciae.train import load_checkpoint, model_from_checkpoint
+    path = os.path.join(tempfile.mkdtemp(prefix="ciae-train-"), CHECKPOINT_FILE)   # the summary's copy
+    with open(path, "wb") as f:
+        f.write(data)
+    ckpt = checkpoint.load(data, path)
+    client = tracking.client()
+    client.log_dict(run_id, ckpt["config"], "config.json")
+    client.log_artifact(run_id, path, "checkpoint")
+    if pq:
+        client.log_dict(run_id, pq, "val_pq.json")
+    if job.val and job.pictures:
+        _log_pictures(client, run_id, CIAEModel.from_checkpoint(ckpt), job.val, job.pictures)
+    version, moved = None, False
+    if job.register:
+        from workflows.registry import register
 
-    step = int(load_checkpoint(checkpoint)["step"])
-    model = model_from_checkpoint(checkpoint)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_dict(model.cfg.to_dict(), "config.json")
-        mlflow.log_artifact(checkpoint, "checkpoint")
-        if pq:
-            mlflow.log_dict(pq, "val_pq.json")
-        if job.val and job.pictures:
-            _log_pictures(model, job.val, job.pictures)
-        version, moved = None, False
-        if job.register:
-            from workflows.registry import register
-
-            version, moved = register(checkpoint, job.register, job.alias, pq["All"]["pq"] if pq else None, uri)
-    return {"step": step, "checkpoint": checkpoint, "pq": pq, "model_version": version, "alias_moved": moved}
+        version, moved = register(tracking, run_id, path, ckpt, job.register, job.alias,
+                                  pq["All"]["pq"] if pq else None)
+    return {"step": int(ckpt["step"]), "checkpoint": path, "pq": pq, "model_version": version,
+            "alias_moved": moved}
 
 
-def _log_pictures(model, val_shards: str, n: int) -> None:
+def _log_pictures(client, run_id: str, model, val_shards: str, n: int) -> None:
     """Panels (image | prediction | ground truth | embedding PCA, ``pipeline.visualize.panel``)
     of the first ``n`` held-out images, logged under ``pictures/``."""
-    import mlflow
     from PIL import Image
 
     from ciae.predictor import Predictor
@@ -238,4 +238,4 @@ def _log_pictures(model, val_shards: str, n: int) -> None:
             picture = panel(image, pred["panoptic"], pred["segments_info"], categories, gt=gt,
                             embedding=pred["embedding"])
             Image.fromarray(picture).save(os.path.join(d, f"{os.path.splitext(row['file_name'])[0]}_panel.png"))
-        mlflow.log_artifacts(d, "pictures")
+        client.log_artifacts(run_id, d, "pictures")

@@ -24,7 +24,6 @@ rank 0 also with the checkpoint and, at the end, the validation PQ.
 from __future__ import annotations
 
 import inspect
-import io
 import os
 import tempfile
 import time
@@ -32,8 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ciae import checkpoint
 from ciae.config import Config
-from workflows.train import CHECKPOINT_FILE, STEP_TAG
+from pipeline.storage import write_uri
+from workflows.tracking import Tracking
+
+CHECKPOINT_FILE = "checkpoint.pt"   # the file of a Ray Train checkpoint (``ciae.checkpoint``)
+STEP_TAG = "ciae.step"              # rank 0's latest logged step (the driver's progress bar reads it)
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class WorkerSpec:
     batch_per_worker: int
     threads: int                   # torch threads of a CPU worker
     eval_every: int
-    tracking_uri: str
+    tracking: Tracking             # the job's MLflow location
     run_id: str
     init: tuple | None = None      # (the --init source as given, an object ref to its file's bytes)
 
@@ -113,10 +117,8 @@ class _MlflowLog:
     """Rank 0's per-step metrics into the driver's MLflow run, written every ``every_s`` seconds
     with the latest step as a tag."""
 
-    def __init__(self, tracking_uri: str, run_id: str, every_s: float = 2.0):
-        from workflows import tracking
-
-        self.client, self.run_id = tracking.client(tracking_uri), run_id
+    def __init__(self, tracking: Tracking, run_id: str, every_s: float = 2.0):
+        self.client, self.run_id = tracking.client(), run_id
         self.pending, self.every_s, self.step, self.flushed_at = [], every_s, 0, time.monotonic()
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -161,14 +163,10 @@ def validate(model, val_shards: str, rank: int, world: int, log: _MlflowLog | No
     from workflows.local import accumulate
 
     acc = accumulate(model, val_shards, part=(rank, world))
-    if world > 1:
+    if world > 1:       # one all-reduce of the accumulator's state vector
         device = next(model.parameters()).device
-        fields = ("iou", "tp", "fp", "fn")
-        *sums, images = _sum_over_workers(*(torch.from_numpy(getattr(acc, f)).to(device) for f in fields),
-                                          torch.tensor([acc.images], device=device))
-        for f, total in zip(fields, sums):
-            getattr(acc, f)[:] = total.cpu().numpy()
-        acc.images = int(images)
+        (total,) = _sum_over_workers(torch.from_numpy(acc.to_vector()).to(device))
+        acc = type(acc).from_vector(acc.categories, total.cpu().numpy())
     pq = acc.summary()
     if log:
         log.log(step, {"val_pq": pq["All"]["pq"], "val_sq": pq["All"]["sq"], "val_rq": pq["All"]["rq"],
@@ -210,7 +208,7 @@ class StepHooks:
             self.log.flush()
         with tempfile.TemporaryDirectory() as d:
             if self.rank == 0:
-                self.trainer.save(os.path.join(d, CHECKPOINT_FILE))
+                write_uri(os.path.join(d, CHECKPOINT_FILE), checkpoint.to_bytes(self.trainer.checkpoint()))
             self.report(metrics, d if self.rank == 0 else None)
         self.t = time.perf_counter()       # the report is not a training step
 
@@ -234,16 +232,16 @@ def train_worker(loop_config: dict) -> None:
     model = CIAEModel(cfg, spec.stuff_ids, spec.thing_ids, spec.category_names)
     resumed = ray.train.get_checkpoint()
     if spec.init and not resumed:       # fine-tuning: the source's weights, loaded here too
-        from ciae.backbone import read_weights
         from ciae.finetune import read_source, transfer
 
         name, ref = spec.init
-        transfer(model, read_source(read_weights(io.BytesIO(ray.get(ref)), name), name))
+        transfer(model, read_source(checkpoint.load(ray.get(ref), name), name))
     trainer = distributed_trainer(model, device)
     if resumed:
         with resumed.as_directory() as d:
-            trainer.load(os.path.join(d, CHECKPOINT_FILE))
-    log = _MlflowLog(spec.tracking_uri, spec.run_id) if rank == 0 else None
+            path = os.path.join(d, CHECKPOINT_FILE)
+            trainer.restore(checkpoint.load(path, path))
+    log = _MlflowLog(spec.tracking, spec.run_id) if rank == 0 else None
     if log and resumed:
         log.log(trainer.step, {"resumed_at_step": trainer.step})
 

@@ -14,7 +14,8 @@ labeling takes the newest checkpoint Ray Train stored; labeling takes fewer imag
 time is left. OUT/jobs.json holds every figure (rewritten through a temporary name after each
 phase), OUT/jobs.md the same as tables, OUT/commands.log the commands' output, OUT/gpu.csv the
 nvidia-smi samples (time, utilisation %, memory MiB). Work files go to --work. ``--smoke``: the
-same on the CPU with tiny sizes (Config.small() at 64 px, a few images); its times mean nothing.
+same on the CPU with tiny sizes (Config.small() at 64 px, a few images), the three commands on
+one local Ray started for them; its times mean nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.storage import write_uri  # noqa: E402
+
 RUN_NAME = "jobs"
 # per mode: (train images, h, w), (label distinct images, h, w), batch per worker, label batch and
 # task size, labeling reserve s, labeling overhead s and an assumed rate (img/s) to size its
@@ -54,12 +57,6 @@ def fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class Record:
     """jobs.json and jobs.md, rewritten whenever a figure arrives."""
 
@@ -68,8 +65,8 @@ class Record:
 
     def set(self, phase: str, **figures) -> None:
         self.data["phases"].setdefault(phase, {}).update(figures)
-        write_atomic(self.out / "jobs.json", json.dumps(self.data, indent=1, default=str))
-        write_atomic(self.out / "jobs.md", self.markdown())
+        write_uri(str(self.out / "jobs.json"), json.dumps(self.data, indent=1, default=str).encode())
+        write_uri(str(self.out / "jobs.md"), self.markdown().encode())
 
     def markdown(self) -> str:
         lines = []
@@ -315,12 +312,12 @@ def steady_rate(labels: Path, task_images: int) -> float | None:
 
 
 def segments_per_image(labels: Path) -> float | None:
-    import pyarrow.parquet as pq
+    from pipeline.storage import read_parquet
 
-    counts = []
-    for f in glob.glob(str(labels / "labels" / "*.parquet")):
-        t = pq.read_table(f, columns=["status", "segments"]).to_pydict()
-        counts += [len(s) for st, s in zip(t["status"], t["segments"]) if st == "labeled"]
+    if not glob.glob(str(labels / "labels" / "*.parquet")):
+        return None
+    t = read_parquet(str(labels), columns=["status", "segments"]).to_pydict()     # the output as a dataset
+    counts = [len(s) for st, s in zip(t["status"], t["segments"]) if st == "labeled"]
     return sum(counts) / len(counts) if counts else None
 
 
@@ -336,6 +333,21 @@ def main(argv=None) -> int:
     p.add_argument("--label-images", type=int, default=None, help="images to label (default 2048; smoke 24)")
     p.add_argument("--work", default=None, help="work folder, emptied first (default: $TMPDIR/ciae-jobs)")
     args = p.parse_args(argv)
+    if not args.smoke:
+        return run(args, None)
+    # the smoke's three commands share one local Ray, started here (--address): on 2 CPUs each
+    # command's own start and stop of Ray take 3-4 s, most of a tiny job; on the GPU machine
+    # each command starts its own, as a user's would, and its figures include that
+    import ray
+
+    from pipeline.ray_runtime import connect
+
+    with connect():
+        return run(args, ray.get_runtime_context().gcs_address)
+
+
+def run(args, ray_address: str | None) -> int:
+    """The phases; the commands connect to ``ray_address`` (None: each starts a local Ray)."""
     t0 = time.time()
     smoke, size = args.smoke, SIZES[args.smoke]
     deadline = t0 + (args.budget_s or (900 if smoke else 300))
@@ -393,7 +405,8 @@ def main(argv=None) -> int:
 
     # prepare
     shards = work / "shards"
-    r = command(["prepare", "--images", str(synth / "images"), "--panoptic-json", str(synth / "panoptic.json"),
+    at = ["--address", ray_address] if ray_address else []
+    r = command(["prepare", *at, "--images", str(synth / "images"), "--panoptic-json", str(synth / "panoptic.json"),
                  "--panoptic-dir", str(synth / "panoptic"), "--out", str(shards), "--rows-per-shard", "16"],
                 log, left() - size["reserve_s"] - 30, env)
     rec.set("prepare", rc=r["rc"], seconds=r["seconds"], timed_out=r["timed_out"])
@@ -415,7 +428,7 @@ def main(argv=None) -> int:
             + f" --batch-per-worker {size['batch']}")
     if left() - size["reserve_s"] < size["min_train_s"]:
         return _finish(rec, sampler, say, t0, f"out of time before training ({left():.0f} s left)")
-    r = command(["train", "--data", str(shards), "--config", str(work / "train.json"), "--workers", "1",
+    r = command(["train", *at, "--data", str(shards), "--config", str(work / "train.json"), "--workers", "1",
                  "--gpus-per-worker", gpus, "--batch-per-worker", str(size["batch"]), "--storage",
                  str(work / "ray_results"), "--name", RUN_NAME, "--tracking-uri", tracking, "--experiment", "jobs",
                  "--pictures", "0"], log, left() - size["reserve_s"], env)
@@ -439,7 +452,7 @@ def main(argv=None) -> int:
         source = work / "label_list.txt"
         source.write_text("".join(f"label_images/{j:06d}.jpg\n" for j in range(k)))
     actor_cpus = 0.5 if smoke else 1.0
-    r = command(["label", "--model", checkpoints[-1], "--input", str(source), "--out", str(work / "labels"),
+    r = command(["label", *at, "--model", checkpoints[-1], "--input", str(source), "--out", str(work / "labels"),
                  "--workers", "1", "--gpus-per-worker", gpus, "--cpus-per-worker", str(actor_cpus),
                  "--batch-size", str(size["label_batch"]), "--task-images", str(size["task_images"]), "--stats"],
                 log, left() - 5, env)

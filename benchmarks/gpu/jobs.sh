@@ -51,7 +51,8 @@ if want != have:
 PY
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} CIAE_RAY_TREE=$site
 fi
-"$py" -c 'import ray, mlflow' 2>/dev/null ||
+# found, not imported (importing MLflow alone takes 1-2 s; the jobs import both soon enough)
+"$py" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("ray") and u.find_spec("mlflow")))' 2>/dev/null ||
     { echo "jobs.sh: $py cannot import Ray and MLflow; pass --tree (made by benchmarks/gpu/ray_tree.sh)" >&2; exit 2; }
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 cd "$root"

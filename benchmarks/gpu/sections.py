@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -569,38 +568,22 @@ def step_figures(ctx: Context, cfg, shards: str, batch: dict, backend: str, warm
 
 # ---- inference --------------------------------------------------------------------------------
 
-def test_size(h: int, w: int, shorter: int, max_size: int) -> tuple[int, int]:
-    """The test-time size of ciae.predictor: shorter side to ``shorter``, longer <= max_size."""
-    scale = min(shorter / min(h, w), max_size / max(h, w))
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
 class JpegImages:
-    """A map-style dataset: JPEG path -> [3, h, w] uint8 at the test size (PIL decode and
-    bilinear resize), as the predictor preprocesses."""
+    """A map-style dataset: JPEG path -> [h, w, 3] uint8 RGB at the test size, through
+    ``ciae.transform`` (``decode_rgb``, ``Transform.resize_for_test``) as the labeling job's CPU
+    tasks preprocess; ``Transform.batch`` collates them."""
 
-    def __init__(self, paths: list[str], shorter: int, max_size: int):
-        self.paths, self.shorter, self.max_size = paths, shorter, max_size
+    def __init__(self, paths: list[str], transform):
+        self.paths, self.transform = paths, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        with Image.open(self.paths[i]) as im:
-            im = im.convert("RGB")
-            h, w = test_size(im.height, im.width, self.shorter, self.max_size)
-            rgb = np.asarray(im.resize((w, h), Image.BILINEAR))
-        return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+        from ciae.transform import decode_rgb
 
-
-def pad_collate(images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """[3, h_i, w_i] uint8 -> ([B, 3, H, W] zero-padded to multiples of 32, the (h_i, w_i))."""
-    hh = -(-max(x.shape[1] for x in images) // 32) * 32
-    ww = -(-max(x.shape[2] for x in images) // 32) * 32
-    out = torch.zeros(len(images), 3, hh, ww, dtype=torch.uint8)
-    for k, x in enumerate(images):
-        out[k, :, :x.shape[1], :x.shape[2]] = torch.from_numpy(x)
-    return out, [tuple(x.shape[1:]) for x in images]
+        with open(self.paths[i], "rb") as f:
+            return self.transform.resize_for_test(decode_rgb(f.read()))
 
 
 def plant_detections(model, images, sizes, wanted: tuple[int, int]) -> dict:
@@ -636,6 +619,8 @@ def plant_detections(model, images, sizes, wanted: tuple[int, int]) -> dict:
 
 def section_inference(ctx: Context, sec) -> None:
     from ciae.model import CIAEModel
+    from ciae.predictor import Predictor
+    from ciae.transform import Transform
     from pipeline.synth import coco_categories
 
     cfg = ctx.paper_config()
@@ -648,10 +633,12 @@ def section_inference(ctx: Context, sec) -> None:
     h, w = (48, 64) if ctx.smoke else (480, 640)
     src = ctx.dataset("inference", n_files, 5, h, w, coco=True)
     paths = sorted(str(p) for p in (src / "images").glob("*.jpg"))
-    shorter, max_size = cfg.input.test_shorter_side, cfg.input.max_size
-    data = JpegImages(paths, shorter, max_size)
-    images, sizes = pad_collate([data[i] for i in range(8)])
+    transform = Transform(cfg.input)
+    data = JpegImages(paths, transform)
+    images, sizes = transform.batch([data[i] for i in range(8)])
     images = images.to(ctx.device)
+    # ciae.predictor.Predictor without and with bf16 autocast, the model's layout left as it is
+    predictors = {amp: Predictor(model, amp=amp, channels_last=False) for amp in (False, True)}
     config = (f"{cfg.backbone.name} FPN, {n_files} synthetic {w}x{h} JPEGs at test size "
               f"{tuple(images.shape[2:])} (padded)")
     sec.set(config=config)
@@ -675,10 +662,8 @@ def section_inference(ctx: Context, sec) -> None:
         rows.append(list(cells))
         sec.table(f"Inference: {config}", ["input", "batch", "bf16 autocast", "images/s"], rows)
 
-    def predict(batch, size, autocast):     # the id maps to the host in one copy, as Predictor
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
-            preds = model.predict(batch, size)
-        return torch.cat([p["panoptic"].reshape(-1) for p in preds]).cpu()
+    def predict(batch, size, autocast):     # the id maps reach the host in one copy
+        return predictors[autocast].predict_batch(batch, size, size)
 
     resident = []
     for autocast in (False, True):
@@ -699,13 +684,13 @@ def section_inference(ctx: Context, sec) -> None:
     autocast = max(b8, key=b8.get) if b8 else False
 
     workers = os.cpu_count() or 1
-    loader_data = JpegImages(paths * repeat, shorter, max_size)
+    loader_data = JpegImages(paths * repeat, transform)
 
     def stream(consume) -> dict:
         """Images/s of the DataLoader feeding ``consume(batch, sizes)``: overall, and steady
         (after the first batch, so without the workers' start)."""
         loader = torch.utils.data.DataLoader(loader_data, batch_size=8, num_workers=workers,
-                                             pin_memory=ctx.cuda, collate_fn=pad_collate,
+                                             pin_memory=ctx.cuda, collate_fn=Transform.batch,
                                              prefetch_factor=4)
         t0 = time.perf_counter()
         first, count = None, 0

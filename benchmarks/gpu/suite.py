@@ -25,6 +25,8 @@ Each section runs in its own process with its own time budget: it checks the bud
 measurements and stops early (status "partial", the rest listed as skipped); past the budget
 its process group is killed (status "timeout"); an exception or a crash is recorded with a
 one-line reason (status "failed"). Whatever a section recorded is kept, and the suite goes on.
+On the GPU the sections run one at a time; the smoke runs two at once where there are two CPUs
+(each is single-threaded there, and its times mean nothing), started in the same order.
 OUT/results.json and OUT/results.md are rewritten after every section; OUT/tiles.json holds the
 tile measurements and proposal. Ray, MLflow and pycocotools are absent on the device machine,
 so importing them fails here too.
@@ -44,12 +46,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from pipeline.storage import write_uri  # noqa: E402  (atomic: whatever ends the run, every file under OUT is whole)
 
 BLOCKED = ("ray", "mlflow", "pycocotools")
 # name -> (GPU budget s, smoke budget s), in priority (= run) order; None: what is left. GPU
@@ -87,7 +92,7 @@ class Section:
         return self.deadline - time.time()
 
     def save(self) -> None:
-        write_atomic(self.path, json.dumps(clean(self.entry), indent=1))
+        write_uri(str(self.path), json.dumps(clean(self.entry), indent=1).encode())
 
     def set(self, **fields) -> None:
         self.entry.update(fields)
@@ -208,14 +213,6 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """``path`` holds either its old text or ``text``, never a part (a temporary name, then a
-    rename): whatever ends the run, every file under OUT is whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def sync_device() -> None:
     """Wait for the device's queued work, if torch with CUDA is loaded (so that a fault shows
     where it happened)."""
@@ -289,8 +286,8 @@ def run_section(name: str, budget: float, args, work: Path, env: dict) -> dict:
 
 
 def write_results(out: Path, results: dict) -> None:
-    write_atomic(out / "results.json", json.dumps(clean(results), indent=1))
-    write_atomic(out / "results.md", "\n".join(markdown(results)) + "\n")
+    write_uri(str(out / "results.json"), json.dumps(clean(results), indent=1).encode())
+    write_uri(str(out / "results.md"), ("\n".join(markdown(results)) + "\n").encode())
 
 
 def overview(results: dict) -> list[str]:
@@ -342,6 +339,9 @@ def main(argv=None) -> int:
                    help=f"seconds for the whole suite (default {TOTAL_S[False]}, smoke "
                         f"{TOTAL_S[True]}); each section gets at most its own budget, tiles "
                         f"the rest")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="sections run at once, started in order (default 1; smoke: 2 where there "
+                        "are 2 CPUs); more than 1 only with --smoke, as they would share the GPU")
     p.add_argument("--inject-fault", metavar="UNIT",
                    help="raise a simulated CUDA fault at the first measurement of UNIT (a kernel: "
                         "segment_sums, loss, assign, assign_upsampled; or a backend: triton, "
@@ -357,6 +357,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(names) - set(SECTIONS))
     if unknown:
         p.error(f"unknown sections {unknown}; known: {list(SECTIONS)}")
+    jobs = args.jobs or (min(2, os.cpu_count() or 1) if args.smoke else 1)
+    if jobs < 1 or (jobs > 1 and not args.smoke):
+        p.error("--jobs: 1, or more with --smoke (on the GPU sections would measure each other)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     total = args.total_s or TOTAL_S[args.smoke]
@@ -371,21 +374,40 @@ def main(argv=None) -> int:
     if args.smoke:   # one thread: on a busy small machine OpenMP's waiting threads cost 10-100x
         env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     work = Path(tempfile.mkdtemp(prefix="ciae-gpu-suite-"))
+    lock, slots, running = threading.Lock(), threading.Semaphore(jobs), []
+
+    def record(name: str, entry: dict) -> None:
+        with lock:
+            results["sections"][name] = entry
+            results["suite"]["seconds"] = round(time.time() - start, 1)
+            write_results(out, results)
+
+    def run(name: str, budget: float) -> None:
+        try:
+            entry = run_section(name, budget, args, work, env)
+        except Exception as exc:       # the suite's own fault: recorded, the suite goes on
+            traceback.print_exc()
+            entry = {"status": "failed", "budget_s": round(budget), "reason": one_line(exc)}
+        finally:
+            slots.release()
+        record(name, entry)
+
     try:
-        for name in names:
+        for name in names:             # started in order, each when a slot is free
+            slots.acquire()
             own = SECTIONS[name][1 if args.smoke else 0]
             left = start + total - time.time()
             budget = left if own is None else min(own, left)
             if budget < MIN_SECTION_S:
-                results["sections"][name] = {
-                    "status": "skipped", "budget_s": 0, "seconds": 0,
-                    "reason": f"{max(left, 0):.0f} s of the suite's budget left"}
-            else:
-                results["sections"][name] = {"status": "running", "budget_s": round(budget)}
-                write_results(out, results)
-                results["sections"][name] = run_section(name, budget, args, work, env)
-            results["suite"]["seconds"] = round(time.time() - start, 1)
-            write_results(out, results)
+                slots.release()
+                record(name, {"status": "skipped", "budget_s": 0, "seconds": 0,
+                              "reason": f"{max(left, 0):.0f} s of the suite's budget left"})
+                continue
+            record(name, {"status": "running", "budget_s": round(budget)})
+            running.append(threading.Thread(target=run, args=(name, budget), daemon=True))
+            running[-1].start()
+        for thread in running:
+            thread.join()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n".join(overview(results)) + f"\n\nEvery figure: {out}/results.md and results.json",

@@ -24,7 +24,7 @@ import torch
 from kernels import assign_triton, ciae_loss_triton, dispatch, segment_sums_triton
 from kernels.triton_blocks import Tile, dtype_class
 from sections import EAGER_MULTIPLE, kernel_bench
-from suite import write_atomic
+from pipeline.storage import write_uri
 
 TABLES = {"loss fwd": (ciae_loss_triton, "LOSS_FWD_TILES"),
           "loss bwd": (ciae_loss_triton, "LOSS_BWD_TILES"),
@@ -199,7 +199,7 @@ def report(ctx, sec, measured: list[dict], rows: list[list], proposal: dict) -> 
     doc = {"smoke": ctx.smoke, "groups": measured,
            "changed_tables": [TABLES[k][1] for k in changed],
            "proposal_py": {f: "\n".join(t) for f, t in files.items()}}
-    write_atomic(ctx.out / "tiles.json", json.dumps(doc, indent=1))
+    write_uri(str(ctx.out / "tiles.json"), json.dumps(doc, indent=1).encode())
     best = max((g.get("speedup", 1.0) for g in measured), default=1.0)
     sec.set(groups=measured, changed_tables=doc["changed_tables"], best_speedup=best,
             summary=f"{len(rows)} groups timed, best speed-up {best:.2f}x, tables changed: "

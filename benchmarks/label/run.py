@@ -35,9 +35,11 @@ from ciae.config import Config
 from ciae.model import CIAEModel
 from ciae.predictor import Predictor
 from ciae.transform import decode_rgb
-from ciae.train import Trainer, model_from_checkpoint
+from ciae import checkpoint as ckpt_io
+from ciae.train import Trainer
+from pipeline.label_store import LAYOUT
 from pipeline.panoptic_png import encode_id_png
-from pipeline.label_store import LABELS_DIR
+from pipeline.storage import write_uri
 from pipeline.synth import SynthSpec, coco_categories, select_categories, write_dataset
 
 
@@ -49,13 +51,17 @@ def make_checkpoint(path: str, resnet50: bool) -> None:
     else:
         cats = select_categories()
         model = CIAEModel(Config.small(), cats.stuff_ids, cats.thing_ids)
-    Trainer(model).save(path)
+    write_uri(path, ckpt_io.to_bytes(Trainer(model).checkpoint()))
+
+
+def load_model(path: str, device: str = "cpu") -> CIAEModel:
+    return CIAEModel.from_checkpoint(ckpt_io.load(path, path), device)
 
 
 def baseline(checkpoint: str, images_dir: str, out_dir: str, batch_size: int) -> float:
     """Seconds for the plain loop over every image of ``images_dir``."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    predictor = Predictor(model_from_checkpoint(checkpoint, device), batch_size)
+    predictor = Predictor(load_model(checkpoint, device), batch_size)
     names = sorted(os.listdir(images_dir))
     os.makedirs(out_dir, exist_ok=True)
     predictor([decode_rgb(open(os.path.join(images_dir, names[0]), "rb").read())])  # warm-up
@@ -76,7 +82,7 @@ def steady_rate(out: str) -> float | None:
     over the time between the first and the last shard (modification times)."""
     import pyarrow.parquet as pq
 
-    folder = os.path.join(out, LABELS_DIR)
+    folder = os.path.join(out, LAYOUT.labels)
     shards = sorted((os.stat(os.path.join(folder, n)).st_mtime, pq.read_metadata(os.path.join(folder, n)).num_rows)
                     for n in os.listdir(folder) if n.endswith(".parquet"))
     if len(shards) < 2 or shards[-1][0] <= shards[0][0]:
@@ -116,7 +122,7 @@ def main(argv=None) -> int:
         make_checkpoint(checkpoint, args.resnet50)
     tracking = f"sqlite:///{root}/mlflow.db"
     model_uri = register_checkpoint(checkpoint, tracking_uri=tracking, model_name="ciae-bench")
-    cfg = model_from_checkpoint(checkpoint).cfg
+    cfg = load_model(checkpoint).cfg
     what = (f"{cfg.backbone.name} (width {cfg.backbone.width}), test shorter side "
             f"{cfg.input.test_shorter_side}, {args.images} images {args.width}x{args.height}, "
             f"batch {args.batch_size}, {'GPU' if torch.cuda.is_available() else f'{cores} CPU cores'}")

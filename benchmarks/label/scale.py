@@ -30,25 +30,30 @@ LINKS_PER_FILE = 50_000
 class TrivialLabeler:
     """The model stage's contract without a model: one stuff segment covering each image."""
 
-    def __init__(self, model_uri, tracking_uri, threads, amp, compile):
-        from ciae.train import load_checkpoint
+    def __init__(self, checkpoint, name, threads, amp, compile):
+        from ciae import checkpoint as ckpt_io
 
-        del model_uri, tracking_uri, threads, amp, compile
-        self.category = int(load_checkpoint(os.environ["CIAE_BENCH_CHECKPOINT"])["stuff_ids"][0])
+        if not isinstance(checkpoint, bytes):      # its reference in Ray's object store
+            import ray
+
+            checkpoint = ray.get(checkpoint)
+        del threads, amp, compile
+        self.category = int(ckpt_io.load(checkpoint, name)["stuff_ids"][0])
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
         n = len(batch["key"])
-        ids, segments = [np.zeros((0, 0), np.int32)] * n, [""] * n
+        ids, segments = [np.zeros((0, 0), np.int32)] * n, np.empty(n, dtype=object)
         for k in range(n):
+            segments[k] = []
             if batch["status"][k] == "ok":
                 h, w = int(batch["height"][k]), int(batch["width"][k])
                 ids[k] = np.ones((h, w), np.int32)
-                segments[k] = json.dumps([{"id": 1, "category_id": self.category, "iscrowd": 0, "area": h * w,
-                                           "bbox": [0, 0, w, h], "score": 1.0}])
+                segments[k] = [{"id": 1, "category_id": self.category, "iscrowd": 0, "area": h * w,
+                                "bbox": [0, 0, w, h], "score": 1.0}]
         out = {k: v for k, v in batch.items() if k != "image"}
-        return out | {"ids": ids, "segments": np.array(segments), "quality": np.ones(n, np.float32)}
+        return out | {"ids": ids, "segments": segments, "quality": np.ones(n, np.float32)}
 
 
 def one_size(n: int, root: str) -> dict:
@@ -90,9 +95,11 @@ def main(argv=None) -> int:
 
     import torch
 
+    from ciae import checkpoint
     from ciae.config import Config
     from ciae.model import CIAEModel
     from ciae.train import Trainer
+    from pipeline.storage import write_uri
     from pipeline.synth import select_categories
     from workflows.registry import register_checkpoint
 
@@ -100,9 +107,9 @@ def main(argv=None) -> int:
     cats = select_categories()
     torch.manual_seed(0)
     ckpt = os.path.join(work, "model.pt")
-    Trainer(CIAEModel(Config.small(), cats.stuff_ids, cats.thing_ids)).save(ckpt)
+    write_uri(ckpt, checkpoint.to_bytes(Trainer(CIAEModel(Config.small(), cats.stuff_ids, cats.thing_ids)).checkpoint()))
     tracking = f"sqlite:///{work}/mlflow.db"
-    env = {**os.environ, "CIAE_BENCH_CHECKPOINT": ckpt, "CIAE_BENCH_TRACKING": tracking,
+    env = {**os.environ, "CIAE_BENCH_TRACKING": tracking,
            "CIAE_BENCH_MODEL": register_checkpoint(ckpt, tracking_uri=tracking, model_name="ciae-scale"),
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     rows = []

@@ -5,8 +5,9 @@ Baseline, run in the same process on the same files: the conversion detectron2's
 full-image comparison per segment to paint a semantic map, save it as a PNG).
 
 Ours: ``pipeline.shards.convert_record`` per image (read image and PNG, validate, index the
-segments, measure areas and boxes, encode the index map) plus writing the Parquet shard, first
-in one process (per core), then the whole Ray Data job (``pipeline.prepare.prepare``) on all cores.
+segments, measure areas and boxes, encode the index map) plus writing the Parquet shards and the
+manifest: the job in one process (``pipeline.prepare.prepare(..., in_process=True)``, per core),
+then as a Ray Data job on all cores.
 
 Data: the real COCO sample (2 val2017 images, repeated) and COCO-sized synthetic images
 (640x480, 10-40 segments) whose PNGs are saved the way COCO's were (PIL, default settings).
@@ -26,8 +27,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from pipeline import coco, storage
-from pipeline.shards import Source, convert_record, shard_name, write_shard
+from pipeline import coco
+from pipeline.shards import Source
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "data", "coco_sample")
 
@@ -51,17 +52,15 @@ def run_baseline(src: dict, records: list[coco.PanopticRecord], lut: dict, work:
     return len(records) / (time.perf_counter() - t)
 
 
-def run_ours_single(src: dict, dataset: coco.CocoPanoptic, work: str, rows_per_shard: int) -> float:
-    images, panoptic = storage.resolve(src["images"]), storage.resolve(src["panoptic_dir"])
-    fs, out = storage.resolve(work)
-    fs.create_dir(out)
-    records = dataset.records
+def run_ours_single(src: dict, work: str, rows_per_shard: int) -> float:
+    """The job in one process (``prepare(..., in_process=True)``: the same plan, shards and
+    manifest, one shard after the other), images/s."""
+    from pipeline.prepare import prepare
+
     t = time.perf_counter()
-    for k in range(0, len(records), rows_per_shard):
-        chunk = records[k:k + rows_per_shard]
-        rows = [convert_record(r, images, panoptic) for r in chunk]
-        write_shard(fs, storage.join(out, shard_name(k, chunk, dataset.categories)), rows, [])
-    return len(records) / (time.perf_counter() - t)
+    m = prepare(Source(src["images"], src["panoptic_json"], src["panoptic_dir"]), work,
+                rows_per_shard=rows_per_shard, progress=False, in_process=True)
+    return m["counts"]["images"] / (time.perf_counter() - t)
 
 
 def run_ours_ray(src: dict, work: str, rows_per_shard: int) -> tuple[float, float, int]:
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
             lut = {c.id: i for i, c in enumerate(ds.categories.categories)}
             segs = np.mean([len(r.segments) for r in ds.records])
             base = max(run_baseline(src, ds.records, lut, os.path.join(root, f"base{k}")) for _ in range(2))
-            ours = max(run_ours_single(src, ds, os.path.join(root, f"ours{k}_{i}"), args.rows_per_shard)
+            ours = max(run_ours_single(src, os.path.join(root, f"ours{k}_{i}"), args.rows_per_shard)
                        for i in range(2))
             ray_col = "-"
             if not args.no_ray:

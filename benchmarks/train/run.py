@@ -64,16 +64,15 @@ def ray_train(shards: str, cfg: Config, workers: int, batch: int, steps: int, wa
               cpus: float, root: str) -> float:
     """Global images/s of ``ciae train`` with ``workers`` Ray Train workers, from rank 0's
     per-step MLflow metric (which includes waiting for data)."""
-    import mlflow
-
     from workflows.jobs import TrainJob
+    from workflows.tracking import Tracking
     from workflows.train import train
 
     job = TrainJob(data=shards, config=cfg, workers=workers, batch_per_worker=batch, cpus_per_worker=cpus,
                    iterations=warmup + steps, storage=os.path.join(root, "ray_results"),
                    tracking_uri=f"sqlite:///{root}/mlflow.db", experiment="bench-train", pictures=0)
     s = train(job, progress=False)
-    history = mlflow.MlflowClient(s["tracking_uri"]).get_metric_history(s["run_id"], "images_per_s")
+    history = Tracking(s["tracking_uri"]).client().get_metric_history(s["run_id"], "images_per_s")
     return statistics.median(m.value for m in history if m.step > warmup)
 
 

@@ -7,7 +7,7 @@
   4. labeling of the held-out images with the registered model (streaming Ray Data job: decode
      tasks, model actors, encode tasks), written as Parquet shards and in COCO panoptic and
      instances formats, with PQ streamed against the ground truth and the least confident
-     images listed first in review.csv;
+     images listed first in _review.csv (the labels a Parquet dataset: pandas reads the folder);
   5. panels (image | prediction | ground truth | embedding PCA), on disk and as MLflow artifacts.
 
 example:
@@ -33,8 +33,6 @@ def run(args) -> int:
     import os
     import time
 
-    import mlflow
-
     from ciae.config import Config
     from pipeline.prepare import prepare
     from pipeline.ray_runtime import connect
@@ -42,6 +40,7 @@ def run(args) -> int:
     from pipeline.synth import SynthSpec, write_dataset
     from workflows.jobs import LabelJob, TrainJob
     from workflows.label import label
+    from workflows.tracking import Tracking
     from workflows.train import train
 
     t0 = time.perf_counter()
@@ -74,22 +73,21 @@ def run(args) -> int:
         model_uri = f"models:/ciae-demo/{s['model_version']}"
         print(f"[demo] labeling {args.val_images} held-out images with {model_uri}")
         labels = label(LabelJob(model=model_uri, input=os.path.join(val, "images"), out=os.path.join(wd, "labels"),
-                                tracking_uri=uri, workers=args.workers, cpus_per_worker=0.5,
+                                tracking_uri=uri, workers=args.workers,
                                 gt_json=os.path.join(val, "panoptic.json"), gt_dir=os.path.join(val, "panoptic"),
                                 coco_panoptic=True, coco_instances=True, overlays=4),
                        address=args.address)
-    pictures = mlflow.artifacts.download_artifacts(run_id=s["run_id"], artifact_path="pictures",
-                                                   dst_path=wd, tracking_uri=uri)
+    pictures = Tracking.resolve(uri).download(f"runs:/{s['run_id']}/pictures", dst=wd)
     pq = labels["metrics"]["All"]
     print(f"""
 [demo] done in {time.perf_counter() - t0:.0f} s. Held-out PQ {100 * pq['pq']:.1f} (SQ {100 * pq['sq']:.1f}, RQ {100 * pq['rq']:.1f})
   data          {os.path.join(wd, 'synth')}  (COCO panoptic) and {os.path.join(wd, 'shards')} (Parquet)
   checkpoints   {os.path.join(wd, 'ray_results')}
   MLflow        {uri}  run {s['run_id']}, model ciae-demo version {s['model_version']}
-  labels        {labels['out']}/labels/*.parquet (one row per image), panoptic/*.png + predictions.json
-                (COCO panoptic), instances.json (COCO instances, RLE), metrics.json, review.csv
-                (least confident first), rejects.json
-  panels        {os.path.join(labels['out'], 'overlays')}  (image | prediction | ground truth)
+  labels        {labels['out']}/labels/*.parquet (one row per image: pandas.read_parquet of the folder),
+                _coco/panoptic/*.png + _coco/predictions.json (COCO panoptic), _coco/instances.json
+                (COCO instances, RLE), _metrics.json, _review.csv (least confident first), _rejects.json
+  panels        {os.path.join(labels['out'], '_overlays')}  (image | prediction | ground truth)
   pictures      {pictures}  (validation panels with embedding PCA, also MLflow artifacts)
   MLflow UI     .venv/bin/mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000""")
     return 0

@@ -1,22 +1,27 @@
 """Label images with a registered model: a streaming Ray Data job (decode on CPU tasks, the model
 on actors, encode and write on CPU tasks), written exactly once as Parquet shards.
 
---model is an MLflow model (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model) or a
-checkpoint file that `ciae train` wrote (path or URI, readable where the actors run; no MLflow
-needed then).
+--model is an MLflow model (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a
+model folder) or a checkpoint file that `ciae train` wrote (path or URI; no MLflow needed then).
+The driver reads it once and hands it to the actors through Ray's object store.
 
 Input (path or URI): a folder of images (with its subfolders), a list file (one path or URI per
-line), or prepared shards (a folder with manifest.json). Output:
+line), or prepared shards (a folder with _manifest.json). Output, a Parquet dataset (pandas,
+pyarrow.dataset and Spark read OUT as one row per image; they skip the names starting with _):
 
   OUT/labels/task-*.parquet   one row per image: key, image_id, file_name, height, width, status,
                               the COCO panoptic PNG, segments (with a confidence score and, for
                               things, an RLE mask), the image's quality, its PQ with ground truth
-  OUT/review.csv              the least confident images first (--review N of them)
-  OUT/rejects.json            images that could not be read, with the reason
-  OUT/metrics.json            with ground truth: PQ / SQ / RQ, accumulated as batches finish
-  OUT/panoptic/<key>.png + OUT/predictions.json    with --coco-panoptic (COCO panoptic format)
-  OUT/instances.json          with --coco-instances: COCO instances of the thing segments (RLE)
-  OUT/overlays/<key>.png      with --overlays N: image | prediction | ground truth of the first N
+  OUT/_review.csv             the least confident images first (--review N of them)
+  OUT/_rejects.json           images that could not be read, with the reason
+  OUT/_metrics.json           with ground truth: PQ / SQ / RQ, accumulated as batches finish
+  OUT/_coco/panoptic/<key>.png + OUT/_coco/predictions.json   with --coco-panoptic (COCO panoptic)
+  OUT/_coco/instances.json    with --coco-instances: COCO instances of the thing segments (RLE)
+  OUT/_overlays/<key>.png     with --overlays N: image | prediction | ground truth of the first N
+  OUT/_plan/, OUT/_parts/     the job's own: the planned input, batches of unfinished tasks
+
+An OUT written by an earlier version (plan/, predictions.json, ... without the _) is resumed and
+exported in its own layout.
 
 Keys are the images' paths relative to the input without extension (a/0001 for a/0001.jpg).
 Image ids: from shards, the row's image_id; from a folder or list, the ground truth's id for
@@ -58,18 +63,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"],
                    help="GPUs per actor; 0.5 puts two actors on one GPU (default 0: CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"],
-                   help=f"CPUs per actor, also its torch threads (default {d['cpus_per_worker']:g})")
+                   help="CPUs per actor, also its torch threads (default 1, or the share that leaves "
+                        "one CPU of the cluster to decoding and encoding)")
     p.add_argument("--gt-json", default=None, help="ground-truth COCO panoptic JSON: PQ as batches finish")
     p.add_argument("--gt-dir", default=None, help="folder of ground-truth panoptic PNGs (with --gt-json)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI or sqlite mlruns/mlflow.db)")
-    p.add_argument("--coco-panoptic", action="store_true", help="also write OUT/panoptic/*.png and predictions.json")
+    p.add_argument("--coco-panoptic", action="store_true",
+                   help="also write OUT/_coco/panoptic/*.png and OUT/_coco/predictions.json")
     p.add_argument("--coco-instances", action="store_true",
-                   help="also write OUT/instances.json (thing segments as RLE, for detector training)")
+                   help="also write OUT/_coco/instances.json (thing segments as RLE, for detector training)")
     p.add_argument("--overlays", type=int, default=d["overlays"], metavar="N",
-                   help="draw panels of the first N images into OUT/overlays (default 0)")
+                   help="draw panels of the first N images into OUT/_overlays (default 0)")
     p.add_argument("--review", type=int, default=d["review"], metavar="N",
-                   help=f"list the N least confident images in OUT/review.csv (default {d['review']})")
+                   help=f"list the N least confident images in OUT/_review.csv (default {d['review']})")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bfloat16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the network on CUDA")
     p.add_argument("--retry-rejected", action="store_true",
@@ -84,19 +91,25 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ciae.evaluation import format_table
+    from pipeline.label_store import LabelStore
     from workflows.jobs import LabelJob
     from workflows.label import label
 
     job = LabelJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LabelJob)})
     s = label(job, address=args.address)
+    layout = LabelStore(job.out).layout
     rate = f", {s['images_per_second']:.1f} img/s" if s["images_per_second"] else ""
     print(f"{s['labeled']} of {s['images']} images labeled ({s['skipped']} finished before, "
           f"{s['processed']} this run in {s['seconds']:.1f} s{rate}), {s['rejected']} rejected -> {args.out}")
     if s["rejected"]:
-        print(f"  rejected images are listed in {args.out}/rejects.json")
-    print(f"  the {s['review']} least confident images are listed in {args.out}/review.csv")
+        print(f"  rejected images are listed in {args.out}/{layout.rejects}")
+    print(f"  the {s['review']} least confident images are listed in {args.out}/{layout.review}")
+    if job.coco_panoptic:
+        print(f"  COCO panoptic: {args.out}/{layout.predictions} and {args.out}/{layout.panoptic}/")
+    if job.coco_instances:
+        print(f"  COCO instances: {args.out}/{layout.instances}")
     if s["overlays"]:
-        print(f"  {s['overlays']} panels in {args.out}/overlays")
+        print(f"  {s['overlays']} panels in {args.out}/{layout.overlays}")
     if s["metrics"] is not None:
         print(format_table(s["metrics"]))
     if args.stats and s["stages"]:

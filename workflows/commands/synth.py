@@ -12,21 +12,25 @@ HELP = "write a synthetic COCO panoptic dataset"
 
 
 def add_arguments(p):
+    from pipeline.synth import DEFAULT_CATEGORIES, SynthSpec, write_dataset
+    from workflows.cli import defaults
+
+    d, spec = defaults(write_dataset), defaults(SynthSpec)
     p.add_argument("out", help="output folder")
-    p.add_argument("--images", type=int, default=32, help="number of images (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--height", type=int, default=256, help="image height (default 256)")
-    p.add_argument("--width", type=int, default=256, help="image width (default 256)")
+    p.add_argument("--images", type=int, default=d["n_images"], help=f"number of images (default {d['n_images']})")
+    p.add_argument("--seed", type=int, default=d["seed"], help=f"random seed (default {d['seed']})")
+    p.add_argument("--height", type=int, default=spec["height"], help=f"image height (default {spec['height']})")
+    p.add_argument("--width", type=int, default=spec["width"], help=f"image width (default {spec['width']})")
     p.add_argument("--categories", default=None,
                    help="comma-separated COCO panoptic category names or ids, at least one stuff and "
-                        "one thing (default: 4 stuff and 4 thing classes)")
+                        f"one thing (default: {','.join(DEFAULT_CATEGORIES)})")
 
 
 def run(args) -> int:
-    from pipeline.synth import DEFAULT_CATEGORIES, SynthSpec, select_categories, write_dataset
+    from pipeline.synth import SynthSpec, select_categories, write_dataset
 
-    names = args.categories.split(",") if args.categories else DEFAULT_CATEGORIES
-    doc = write_dataset(args.out, args.images, seed=args.seed, categories=select_categories(names),
+    categories = select_categories(args.categories.split(",")) if args.categories else None
+    doc = write_dataset(args.out, args.images, seed=args.seed, categories=categories,
                         spec=SynthSpec(height=args.height, width=args.width), progress=True)
     n_seg = sum(len(a["segments_info"]) for a in doc["annotations"])
     print(f"wrote {len(doc['images'])} images, {n_seg} segments, {len(doc['categories'])} categories "

@@ -72,36 +72,17 @@ def add_arguments(p):
                         "(path or URI); shared categories keep their weights, new ones start afresh")
 
 
-def load_config(spec: str):
-    """'small', 'paper', or a JSON file {"base": "small"|"paper", section: {key: value}}; a bad
-    one is a ValueError naming it."""
-    import json
-
-    from ciae.config import Config
-
-    presets = {"small": Config.small, "paper": Config}
-    if spec in presets:
-        return presets[spec]()
-    try:
-        with open(spec) as f:
-            overrides = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--config {spec}: not 'small', 'paper' or a readable JSON file ({e})") from None
-    base = overrides.pop("base", "small")
-    if base not in presets:
-        raise ValueError(f"--config {spec}: base must be 'small' or 'paper', got {base!r}")
-    try:
-        return presets[base]().merged(overrides)
-    except ValueError as e:
-        raise ValueError(f"--config {spec}: {e}") from None
-
-
 def run(args) -> int:
+    from ciae.config import Config
     from workflows.jobs import TrainJob
     from workflows.train import train
 
+    try:
+        config = Config.load(args.config)
+    except ValueError as e:
+        raise ValueError(f"--config {e}") from None
     fields = {f.name for f in dataclasses.fields(TrainJob)} - {"config"}
-    job = TrainJob(config=load_config(args.config), **{k: getattr(args, k) for k in fields})
+    job = TrainJob(config=config, **{k: getattr(args, k) for k in fields})
     s = train(job, address=args.address)
     print(f"[train] run {s['name']} finished at step {s['step']} (MLflow run {s['run_id']}, {s['tracking_uri']})")
     if s["pq"]:
