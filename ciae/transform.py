@@ -2,6 +2,8 @@
 torchvision's ``GeneralizedRCNNTransform``): decode, resize to a size, pad a batch to a multiple
 of 32, and map a prediction back to the image's own size.
 
+* Decode (:func:`decode_rgb`): any image PIL reads to RGB, turned by its EXIF orientation as
+  viewers show it; ground truth and sizes are taken in that orientation.
 * Resize: the shorter side to a target (drawn from ``InputConfig.shorter_sides`` in training,
   ``test_shorter_side`` otherwise), the longer side capped at ``max_size``; images bilinear
   (PIL), label maps nearest (:func:`resize_nearest`).
@@ -20,12 +22,13 @@ see the same pixels.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from ciae.config import InputConfig
 
@@ -41,13 +44,19 @@ class ImageError(ValueError):
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """Encoded image bytes (JPEG, PNG, anything PIL reads) -> [H, W, 3] uint8 RGB.
+    """Encoded image bytes (JPEG, PNG, anything PIL reads) -> [H, W, 3] uint8 RGB, turned as
+    viewers show it.
 
-    Grey, palette, CMYK, alpha and 16-bit images become 8-bit RGB (16-bit values keep their top
-    8 bits). Raises ValueError with the reason for an empty, non-image, truncated or corrupt
-    file (it decodes in full) and, before decoding, for an image of more than ``MAX_PIXELS``
-    pixels (a decompression bomb). EXIF orientation is not applied: COCO sizes and annotations
-    refer to the stored pixels."""
+    The EXIF orientation tag (a phone photo's; JPEG, PNG, TIFF or WebP) is applied with PIL's
+    ``ImageOps.exif_transpose``, as browsers, annotation tools and detectron2's ``read_image``
+    apply it: a JPEG stored 240 wide and 160 high and tagged 6 decodes to [240, 160, 3]. Sizes
+    and ground truth (COCO ``height``/``width``, panoptic PNGs) are taken in this orientation,
+    and predictions come out in it; ``exif_orientation`` and ``oriented_size`` give the size
+    without decoding. Grey, palette, CMYK, alpha and 16-bit images become 8-bit RGB (16-bit
+    values keep their top 8 bits). Raises ValueError with the reason for an empty, non-image,
+    truncated or corrupt file (it decodes in full) and, before decoding, for an image of more
+    than ``MAX_PIXELS`` pixels (a decompression bomb; turning keeps the count, so the stored
+    size is checked)."""
     if not data:
         raise ImageError("empty file")
     try:
@@ -60,6 +69,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
                                      "limit (a decompression bomb?)")
                 if w * h == 0:
                     raise ImageError(f"{w}x{h}: no pixels")
+                ImageOps.exif_transpose(im, in_place=True)   # decodes; without a tag, nothing more
                 if im.mode.startswith("I") or im.mode == "F":    # 16/32-bit integers, floats: grey
                     wide = np.asarray(im, dtype=np.float64)
                     grey = np.clip(wide, 0, 255) if im.mode == "F" else np.clip(wide, 0, 65535) / 256
@@ -71,6 +81,37 @@ def decode_rgb(data: bytes) -> np.ndarray:
         raise ImageError(f"over the {MAX_PIXELS / 1e6:.0f} MP limit (a decompression bomb?): {e}") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise ImageError(f"unreadable image ({type(e).__name__}: {e})") from None
+
+
+# PNG chunks that PIL reads EXIF (eXIf, "Raw profile type exif" text) or XMP (iTXt) from
+_PNG_EXIF_CHUNKS = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
+
+
+def _png_has_exif_chunks(data: bytes) -> bool:
+    """Whether PNG bytes have a chunk of ``_PNG_EXIF_CHUNKS`` (walks the chunk headers only)."""
+    pos = 8
+    while pos + 8 <= len(data):
+        if data[pos + 4:pos + 8] in _PNG_EXIF_CHUNKS:
+            return True
+        pos += 12 + struct.unpack_from(">I", data, pos)[0]
+    return False
+
+
+def exif_orientation(im: Image.Image, data: bytes | None = None) -> int:
+    """The EXIF orientation (1-8) that ``ImageOps.exif_transpose`` applies to an opened image,
+    1 when it has none. PIL decodes a PNG whose EXIF is not in its header to look for it after
+    the pixels; given the file's ``data``, a PNG without the chunks it could be in is known to
+    have none without decoding."""
+    if data is not None and im.format == "PNG" and "exif" not in im.info and not _png_has_exif_chunks(data):
+        return 1
+    value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if value in range(1, 9) else 1
+
+
+def oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """A stored (width, height) -> the (width, height) viewers show for an EXIF orientation:
+    5-8 turn the image a quarter (or transpose it), swapping the sides."""
+    return (size[1], size[0]) if orientation >= 5 else size
 
 
 def output_size(h: int, w: int, shorter: int, max_size: int) -> tuple[int, int]:

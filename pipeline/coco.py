@@ -193,23 +193,31 @@ _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 def check_image(name: str, data: bytes, height: int, width: int) -> str:
     """Check that encoded image bytes are whole and of the expected size; returns the format.
 
-    JPEG and PNG are checked by structure (a parsable header and the end marker in the last
-    bytes, which a truncated file lacks) at a hundredth of a decode's cost; other formats are
-    decoded in full."""
+    The size is the one viewers show, the EXIF orientation applied as ``ciae.transform.decode_rgb``
+    applies it: ground truth (the JSON's size, the panoptic PNG) is taken in that orientation,
+    as annotation tools produce it. JPEG and PNG are checked by structure (a parsable header and
+    the end marker in the last bytes, which a truncated file lacks) at a hundredth of a decode's
+    cost; other formats are decoded in full."""
     from PIL import Image
+
+    from ciae.transform import exif_orientation, oriented_size
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            fmt, size = im.format, im.size
+            fmt, stored = im.format, im.size
             marker = _END_MARKERS.get(fmt)
             if marker is None:
                 im.load()
             elif data.rfind(marker, max(0, len(data) - 64)) < 0:
                 raise OSError(f"no {fmt} end marker: the file is truncated")
+            orientation = exif_orientation(im, data)
     except Exception as e:  # PIL raises many types for corrupt data
         raise RecordError(name, f"image is unreadable or truncated ({type(e).__name__}: {e})") from None
+    size = oriented_size(stored, orientation)
     if size != (width, height):
-        raise RecordError(name, f"image is {size[0]}x{size[1]} but the JSON says {width}x{height}")
+        shown = (f"{size[0]}x{size[1]} as shown (EXIF orientation {orientation} applied; "
+                 f"{stored[0]}x{stored[1]} as stored)" if orientation != 1 else f"{size[0]}x{size[1]}")
+        raise RecordError(name, f"image is {shown} but the JSON says {width}x{height}")
     return fmt
 
 
@@ -223,8 +231,10 @@ def decode_panoptic(name: str, data: bytes, height: int, width: int, what: str =
     except Exception as e:  # the decoders raise many types for corrupt data
         raise RecordError(name, f"{what} is unreadable or truncated ({type(e).__name__}: {e})") from None
     if ids.shape != (height, width):
+        turned = (" (turned: panoptic PNGs are taken in the image's orientation as viewers show "
+                  "it, its EXIF orientation applied)" if ids.shape == (width, height) else "")
         raise RecordError(name, f"{what} is {ids.shape[1]}x{ids.shape[0]} "
-                                f"but the image is {width}x{height}")
+                                f"but the image is {width}x{height}{turned}")
     return ids
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -116,6 +117,50 @@ def test_image_size_differs_from_json(synth_copy):
     Image.open(path).resize((64, 48)).save(path)
     e = _only_error(synth_copy)
     assert "image 4 " in str(e) and "image is 64x48 but the JSON says 128x96" in str(e)
+
+
+def _tag_as_phone(path: str, orientation: int = 6) -> bytes:
+    """Re-save an image as a phone would store it: the pixels turned back a quarter (stored
+    taller than wide) with EXIF ``orientation`` 6, so that viewers show the original. Returns
+    the file's bytes."""
+    stored = np.rot90(np.asarray(Image.open(path).convert("RGB")), k=1)   # viewers turn it back clockwise
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, "JPEG", quality=95, exif=exif)
+    return open(path, "rb").read()
+
+
+def test_an_exif_oriented_image_is_checked_and_converted_at_its_shown_size(synth_copy):
+    """A photo stored 96 wide and 128 high, tagged 6: the JSON (128x96) and the panoptic PNG
+    are in the orientation viewers show, so it converts; the shard keeps the file's bytes and
+    training decodes it at the PNG's size. The JSON's size is checked against the shown size."""
+    from pipeline.targets import decode_row
+
+    data = _tag_as_phone(os.path.join(synth_copy["images"], "synth_0007_000002.jpg"))
+    assert Image.open(io.BytesIO(data)).size == (96, 128)
+    assert coco.check_image("image 3", data, 96, 128) == "JPEG"
+    with pytest.raises(RecordError, match=r"image 3: image is 128x96 as shown \(EXIF orientation 6 "
+                                          r"applied; 96x128 as stored\) but the JSON says 96x128"):
+        coco.check_image("image 3", data, 128, 96)
+    rows, errors = _convert_all(synth_copy)
+    assert errors == [] and len(rows) == 6
+    row = next(r for r in rows if r["image_id"] == 3)
+    assert row["image"] == data and (row["height"], row["width"]) == (96, 128)
+    image, index, _ = decode_row(row)
+    assert image.shape == (96, 128, 3) and index.shape == (96, 128)
+
+
+def test_a_panoptic_png_in_the_stored_orientation_is_rejected_clearly(synth_copy):
+    """Ground truth drawn on the stored pixels of an EXIF-turned photo does not fit the image
+    as shown: the record is rejected, naming the image and the turn."""
+    _tag_as_phone(os.path.join(synth_copy["images"], "synth_0007_000002.jpg"))
+    path = _png_path(synth_copy, 2)
+    ids = decode_id_png(open(path, "rb").read())
+    open(path, "wb").write(encode_id_png(np.ascontiguousarray(np.rot90(ids, k=1))))
+    e = _only_error(synth_copy)
+    assert str(e).startswith("image 3 (synth_0007_000002.jpg): panoptic PNG is 96x128 but the image is "
+                             "128x96 (turned: panoptic PNGs are taken in the image's orientation as "
+                             "viewers show it, its EXIF orientation applied)")
 
 
 @pytest.mark.parametrize("which", ["image", "panoptic"])

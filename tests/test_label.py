@@ -331,11 +331,14 @@ def test_label_shards_scores_as_the_local_evaluation(model, synth_shards, tmp_pa
 
 
 def test_odd_images_are_labeled_and_bad_ones_rejected_with_their_reason(model, tmp_path, ray_local):
-    """Grey, palette, CMYK and 16-bit images become RGB and are labeled; missing, empty,
-    non-image, truncated and over-large files are rejected, each with its reason; nested
-    folders are keyed by their relative paths."""
+    """Grey, palette, CMYK and 16-bit images become RGB and are labeled; a phone photo stored
+    240 wide and 160 high with EXIF orientation 6 is labeled as viewers show it, 160 wide and
+    240 high; missing, empty, non-image, truncated and over-large files are rejected, each with
+    its reason; nested folders are keyed by their relative paths."""
     import struct
     import zlib
+
+    from pycocotools import mask
 
     src = tmp_path / "in"
     (src / "a").mkdir(parents=True)
@@ -344,6 +347,9 @@ def test_odd_images_are_labeled_and_bad_ones_rejected_with_their_reason(model, t
     Image.fromarray(rgb).convert("L").save(src / "a" / "0001.png")
     Image.fromarray(rgb).convert("P").save(src / "b" / "0001.png")
     Image.fromarray(rgb).convert("CMYK").save(src / "a" / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6                                           # viewers turn it a quarter clockwise
+    Image.new("RGB", (240, 160), (40, 90, 160)).save(src / "a" / "phone.jpg", exif=exif)
     Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(src / "a" / "deep.png")   # 16-bit grey
     (src / "empty.jpg").write_bytes(b"")
     (src / "text.png").write_bytes(b"not an image at all")
@@ -359,11 +365,18 @@ def test_odd_images_are_labeled_and_bad_ones_rejected_with_their_reason(model, t
 
     out = tmp_path / "out"
     s = label(job(model, src, out, batch_size=4), progress=False)
-    assert (s["labeled"], s["rejected"]) == (4, 4)
+    assert (s["labeled"], s["rejected"]) == (5, 4)
     rows = {r["key"]: r for r in shard_rows(out)}
-    assert {k for k, r in rows.items() if r["status"] == "labeled"} == {"a/0001", "b/0001", "a/cmyk", "a/deep"}
+    assert {k for k, r in rows.items() if r["status"] == "labeled"} == {"a/0001", "b/0001", "a/cmyk", "a/deep",
+                                                                        "a/phone"}
     assert all(rows[k]["height"] == 40 and rows[k]["width"] == 56 for k in ("a/0001", "b/0001", "a/deep"))
-    assert sorted(r["image_id"] for r in rows.values()) == list(range(1, 9))   # "0001" twice: by order
+    assert (rows["a/phone"]["height"], rows["a/phone"]["width"]) == (240, 160)
+    phone = decode_id_png(rows["a/phone"]["png"])
+    assert phone.shape == (240, 160)
+    for seg in rows["a/phone"]["segments"]:                    # thing masks' RLE at that size too
+        if seg["rle"] is not None:
+            assert np.array_equal(mask.decode({"size": [240, 160], "counts": seg["rle"]}), phone == seg["id"])
+    assert sorted(r["image_id"] for r in rows.values()) == list(range(1, 10))   # "0001" twice: by order
     reasons = {k: r["reason"] for k, r in rows.items() if r["status"] == "rejected"}
     assert reasons["empty"] == "empty file"
     assert "cannot identify image file" in reasons["text"]

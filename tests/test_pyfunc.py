@@ -107,6 +107,17 @@ def test_registered_model_predicts_through_plain_mlflow(registered, plain_mlflow
     for (_, row), image in zip(out.iterrows(), images):
         check_output(row, image, registered["categories"])
 
+    # a phone photo: stored 90 high and 70 wide with EXIF orientation 6, predicted as viewers
+    # show it (70 high, 90 wide), the same as the Predictor on the turned pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(np.rot90(images[0], k=1)).save(buf, "JPEG", exif=exif)
+    row = model.predict(pd.DataFrame({"image": [buf.getvalue()]})).iloc[0]
+    ids = check_output(row, images[0], registered["categories"])
+    turned = np.rot90(decode_rgb(encode(np.rot90(images[0], k=1))), k=-1)     # the same JPEG pixels, untagged
+    assert np.array_equal(ids, Predictor(from_checkpoint(registered["checkpoint"]))([turned])[0]["panoptic"])
+
 
 def test_logged_model_carries_signature_example_requirements_and_code(registered):
     local = registered["tracking"].download(registered["model_uri"])

@@ -65,3 +65,109 @@ def test_decoding_takes_any_mode_and_refuses_bombs():
     for data, reason in ((b"", "empty file"), (b"GIF89a broken", "unreadable image")):
         with pytest.raises(ImageError, match=reason):
             decode_rgb(data)
+
+
+# ------------------------------------------------------------------------- EXIF orientation
+
+
+def _photo(orientation: int | None, fmt: str = "JPEG", size: tuple[int, int] = (240, 160)) -> bytes:
+    """A picture stored ``size`` (w, h) with a red block in its stored top-left corner, tagged
+    with an EXIF ``orientation`` (none when None), as a phone saves one."""
+    import io as _io
+
+    from PIL import Image
+
+    w, h = size
+    rgb = np.full((h, w, 3), (30, 90, 200), np.uint8)
+    rgb[: h // 4, : w // 4] = (250, 20, 20)
+    kw = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kw["exif"] = exif
+    buf = _io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _viewer(data: bytes) -> np.ndarray:
+    """What a viewer shows: PIL's own ``ImageOps.exif_transpose``."""
+    import io as _io
+
+    from PIL import Image, ImageOps
+
+    with Image.open(_io.BytesIO(data)) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def _stored(data: bytes) -> np.ndarray:
+    import io as _io
+
+    from PIL import Image
+
+    with Image.open(_io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_decoding_turns_a_phone_photo_as_viewers_show_it():
+    """Stored 240 wide and 160 high, tagged 6 (turn a quarter clockwise to view): decoded 160
+    wide and 240 high, the stored top-left block at the top right, as a viewer shows it."""
+    from ciae.transform import decode_rgb
+
+    data = _photo(6)
+    out = decode_rgb(data)
+    assert out.shape == (240, 160, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, _viewer(data))
+    assert np.array_equal(out, np.rot90(_stored(data), k=-1))      # a quarter turn clockwise
+    red = (out[..., 0] > 200) & (out[..., 2] < 60)
+    ys, xs = np.nonzero(red)
+    assert ys.max() < 70 and xs.min() > 110                        # the top-right corner
+    assert not red[:, :80].any() and not red[120:].any()
+
+
+def test_every_orientation_decodes_as_pil_transposes_it():
+    """Orientations 1-8, in JPEG and PNG (eXIf chunk): ``decode_rgb`` agrees with
+    ``ImageOps.exif_transpose``, and ``exif_orientation`` / ``oriented_size`` give its size
+    without decoding; an untagged image, or one tagged 1, decodes as stored."""
+    import io as _io
+
+    from PIL import Image
+
+    from ciae.transform import decode_rgb, exif_orientation, oriented_size
+
+    for fmt in ("JPEG", "PNG"):
+        for orientation in (None, *range(1, 9)):
+            data = _photo(orientation, fmt)
+            out = decode_rgb(data)
+            assert np.array_equal(out, _viewer(data)), (fmt, orientation)
+            with Image.open(_io.BytesIO(data)) as im:
+                found = exif_orientation(im, data)
+                assert found == (orientation or 1)
+                w, h = oriented_size(im.size, found)
+            assert out.shape == (h, w, 3)
+            assert (h, w) == ((240, 160) if (orientation or 1) >= 5 else (160, 240))
+            if (orientation or 1) == 1:
+                assert np.array_equal(out, _stored(data))
+
+
+def test_a_png_without_exif_chunks_is_not_decoded_to_find_its_orientation():
+    """PIL decodes a PNG to look for EXIF after its pixels; ``exif_orientation`` given the bytes
+    skips that when no chunk could hold it, and reads a tag after the pixels when one does."""
+    import io as _io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from ciae.transform import exif_orientation
+
+    data = _photo(None, "PNG")
+    with Image.open(_io.BytesIO(data)) as im:
+        assert exif_orientation(im, data) == 1 and im.tile              # not decoded (tiles pending)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    chunk = b"eXIf" + exif.tobytes()
+    tail = struct.pack(">I", len(chunk) - 4) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    late = data[:-12] + tail + data[-12:]                            # eXIf after IDAT, before IEND
+    with Image.open(_io.BytesIO(late)) as im:
+        assert "exif" not in im.info and exif_orientation(im, late) == 8
