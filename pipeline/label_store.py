@@ -25,7 +25,8 @@ COCO RLE ``rle``), ``quality`` (the image's confidence), ``pq`` (the image's PQ 
 truth) and ``pq_stats`` (its PQ statistics, ``PQAccumulator.to_json`` as JSON, summed into the
 metrics).
 
-Protocol. Every file is written to a temporary name and moved into place. A batch writes its
+Protocol. Every file is written whole or not at all (``storage.open_atomic``: a temporary name
+moved into place, or on an object store one upload under its name). A batch writes its
 PNGs first and its part last, named by a digest of its keys, so a retried batch rewrites the
 same part. A task is done once its shard exists: sealing reads the task's parts, keeps one row
 per key, writes the shard (footer: the task's PQ statistics), then removes the parts. A re-run

@@ -16,8 +16,9 @@ reading the folder as a Parquet dataset gives one row per image. Folders written
 rename hold ``manifest.json``: readers fall back to it, and a re-run of ``prepare`` moves it to
 the new name.
 
-Writes are atomic: a shard is written to a hidden temporary name and moved into place, so a
-reader never sees half a file. Shard names carry a digest of their input records, so a re-run
+Writes are atomic: a shard is written to a hidden temporary name and moved into place (on an
+object store, uploaded once under its name: ``storage.open_atomic``), so a reader never sees
+half a file. Shard names carry a digest of their input records, so a re-run
 skips the shards already written and a changed input never mixes with a stale one.
 """
 

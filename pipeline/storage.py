@@ -3,10 +3,26 @@ one way to open, read, write atomically and list them.
 
 Paths are ``str``: a local path or a URI. ``resolve`` turns one into a pyarrow filesystem and a
 path on it; the helpers take that pair, or a URI (``read_uri``, ``write_uri``, ``read_parquet``,
-``parquet_file``). Writes go to a hidden temporary name beside the target (``.NAME.tmp-PID-RAND``:
-a leading dot, so that pyarrow, pandas and Spark reading the folder as a dataset skip it) and
-are moved into place (``write_bytes_atomic``, ``open_atomic``), so a reader never sees half a
-file; the temporary names contain ``TMP_MARK`` so that a job can clean up after a killed run.
+``parquet_file``). A write is whole or absent (``write_bytes_atomic``, ``open_atomic``), so a
+reader never sees half a file:
+
+* on a file system (a local disk, ``memory://``, HDFS, ...) it goes to a hidden temporary name
+  beside the target (``.NAME.tmp-PID-RAND``: a leading dot, so that pyarrow, pandas and Spark
+  reading the folder as a dataset skip it) and is moved into place; the temporary names contain
+  ``TMP_MARK`` so that a job can clean up after a killed run;
+* on an object store (``is_object_store``: S3, GCS, Azure, natively or through fsspec), which has
+  no atomic rename (pyarrow's move there is a copy and a delete), it is one upload under the
+  final name, started only once the writer is done: the bytes are gathered in a spool
+  (``tempfile.SpooledTemporaryFile``: memory up to ``SPOOL_BYTES``, beyond that node-local
+  scratch in the system's temporary folder, removed when the write ends). An upload (one PUT, or
+  a multipart upload completed on close) makes the object appear whole or not at all, and an
+  exception in the writer uploads nothing. (Closing a pyarrow S3 output stream commits what was
+  written, even after an exception, and pyarrow offers no abort: hence the spool.)
+
+Credentials and endpoints come the way the cloud's own tools take them: for S3,
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or ``~/.aws``, instance roles),
+``AWS_REGION`` and ``AWS_ENDPOINT_URL`` for another S3 server (pyarrow's ``from_uri`` reads it).
+Error messages pass through ``redact``: no credential given in a URI or the environment is shown.
 Job-internal files and folders (manifests, plans, parts) are named with a leading ``_`` for the
 same reason (``INTERNAL``).
 pyarrow is imported on first use: a command that reads only local files (``read_uri``) starts
@@ -16,6 +32,9 @@ without it (~70 ms on the 2-core VM).
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import tempfile
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -25,6 +44,13 @@ if TYPE_CHECKING:
 
 TMP_MARK = ".tmp-"
 INTERNAL = "_"        # prefix of job-internal names, skipped by dataset readers
+SPOOL_BYTES = 64 * 2**20   # an object-store write held in memory up to this, then in a local file
+# protocols without an atomic rename: a write there is one upload under the final name
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
+# environment variables whose values never appear in our error messages (``redact``)
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
+                    "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN")
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^@\s]*@")
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -34,12 +60,38 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     try:
-        return pafs.FileSystem.from_uri(uri)
-    except (ValueError, OSError):  # pyarrow.ArrowInvalid for a scheme it has no native filesystem for
-        import fsspec
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (ValueError, OSError):  # pyarrow.ArrowInvalid for a scheme it has no native filesystem for
+            import fsspec
 
-        fs, path = fsspec.core.url_to_fs(uri)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+            fs, path = fsspec.core.url_to_fs(uri)
+            return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    except (ValueError, OSError, ImportError) as e:    # the URI may carry credentials: never show them
+        raise ValueError(f"{redact(uri)}: cannot open it ({redact(str(e))})") from None
+
+
+def redact(text: str) -> str:
+    """``text`` without credentials: the user part of any URI in it (``s3://KEY:SECRET@bucket``
+    -> ``s3://***@bucket``) and the values of ``SECRET_VARIABLES`` set in the environment."""
+    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def is_object_store(fs: pafs.FileSystem) -> bool:
+    """Whether ``fs`` is an object store (no atomic rename): pyarrow's S3, GCS and Azure file
+    systems, or an fsspec one of ``OBJECT_STORE_PROTOCOLS`` wrapped by ``resolve``."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.PyFileSystem):
+        protocol = getattr(getattr(fs.handler, "fs", None), "protocol", ())
+        protocols = {protocol} if isinstance(protocol, str) else set(protocol)
+        return bool(protocols & OBJECT_STORE_PROTOCOLS)
+    return fs.type_name in OBJECT_STORE_PROTOCOLS
 
 
 def absolute(uri: str | None) -> str | None:
@@ -72,8 +124,17 @@ def temporary_name(path: str) -> str:
 
 @contextmanager
 def open_atomic(fs: pafs.FileSystem, path: str):
-    """A stream to write ``path`` through: it goes to ``temporary_name(path)`` and is moved into
-    place when the block ends without an exception (removed when it raises)."""
+    """A stream to write ``path`` through, whole or not at all. On a file system it goes to
+    ``temporary_name(path)`` and is moved into place when the block ends without an exception
+    (removed when it raises); on an object store it goes to a spool, uploaded under ``path`` in
+    one go when the block ends without an exception (nothing uploaded when it raises)."""
+    if is_object_store(fs):
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, prefix="ciae-spool-") as spool:
+            yield spool
+            spool.seek(0)
+            with fs.open_output_stream(path) as out:
+                shutil.copyfileobj(spool, out, 8 * 2**20)
+        return
     tmp = temporary_name(path)
     try:
         with fs.open_output_stream(tmp) as f:
@@ -88,7 +149,12 @@ def open_atomic(fs: pafs.FileSystem, path: str):
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write to a temporary name beside ``path``, then move it into place."""
+    """Write ``data`` to ``path`` whole or not at all (``open_atomic``; on an object store one
+    upload of the bytes, no spool)."""
+    if is_object_store(fs):
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
     with open_atomic(fs, path) as f:
         f.write(data)
 

@@ -1,5 +1,5 @@
 """Shared fixtures: the real COCO sample, synthetic datasets and their shards (each made once per
-session), and one local Ray per session."""
+session), one local Ray per session and an S3 server (``s3_server``) started on first use."""
 
 from __future__ import annotations
 
@@ -95,8 +95,36 @@ def synth_copy(synth_small, tmp_path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (stages reuse a running Ray)."""
+def s3_env() -> str:
+    """The environment of the session's S3 server (``s3_server``), set before it starts and
+    before the session's Ray (whose workers inherit it): credentials, region and
+    ``AWS_ENDPOINT_URL`` at a free port of 127.0.0.1, so that no test reaches a real S3 (an
+    s3:// path fails there at once until ``s3_server`` runs). Returns the endpoint."""
+    from s3_server import S3_ENV, free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    return endpoint
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_env):
+    """moto's S3 server at ``s3_env``'s endpoint, started once per session on first use and
+    stopped by its pid at the end: {"endpoint", "bucket" (an empty bucket's name: s3://NAME)}."""
+    from s3_server import S3Server, create_bucket
+
+    server = S3Server(int(s3_env.rpartition(":")[2])).start()
+    try:
+        create_bucket("ciae-test")
+        yield {"endpoint": s3_env, "bucket": "ciae-test"}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_env):
+    """One local Ray for the whole session (stages reuse a running Ray); its workers see
+    ``s3_env``'s environment."""
     os.environ.setdefault("CIAE_OBJECT_STORE_MB", "300")
     from pipeline.ray_runtime import connect
 

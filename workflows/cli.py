@@ -62,7 +62,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    """The error as one line, without credentials (``pipeline.storage.redact``)."""
+    from pipeline.storage import redact
+
+    return redact(" ".join(str(e).split())) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

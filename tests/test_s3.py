@@ -1,0 +1,209 @@
+"""Every path on S3 (moto's server, ``s3_server``; credentials and endpoint from the environment
+as a user gives them): ``prepare`` and ``label`` give what they give on local folders, a
+killed run resumed there loses and duplicates nothing (S3 has no atomic rename: a write is one
+upload under its final name), a write that fails uploads nothing, and no credential shows in an
+error message."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.fs as pafs
+import pytest
+from s3_server import upload
+
+from pipeline import label_store as ls
+from pipeline import storage
+from pipeline.prepare import prepare
+from pipeline.shards import MANIFEST, Source, read_manifest, read_table
+from pipeline.synth import SynthSpec, write_dataset
+from workflows.jobs import LabelJob
+from workflows.label import label
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, synth_small) -> dict:
+    """``synth_small`` uploaded once: {"root" (s3://bucket/test_s3), "images", "panoptic_json",
+    "panoptic_dir"} as URIs."""
+    root = f"s3://{s3_server['bucket']}/test_s3"
+    upload(synth_small["root"], f"{root}/synth")
+    return {"root": root, "images": f"{root}/synth/images", "panoptic_json": f"{root}/synth/panoptic.json",
+            "panoptic_dir": f"{root}/synth/panoptic"}
+
+
+def listing(uri: str) -> list[str]:
+    """Every object under ``uri``, relative to it."""
+    fs, path = storage.resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except FileNotFoundError:
+        return []
+    return sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def test_object_store_writes_are_one_upload_and_a_failed_write_uploads_nothing(s3):
+    """No temporary name, no move: the object appears whole under its name; an exception in the
+    writer (pyarrow's S3 stream would commit what it had on close) leaves nothing."""
+    fs, base = storage.resolve(f"{s3['root']}/writes")
+    assert storage.is_object_store(fs) and not storage.is_object_store(pafs.LocalFileSystem())
+    storage.write_bytes_atomic(fs, f"{base}/a.bin", b"a" * 10)
+    with storage.open_atomic(fs, f"{base}/b.bin") as f:
+        f.write(b"b" * 100)
+    with pytest.raises(RuntimeError, match="writer died"):
+        with storage.open_atomic(fs, f"{base}/c.bin") as f:
+            f.write(b"half a file")
+            raise RuntimeError("writer died")
+    assert listing(f"{s3['root']}/writes") == ["a.bin", "b.bin"]
+    assert storage.read_bytes(fs, f"{base}/b.bin") == b"b" * 100
+
+
+def manifest_of(uri: str) -> dict:
+    m = read_manifest(uri)
+    return {k: v for k, v in m.items() if k not in ("created", "source")}
+
+
+def test_prepare_on_s3_equals_local_and_resumes_without_duplicates(s3, synth_small, make_shards, ray_local):
+    """COCO images, JSON and PNGs on S3 -> shards on S3 (in this process): the same shards and
+    rows as from the local folder. A killed run (a shard and the manifest lost, a torn write
+    left) resumed as a Ray Data job converts only the missing shard."""
+    import pandas
+    import pyarrow.dataset as pads
+
+    local = make_shards(synth_small, 2)
+    source = Source(s3["images"], s3["panoptic_json"], s3["panoptic_dir"])
+    out = f"{s3['root']}/shards"
+    m = prepare(source, out, rows_per_shard=2, progress=False, in_process=True)
+    assert m["counts"]["images"] == 6 and m["counts"]["shards"] == 3 and m["skipped_shards"] == 0
+    shards = sorted(s["file"] for s in m["shards"])
+    assert listing(out) == sorted([MANIFEST, *shards])            # no temporaries, ever
+    assert shards == sorted(n for n in os.listdir(local) if n.endswith(".parquet"))
+    assert read_table(out).equals(read_table(local))
+    assert manifest_of(out) == manifest_of(local)
+    assert read_manifest(out)["source"]["images"] == s3["images"]
+
+    fs, base = storage.resolve(out)
+    fs.delete_file(f"{base}/{shards[1]}")
+    fs.delete_file(f"{base}/{MANIFEST}")
+    storage.write_bytes_atomic(fs, f"{base}/.{shards[1]}{storage.TMP_MARK}99-dead", b"PAR1 half")
+    m = prepare(source, out, rows_per_shard=2, progress=False)                    # through Ray
+    assert m["skipped_shards"] == 2 and m["counts"]["images"] == 6
+    assert listing(out) == sorted([MANIFEST, *shards])
+    assert read_table(out).equals(read_table(local))
+
+    ids = sorted(pads.dataset(out, format="parquet").to_table(columns=["image_id"])["image_id"].to_pylist())
+    assert ids == sorted(read_table(local)["image_id"].to_pylist()) and len(ids) == 6
+    frame = pandas.read_parquet(base, filesystem=fs, columns=["image_id"])
+    assert sorted(frame["image_id"]) == ids
+
+
+@pytest.fixture(scope="module")
+def model(registered_untrained) -> dict:
+    return registered_untrained
+
+
+def rows(out: str) -> list[dict]:
+    return list(ls.LabelStore(out).rows(["index", "key", "image_id", "status", "png", "segments", "quality", "pq"]))
+
+
+def test_label_on_s3_equals_local(model, s3, synth_small, tmp_path, ray_local):
+    """--input a prefix of images on S3, ground truth on S3, --out on S3: the same rows, PQ and
+    COCO files as the same job on local folders; pandas and pyarrow read the S3 output as one
+    row per image."""
+    import pandas
+    import pyarrow.dataset as pads
+
+    kw = dict(model=model["checkpoint"], batch_size=3, task_images=4, coco_panoptic=True)
+    out = f"{s3['root']}/labels"
+    on_s3 = label(LabelJob(input=s3["images"], out=out, gt_json=s3["panoptic_json"], gt_dir=s3["panoptic_dir"],
+                           **kw), progress=False)
+    local = label(LabelJob(input=synth_small["images"], out=str(tmp_path / "out"), gt_json=synth_small["panoptic_json"],
+                           gt_dir=synth_small["panoptic_dir"], **kw), progress=False)
+    assert (on_s3["labeled"], on_s3["rejected"]) == (local["labeled"], local["rejected"]) == (6, 0)
+    assert on_s3["metrics"] == local["metrics"]
+    assert rows(out) == rows(str(tmp_path / "out"))
+    objects = listing(out)
+    assert not [n for n in objects if storage.TMP_MARK in n or n.startswith("_parts/")]
+    assert sorted(n for n in objects if n.startswith("labels/")) == ["labels/task-000000.parquet",
+                                                                     "labels/task-000001.parquet"]
+    predictions = json.loads(storage.read_uri(f"{out}/_coco/predictions.json"))
+    assert predictions == json.loads((tmp_path / "out" / "_coco" / "predictions.json").read_bytes())
+    keys = sorted(r["key"] for r in rows(out))
+    assert sorted(pads.dataset(out, format="parquet").to_table(columns=["key"])["key"].to_pylist()) == keys
+    fs, base = storage.resolve(out)
+    assert sorted(pandas.read_parquet(base, filesystem=fs, columns=["key"])["key"]) == keys
+    assert sorted(storage.read_parquet(out, columns=["key"])["key"].to_pylist()) == keys
+
+
+def test_killed_driver_resumes_on_s3_and_labels_every_image_exactly_once(model, s3_server, tmp_path, ray_local):
+    """The driver SIGKILLed once a part or shard is on S3, then run again: every image once, in
+    one shard row and one PNG; shards sealed before the kill untouched."""
+    import ray
+
+    src = tmp_path / "src"
+    write_dataset(str(src), 24, seed=13, spec=SynthSpec(height=48, width=64))
+    root = f"s3://{s3_server['bucket']}/test_s3_kill"
+    images = upload(str(src / "images"), f"{root}/images")
+    out = f"{root}/out"
+    cmd = [sys.executable, "-m", "workflows.cli", "label", "--model", model["checkpoint"], "--input", images,
+           "--out", out, "--batch-size", "1", "--task-images", "4", "--coco-panoptic",
+           "--address", ray.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not [n for n in listing(out) if n.endswith(".parquet") and n.startswith(("_parts/", "labels/"))]:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "nothing was written in time"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    fs, base = storage.resolve(out)
+    sealed_before = {n: storage.read_bytes(fs, f"{base}/{n}") for n in listing(out) if n.startswith("labels/")}
+
+    s = label(LabelJob(model=model["checkpoint"], input=images, out=out, batch_size=4, coco_panoptic=True),
+              progress=False)
+    assert (s["labeled"], s["rejected"]) == (24, 0) and 0 < s["skipped"] < 24
+    assert s["skipped"] + s["processed"] == 24
+    keys = [f"synth_0013_{i:06d}" for i in range(24)]
+    labeled = rows(out)
+    assert sorted(r["key"] for r in labeled) == keys and [r["index"] for r in labeled] == list(range(24))
+    objects = listing(out)
+    assert not [n for n in objects if storage.TMP_MARK in n or n.startswith("_parts/")]
+    assert sorted(n for n in objects if n.startswith("_coco/panoptic/")) == [f"_coco/panoptic/{k}.png" for k in keys]
+    pngs = {r["key"]: r["png"] for r in labeled}
+    assert all(storage.read_bytes(fs, f"{base}/_coco/panoptic/{k}.png") == pngs[k] for k in keys)
+    for n, data in sealed_before.items():
+        assert storage.read_bytes(fs, f"{base}/{n}") == data
+    again = label(LabelJob(model=model["checkpoint"], input=images, out=out), progress=False)
+    assert again["processed"] == 0 and again["labeled"] == 24
+
+
+def test_no_credential_in_error_messages(model, s3_server, tmp_path, monkeypatch, capsys):
+    """A secret key planted in the environment or given in a URI never appears in what the CLI
+    prints for a bad S3 path, nor in ``storage.resolve``'s errors."""
+    from workflows.cli import main
+
+    secret = "PLANTEDsecret/0123456789abcdefXYZ"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    with pytest.raises(ValueError) as e:
+        storage.resolve(f"nosuchscheme://AKIDPLANTED:{secret}@bucket/x")
+    assert secret not in str(e.value) and "AKIDPLANTED" not in str(e.value) and "bucket/x" in str(e.value)
+    assert storage.redact(f"s3://AKIDPLANTED:{secret}@b/k and {secret}") == "s3://***@b/k and ***"
+
+    bad = [["prepare", "--images", f"s3://AKIDPLANTED:{secret}@no-such-bucket/images",
+            "--panoptic-json", f"s3://AKIDPLANTED:{secret}@no-such-bucket/p.json",
+            "--panoptic-dir", "s3://no-such-bucket/p", "--out", str(tmp_path / "shards")],
+           ["label", "--model", model["checkpoint"], "--input", "s3://no-such-bucket/images",
+            "--out", str(tmp_path / "o")],
+           ["label", "--model", model["checkpoint"], "--input", f"s3://AKIDPLANTED:{secret}@nobucket/x",
+            "--out", f"s3://AKIDPLANTED:{secret}@{s3_server['bucket']}/o"]]
+    for args in bad:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ciae {args[0]}: ") and secret not in err and "AKIDPLANTED" not in err, err
