@@ -149,19 +149,17 @@ def export_rejects(store: LabelStore, input_uri: str) -> int:
     return count
 
 
+def least_confident(store: LabelStore, n: int, columns: list[str]) -> list[dict]:
+    """The ``n`` labeled rows of lowest quality, lowest first (ties: plan order), holding
+    ``columns`` and ``index``, ``status``, ``quality``; ``n`` rows in memory at a time."""
+    labeled = (r for r in store.rows(sorted({*columns, "index", "status", "quality"})) if r["status"] == "labeled")
+    return heapq.nsmallest(n, labeled, key=lambda r: (r["quality"], r["index"]))
+
+
 def export_review(store: LabelStore, n: int) -> int:
     """``layout.review`` (CSV): the ``n`` labeled images of lowest quality, lowest first, with
     their PQ when there was ground truth and their least confident segment. Returns the rows."""
-    worst: list[tuple] = []            # a max-heap of the n lowest, by -quality
-    for r in store.rows(["index", "key", "file_name", "image_id", "status", "quality", "pq", "segments"]):
-        if r["status"] != "labeled":
-            continue
-        item = (-r["quality"], -r["index"], r)
-        if len(worst) < n:
-            heapq.heappush(worst, item)
-        elif n and item > worst[0]:
-            heapq.heapreplace(worst, item)
-    rows = [r for _, _, r in sorted(worst, reverse=True)]
+    rows = least_confident(store, n, ["key", "file_name", "image_id", "pq", "segments"])
     buf = io.StringIO()
     out = csv.writer(buf)
     out.writerow(["rank", "key", "file_name", "image_id", "quality", "pq", "least_confident_segment",

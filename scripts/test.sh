@@ -3,5 +3,6 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/scripts/bootstrap.sh"
+bash "$root/scripts/label_studio.sh"   # the annotation server the review tests start (own venv, once)
 cd "$root"
 exec "$root/.venv/bin/python" -m pytest "$@"

@@ -18,7 +18,7 @@ import importlib
 import inspect
 import sys
 
-COMMANDS = ("synth", "prepare", "train", "evaluate", "label", "export", "demo")
+COMMANDS = ("synth", "prepare", "train", "evaluate", "label", "export", "review", "demo")
 EXIT_USER_ERROR = 2
 
 
