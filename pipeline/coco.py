@@ -63,6 +63,7 @@ class CocoPanoptic:
     categories: CategoryTable
     records: list[PanopticRecord]
     rejects: list[RecordError]
+    info: dict = field(default_factory=dict)    # the JSON's "info" object ({} when absent)
 
 
 def _parse_segment(name: str, k: int, s: dict, categories: dict[int, Category]) -> Segment:
@@ -153,7 +154,8 @@ def parse_panoptic_json(doc: dict, source: str, categories: CategoryTable | None
             records.append(rec)
         except RecordError as e:
             rejects.append(e)
-    return CocoPanoptic(categories, records, rejects)
+    info = doc.get("info")
+    return CocoPanoptic(categories, records, rejects, info if isinstance(info, dict) else {})
 
 
 def read_json(uri: str, what: str = "JSON"):

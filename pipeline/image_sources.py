@@ -97,7 +97,8 @@ class Plan:
         raise IndexError(index)
 
     def to_json(self) -> dict:
-        return {"version": PLAN_VERSION, "input": self.input, "kind": self.kind, "images": self.images,
+        return {"version": PLAN_VERSION, "input": storage.public_uri(self.input), "kind": self.kind,
+                "images": self.images,
                 "task_sizes": list(self.task_sizes), "ground_truth": self.ground_truth,
                 "categories": self.categories}
 

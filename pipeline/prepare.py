@@ -122,7 +122,8 @@ def prepare(source: Source, out: str, rows_per_shard: int = 128, address: str | 
     rejected = [reject_entry(e) for e in dataset.rejects]
     rejected += [r for name, _ in plan for r in done[name]["rejected"]]
     manifest = write_manifest(fs, out_base, source, dataset.categories, shards, rejected,
-                              n_source_records=len(records) + len(dataset.rejects))
+                              n_source_records=len(records) + len(dataset.rejects),
+                              review=dataset.info.get("ciae_review"))
     manifest["skipped_shards"] = len(plan) - len(todo)
     return manifest
 

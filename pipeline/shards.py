@@ -10,7 +10,9 @@ Run-length encoding is lossless, costs nothing to produce (validation already wa
 and decodes about 20x faster than a PNG, which the training reader feels on every step.
 
 ``_manifest.json`` beside the shards holds the schema version, the category table with its
-contiguous stuff/thing index maps, counts, the shard list and every rejected record. Its
+contiguous stuff/thing index maps, counts, the shard list and every rejected record; its
+``source`` names the input's paths and, for the output of ``ciae review pull``, the review
+project the annotations came from (``source.review``: the JSON's ``info.ciae_review``). Its
 leading ``_`` (and the temporaries' leading ``.``) makes pyarrow, pandas and Spark skip it, so
 reading the folder as a Parquet dataset gives one row per image. Folders written before the
 rename hold ``manifest.json``: readers fall back to it, and a re-run of ``prepare`` moves it to
@@ -152,13 +154,17 @@ def read_shard_summary(uri: str) -> dict:
 
 
 def write_manifest(fs, out_dir: str, source: Source, categories: CategoryTable,
-                   shards: list[dict], rejected: list[dict], n_source_records: int) -> dict:
+                   shards: list[dict], rejected: list[dict], n_source_records: int,
+                   review: dict | None = None) -> dict:
+    """``review``: where the annotations were reviewed (``ciae review pull``'s provenance), kept
+    as ``source.review``."""
     rows = sum(s["rows"] for s in shards)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"images": source.images, "panoptic_json": source.panoptic_json,
-                   "panoptic_dir": source.panoptic_dir},
+        "source": {"images": storage.public_uri(source.images),
+                   "panoptic_json": storage.public_uri(source.panoptic_json),
+                   "panoptic_dir": storage.public_uri(source.panoptic_dir)},
         "categories": categories.to_json(),
         "stuff_index": {str(k): v for k, v in categories.stuff_index.items()},
         "thing_index": {str(k): v for k, v in categories.thing_index.items()},
@@ -167,6 +173,8 @@ def write_manifest(fs, out_dir: str, source: Source, categories: CategoryTable,
         "shards": shards,
         "rejected": rejected,
     }
+    if review:
+        manifest["source"]["review"] = review
     storage.write_bytes_atomic(fs, storage.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
     try:    # a folder of the old layout: its manifest now lives under MANIFEST, read first
         fs.delete_file(storage.join(out_dir, LEGACY_MANIFEST))

@@ -71,10 +71,16 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         raise ValueError(f"{redact(uri)}: cannot open it ({redact(str(e))})") from None
 
 
+def public_uri(uri: str | None) -> str | None:
+    """``uri`` as it may be recorded (manifests, plans, MLflow params): the user part of any URI
+    in it (``s3://KEY:SECRET@bucket`` -> ``s3://***@bucket``) hidden; the same for the same URI."""
+    return None if uri is None else _USERINFO.sub(r"\g<scheme>***@", uri)
+
+
 def redact(text: str) -> str:
-    """``text`` without credentials: the user part of any URI in it (``s3://KEY:SECRET@bucket``
-    -> ``s3://***@bucket``) and the values of ``SECRET_VARIABLES`` set in the environment."""
-    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    """``text`` without credentials: ``public_uri`` of it, and the values of ``SECRET_VARIABLES``
+    set in the environment hidden."""
+    text = public_uri(text)
     for name in SECRET_VARIABLES:
         value = os.environ.get(name)
         if value and len(value) >= 4:

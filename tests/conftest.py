@@ -1,5 +1,6 @@
 """Shared fixtures: the real COCO sample, synthetic datasets and their shards (each made once per
-session), one local Ray per session and an S3 server (``s3_server``) started on first use."""
+session), one local Ray per session, and an S3 server (``s3_server``) and a Label Studio server
+(``label_studio``) started on first use."""
 
 from __future__ import annotations
 
@@ -117,6 +118,21 @@ def s3_server(s3_env):
     try:
         create_bucket("ciae-test")
         yield {"endpoint": s3_env, "bucket": "ciae-test"}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A Label Studio server (``label_studio_server``: its own virtualenv, port, data dir and
+    personal access token), started once per session on first use and stopped by its pid:
+    {url, token, ...}."""
+    import label_studio_server
+
+    server = label_studio_server.start(tmp_path_factory.mktemp("label_studio"))
+    print(f"\nLabel Studio {server.url} started in {server.start_seconds:.1f} s")
+    try:
+        yield server
     finally:
         server.stop()
 

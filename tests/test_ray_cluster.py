@@ -6,79 +6,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from ray_nodes import BIN, REPO, RayNode
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on 127.0.0.1 with a dashboard (the job server); yields its HTTP address."""
-    temp = tempfile.mkdtemp(prefix="/tmp/ciae-head-")        # short: Ray's socket paths are limited
-    gcs, dash, client, node, objects, agent, agent_grpc, env_agent, metrics, w0 = free_ports(10)
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           "--include-dashboard=true", f"--ray-client-server-port={client}",
-           f"--node-manager-port={node}", f"--object-manager-port={objects}",
-           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-           f"--min-worker-port={w0}", f"--max-worker-port={w0 + 40}", "--num-cpus=2",
-           f"--object-store-memory={300 * 2**20}", f"--temp-dir={temp}", "--disable-usage-stats"]
-    # no drain on SIGTERM (it waits up to 30 s for the node to go idle): the head stops at once
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    log = open(os.path.join(temp, "head.log"), "w")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    """A Ray head on 127.0.0.1 with a dashboard (the job server); yields its HTTP address. Its
+    own ports and temp dir; stopped by its pids (``ray_nodes.RayNode``)."""
+    node = RayNode.start(num_cpus=2, object_store_mb=300, dashboard=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the Ray head did not start: {open(log.name).read()[-2000:]}")
-                time.sleep(0.2)
-        yield address
+        yield node.dashboard
     finally:
-        # SIGTERM to `ray start` alone: it stops its processes in order, the raylet first (sent to
-        # the whole group, the raylet outlives the GCS and waits for it past any timeout); then
-        # SIGKILL to whatever is left of our session
-        head.terminate()
-        try:
-            head.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        head.wait()
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        node.stop()
 
 
 def submit(address: str, *args: str) -> str:

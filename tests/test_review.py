@@ -1,5 +1,5 @@
 """``ciae review`` against a real Label Studio server (``tests/label_studio_server.py``, started
-once per session from ``.ls-venv``): push the least confident images of a labeling output with
+once per session from ``.ls-venv``: conftest's ``label_studio``): push the least confident images of a labeling output with
 their segments as predictions, idempotently; pull them back as COCO panoptic, exactly; one-line
 errors for a user's mistakes.
 
@@ -22,18 +22,6 @@ from pipeline.panoptic_png import decode_id_png
 from workflows.cli import main
 
 N = 5
-
-
-@pytest.fixture(scope="session")
-def label_studio(tmp_path_factory):
-    import label_studio_server
-
-    server = label_studio_server.start(tmp_path_factory.mktemp("label_studio"))
-    print(f"\nLabel Studio {server.url} started in {server.start_seconds:.1f} s")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -207,3 +207,28 @@ def test_no_credential_in_error_messages(model, s3_server, tmp_path, monkeypatch
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"ciae {args[0]}: ") and secret not in err and "AKIDPLANTED" not in err, err
+
+
+def test_credentials_in_uris_are_not_recorded(model, s3, tmp_path, ray_local):
+    """URIs given with ``KEY:SECRET@`` work, and what the jobs record (the manifest's source,
+    the plan's input) holds them as ``***@``; a re-run with the same URI is the same job."""
+    secret = "PLANTEDsecret0123456789"
+
+    def creds(uri: str) -> str:
+        return uri.replace("s3://", f"s3://AKIDPLANTED:{secret}@", 1)
+
+    assert storage.public_uri(creds("s3://b/k")) == "s3://***@b/k" and storage.public_uri(None) is None
+    out = f"{s3['root']}/shards-creds"
+    prepare(Source(creds(s3["images"]), creds(s3["panoptic_json"]), creds(s3["panoptic_dir"])), creds(out),
+            rows_per_shard=4, progress=False, in_process=True)
+    fs, base = storage.resolve(out)
+    text = storage.read_bytes(fs, f"{base}/{MANIFEST}").decode()
+    assert secret not in text and "AKIDPLANTED" not in text
+    assert read_manifest(out)["source"]["images"] == s3["images"].replace("s3://", "s3://***@", 1)
+
+    job = LabelJob(model=model["checkpoint"], input=creds(s3["images"]), out=str(tmp_path / "labels"))
+    first = label(job, progress=False)
+    plan_text = (tmp_path / "labels" / "_plan" / "plan.json").read_text()
+    assert secret not in plan_text and "AKIDPLANTED" not in plan_text
+    again = label(job, progress=False)
+    assert first["labeled"] == again["labeled"] == 6 and again["processed"] == 0

@@ -27,6 +27,7 @@ from ciae.panoptic import CategoryTable, DatasetError
 from pipeline import label_exports as exports
 from pipeline import label_store as ls
 from pipeline.image_sources import Plan, load_plan, make_plan
+from pipeline.storage import public_uri
 from pipeline.label_stages import Labeler, chunks, decode, decode_memory, encode
 from workflows.jobs import LabelJob
 
@@ -72,7 +73,7 @@ def _plan(job: LabelJob, store: ls.LabelStore) -> Plan:
     plan = load_plan(store.plan_uri)
     if plan is None:
         return make_plan(job.input, store.plan_uri, job.gt_json, job.gt_dir, job.task_images)
-    if plan.input != job.input or (plan.ground_truth == "json") != (job.gt_json is not None):
+    if plan.input != public_uri(job.input) or (plan.ground_truth == "json") != (job.gt_json is not None):
         raise DatasetError(f"{job.out} holds the labels of {plan.input} "
                            f"({'with' if plan.ground_truth == 'json' else 'without'} ground-truth JSON); "
                            "use another --out")
@@ -132,6 +133,7 @@ def label(job: LabelJob, address: str | None = None, progress: bool = True, labe
     if todo:
         stages = _run(job, source, input_cfg, plan, store, table, pending, partial, todo, address, progress,
                       labeler)
+        store.remove_temporaries()      # the torn writes of workers lost mid-job (a node gone), retried
     seconds = time.perf_counter() - start
     timings["label"] = seconds
 

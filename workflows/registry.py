@@ -11,11 +11,11 @@ PQ_TAG = "val_pq"
 
 
 def register(tracking, run_id: str, checkpoint_file: str, ckpt: dict, name: str, alias: str,
-             pq: float | None) -> tuple[str, bool]:
+             pq: float | None, tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """Log the checkpoint (its local file, and its contents as loaded) as the pyfunc model of run
-    ``run_id`` and register it as a new version of ``name``. Moves ``alias`` to the new version
-    when no version holds it, or when ``pq`` beats the holder's. Returns (version, whether the
-    alias moved)."""
+    ``run_id`` and register it as a new version of ``name``, with ``tags`` (the run's lineage:
+    ``workflows.train._lineage``). Moves ``alias`` to the new version when no version holds it,
+    or when ``pq`` beats the holder's. Returns (version, whether the alias moved)."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
@@ -31,6 +31,8 @@ def register(tracking, run_id: str, checkpoint_file: str, ckpt: dict, name: str,
     version = str(client.create_model_version(name, source, run_id=run_id).version)
     if pq is not None:
         client.set_model_version_tag(name, version, PQ_TAG, f"{pq:.6f}")
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, version, k, v)
     holder = client.get_registered_model(name).aliases.get(alias)
     if holder is None:
         moved = True

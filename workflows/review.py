@@ -28,6 +28,12 @@ annotation was cancelled ("skipped" in the tool) or that have none; ``source="pr
 reads the pushed predictions instead (the round trip's check). What the format cannot carry:
 segment ids (renumbered 1, 2, ... in region order) and per-segment scores of annotations.
 
+Lineage: ``panoptic.json``'s ``info.ciae_review`` names where the annotations came from (``url``,
+``project``, ``project_id``, ``from``: annotations or predictions, ``labels``: the labeling
+output, ``pulled``: when). ``ciae prepare`` keeps it in the manifest (``source.review``), and
+``ciae train`` on those shards tags the run and its registered model version with it
+(``ciae.review.*``), beside the ``--init`` model (``ciae.init*``).
+
 The token is a Label Studio personal access token (a JWT refresh token; the SDK trades it for
 access tokens) or a legacy token where the organization allows them.
 """
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
@@ -46,12 +53,14 @@ import pyarrow as pa
 from pipeline.image_sources import Plan, load_plan
 from pipeline.label_exports import least_confident
 from pipeline.label_store import LabelStore
+from pipeline.storage import public_uri
 
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
 IMAGE = "image"             # the Image tag's name and the task data field of its URL
 LABELS = "label"            # the BrushLabels tag
 CROWD = "crowd"             # the per-region Choices tag (and its one choice)
 KEY = "ciae_key"            # task data: the image's key in the labeling output
+REVIEW_INFO = "ciae_review"  # pull's provenance in panoptic.json's info: prepare's manifest and training keep it
 BATCH = 32                  # images per upload and per task import
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
                ".gif": "image/gif", ".webp": "image/webp", ".tif": "image/tiff", ".tiff": "image/tiff"}
@@ -398,7 +407,9 @@ def pull(labels: str, url: str, token: str | None, project: str, out: str, sourc
         image_id = int(data.get("ciae_image_id", len(images) + 1))
         images.append({"id": image_id, "file_name": data.get("ciae_file_name", key), "height": h, "width": w})
         annotations.append({"image_id": image_id, "file_name": png, "segments_info": segments})
-    doc = {"info": {"description": f"ciae review pull of project {project!r} ({source})"},
+    provenance = {"url": url.rstrip("/"), "project": project, "project_id": proj.id, "from": source,
+                  "labels": public_uri(labels), "pulled": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    doc = {"info": {"description": f"ciae review pull of project {project!r} ({source})", REVIEW_INFO: provenance},
            "images": images, "annotations": annotations, "categories": categories}
     for name, body in (("skipped.json", {"skipped": skipped}), ("panoptic.json", doc)):
         path = os.path.join(out, name)

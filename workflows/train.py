@@ -24,7 +24,7 @@ import threading
 import time
 
 from ciae.config import Config
-from pipeline.storage import absolute
+from pipeline.storage import absolute, public_uri
 from workflows.jobs import TrainJob
 from workflows.tracking import Tracking
 from workflows.train_worker import CHECKPOINT_FILE, STEP_TAG
@@ -111,10 +111,11 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     params.update({"job.data": job.data, "job.val": str(job.val), "job.workers": str(job.workers),
                    "job.batch_per_worker": str(per_worker), "job.gpus_per_worker": str(job.gpus_per_worker),
                    "job.init": str(job.init)})
+    params = {k: public_uri(v) for k, v in params.items()}        # no credential of a URI in MLflow
     init = _init_source(job.init, tracking, cfg, stuff_ids, thing_ids, names) if job.init else None
+    lineage = _lineage(init[0] if init else None, manifest["source"].get("review"))
     run_id = _open_run(client, exp_id, name, params)
-    if init:
-        _log_lineage(client, run_id, *init)
+    _log_lineage(client, run_id, lineage, init[1] if init else None)
     # paths the workers open: absolute, as their working directory need not be the driver's
     spec = WorkerSpec(config=cfg, stuff_ids=stuff_ids, thing_ids=thing_ids, category_names=names,
                       data=absolute(job.data),
@@ -145,7 +146,7 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
             with result.checkpoint.as_directory() as d:
                 with open(os.path.join(d, CHECKPOINT_FILE), "rb") as f:
                     data = f.read()
-        summary = _finish(job, tracking, run_id, data, (result.metrics or {}).get("val"))
+        summary = _finish(job, tracking, run_id, data, (result.metrics or {}).get("val"), lineage)
     except BaseException:
         if bar:
             bar.done.set()
@@ -167,16 +168,32 @@ def _init_source(spec: str, tracking: Tracking, cfg: Config, stuff_ids, thing_id
     return source, transfer(CIAEModel(cfg, stuff_ids, thing_ids, names), source.source())
 
 
-def _log_lineage(client, run_id: str, source, report: dict) -> None:
-    """Where the run started from, in the registry's terms (tags) and in full (``init.json``)."""
-    tags = {"ciae.init": source.spec}
-    if source.run_id:
-        tags["ciae.init.run_id"] = source.run_id
-    if source.model_version:
-        tags["ciae.init.model_version"] = source.model_version
+def _lineage(source, review: dict | None) -> dict[str, str]:
+    """The run's lineage as tags: where its weights started (``ciae.init``: the ``--init`` spec,
+    ``ciae.init.run_id``, ``ciae.init.model_version``) and, for shards prepared from ``ciae review
+    pull`` (the manifest's ``source.review``), the review project its annotations came from
+    (``ciae.review.project``, ``.project_id``, ``.url``, ``.pulled``)."""
+    tags = {}
+    if source is not None:
+        tags["ciae.init"] = source.spec
+        if source.run_id:
+            tags["ciae.init.run_id"] = source.run_id
+        if source.model_version:
+            tags["ciae.init.model_version"] = source.model_version
+    if isinstance(review, dict):
+        for k in ("project", "project_id", "url", "pulled"):
+            if review.get(k) is not None:
+                tags[f"ciae.review.{k}"] = str(review[k])
+    return tags
+
+
+def _log_lineage(client, run_id: str, tags: dict[str, str], report: dict | None) -> None:
+    """The lineage tags on the run, and the ``--init`` transfer report in full (``init.json``);
+    the registered version gets the same tags (``_finish``)."""
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
-    client.log_dict(run_id, report, "init.json")
+    if report is not None:
+        client.log_dict(run_id, report, "init.json")
 
 
 def _check_room_for_data(worker_cpus: float) -> None:
@@ -189,7 +206,8 @@ def _check_room_for_data(worker_cpus: float) -> None:
                          "less than one for Ray Data's read tasks; lower --cpus-per-worker or --workers")
 
 
-def _finish(job: TrainJob, tracking: Tracking, run_id: str, data: bytes, pq: dict | None) -> dict:
+def _finish(job: TrainJob, tracking: Tracking, run_id: str, data: bytes, pq: dict | None,
+            lineage: dict[str, str] | None = None) -> dict:
     """Artifacts, the pyfunc model, registration and the alias, from the final checkpoint's
     bytes, loaded here once. ``pq``: the workers' validation of the final checkpoint, as rank 0
     reported it."""
@@ -212,7 +230,7 @@ def _finish(job: TrainJob, tracking: Tracking, run_id: str, data: bytes, pq: dic
         from workflows.registry import register
 
         version, moved = register(tracking, run_id, path, ckpt, job.register, job.alias,
-                                  pq["All"]["pq"] if pq else None)
+                                  pq["All"]["pq"] if pq else None, tags=lineage)
     return {"step": int(ckpt["step"]), "checkpoint": path, "pq": pq, "model_version": version,
             "alias_moved": moved}
 

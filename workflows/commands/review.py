@@ -8,6 +8,9 @@ that runs on its own, e.g. from scripts/label_studio.sh):
   pull   write the project's reviewed images back as COCO panoptic (OUT/panoptic/*.png and
          OUT/panoptic.json, which `ciae prepare` reads; OUT/skipped.json lists the images the
          reviewers skipped or did not annotate). --from predictions reads the pushed predictions.
+         panoptic.json's info.ciae_review names the server and project: `ciae prepare` keeps it
+         in the manifest and `ciae train` tags the run and its model version with it
+         (ciae.review.*, beside --init's ciae.init*).
 
 The token is read from $LABEL_STUDIO_API_KEY (a personal access token: Label Studio, Account &
 Settings), never from the command line.
