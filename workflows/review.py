@@ -53,6 +53,7 @@ import pyarrow as pa
 from pipeline.image_sources import Plan, load_plan
 from pipeline.label_exports import least_confident
 from pipeline.label_store import LabelStore
+from pipeline import storage
 from pipeline.storage import public_uri
 
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
@@ -205,7 +206,6 @@ def _rows(store: LabelStore, plan: Plan, indices: list[int]) -> Iterator[dict]:
     """The rows of these plan indices, read from their tasks' shards only."""
     import pyarrow.compute as pc
 
-    from pipeline import storage
     from pipeline.label_store import task_name
 
     columns = ["index", "key", "image_id", "file_name", "height", "width", "png", "segments", "quality"]
@@ -375,7 +375,6 @@ def pull(labels: str, url: str, token: str | None, project: str, out: str, sourc
     proj = find_project(client, project)
     if proj is None:
         raise ReviewError(f"{url}: no project {project!r}")
-    os.makedirs(os.path.join(out, "panoptic"), exist_ok=True)
     images, annotations, skipped = [], [], []
     tasks = [t for t in client.tasks.list(project=proj.id, fields="all", page_size=1000, resolve_uri=False)
              if KEY in (t.data or {})]
@@ -401,9 +400,7 @@ def pull(labels: str, url: str, token: str | None, project: str, out: str, sourc
         (h, w), = sizes
         ids, segments = _painted(results, h, w, categories)
         png = key + ".png"
-        os.makedirs(os.path.dirname(os.path.join(out, "panoptic", png)), exist_ok=True)
-        with open(os.path.join(out, "panoptic", png), "wb") as f:
-            f.write(encode_id_png(ids))
+        storage.write_uri(storage.join(out, "panoptic", png), encode_id_png(ids))
         image_id = int(data.get("ciae_image_id", len(images) + 1))
         images.append({"id": image_id, "file_name": data.get("ciae_file_name", key), "height": h, "width": w})
         annotations.append({"image_id": image_id, "file_name": png, "segments_info": segments})
@@ -411,10 +408,7 @@ def pull(labels: str, url: str, token: str | None, project: str, out: str, sourc
                   "labels": public_uri(labels), "pulled": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     doc = {"info": {"description": f"ciae review pull of project {project!r} ({source})", REVIEW_INFO: provenance},
            "images": images, "annotations": annotations, "categories": categories}
-    for name, body in (("skipped.json", {"skipped": skipped}), ("panoptic.json", doc)):
-        path = os.path.join(out, name)
-        with open(path + ".tmp", "w") as f:
-            json.dump(body, f)
-        os.replace(path + ".tmp", path)
-    return {"images": len(images), "skipped": skipped, "json": path}
+    storage.write_uri(storage.join(out, "skipped.json"), json.dumps({"skipped": skipped}).encode())
+    storage.write_uri(storage.join(out, "panoptic.json"), json.dumps(doc).encode())
+    return {"images": len(images), "skipped": skipped, "json": storage.join(out, "panoptic.json")}
 
