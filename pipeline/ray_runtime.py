@@ -1,5 +1,6 @@
 """Connecting to Ray: a cluster given by address, or a local instance sized for a small machine;
-and the device Ray assigned a worker."""
+the device Ray assigned a worker; and a job's rows watched for a cluster that lost what the job
+needs (``watched``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import contextlib
 import logging
 import os
 import sys
+import time
+from collections.abc import Iterable, Iterator
 
 # Local defaults; a cluster's own settings win when its address is given.
 _ENV_DEFAULTS = {
@@ -73,3 +76,58 @@ def assigned_device() -> str:
         return "cpu"
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return f"cuda:{visible.index(gpus[0]) if gpus[0] in visible else int(gpus[0])}"
+
+
+class ClusterShrank(RuntimeError):
+    """A job made no progress for a while on a cluster left with less than it needs (a node
+    lost for good): one line saying so, where waiting would hang."""
+
+
+def watched(rows: Iterable, need: dict[str, float], stall_s: float, what: str, poll_s: float = 2.0) -> Iterator:
+    """``rows`` (a Ray Data iterator), read in a thread of its own; ``ClusterShrank`` when none
+    has come for ``stall_s`` seconds while the cluster has less of a resource than ``need``
+    ({"CPU": n, "GPU": n}) says the job holds. Ray restarts a lost node's actors on the nodes
+    left, where they can hold every CPU (the tasks that feed them never start) or wait for GPUs
+    that are gone; a job that goes on with less is let be. ``what`` names the job's share."""
+    import queue
+    import threading
+
+    import ray
+
+    items: queue.Queue = queue.Queue(maxsize=64)
+    end = object()
+
+    def read() -> None:
+        try:
+            for row in rows:
+                items.put(row)
+            items.put(end)
+        except BaseException as e:          # handed to the reader, which raises it
+            items.put(e)
+
+    threading.Thread(target=read, daemon=True, name="ciae-rows").start()
+    last = time.monotonic()
+    while True:
+        try:
+            item = items.get(timeout=poll_s)
+        except queue.Empty:
+            waited = time.monotonic() - last
+            if waited < stall_s:
+                continue
+            have = ray.cluster_resources()
+            short = {k: v for k, v in need.items() if v and have.get(k, 0) < v}
+            if short:
+                # the job is abandoned: Ray Data's executor, stopped mid-read when Ray shuts down,
+                # would log its traceback after this line
+                logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+                left = ", ".join(f"{have.get(k, 0):g} {k}s for the {v:g} it needs" for k, v in short.items())
+                raise ClusterShrank(f"nothing finished for {waited:.0f} s and the cluster is left with {left} "
+                                    f"({what}): a node was lost; run the job again to resume on the nodes "
+                                    "there are, or once they are back") from None
+            continue
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        last = time.monotonic()
+        yield item

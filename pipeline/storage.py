@@ -31,12 +31,14 @@ without it (~70 ms on the 2-core VM).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -60,6 +62,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     try:
+        parts = urlsplit(uri)
+        if parts.scheme in BUCKET_SCHEMES and "@" not in uri:    # one filesystem per bucket, not per file
+            env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(BUCKET_ENV)))
+            fs = _bucket_filesystem(parts.scheme, parts.netloc, parts.query, env)
+            return fs, (parts.netloc + unquote(parts.path)).rstrip("/")
         try:
             return pafs.FileSystem.from_uri(uri)
         except (ValueError, OSError):  # pyarrow.ArrowInvalid for a scheme it has no native filesystem for
@@ -69,6 +76,21 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
             return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
     except (ValueError, OSError, ImportError) as e:    # the URI may carry credentials: never show them
         raise ValueError(f"{redact(uri)}: cannot open it ({redact(str(e))})") from None
+
+
+# pyarrow's bucket filesystems: making one asks the endpoint for the bucket's region (a request,
+# 40-90 ms), so ``resolve`` keeps one per bucket, its URI options and the environment they read
+# (not for a URI with credentials in it: pyarrow parses those, and its errors are redacted)
+BUCKET_SCHEMES = ("s3", "gs", "gcs")
+BUCKET_ENV = ("AWS_", "GOOGLE_", "GCS_")
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_filesystem(scheme: str, bucket: str, query: str, env: tuple) -> pafs.FileSystem:
+    import pyarrow.fs as pafs
+
+    del env     # in the key only: new credentials or endpoint, a new filesystem
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))[0]
 
 
 def public_uri(uri: str | None) -> str | None:

@@ -3,14 +3,16 @@
 ``second``), drivers that steer their Ray Data work onto the second node (``ray_nodes.py``: a
 soft node affinity), and the second node lost mid-job (SIGKILL to its raylet, workers and other
 processes, by the pids its ``ray start`` session holds). It never comes back: the jobs finish on
-the head, every image exactly once. (Not tested: the lost node holding every model actor; Ray
-restarts them on the head, where they can fill every CPU and starve the CPU stages: a known hang.)"""
+the head, every image exactly once; or, where the model actors restarted on the head hold every
+CPU (the tasks that feed them starve), fail with one line and finish when run again. Training
+with a worker on the lost node resumes from its last checkpoint on S3."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -23,8 +25,9 @@ from test_label import _written, check_outputs
 
 
 @pytest.fixture(scope="module")
-def head():
-    """The head: 2 CPUs, a 200 MiB object store, lost nodes noticed in ~2 s."""
+def head(s3_env):
+    """The head: 2 CPUs, a 200 MiB object store, lost nodes noticed in ~2 s; its processes (and
+    the second node's) see the S3 server's environment, as a cluster's nodes see S3's."""
     node = RayNode.start(num_cpus=2, env=FAST_FAILURE_DETECTION)
     try:
         yield node
@@ -125,3 +128,102 @@ def test_prepare_loses_the_second_node_mid_job_and_writes_the_same_shards(head, 
     assert shard_tables(out) == shard_tables(reference)
     manifest, expected = (json.loads((d / "_manifest.json").read_text()) for d in (out, reference))
     assert manifest["shards"] == expected["shards"] and manifest["counts"] == expected["counts"]
+
+
+def test_training_loses_the_second_node_and_resumes_from_its_checkpoint_on_s3(head, second, s3_server, synth_small,
+                                                                              make_shards, mlflow_db, tmp_path):
+    """``ciae train`` with its two workers spread over the nodes (``--placement spread``), data,
+    checkpoints and MLflow artifacts on S3; the second node lost after a checkpoint: Ray Train
+    restarts the workers on the head from the last checkpoint on S3, into the one MLflow run,
+    and the steps go on from there to the end."""
+    import mlflow
+    from s3_server import upload
+
+    from test_s3 import listing
+
+    root = f"s3://{s3_server['bucket']}/test_ray_nodes_train"
+    upload(make_shards(synth_small, 3), f"{root}/shards")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"solver": {"checkpoint_every": 4, "warmup_iters": 1},
+                                  "input": {"shorter_sides": [96], "test_shorter_side": 96, "flip_prob": 0.0}}))
+    cmd = [sys.executable, "-m", "workflows.cli", "train", "--data", f"{root}/shards", "--val", f"{root}/shards",
+           "--config", str(config), "--iterations", "40", "--workers", "2", "--batch-per-worker", "1",
+           "--placement", "spread", "--storage", f"{root}/ray_results", "--artifact-root", f"{root}/mlflow",
+           "--tracking-uri", mlflow_db, "--experiment", "two-nodes", "--name", "two-nodes", "--pictures", "0",
+           "--address", head.gcs_address]
+    checkpoints = lambda: [n for n in listing(f"{root}/ray_results/two-nodes") if n.endswith("checkpoint.pt")]  # noqa: E731
+    done, killed = run_and_lose(second, cmd, checkpoints)
+    assert any("RayTrainWorker" in t for t in killed["tasks"]), killed      # a worker ran there
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "finished at step 40" in done.stdout, done.stdout
+    client = mlflow.MlflowClient(mlflow_db)
+    runs = client.search_runs([client.get_experiment_by_name("two-nodes").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    resumed = [int(m.value) for m in client.get_metric_history(runs[0].info.run_id, "resumed_at_step")]
+    assert len(resumed) == 1 and resumed[0] in range(4, 40, 4), resumed     # from a checkpoint on S3
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert set(steps) == set(range(1, 41)) and max(steps) == 40
+
+
+def test_labeling_loses_the_node_of_every_model_actor_and_never_hangs(head, registered_untrained, tmp_path):
+    """Both model actors (1 CPU each) on a second node of 3 CPUs, which is lost: Ray restarts
+    them on the head, whose 2 CPUs they can fill, starving the decoding and encoding they wait
+    for. The job either finishes, or stops with one line (status 3) once nothing has finished
+    for ``--stall-timeout`` on a cluster left with less than it holds; run again, it picks the
+    actors' share for the head and labels the rest: every image exactly once."""
+    src = tmp_path / "src"
+    write_dataset(str(src), 24, seed=23, spec=SynthSpec(height=64, width=96))
+    out = tmp_path / "out"
+    args = ["label", "--model", registered_untrained["checkpoint"], "--input", str(src / "images"), "--out", str(out),
+            "--batch-size", "1", "--task-images", "4", "--workers", "2", "--stall-timeout", "15", "--coco-panoptic",
+            "--address", head.gcs_address]
+    node = RayNode.start(head.gcs_address, num_cpus=3, resources={"second": 1})
+    try:
+        def labelers() -> int:
+            return sum("Labeler" in " ".join(p.cmdline()) for p in node.processes())
+
+        done, killed = run_and_lose(node, driver_cmd(node.node_id, *args),
+                                    lambda: _written(out) >= 1 and labelers() == 2)
+    finally:
+        node.stop()
+    assert sum("Labeler" in t for t in killed["tasks"]) == 2, killed          # both actors were there
+    if done.returncode != 0:
+        assert done.returncode == 3, done.stderr[-3000:]
+        line = done.stderr.strip().splitlines()[-1]
+        assert line.startswith("ciae label: nothing finished for ") and "node was lost" in line, line
+        assert "Traceback" not in done.stderr, done.stderr
+        done = subprocess.run([sys.executable, "-m", "workflows.cli", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout)
+    assert "24 of 24 images labeled" in done.stdout, done.stdout
+    check_outputs(str(out), {f"synth_0023_{i:06d}": (64, 96) for i in range(24)})
+
+
+def test_watched_rows_fail_in_one_line_only_when_stalled_on_a_shrunk_cluster(monkeypatch):
+    """``pipeline.ray_runtime.watched``: slow rows on a cluster with what the job needs all
+    come; rows that stop on a cluster short of CPUs end in ``ClusterShrank`` naming what is
+    left; an error of the rows is raised as it is."""
+    import ray
+
+    from pipeline.ray_runtime import ClusterShrank, watched
+
+    def slow(n, pause, fail=None):
+        for i in range(n):
+            time.sleep(pause)
+            yield i
+        if fail:
+            raise fail
+        time.sleep(3600)                                 # then nothing more (the stall)
+
+    need = {"CPU": 3.0, "GPU": 0}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    rows = watched(slow(3, 0.3), need, stall_s=0.2, what="the share", poll_s=0.05)
+    assert [next(rows) for _ in range(3)] == [0, 1, 2]     # slower than stall_s, but nothing is short
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    start = time.monotonic()
+    with pytest.raises(ClusterShrank, match=r"left with 2 CPUs for the 3 it needs \(the share\): a node was lost"):
+        next(rows)
+    assert time.monotonic() - start < 5
+    with pytest.raises(KeyError, match="boom"):
+        list(watched(slow(2, 0, fail=KeyError("boom")), need, stall_s=60, what="x"))

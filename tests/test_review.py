@@ -9,6 +9,7 @@ pixel, crowd flags included."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -145,6 +146,72 @@ def test_a_pushed_map_pulls_back_identical(labeled, label_studio, token, tmp_pat
         assert canonical(pulled, a["segments_info"]) == canonical(decode_id_png(row["png"]), row["segments"])
         for s in a["segments_info"]:
             assert s["area"] == int((pulled == s["id"]).sum())
+
+
+def test_an_exif_turned_image_keeps_its_viewer_orientation_through_push_and_pull(label_studio, client, token,
+                                                                                 tmp_path):
+    """A JPEG stored 240 wide and 160 high with EXIF orientation 6 (turn 90 degrees clockwise to
+    view) is labeled as viewers show it, 160 wide and 240 high (``decode_rgb``). Pushed as its
+    bytes are (the tag kept), its regions say 160x240, which is what the image the tool serves
+    shows once the tag is applied (Label Studio draws it in the browser's <img>, which applies
+    it, and takes the sizes of regions drawn there from it); pulled back, the map is the same."""
+    from PIL import Image, ImageOps
+
+    from ciae.transform import decode_rgb
+    from pipeline.panoptic_png import encode_id_png
+    from pipeline.synth import select_categories
+
+    table = select_categories()
+    ids = np.ones((240, 160), np.uint32)                    # viewer orientation: 240 high, 160 wide
+    ids[:, 100:] = 2
+    ids[20:120, 10:60] = 3                                  # a thing in the top left corner only
+    segments = []
+    for sid, cat in ((1, table.stuff_ids[0]), (2, table.stuff_ids[1]), (3, table.thing_ids[0])):
+        ys, xs = np.nonzero(ids == sid)
+        segments.append({"id": sid, "category_id": cat, "iscrowd": 0, "area": int(len(ys)),
+                         "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]})
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "panoptic").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = np.rot90(np.where(ids[..., None] == 3, 200, 60).astype(np.uint8).repeat(3, 2))  # 160 high, 240 wide
+    Image.fromarray(np.ascontiguousarray(stored)).save(data / "images" / "turned.jpg", exif=exif)
+    view = decode_rgb((data / "images" / "turned.jpg").read_bytes())
+    assert view.shape == (240, 160, 3) and view[70, 35].mean() > 150 > view[200, 35].mean()
+    (data / "panoptic" / "turned.png").write_bytes(encode_id_png(ids))
+    (data / "panoptic.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "turned.jpg", "height": 240, "width": 160}],
+        "annotations": [{"image_id": 1, "file_name": "turned.png", "segments_info": segments}],
+        "categories": table.to_json()}))
+    store = ls.LabelStore(str(tmp_path / "labels"))
+    plan = make_plan(str(data / "images"), store.plan_uri, gt_json=str(data / "panoptic.json"),
+                     gt_dir=str(data / "panoptic"))
+    (e,) = plan.read_task(plan.dir, 0)
+    store.write_part(0, [{"index": e["index"], "key": e["key"], "image_id": e["image_id"], "file_name": "turned.jpg",
+                          "height": 240, "width": 160, "status": "labeled", "reason": "",
+                          "png": encode_id_png(ids), "segments": [s | {"score": 0.5, "rle": None} for s in segments],
+                          "quality": 0.5, "pq": None, "pq_stats": None}])
+    store.seal(0, 1, table)
+    labeled = {"out": store.uri}
+
+    push(labeled, label_studio, "turned", n=1)
+    (task,) = tasks_of(client, "turned")
+    pred = task.predictions[0] if isinstance(task.predictions[0], dict) else task.predictions[0].dict()
+    assert {(r["original_width"], r["original_height"]) for r in pred["result"]} == {(160, 240)}
+    served = client._client_wrapper.httpx_client.request(task.data["image"].lstrip("/"), method="GET")
+    with Image.open(io.BytesIO(served.content)) as im:
+        assert im.size == (240, 160) and im.getexif()[0x0112] == 6      # the bytes as uploaded
+        assert ImageOps.exif_transpose(im).size == (160, 240)           # as a browser shows them
+
+    assert main(["review", "pull", "--labels", labeled["out"], "--url", label_studio.url, "--project", "turned",
+                 "--out", str(tmp_path / "pulled"), "--from", "predictions", "--workers", "1", "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "pulled" / "panoptic.json").read_text())
+    assert [(im["height"], im["width"]) for im in doc["images"]] == [(240, 160)]
+    (a,) = doc["annotations"]
+    pulled = decode_id_png((tmp_path / "pulled" / "panoptic" / a["file_name"]).read_bytes())
+    assert pulled.shape == (240, 160)
+    assert canonical(pulled, a["segments_info"]) == canonical(ids, segments)
 
 
 def test_pull_reads_the_latest_annotations_and_lists_skipped_images(labeled, label_studio, client, token, tmp_path):

@@ -62,6 +62,18 @@ def test_object_store_writes_are_one_upload_and_a_failed_write_uploads_nothing(s
     assert storage.read_bytes(fs, f"{base}/b.bin") == b"b" * 100
 
 
+def test_one_filesystem_per_bucket_and_environment(s3_server, monkeypatch):
+    """``storage.resolve`` makes a bucket's filesystem once (making one asks the server for the
+    bucket's region): the same object for every file of a bucket, paths as pyarrow gives them, a
+    new one when the credentials in the environment change."""
+    bucket = s3_server["bucket"]
+    fs, path = storage.resolve(f"s3://{bucket}/a%20b/c.jpg")
+    assert path == f"{bucket}/a b/c.jpg" == pafs.FileSystem.from_uri(f"s3://{bucket}/a%20b/c.jpg")[1]
+    assert storage.resolve(f"s3://{bucket}/other/")[0] is fs and storage.resolve(f"s3://{bucket}/other/")[1] == f"{bucket}/other"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-secret")
+    assert storage.resolve(f"s3://{bucket}/x")[0] is not fs
+
+
 def manifest_of(uri: str) -> dict:
     m = read_manifest(uri)
     return {k: v for k, v in m.items() if k not in ("created", "source")}
@@ -101,6 +113,49 @@ def test_prepare_on_s3_equals_local_and_resumes_without_duplicates(s3, synth_sma
     assert sorted(frame["image_id"]) == ids
 
 
+def test_killed_prepare_resumes_on_s3_and_writes_every_shard_once(s3_server, tmp_path, ray_local):
+    """``ciae prepare`` from S3 to S3 SIGKILLed once a shard is there, then run again: the
+    shards written before the kill are kept as they are, the rest written once; the same shards
+    and rows as the uninterrupted run on the local folder, and nothing else under ``--out``."""
+    import ray
+
+    src = tmp_path / "src"
+    write_dataset(str(src), 32, seed=14, spec=SynthSpec(height=64, width=64))
+    paths = [str(src / "images"), str(src / "panoptic.json"), str(src / "panoptic")]
+    reference = str(tmp_path / "reference")
+    prepare(Source(*paths), reference, rows_per_shard=2, progress=False, in_process=True)
+    root = upload(str(src), f"s3://{s3_server['bucket']}/test_s3_prepare_kill")
+    source = [f"{root}/images", f"{root}/panoptic.json", f"{root}/panoptic"]
+    out = f"{root}/shards"
+    cmd = [sys.executable, "-m", "workflows.cli", "prepare", "--images", source[0], "--panoptic-json", source[1],
+           "--panoptic-dir", source[2], "--out", out, "--rows-per-shard", "2",
+           "--address", ray.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not [n for n in listing(out) if n.endswith(".parquet")]:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "nothing was written in time"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    fs, base = storage.resolve(out)
+    names = None
+    while names != (names := listing(out)):        # until the killed job's last tasks are gone
+        time.sleep(1)
+    before = {n: storage.read_bytes(fs, f"{base}/{n}") for n in names if n.endswith(".parquet")}
+    assert 1 <= len(before) < 16 and MANIFEST not in listing(out), sorted(before)     # killed mid-job
+
+    m = prepare(Source(*source), out, rows_per_shard=2, progress=False)
+    assert m["counts"]["images"] == 32 and m["skipped_shards"] == len(before)
+    expected = sorted(n for n in os.listdir(reference) if n.endswith(".parquet"))
+    assert listing(out) == sorted([MANIFEST, *expected])              # no temporaries, no duplicates
+    assert read_table(out).equals(read_table(reference))
+    assert all(storage.read_bytes(fs, f"{base}/{n}") == data for n, data in before.items())
+
+
 @pytest.fixture(scope="module")
 def model(registered_untrained) -> dict:
     return registered_untrained
@@ -113,7 +168,7 @@ def rows(out: str) -> list[dict]:
 def test_label_on_s3_equals_local(model, s3, synth_small, tmp_path, ray_local):
     """--input a prefix of images on S3, ground truth on S3, --out on S3: the same rows, PQ and
     COCO files as the same job on local folders; pandas and pyarrow read the S3 output as one
-    row per image."""
+    row per image; ``ciae export`` and ``ciae evaluate`` of it write the same files on S3."""
     import pandas
     import pyarrow.dataset as pads
 
@@ -137,6 +192,19 @@ def test_label_on_s3_equals_local(model, s3, synth_small, tmp_path, ray_local):
     fs, base = storage.resolve(out)
     assert sorted(pandas.read_parquet(base, filesystem=fs, columns=["key"])["key"]) == keys
     assert sorted(storage.read_parquet(out, columns=["key"])["key"].to_pylist()) == keys
+
+    # `ciae export` and `ciae evaluate` on S3 write what they write on the local folders
+    from workflows.cli import main
+
+    written = {}
+    for o, gt in ((out, s3), (str(tmp_path / "out"), synth_small)):
+        assert main(["export", "--labels", o, "--coco-panoptic", "--coco-instances", "--review", "4"]) == 0
+        assert main(["evaluate", "--gt-json", gt["panoptic_json"], "--gt-dir", gt["panoptic_dir"],
+                     "--pred-json", f"{o}/_coco/predictions.json", "--pred-dir", f"{o}/_coco/panoptic",
+                     "--output", f"{o}/_eval/pq.json", "--workers", "1"]) == 0
+        written[o] = {n: storage.read_uri(f"{o}/{n}") for n in ("_coco/instances.json", "_review.csv", "_eval/pq.json")}
+    assert written[out] == written[str(tmp_path / "out")]
+    assert json.loads(written[out]["_eval/pq.json"])["All"]["pq"] == pytest.approx(on_s3["metrics"]["All"]["pq"])
 
 
 def test_killed_driver_resumes_on_s3_and_labels_every_image_exactly_once(model, s3_server, tmp_path, ray_local):
@@ -232,3 +300,62 @@ def test_credentials_in_uris_are_not_recorded(model, s3, tmp_path, ray_local):
     assert secret not in plan_text and "AKIDPLANTED" not in plan_text
     again = label(job, progress=False)
     assert first["labeled"] == again["labeled"] == 6 and again["processed"] == 0
+
+
+def test_train_on_s3_resumes_from_its_checkpoint_there_and_equals_local(s3_server, synth_small, make_shards,
+                                                                        mlflow_db, tmp_path, ray_local):
+    """``--data``, ``--val`` and ``--storage`` on S3 and MLflow's artifacts on S3 (``--artifact-root``),
+    and the same job on local folders (``file://`` URIs): in each a worker killed after the first
+    checkpoint resumes from it (on S3: read back from there) into the one MLflow run, which ends
+    with its metrics, artifacts and a registered model version holding the alias; the two give
+    the same weights and validation PQ; the S3 run's artifacts and model are on S3 only, and the
+    model loads from there."""
+    import mlflow
+    import torch
+
+    from ray_callbacks import KillRankOneAfterFirstCheckpoint
+    from test_train_distributed import tiny_config
+    from workflows.jobs import TrainJob
+    from workflows.tracking import Tracking
+    from workflows.train import train
+
+    shards = make_shards(synth_small, 3)            # row groups that straddle the workers' parts
+    root = f"s3://{s3_server['bucket']}/test_s3_train"
+    upload(shards, f"{root}/shards")
+    common = dict(config=tiny_config(checkpoint_every=2), workers=2, batch_per_worker=1, iterations=6,
+                  tracking_uri=mlflow_db, pictures=1, max_failures=1)
+    jobs = {"s3": TrainJob(data=f"{root}/shards", val=f"{root}/shards", storage=f"{root}/ray_results",
+                           artifact_root=f"{root}/mlflow", name="on-s3", experiment="s3", register="ciae-s3",
+                           **common),
+            "local": TrainJob(data=f"file://{shards}", val=shards, storage=f"file://{tmp_path}/ray_results",
+                              name="local", experiment="local", register="ciae-local", **common)}
+    runs = {k: train(job, callbacks=(KillRankOneAfterFirstCheckpoint(),), progress=False) for k, job in jobs.items()}
+    client = mlflow.MlflowClient(mlflow_db)
+    for k, s in runs.items():
+        assert s["step"] == 6
+        found = client.search_runs([client.get_experiment_by_name(k).experiment_id])
+        assert len(found) == 1 and found[0].info.run_id == s["run_id"] and found[0].info.status == "FINISHED"
+        assert [m.value for m in client.get_metric_history(s["run_id"], "resumed_at_step")] == [2.0]
+        assert {m.step for m in client.get_metric_history(s["run_id"], "loss")} == set(range(1, 7))
+        for key in ("loss_cae", "loss_iae", "loss_cls", "lr", "images_per_s"):
+            assert client.get_metric_history(s["run_id"], key), key
+        run = client.get_run(s["run_id"])
+        assert run.data.params["solver.iterations"] == "6" and "val_pq" in run.data.metrics
+        assert {"config.json", "checkpoint", "pictures", "val_pq.json"} <= {a.path for a in client.list_artifacts(s["run_id"])}
+        assert s["model_version"] == "1" and s["alias_moved"]
+        champion = client.get_model_version_by_alias(jobs[k].register, "champion")
+        assert str(champion.version) == "1"
+        assert float(champion.tags["val_pq"]) == pytest.approx(run.data.metrics["val_pq"], abs=1e-6)
+    weights = {k: torch.load(s["checkpoint"], weights_only=True)["model"] for k, s in runs.items()}
+    for name, tensor in weights["local"].items():
+        torch.testing.assert_close(weights["s3"][name], tensor, rtol=0, atol=0, msg=name)
+    assert runs["s3"]["pq"] == runs["local"]["pq"]
+
+    assert client.get_run(runs["s3"]["run_id"]).info.artifact_uri.startswith(f"{root}/mlflow/s3/")
+    artifacts = listing(f"{root}/mlflow/s3")
+    assert any(n.endswith("/artifacts/checkpoint/checkpoint.pt") for n in artifacts), artifacts
+    assert any("/artifacts/pictures/" in n for n in artifacts) and any(n.endswith("MLmodel") for n in artifacts)
+    assert not (tmp_path / "artifacts" / "s3").exists()                  # nothing of it on the local disk
+    assert [n for n in listing(f"{root}/ray_results/on-s3") if n.endswith("checkpoint.pt")]
+    model = Tracking.resolve(mlflow_db).download("models:/ciae-s3/1", dst=str(tmp_path / "model"))
+    assert os.path.exists(os.path.join(model, "MLmodel"))

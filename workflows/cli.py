@@ -8,6 +8,8 @@ copy in a command.
 
 A user's mistake (a bad option, path, file or model) ends the command with one line,
 ``ciae <command>: <what is wrong>``, and exit status 2; ``--debug`` shows the traceback instead.
+A job that stops because the cluster lost what it holds (a node gone for good) ends the same
+way with status 3: running it again resumes it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import importlib
 import inspect
 import sys
 
+from pipeline.ray_runtime import ClusterShrank
+
 COMMANDS = ("synth", "prepare", "train", "evaluate", "label", "export", "review", "demo")
 EXIT_USER_ERROR = 2
+EXIT_CLUSTER = 3        # the cluster lost what a job needs (pipeline.ray_runtime.ClusterShrank): run it again
 
 
 # the exceptions that mean bad input rather than a bug: ValueError (the project's RecordError,
@@ -80,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ciae {args.command}: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except ClusterShrank as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"ciae {args.command}: {one_line(e)}", file=sys.stderr)
+        return EXIT_CLUSTER
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ class TrainJob:
     batch_per_worker: int | None = None    # default solver.batch_size // workers
     iterations: int | None = None          # default solver.iterations (decay steps scale with it)
     storage: str = "runs/ray_results"      # Ray Train checkpoints (shared storage on a cluster)
+    placement: str = "pack"                # workers on as few nodes as fit ("pack") or one per node ("spread")
     name: str | None = None                # run name; give it again to resume a stopped run
     tracking_uri: str | None = None
+    artifact_root: str | None = None       # a new experiment's MLflow artifacts (default: the store's)
     experiment: str = "ciae"
     register: str | None = None            # registered model name (None: do not register)
     alias: str = "champion"
@@ -47,6 +49,7 @@ class TrainJob:
             (self.iterations is None or self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
             (self.eval_every >= 0 and self.max_failures >= 0 and self.pictures >= 0,
              "eval_every, max_failures and pictures must be >= 0"),
+            (self.placement in ("pack", "spread"), f"placement must be 'pack' or 'spread', got {self.placement!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -105,10 +108,13 @@ class LabelJob:
     compile: bool = False               # torch.compile of the network on CUDA
     retry_rejected: bool = False        # label the rejected images of finished tasks again
     task_images: int = 1024             # images per task (and output shard), fixed by the first run
+    stall_timeout: float = 300.0        # fail after this long without progress on a cluster that lost what the job holds
 
     def __post_init__(self):
         if self.workers < 1 or self.batch_size < 1 or self.task_images < 1:
             raise ValueError("workers, batch_size and task_images must be >= 1")
+        if self.stall_timeout <= 0:
+            raise ValueError(f"stall_timeout must be > 0 seconds, got {self.stall_timeout:g}")
         if self.gpus_per_worker < 0 or (self.cpus_per_worker is not None and self.cpus_per_worker <= 0) \
                 or self.overlays < 0 or self.review < 0:
             raise ValueError("gpus_per_worker, overlays and review must be >= 0, cpus_per_worker > 0")

@@ -162,7 +162,7 @@ def _run(job: LabelJob, source, input_cfg, plan: Plan, store: ls.LabelStore, tab
     from tqdm import tqdm
 
     from ciae.evaluation.pq import PQAccumulator
-    from pipeline.ray_runtime import connect
+    from pipeline.ray_runtime import connect, watched
 
     done = {t: set(partial.get(t, ())) for t in pending}
     running = PQAccumulator(table)
@@ -189,8 +189,11 @@ def _run(job: LabelJob, source, input_cfg, plan: Plan, store: ls.LabelStore, tab
                                                   "compile": job.compile})
               .map_batches(encode, batch_size=job.batch_size,
                            fn_kwargs={"store": store, "table": table, "coco_panoptic": job.coco_panoptic}))
+        need = {"CPU": job.workers * cpus + 1, "GPU": job.workers * job.gpus_per_worker}
+        gpus = f" and {job.gpus_per_worker:g} GPU" if job.gpus_per_worker else ""
+        what = f"{job.workers} model actors x {cpus:g} CPU{gpus}, and one CPU for decoding and encoding"
         with tqdm(total=todo, unit="img", desc="label", disable=not progress) as bar:
-            for part in ds.iter_rows():
+            for part in watched(ds.iter_rows(), need, job.stall_timeout, what):
                 task, keys = int(part["task"]), part["keys"]
                 new = set(keys) - done[task]
                 if len(new) == len(keys) and part["pq"]:

@@ -28,6 +28,19 @@ annotation was cancelled ("skipped" in the tool) or that have none; ``source="pr
 reads the pushed predictions instead (the round trip's check). What the format cannot carry:
 segment ids (renumbered 1, 2, ... in region order) and per-segment scores of annotations.
 
+Orientation: maps and regions are as viewers show the image, its EXIF orientation applied (as
+``ciae.transform.decode_rgb`` labels it); the image is uploaded as its bytes are, tag included,
+and Label Studio shows it turned the same way (the browser's ``<img>`` applies the tag), so
+regions drawn there have the same size.
+
+Speed (~100 images/s each way with 2 cores and a local server, ``benchmarks/review``): the
+converter is pure Python (~4 ms an image to encode, ~10 to decode at 256x256), so ``workers``
+processes (default: one per CPU) encode the predictions while the images upload, and decode
+them on pull. Tasks are imported and listed as JSON through the SDK's HTTP client, not its
+typed models, which walk every number of every RLE. Over http every request gets its own
+connection (see ``connect``: the tool's development server answers ~40 ms late on a reused
+one); over https they are kept alive.
+
 Lineage: ``panoptic.json``'s ``info.ciae_review`` names where the annotations came from (``url``,
 ``project``, ``project_id``, ``from``: annotations or predictions, ``labels``: the labeling
 output, ``pulled``: when). ``ciae prepare`` keeps it in the manifest (``source.review``), and
@@ -44,7 +57,9 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
@@ -108,7 +123,13 @@ def connect(url: str, token: str | None):
                           "tool's Account & Settings page)")
     if not url.startswith(("http://", "https://")):
         raise ReviewError(f"{url}: not an http(s) URL of a Label Studio server")
-    client = LabelStudio(base_url=url.rstrip("/"), api_key=token, timeout=120)
+    # Label Studio's own server (``label-studio start``: Django's development server, http only)
+    # answers a request on a kept-alive connection ~40 ms late (the last segment of its reply
+    # waits, by Nagle's rule, for the client's delayed ACK): over http every request gets a new
+    # connection instead, which costs well under a millisecond on a local network
+    keepalive = {} if url.startswith("https://") else {"limits": httpx.Limits(max_keepalive_connections=0)}
+    client = LabelStudio(base_url=url.rstrip("/"), api_key=token,
+                         httpx_client=httpx.Client(timeout=120, follow_redirects=True, **keepalive))
     try:
         client.users.whoami()
     except (httpx.HTTPError, OSError) as e:
@@ -154,27 +175,48 @@ def ensure_project(client, title: str, categories: list[dict]):
     return project
 
 
+def _http(client):
+    """The SDK's HTTP client (its auth and base URL), for the calls that carry brush regions: the
+    SDK's typed models walk every number of every RLE to encode or parse a task."""
+    return client._client_wrapper.httpx_client
+
+
+def _checked(r, doing: str):
+    if r.status_code >= 300:
+        raise RuntimeError(f"{doing}: {r.status_code} {r.text[:300]}")
+    return r
+
+
+def project_tasks(client, project_id: int, **params) -> Iterator[dict]:
+    """The project's tasks as the API gives them (JSON objects), a page of 1000 at a time."""
+    page, seen = 1, 0
+    while True:
+        r = _http(client).request("api/tasks/", method="GET", params={
+            "project": project_id, "page": page, "page_size": 1000, "resolve_uri": "false", **params})
+        if r.status_code == 404:        # past the last page
+            return
+        body = _checked(r, f"listing the tasks of project {project_id}").json()
+        yield from body["tasks"]
+        seen, page = seen + len(body["tasks"]), page + 1
+        if not body["tasks"] or seen >= body.get("total", 0):
+            return
+
+
 def project_keys(client, project_id: int) -> dict[str, int]:
     """{data.ciae_key: task id} of the project's tasks."""
-    keys = {}
-    for t in client.tasks.list(project=project_id, include="id,data", page_size=1000, resolve_uri=False):
-        key = (t.data or {}).get(KEY)
-        if key is not None:
-            keys[key] = t.id
-    return keys
+    return {t["data"][KEY]: t["id"] for t in project_tasks(client, project_id, include="id,data")
+            if KEY in (t.get("data") or {})}
 
 
 def _upload(client, project_id: int, files: list[tuple[str, bytes]]) -> list[str]:
     """Upload images (name, bytes) as file uploads of the project, no tasks made; returns their
     URLs in the order given."""
-    http = client._client_wrapper.httpx_client          # the SDK's client: its auth and base URL
     # one form field per file: the server reads one file per field name
     parts = {f"file{i}": (name, data, IMAGE_TYPES.get(os.path.splitext(name)[1].lower(), "application/octet-stream"))
              for i, (name, data) in enumerate(files)}
-    r = http.request(f"api/projects/{project_id}/import", method="POST",
-                     params={"commit_to_project": "false"}, files=parts)
-    if r.status_code >= 300:
-        raise RuntimeError(f"uploading {len(files)} images: {r.status_code} {r.text[:300]}")
+    r = _checked(_http(client).request(f"api/projects/{project_id}/import", method="POST",
+                                       params={"commit_to_project": "false"}, files=parts),
+                 f"uploading {len(files)} images")
     ids = r.json().get("file_upload_ids") or []
     uploads = client.files.list(project_id, ids=json.dumps(ids))
     by_name: dict[str, str] = {}
@@ -187,6 +229,45 @@ def _upload(client, project_id: int, files: list[tuple[str, bytes]]) -> list[str
     if missing:
         raise RuntimeError(f"uploaded images missing from the project's file uploads: {missing[:3]}")
     return [by_name[name] for name, _ in files]
+
+
+def _import(client, project_id: int, tasks: list[dict]) -> None:
+    """Create tasks (with their predictions) in the project: one request, the JSON encoded here."""
+    _checked(_http(client).request(f"api/projects/{project_id}/import", method="POST",
+                                   content=json.dumps(tasks).encode(), headers={"Content-Type": "application/json"}),
+             f"importing {len(tasks)} tasks")
+
+
+# ------------------------------------------------------------------------------ the workers
+
+def default_workers() -> int:
+    """The CPUs this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def _pool(workers: int):
+    """An ordered ``map`` over ``workers`` processes, or the builtin ``map`` for one. The pool's
+    map submits every item at once, so that they run while this process talks to the server. Its
+    workers fork from a server process that imports this module and the tool's converter (~1 s
+    of CPU: the SDK's converter package imports nltk and scipy), started here so that it does so
+    while the caller connects; forking from it is as safe as spawning (nothing inherited from a
+    threaded parent) without paying the imports per worker."""
+    if workers <= 1:
+        yield map
+        return
+    import multiprocessing
+    import multiprocessing.forkserver
+    from concurrent.futures import ProcessPoolExecutor
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__, "label_studio_sdk.converter.brush"])
+        multiprocessing.forkserver.ensure_running()
+    else:
+        context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        yield pool.map
 
 
 # ------------------------------------------------------------------------------ the output
@@ -277,9 +358,10 @@ class PushResult:
 
 
 def push(labels: str, url: str, token: str | None, project: str, n: int, model_version: str = "ciae",
-         progress: bool = True, batch: int = BATCH) -> PushResult:
+         progress: bool = True, batch: int = BATCH, workers: int | None = None) -> PushResult:
     """Send the ``n`` least confident images of the labeling output ``labels`` to the project
-    titled ``project`` on the Label Studio at ``url`` (see the module docstring)."""
+    titled ``project`` on the Label Studio at ``url`` (see the module docstring); the predictions
+    are encoded by ``workers`` processes (default: one per CPU) while the images upload."""
     from tqdm import tqdm
 
     from pipeline.label_stages import load_entry, read_shard_rows
@@ -287,31 +369,34 @@ def push(labels: str, url: str, token: str | None, project: str, n: int, model_v
     if n < 1:
         raise ReviewError(f"--n {n}: push at least one image")
     store, plan, categories = open_output(labels)
-    client = connect(url, token)
-    proj = ensure_project(client, project, categories)
-    names = {int(c["id"]): c["name"] for c in categories}
-    present = project_keys(client, proj.id)
-    chosen = [r["index"] for r in least_confident(store, n, ["index"])]
-    rows = {r["index"]: r for r in _rows(store, plan, chosen)}
-    todo = [i for i in chosen if rows[i]["key"] not in present]
-    entries = _entries(plan, todo)
-    with tqdm(total=len(todo), unit="img", desc="push", disable=not progress) as bar:
-        for start in range(0, len(todo), batch):
-            part = todo[start:start + batch]
-            shard_rows = read_shard_rows([entries[i] for i in part])
-            files = []
-            for i in part:
-                data, _ = load_entry(entries[i], shard_rows)
-                files.append((_image_name(rows[i]["key"], rows[i]["file_name"], data), data))
-            urls = _upload(client, proj.id, files)
-            tasks = []
-            for i, image_url in zip(part, urls):
-                r = rows[i]
-                tasks.append({"data": {IMAGE: image_url, KEY: r["key"], "ciae_image_id": int(r["image_id"]),
-                                       "ciae_file_name": r["file_name"], "ciae_quality": float(r["quality"])},
-                              "predictions": [prediction_of(r, names, model_version)]})
-            client.projects.import_tasks(proj.id, request=tasks, return_task_ids=True)
-            bar.update(len(part))
+    with _pool(min(workers or default_workers(), n)) as mapped:
+        client = connect(url, token)
+        proj = ensure_project(client, project, categories)
+        names = {int(c["id"]): c["name"] for c in categories}
+        present = project_keys(client, proj.id)
+        chosen = [r["index"] for r in least_confident(store, n, ["index"])]
+        rows = {r["index"]: r for r in _rows(store, plan, chosen)}
+        todo = [i for i in chosen if rows[i]["key"] not in present]
+        entries = _entries(plan, todo)
+        predictions = mapped(partial(prediction_of, names=names, model_version=model_version),
+                             (rows[i] for i in todo))
+        with tqdm(total=len(todo), unit="img", desc="push", disable=not progress) as bar:
+            for start in range(0, len(todo), batch):
+                part = todo[start:start + batch]
+                shard_rows = read_shard_rows([entries[i] for i in part])
+                files = []
+                for i in part:
+                    data, _ = load_entry(entries[i], shard_rows)
+                    files.append((_image_name(rows[i]["key"], rows[i]["file_name"], data), data))
+                urls = _upload(client, proj.id, files)
+                tasks = []
+                for i, image_url in zip(part, urls):
+                    r = rows[i]
+                    tasks.append({"data": {IMAGE: image_url, KEY: r["key"], "ciae_image_id": int(r["image_id"]),
+                                           "ciae_file_name": r["file_name"], "ciae_quality": float(r["quality"])},
+                                  "predictions": [next(predictions)]})
+                _import(client, proj.id, tasks)
+                bar.update(len(part))
     return PushResult(proj.id, project, len(chosen), len(todo), len(chosen) - len(todo))
 
 
@@ -347,40 +432,42 @@ def _painted(results: list[dict], height: int, width: int, categories: list[dict
             if not cat.get("isthing"):
                 stuff_segment[int(cat["id"])] = sid
         ids[mask] = sid
-    out, renum = [], np.zeros(len(segments) + 1, np.uint32)
+    # one pass over the map for every segment's area and the rows and columns it reaches
+    n = len(segments) + 1
+    area = np.bincount(ids.ravel(), minlength=n)
+    in_row = np.zeros((n, height), bool)
+    in_row[ids, np.arange(height)[:, None]] = True
+    in_col = np.zeros((n, width), bool)
+    in_col[ids, np.arange(width)] = True
+    out, renum = [], np.zeros(n, np.uint32)
     for s in segments:
-        ys, xs = np.nonzero(ids == s["id"])
-        if not len(ys):
+        sid = s["id"]
+        if not area[sid]:
             continue
-        renum[s["id"]] = len(out) + 1
-        x0, y0 = int(xs.min()), int(ys.min())
-        out.append(s | {"id": len(out) + 1, "area": int(len(ys)),
-                        "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]})
+        renum[sid] = len(out) + 1
+        y0, x0 = int(in_row[sid].argmax()), int(in_col[sid].argmax())
+        y1, x1 = height - int(in_row[sid, ::-1].argmax()), width - int(in_col[sid, ::-1].argmax())
+        out.append(s | {"id": len(out) + 1, "area": int(area[sid]), "bbox": [x0, y0, x1 - x0, y1 - y0]})
     return renum[ids], out
 
 
-def pull(labels: str, url: str, token: str | None, project: str, out: str, source: str = "annotations",
-         progress: bool = True) -> dict:
-    """Write ``out/panoptic/<key>.png``, ``out/panoptic.json`` (COCO panoptic) and
-    ``out/skipped.json`` ({"skipped": [{key, why}]}) from the tasks of the project (see the
-    module docstring). Returns {"images", "skipped", "json"}."""
-    from tqdm import tqdm
-
+def _panoptic_png(job: tuple[list[dict], int, int], categories: list[dict]) -> tuple[bytes, list[dict]]:
+    """(regions, height, width) -> (the id PNG, segments_info): ``_painted``, encoded."""
     from pipeline.panoptic_png import encode_id_png
 
-    if source not in ("annotations", "predictions"):
-        raise ReviewError(f"source {source!r}: annotations or predictions")
-    _, _, categories = open_output(labels)
-    client = connect(url, token)
-    proj = find_project(client, project)
-    if proj is None:
-        raise ReviewError(f"{url}: no project {project!r}")
-    images, annotations, skipped = [], [], []
-    tasks = [t for t in client.tasks.list(project=proj.id, fields="all", page_size=1000, resolve_uri=False)
-             if KEY in (t.data or {})]
-    for t in tqdm(tasks, unit="img", desc="pull", disable=not progress):
-        data, key = t.data, t.data[KEY]
-        items = [p if isinstance(p, dict) else p.dict() for p in (getattr(t, source) or [])]
+    ids, segments = _painted(*job, categories)
+    return encode_id_png(ids), segments
+
+
+def _to_pull(client, project_id: int, source: str) -> tuple[list[tuple[dict, tuple]], list[dict]]:
+    """The project's tasks that have regions to pull, as (task data, (regions, height, width)),
+    and the others as skipped: [{key, why}]."""
+    todo, skipped = [], []
+    for t in project_tasks(client, project_id, fields="all"):
+        data = t.get("data") or {}
+        if KEY not in data:
+            continue
+        key, items = data[KEY], t.get(source) or []
         if source == "annotations":
             items = sorted(items, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id", 0)))
         if not items:
@@ -396,14 +483,39 @@ def pull(labels: str, url: str, token: str | None, project: str, out: str, sourc
             skipped.append({"key": key, "why": "no regions"})
             continue
         if len(sizes) > 1:
-            raise ReviewError(f"task {t.id} ({key}): regions of several image sizes {sorted(sizes)}")
+            raise ReviewError(f"task {t['id']} ({key}): regions of several image sizes {sorted(sizes)}")
         (h, w), = sizes
-        ids, segments = _painted(results, h, w, categories)
-        png = key + ".png"
-        storage.write_uri(storage.join(out, "panoptic", png), encode_id_png(ids))
-        image_id = int(data.get("ciae_image_id", len(images) + 1))
-        images.append({"id": image_id, "file_name": data.get("ciae_file_name", key), "height": h, "width": w})
-        annotations.append({"image_id": image_id, "file_name": png, "segments_info": segments})
+        todo.append((data, (results, h, w)))
+    return todo, skipped
+
+
+def pull(labels: str, url: str, token: str | None, project: str, out: str, source: str = "annotations",
+         progress: bool = True, workers: int | None = None) -> dict:
+    """Write ``out/panoptic/<key>.png``, ``out/panoptic.json`` (COCO panoptic) and
+    ``out/skipped.json`` ({"skipped": [{key, why}]}) from the tasks of the project (see the
+    module docstring); the regions are decoded by ``workers`` processes (default: one per CPU).
+    Returns {"images", "skipped", "json"}."""
+    from tqdm import tqdm
+
+    if source not in ("annotations", "predictions"):
+        raise ReviewError(f"source {source!r}: annotations or predictions")
+    _, _, categories = open_output(labels)
+    images, annotations = [], []
+    with _pool(workers or default_workers()) as mapped:
+        client = connect(url, token)
+        proj = find_project(client, project)
+        if proj is None:
+            raise ReviewError(f"{url}: no project {project!r}")
+        todo, skipped = _to_pull(client, proj.id, source)
+        maps = mapped(partial(_panoptic_png, categories=categories), (job for _, job in todo))
+        for (data, (_, h, w)), (png_bytes, segments) in tqdm(zip(todo, maps), total=len(todo), unit="img",
+                                                             desc="pull", disable=not progress):
+            png = data[KEY] + ".png"
+            storage.write_uri(storage.join(out, "panoptic", png), png_bytes)
+            image_id = int(data.get("ciae_image_id", len(images) + 1))
+            images.append({"id": image_id, "file_name": data.get("ciae_file_name", data[KEY]), "height": h,
+                           "width": w})
+            annotations.append({"image_id": image_id, "file_name": png, "segments_info": segments})
     provenance = {"url": url.rstrip("/"), "project": project, "project_id": proj.id, "from": source,
                   "labels": public_uri(labels), "pulled": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     doc = {"info": {"description": f"ciae review pull of project {project!r} ({source})", REVIEW_INFO: provenance},
@@ -411,4 +523,3 @@ def pull(labels: str, url: str, token: str | None, project: str, out: str, sourc
     storage.write_uri(storage.join(out, "skipped.json"), json.dumps({"skipped": skipped}).encode())
     storage.write_uri(storage.join(out, "panoptic.json"), json.dumps(doc).encode())
     return {"images": len(images), "skipped": skipped, "json": storage.join(out, "panoptic.json")}
-

@@ -9,7 +9,11 @@ artifacts and models. Nothing sets MLflow's process-global tracking or registry 
 
 Default: ``$MLFLOW_TRACKING_URI`` when set, else a sqlite database ``mlruns/mlflow.db`` under the
 current directory with artifacts in ``mlruns/artifacts`` beside it. On a cluster pass a server
-(``http://mlflow:5000``, backed by PostgreSQL), which chooses its own artifact root.
+(``http://mlflow:5000``, backed by PostgreSQL), which chooses its own artifact root, or give one
+(``artifact_root``: any store MLflow writes, such as ``s3://bucket/mlflow``; for S3 MLflow uses
+boto3, which reads the same credentials and ``AWS_ENDPOINT_URL`` as the rest of the pipeline).
+An artifact root applies to experiments created from then on: an existing experiment keeps its
+location.
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ class Tracking:
     artifact_root: str | None = None
 
     @classmethod
-    def resolve(cls, uri: str | None = None) -> Tracking:
+    def resolve(cls, uri: str | None = None, artifact_root: str | None = None) -> Tracking:
         """``uri`` (default: ``default_tracking_uri()``); a relative sqlite path is made absolute
-        (workers run in other folders) and its folder created."""
+        (workers run in other folders) and its folder created. ``artifact_root`` (default: the
+        store's, ``default_artifact_root``) holds new experiments' artifacts, one folder each."""
         for name in ("mlflow.store.db.utils", "alembic"):     # a new sqlite store's set-up chatter
             logging.getLogger(name).setLevel(logging.WARNING)
         uri = uri or default_tracking_uri()
@@ -58,7 +63,9 @@ class Tracking:
             db = os.path.abspath(uri[len(SQLITE):])
             os.makedirs(os.path.dirname(db), exist_ok=True)
             uri = SQLITE + db
-        return cls(uri, default_artifact_root(uri))
+        if artifact_root and "://" not in artifact_root:
+            artifact_root = "file://" + os.path.abspath(artifact_root)
+        return cls(uri, artifact_root.rstrip("/") if artifact_root else default_artifact_root(uri))
 
     def client(self):
         """An ``MlflowClient`` for this location, its registry included."""
@@ -73,9 +80,7 @@ class Tracking:
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = self.artifact_root
-        if location and location.startswith("file://"):
-            location = f"{location}/{name}"
+        location = f"{self.artifact_root}/{name}" if self.artifact_root else None
         return client.create_experiment(name, artifact_location=location)
 
     def model_version(self, spec: str):

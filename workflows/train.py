@@ -104,7 +104,7 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
     stuff_ids, thing_ids, names = model_categories(manifest)
     name = job.name or time.strftime("ciae-%Y%m%d-%H%M%S")
 
-    tracking = Tracking.resolve(job.tracking_uri)
+    tracking = Tracking.resolve(job.tracking_uri, job.artifact_root)
     client = tracking.client()
     exp_id = tracking.experiment_id(job.experiment)
     params = flat_params(cfg.to_dict())
@@ -132,6 +132,7 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
             trainer = TorchTrainer(
                 train_worker, train_loop_config={"spec": spec},
                 scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
+                                             placement_strategy=job.placement.upper(),
                                              resources_per_worker={"CPU": cpus, **({"GPU": job.gpus_per_worker}
                                                                                    if job.gpus_per_worker else {})}),
                 run_config=RunConfig(name=name, storage_path=absolute(job.storage), callbacks=list(callbacks),

@@ -83,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="label again the images an earlier run rejected (the files may have been fixed)")
     p.add_argument("--task-images", type=int, default=d["task_images"],
                    help=f"images per task and output shard, fixed by the first run (default {d['task_images']})")
+    p.add_argument("--stall-timeout", type=float, default=d["stall_timeout"], metavar="SECONDS",
+                   help="fail (one line; run again to resume) when nothing finishes for this long on a cluster "
+                        f"left with fewer CPUs or GPUs than the job holds, a node lost (default {d['stall_timeout']:g})")
     p.add_argument("--stats", action="store_true",
                    help="print Ray Data's statistics of each stage at the end (where the time went)")
 

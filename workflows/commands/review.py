@@ -32,6 +32,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", required=True, help="the output folder of `ciae label` (path or URI)")
     p.add_argument("--url", required=True, help="the Label Studio server, e.g. http://localhost:8080")
     p.add_argument("--project", required=True, help="the project's title (created by push when there is none)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for the brush masks: encoding (push) or decoding (pull) "
+                        "(default: one per CPU; 1: in this process)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the traceback of any error")
@@ -62,14 +65,17 @@ def run(args: argparse.Namespace) -> int:
 
     from workflows import review
 
+    if args.workers is not None and args.workers < 1:
+        raise ValueError("--workers must be at least 1")
     token = os.environ.get(review.TOKEN_ENV)
     if args.action == "push":
         result = review.push(args.labels, args.url, token, args.project, args.n,
-                             model_version=args.model_version, progress=args.progress)
+                             model_version=args.model_version, progress=args.progress,
+                             workers=args.workers)
         print(result.line())
     else:
         result = review.pull(args.labels, args.url, token, args.project, args.out, source=args.source,
-                             progress=args.progress)
+                             progress=args.progress, workers=args.workers)
         print(f"{result['images']} images -> {result['json']}; {len(result['skipped'])} skipped "
               f"(listed in {os.path.join(args.out, 'skipped.json')})")
     return 0

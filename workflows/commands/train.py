@@ -53,9 +53,15 @@ def add_arguments(p):
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     p.add_argument("--storage", default=d["storage"],
                    help=f"Ray Train checkpoint storage, path or URI (default {d['storage']})")
+    p.add_argument("--placement", default=d["placement"], choices=("pack", "spread"),
+                   help="workers on as few nodes as fit (pack, the default) or one per node where there "
+                        "is room (spread; either moves them to the nodes left when one is lost)")
     p.add_argument("--name", default=d["name"], help="run name; an existing stopped run of that name resumes")
     p.add_argument("--tracking-uri", default=d["tracking_uri"],
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--artifact-root", default=d["artifact_root"], metavar="URI",
+                   help="where a new experiment keeps its MLflow artifacts, e.g. s3://bucket/mlflow "
+                        "(default: mlruns/artifacts beside a sqlite store, a server's own root)")
     p.add_argument("--experiment", default=d["experiment"], help=f"MLflow experiment (default {d['experiment']})")
     p.add_argument("--register", default=d["register"], metavar="NAME", help="register the model under NAME")
     p.add_argument("--alias", default=d["alias"],

@@ -1,0 +1,324 @@
+"""Labeling on S3 against local disk: throughput of `ciae label` reading its images from and
+writing its output to an S3 server, against the same job on local folders; and the resume scan
+of an output on S3 whose plan covers 10k and 100k images with every task sealed (goal <= 10 s).
+
+The S3 server is moto's (``tests/s3_server.py``: its own process on 127.0.0.1, stopped by its
+pid), reached as a user reaches S3: credentials and ``AWS_ENDPOINT_URL`` in the environment, set
+before Ray starts so that Ray's workers inherit them. Every figure comes with the requests the
+server answered (its log has a line per request), by kind, so that a per-image request shows.
+
+* **Throughput, the model.** N synthetic JPEGs (``pipeline.synth``), labeled by an untrained
+  ``Config.small()`` checkpoint (or ``--checkpoint``) with the same job settings
+  (``benchmarks/label/run.py``'s: one actor, batch 8, tasks of 4 batches) once from a local
+  folder into a local output and once from a prefix of them uploaded to S3 into an output on
+  S3; each run into a fresh output, ``--repeats`` rounds alternating which goes first, after
+  an untimed warm-up on disk. Reported: images/s of the labeling stage (actor start and model
+  build included, Ray already running) median, min and max, and S3 / disk.
+* **Throughput, the data path.** The same with the model stage replaced by
+  ``scale.TrivialLabeler`` (one segment per image) over ``--trivial-images`` names hard-linked
+  to those JPEGs, batch 64: what storage costs once the model does not hide it (on a CPU the
+  model dominates).
+* **Resume scan.** For each of ``--scan-sizes``: a folder of N hard links to one small JPEG
+  (as ``scale.py``) labeled with the trivial model stage into an output on S3 (the build: the
+  real job, every task sealed; its rate is local images -> S3 output), then ``--scan-repeats``
+  re-runs of the same job, which find everything done. Reported: the resume scan (plan read +
+  scan of what is done, ``timings["plan"] + timings["scan"]``, as ``scale.py``), its S3 requests,
+  and the re-run's whole wall time (model fetch and the exports at the end, which read every
+  shard, included), median, min and max. The images stay on local disk here: the re-run never
+  reads the input (the plan is read back from the output), and 100k PUTs to moto take too long
+  (~30 ms each, sequential); the throughput rows measure reading from S3.
+
+Each output on S3 lives in a bucket of its own kind (images, throughput outputs, one per scan
+size): moto scans every key of a bucket for each LIST request, which real S3 does not. moto is
+a single Python process on the same 2 cores as the job: absolute S3 figures are far slower than
+a real S3 endpoint; the request counts carry over. Nothing is asserted.
+
+    python benchmarks/label/s3.py                 # 96 images 256x256, 1024 trivial, scan 10k and 100k
+    python benchmarks/label/s3.py --images 48 --repeats 2 --trivial-images 0 --scan-sizes 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))            # s3_server
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # scale (TrivialLabeler)
+
+LINKS_PER_FILE = 50_000        # a file system allows so many links to one file
+IMAGES_BUCKET, OUT_BUCKET = "ciae-bench-images", "ciae-bench-out"
+_REQUEST = re.compile(rb'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (\S+) HTTP/')
+
+
+class Requests:
+    """The S3 server's requests, read from its log (one line per request, written before the
+    response is sent): ``mark()`` a position, ``since(position)`` the requests after it by kind
+    (LIST, GET, HEAD, PUT, POST: multipart start and end, DELETE: one or a batch)."""
+
+    def __init__(self, server):
+        self.log = server.log
+
+    def mark(self) -> int:
+        self.log.seek(0, os.SEEK_END)
+        return self.log.tell()
+
+    def since(self, start: int, end: int | None = None) -> dict:
+        self.log.seek(start)
+        data = self.log.read() if end is None else self.log.read(end - start)
+        counts = dict.fromkeys(["LIST", "GET", "HEAD", "PUT", "POST", "DELETE"], 0)
+        for method, target in _REQUEST.findall(data):
+            kind = method.decode()
+            if kind == "GET" and b"list-type=" in target:
+                kind = "LIST"
+            elif kind == "POST" and target.endswith(b"?delete"):
+                kind = "DELETE"
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts | {"total": sum(counts.values())}
+
+
+def median_min_max(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def link_folder(folder: str, n: int, sources: list[str]) -> None:
+    """``folder/KKKKKKKK.jpg`` for k < n, hard links to ``sources`` in turn."""
+    os.makedirs(folder)
+    for k in range(n):
+        os.link(sources[k % len(sources)], os.path.join(folder, f"{k:08d}.jpg"))
+
+
+def tiny_jpegs(work: str, n: int) -> list[str]:
+    """Enough copies of one 48x32 JPEG to hard-link ``n`` names to them (``LINKS_PER_FILE``
+    each, at most)."""
+    from PIL import Image
+
+    paths = []
+    for k in range(-(-n // LINKS_PER_FILE)):
+        paths.append(os.path.join(work, f"tiny-{k}.jpg"))
+        Image.new("RGB", (48, 32), (90, 120, 150)).save(paths[-1])
+    return paths
+
+
+def make_checkpoint(path: str) -> None:
+    import torch
+
+    from ciae import checkpoint
+    from ciae.config import Config
+    from ciae.model import CIAEModel
+    from ciae.train import Trainer
+    from pipeline.storage import write_uri
+    from pipeline.synth import select_categories
+
+    cats = select_categories()
+    torch.manual_seed(0)
+    write_uri(path, checkpoint.to_bytes(Trainer(CIAEModel(Config.small(), cats.stuff_ids, cats.thing_ids)).checkpoint()))
+
+
+def throughput(name: str, images: dict, out: dict, job_kw: dict, repeats: int, requests: Requests,
+               labeler) -> dict:
+    """Label ``images[where]`` into a fresh output under ``out[where]`` for where in disk, s3,
+    ``repeats`` rounds alternating the order; {where: [{"images_per_s", "seconds", "requests"}]}."""
+    from workflows.jobs import LabelJob
+    from workflows.label import label
+
+    clock = time.perf_counter()      # a warm-up (Ray Data's workers, the imports), not counted
+    label(LabelJob(input=images["disk"], out=f"{out['disk']}/{name}-warm-up", **job_kw), progress=False,
+          labeler=labeler)
+    print(f"[s3-bench] {name} warm-up on disk: {time.perf_counter() - clock:.1f} s", flush=True)
+    runs: dict[str, list[dict]] = {"disk": [], "s3": []}
+    for r in range(repeats):
+        for where in (("disk", "s3") if r % 2 == 0 else ("s3", "disk")):
+            job = LabelJob(input=images[where], out=f"{out[where]}/{name}-{r}", **job_kw)
+            start = requests.mark()
+            s = label(job, progress=False, labeler=labeler)
+            row = {"images_per_s": s["images_per_second"], "seconds": s["seconds"],
+                   "exports_s": s["timings"]["exports"], "labeled": s["labeled"],
+                   "requests": requests.since(start)}
+            runs[where].append(row)
+            print(f"[s3-bench] {name} round {r + 1} {where}: {json.dumps(row)}", flush=True)
+    return runs
+
+
+def scan(n: int, work: str, checkpoint: str, repeats: int, requests: Requests) -> dict:
+    """Build an output of ``n`` images on S3 (the trivial job, every task sealed), then re-run
+    the job ``repeats`` times; the build's and the re-runs' figures."""
+    from pipeline import label_store as ls
+    from s3_server import create_bucket
+    from scale import TrivialLabeler
+    from workflows.jobs import LabelJob
+    from workflows.label import label
+
+    folder = os.path.join(work, f"scan-{n}")
+    link_folder(folder, n, tiny_jpegs(work, n))
+    bucket = f"ciae-bench-scan-{n}"
+    create_bucket(bucket)
+    job = LabelJob(model=checkpoint, input=folder, out=f"s3://{bucket}/labels", batch_size=64, review=100)
+    start, clock = requests.mark(), time.perf_counter()
+    first = label(job, progress=False, labeler=TrivialLabeler)
+    build = {"wall_s": time.perf_counter() - clock, "timings": first["timings"], "labeled": first["labeled"],
+             "images_per_s": first["images_per_second"], "requests": requests.since(start)}
+    print(f"[s3-bench] scan {n} build: {json.dumps(build)}", flush=True)
+
+    reruns = []
+    original = ls.LabelStore.counts          # the first thing the job does once its scan is over
+    for _ in range(repeats):
+        marks = {}
+
+        def counts(self, _original=original, _marks=marks):
+            _marks.setdefault("scan_end", requests.mark())
+            return _original(self)
+
+        ls.LabelStore.counts = counts
+        try:
+            start, clock = requests.mark(), time.perf_counter()
+            again = label(job, progress=False, labeler=TrivialLabeler)
+            wall = time.perf_counter() - clock
+        finally:
+            ls.LabelStore.counts = original
+        t = again["timings"]
+        row = {"scan_s": t["plan"] + t["scan"], "plan_s": t["plan"], "exports_s": t["exports"], "wall_s": wall,
+               "processed": again["processed"], "scan_requests": requests.since(start, marks["scan_end"]),
+               "requests": requests.since(start)}
+        reruns.append(row)
+        print(f"[s3-bench] scan {n} re-run: {json.dumps(row)}", flush=True)
+    subprocess.run(["rm", "-rf", folder])
+    return {"images": n, "build": build, "reruns": reruns}
+
+
+def fmt_requests(c: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in c.items() if v and k != "total") + f" (total {c['total']})"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=96, help="synthetic images for the model runs (default 96)")
+    p.add_argument("--height", type=int, default=256, help="image height (default 256)")
+    p.add_argument("--width", type=int, default=256, help="image width (default 256)")
+    p.add_argument("--checkpoint", default=None, help="label with this checkpoint instead of an untrained one")
+    p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of disk and S3 runs (default 3)")
+    p.add_argument("--trivial-images", type=int, default=1024,
+                   help="images of the trivial-model runs (default 1024; 0: none)")
+    p.add_argument("--scan-sizes", type=int, nargs="*", default=[10_000, 100_000],
+                   help="image counts of the resume scans (default 10000 100000; none: no scan)")
+    p.add_argument("--scan-repeats", type=int, default=3, help="re-runs timed per scan size (default 3)")
+    p.add_argument("--workdir", default=None, help="local files here (default: a temporary folder)")
+    args = p.parse_args(argv)
+
+    import moto
+    import s3_server
+
+    os.environ.setdefault("CIAE_OBJECT_STORE_MB", "300")
+    port = s3_server.free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(s3_server.S3_ENV, AWS_ENDPOINT_URL=endpoint)      # before Ray starts
+    work = args.workdir or tempfile.mkdtemp(prefix="ciae-bench-s3-")
+    server = s3_server.S3Server(port).start()
+    print(f"[s3-bench] moto {moto.__version__} server pid {server.proc.pid} at {endpoint}; work {work}", flush=True)
+    try:
+        return run(args, work, server, moto.__version__)
+    finally:
+        server.stop()
+
+
+def run(args, work: str, server, moto_version: str) -> int:
+    import ray.cloudpickle
+
+    import scale
+    from pipeline.label_stages import Labeler
+    from pipeline.ray_runtime import connect
+    from pipeline.synth import SynthSpec, write_dataset
+    from s3_server import create_bucket, upload
+
+    ray.cloudpickle.register_pickle_by_value(scale)     # Ray's workers cannot import it
+    requests = Requests(server)
+    for bucket in (IMAGES_BUCKET, OUT_BUCKET):
+        create_bucket(bucket)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    checkpoint = args.checkpoint or os.path.join(work, "model.pt")
+    if not args.checkpoint:
+        make_checkpoint(checkpoint)
+    results: dict = {"moto": moto_version, "cores": cores}
+
+    if args.images or args.trivial_images:
+        write_dataset(os.path.join(work, "data"), args.images or 1, seed=0,
+                      spec=SynthSpec(height=args.height, width=args.width))
+    local_images = os.path.join(work, "data", "images")
+    out = {"disk": os.path.join(work, "out"), "s3": f"s3://{OUT_BUCKET}/out"}
+    uploads = []
+
+    def to_s3(folder: str, prefix: str) -> str:
+        files = len(os.listdir(folder))
+        start, clock = requests.mark(), time.perf_counter()
+        uri = upload(folder, f"s3://{IMAGES_BUCKET}/{prefix}")
+        row = {"files": files, "seconds": time.perf_counter() - clock, "requests": requests.since(start)}
+        uploads.append(row)
+        print(f"[s3-bench] upload {prefix}: {json.dumps(row)}", flush=True)
+        return uri
+
+    with connect():
+        if args.images:
+            images = {"disk": local_images, "s3": to_s3(local_images, "model/images")}
+            kw = dict(model=checkpoint, workers=1, batch_size=args.batch_size, cpus_per_worker=max(0.5, cores - 1.0),
+                      task_images=4 * args.batch_size)
+            results["model"] = throughput("model", images, out, kw, args.repeats, requests, Labeler)
+        if args.trivial_images:
+            folder = os.path.join(work, "trivial-images")
+            sources = sorted(os.path.join(local_images, n) for n in os.listdir(local_images))
+            link_folder(folder, args.trivial_images, sources)
+            images = {"disk": folder, "s3": to_s3(folder, "trivial/images")}
+            kw = dict(model=checkpoint, workers=1, batch_size=64)
+            results["trivial"] = throughput("trivial", images, out, kw, args.repeats, requests, scale.TrivialLabeler)
+        scans = []
+        for n in args.scan_sizes:
+            scans.append(scan(n, work, checkpoint, args.scan_repeats, requests))
+    results |= {"uploads": uploads, "scans": scans}
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    report(args, results)
+    return 0
+
+
+def report(args, results: dict) -> None:
+    print(f"\nmoto {results['moto']} (its S3 server on 127.0.0.1), {results['cores']} CPU cores; "
+          f"images/s of the labeling stage, median (min-max) of {args.repeats} rounds\n")
+    print("| run | images | disk img/s | S3 img/s | S3 / disk | S3 requests per run |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, what, n in (("model", f"`Config.small()` untrained, {args.width}x{args.height}, batch "
+                           f"{args.batch_size}, 1 actor", args.images),
+                          ("trivial", "trivial model stage (data path only), batch 64", args.trivial_images)):
+        if name not in results:
+            continue
+        disk = median_min_max([r["images_per_s"] for r in results[name]["disk"]])
+        s3 = median_min_max([r["images_per_s"] for r in results[name]["s3"]])
+        print(f"| {what} | {n} | {disk[0]:.1f} ({disk[1]:.1f}-{disk[2]:.1f}) | {s3[0]:.1f} ({s3[1]:.1f}-{s3[2]:.1f}) "
+              f"| {s3[0] / disk[0]:.2f} | {fmt_requests(results[name]['s3'][0]['requests'])} |")
+    for u in results["uploads"]:
+        print(f"\nupload of {u['files']} files: {u['seconds']:.1f} s ({u['files'] / u['seconds']:.0f} files/s), "
+              f"{fmt_requests(u['requests'])}")
+    if results["scans"]:
+        print(f"\nResume scan on S3 (trivial model stage; images on local disk; median (min-max) of "
+              f"{args.scan_repeats} re-runs)\n")
+        print("| images | build: img/s | build wall s | resume scan s | scan's S3 requests | re-run wall s | "
+              "re-run's S3 requests | processed again |")
+        print("|---:|---:|---:|---:|---|---:|---|---:|")
+        for s in results["scans"]:
+            b, rr = s["build"], s["reruns"]
+            sc, wall = median_min_max([r["scan_s"] for r in rr]), median_min_max([r["wall_s"] for r in rr])
+            print(f"| {s['images']} | {b['images_per_s']:.0f} | {b['wall_s']:.0f} | {sc[0]:.2f} ({sc[1]:.2f}-{sc[2]:.2f}) "
+                  f"| {fmt_requests(rr[0]['scan_requests'])} | {wall[0]:.1f} ({wall[1]:.1f}-{wall[2]:.1f}) "
+                  f"| {fmt_requests(rr[0]['requests'])} | {max(r['processed'] for r in rr)} |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
