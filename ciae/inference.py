@@ -7,9 +7,10 @@ similarity, an instance's similarity being 0 outside its box. Stuff segments sma
 (size-scaled) stuff area become void, as do instance segments under ``min_instance_area``;
 instance segments take the detector's class, or the nearest thing memory entry (Table II).
 
-Beyond the paper, each segment gets a confidence ``score`` (``segment_score``: how clearly its
-pixels chose it over the second-best query, and the detector's score for an instance) and an
-image a ``quality`` (``image_quality``), so that labelers can review the doubtful images first.
+Beyond the paper, each segment gets a confidence ``score`` (``segment_score``: how similar its
+pixels are to its query, and the detector's score for an instance) and an image a ``quality``
+(``image_quality``: per category, as PQ averages), so that labelers review the doubtful images
+first.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def select_instances(queries: torch.Tensor, boxes: torch.Tensor, scores: torch.T
 
 
 # the columns of ``assemble``'s per-query table
-SEGMENT_ID, THING_CLASS, AREA, BBOX, MARGIN, DETECTION = 0, 1, 2, slice(3, 7), 7, 8
+SEGMENT_ID, THING_CLASS, AREA, BBOX, SIMILARITY, DETECTION = 0, 1, 2, slice(3, 7), 7, 8
 
 
 def assemble(emb: torch.Tensor, image_size: tuple[int, int], stuff_memory: torch.Tensor,
@@ -97,9 +98,8 @@ def assemble(emb: torch.Tensor, image_size: tuple[int, int], stuff_memory: torch
     Segments are the queries that win enough pixels at the input size (stuff: the scaled stuff
     area; instances: ``min_instance_area``), numbered 1.. in query order. Returns (ids [H', W']
     int32 at ``out_size``, 0 = void; table [C_st + N, 9] float64, per query: its segment id (0:
-    none), thing class (-1 for stuff), area and COCO bbox measured at ``out_size``, mean margin
-    between the best and second-best similarity of its pixels at the input size, detector
-    score) for ``segments_info`` to read on the host."""
+    none), thing class (-1 for stuff), area and COCO bbox measured at ``out_size``, mean cosine
+    similarity of its pixels to it at the input size, detector score) for ``segments_info`` to read on the host."""
     h, w = image_size
     out_h, out_w = emb.shape[1] * stride, emb.shape[2] * stride
     c_st = stuff_memory.shape[0]
@@ -107,16 +107,16 @@ def assemble(emb: torch.Tensor, image_size: tuple[int, int], stuff_memory: torch
     full = boxes.new_tensor([[0.0, 0.0, float(out_w), float(out_h)]], dtype=torch.float32)
     all_boxes = torch.cat([full.expand(c_st, 4), boxes.float()], dim=0)
     if stride == 4:
-        labels, best, second = dispatch.assign_upsampled(emb, (out_h, out_w), all_queries, all_boxes,
-                                                         backend=backend)
+        labels, best, _ = dispatch.assign_upsampled(emb, (out_h, out_w), all_queries, all_boxes,
+                                                    backend=backend)
     else:
-        labels, best, second = dispatch.assign(emb, all_queries, all_boxes, backend=backend)
+        labels, best, _ = dispatch.assign(emb, all_queries, all_boxes, backend=backend)
     labels = labels[:h, :w]
     q = all_queries.shape[0]
     flat = labels.reshape(-1)
     areas = torch.bincount(flat, minlength=q)
-    margins = torch.zeros(q, dtype=torch.float64, device=flat.device).index_add_(
-        0, flat, (best - second)[:h, :w].reshape(-1).double())
+    similarity = torch.zeros(q, dtype=torch.float64, device=flat.device).index_add_(
+        0, flat, best[:h, :w].reshape(-1).double())
     is_stuff = torch.arange(q, device=flat.device) < c_st
     min_area = torch.where(is_stuff, stuff_area_threshold(cfg, h, w), max(cfg.min_instance_area, 1))
     keep = (areas > 0) & (areas >= min_area)
@@ -129,7 +129,7 @@ def assemble(emb: torch.Tensor, image_size: tuple[int, int], stuff_memory: torch
     table[:, THING_CLASS] = torch.cat([classes.new_full((c_st,), -1), classes]).double()
     table[:, AREA] = torch.where(keep, measured[at], 0)
     table[:, BBOX] = torch.where(keep[:, None], bbox[at], 0).double()
-    table[:, MARGIN] = margins / areas.clamp_min(1)
+    table[:, SIMILARITY] = similarity / areas.clamp_min(1)
     table[:, DETECTION] = torch.cat([scores.new_full((c_st,), math.nan), scores]).double()
     return ids, table
 
@@ -146,23 +146,30 @@ def segments_info(table: np.ndarray, stuff_ids: list[int], thing_ids: list[int])
         category = thing_ids[int(row[THING_CLASS])] if thing else stuff_ids[k]
         segments.append({"id": int(row[SEGMENT_ID]), "category_id": int(category), "iscrowd": 0,
                          "area": int(row[AREA]), "bbox": [int(v) for v in row[BBOX]],
-                         "score": segment_score(float(row[MARGIN]),
+                         "score": segment_score(float(row[SIMILARITY]),
                                                 float(row[DETECTION]) if thing else None)})
     return segments
 
 
-def segment_score(mean_margin: float, detection_score: float | None) -> float:
-    """The confidence of a segment, in [0, 1]: its pixels' mean margin between the best and the
-    second-best query (how clearly they chose it; at least 0, clipped at 1), and for an instance
-    the geometric mean of that and the detector's score."""
-    margin = min(max(mean_margin, 0.0), 1.0)
-    return round(margin if detection_score is None else math.sqrt(margin * detection_score), 4)
+def segment_score(mean_similarity: float, detection_score: float | None) -> float:
+    """The confidence of a segment, in [0, 1]: the mean cosine similarity of its pixels to its
+    query (how well they match it; clipped to [0, 1]), and for an instance the geometric mean of
+    that and the detector's score. (The mean similarity ranks images by PQ better than the margin
+    over the second-best query: ``benchmarks/label/confidence.py``.)"""
+    similarity = min(max(mean_similarity, 0.0), 1.0)
+    return round(similarity if detection_score is None else math.sqrt(similarity * detection_score), 4)
 
 
-def image_quality(segments: list[dict], height: int, width: int) -> float:
-    """The confidence of an image's labels, in [0, 1]: its segments' scores weighted by their
-    areas over the whole image (void counts as 0)."""
-    return round(sum(s["score"] * s["area"] for s in segments) / max(height * width, 1), 4)
+def image_quality(segments: list[dict]) -> float:
+    """The confidence of an image's labels, in [0, 1]: per category, its segments' mean score,
+    then the mean over the categories, as PQ averages over categories (a small doubtful
+    instance counts as much as the sky); 0 for an image without segments."""
+    by_category: dict[int, list[float]] = {}
+    for s in segments:
+        by_category.setdefault(int(s["category_id"]), []).append(float(s["score"]))
+    if not by_category:
+        return 0.0
+    return round(sum(sum(v) / len(v) for v in by_category.values()) / len(by_category), 4)
 
 
 def classes_from_embedding(queries: torch.Tensor, thing_memory: torch.Tensor) -> torch.Tensor:

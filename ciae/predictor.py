@@ -102,7 +102,7 @@ class Predictor:
         for (h, w), pred in zip(sizes, preds):
             segments = pred["segments_info"]
             res = {"panoptic": maps[start:start + h * w].reshape(h, w), "segments_info": segments,
-                   "quality": image_quality(segments, h, w)}
+                   "quality": image_quality(segments)}
             start += h * w
             if return_embeddings:
                 res["embedding"] = pred["embedding"].float().numpy()

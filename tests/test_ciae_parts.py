@@ -312,14 +312,21 @@ def test_segments_are_measured_at_the_output_size_and_vanished_ones_dropped():
         assert s["area"] == len(ys) and s["bbox"] == [xs.min(), ys.min(), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
 
 
-def test_scores_follow_the_margin_and_the_detector():
+def test_scores_follow_the_similarity_the_detector_and_each_category():
     from ciae.inference import image_quality, segment_score
 
     assert segment_score(0.8, None) == 0.8 and segment_score(1.7, None) == 1.0
     assert segment_score(-0.1, None) == 0.0
     assert segment_score(0.64, 0.25) == pytest.approx(0.4)
-    segments = [{"area": 30, "score": 1.0}, {"area": 10, "score": 0.5}]
-    assert image_quality(segments, 5, 10) == pytest.approx(0.7)      # void (10 px) counts as 0
+    assert segment_score(0.9, None) > segment_score(0.6, None)
+    sky, person = {"category_id": 1, "area": 3000, "score": 0.9}, {"category_id": 2, "area": 10, "score": 0.9}
+    assert image_quality([sky, person]) == pytest.approx(0.9)
+    doubtful = {"category_id": 3, "area": 10, "score": 0.3}
+    # a small doubtful instance weighs as one category, whatever its area
+    assert image_quality([sky, person, doubtful]) == pytest.approx(0.7)
+    # segments of one category are averaged first
+    assert image_quality([sky, person, person | {"score": 0.5}]) == pytest.approx((0.9 + 0.7) / 2)
+    assert image_quality([]) == 0.0
 
 
 def test_stuff_area_threshold_scales_with_image_size():
