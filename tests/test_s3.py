@@ -46,6 +46,26 @@ def listing(uri: str) -> list[str]:
     return sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
 
 
+def kill_once_written(cmd: list[str], out: str, wanted) -> list[str]:
+    """Run the driver ``cmd``, SIGKILL it once an object under ``out`` is ``wanted(name)``, and
+    return the listing of ``out`` once the killed job's last tasks have stopped writing."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not [n for n in listing(out) if wanted(n)]:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "nothing was written in time"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    names = None
+    while names != (names := listing(out)):
+        time.sleep(1)
+    return names
+
+
 def test_object_store_writes_are_one_upload_and_a_failed_write_uploads_nothing(s3):
     """No temporary name, no move: the object appears whole under its name; an exception in the
     writer (pyarrow's S3 stream would commit what it had on close) leaves nothing."""
@@ -130,21 +150,8 @@ def test_killed_prepare_resumes_on_s3_and_writes_every_shard_once(s3_server, tmp
     cmd = [sys.executable, "-m", "workflows.cli", "prepare", "--images", source[0], "--panoptic-json", source[1],
            "--panoptic-dir", source[2], "--out", out, "--rows-per-shard", "2",
            "--address", ray.get_runtime_context().gcs_address]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not [n for n in listing(out) if n.endswith(".parquet")]:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "nothing was written in time"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
+    names = kill_once_written(cmd, out, lambda n: n.endswith(".parquet"))
     fs, base = storage.resolve(out)
-    names = None
-    while names != (names := listing(out)):        # until the killed job's last tasks are gone
-        time.sleep(1)
     before = {n: storage.read_bytes(fs, f"{base}/{n}") for n in names if n.endswith(".parquet")}
     assert 1 <= len(before) < 16 and MANIFEST not in listing(out), sorted(before)     # killed mid-job
 
@@ -220,19 +227,9 @@ def test_killed_driver_resumes_on_s3_and_labels_every_image_exactly_once(model, 
     cmd = [sys.executable, "-m", "workflows.cli", "label", "--model", model["checkpoint"], "--input", images,
            "--out", out, "--batch-size", "1", "--task-images", "4", "--coco-panoptic",
            "--address", ray.get_runtime_context().gcs_address]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not [n for n in listing(out) if n.endswith(".parquet") and n.startswith(("_parts/", "labels/"))]:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "nothing was written in time"
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
+    names = kill_once_written(cmd, out, lambda n: n.endswith(".parquet") and n.startswith(("_parts/", "labels/")))
     fs, base = storage.resolve(out)
-    sealed_before = {n: storage.read_bytes(fs, f"{base}/{n}") for n in listing(out) if n.startswith("labels/")}
+    sealed_before = {n: storage.read_bytes(fs, f"{base}/{n}") for n in names if n.startswith("labels/")}
 
     s = label(LabelJob(model=model["checkpoint"], input=images, out=out, batch_size=4, coco_panoptic=True),
               progress=False)
