@@ -6,8 +6,10 @@
      .ls-venv, 127.0.0.1, its own port, data dir, user and personal access token);
   3. `ciae review push` of the N least confident labeled images to a project;
   4. headless Chromium (Playwright, from .shot-venv) logs in as the test user, opens the
-     labeling page of one pushed task, waits until the image and its pre-annotations (the
-     model's brush regions) are drawn, and saves a screenshot, reduced to a palette PNG;
+     labeling page of one pushed task (by default the one with the most predicted regions),
+     waits until the image and its pre-annotations (the model's brush regions) are drawn,
+     selects the model's most confident thing region (outlined, its label in the Info panel)
+     and saves a screenshot, reduced to a palette PNG;
   5. everything started is stopped by its pid (process group), the temporary folder removed.
 
 Run it through scripts/review_screenshot.sh, which installs Chromium and .shot-venv first.
@@ -99,7 +101,7 @@ def make_labels(work: Path, args) -> Path:
 
 def push(labels: Path, server, args, work: Path) -> tuple[int, list[dict]]:
     """`ciae review push`, as a user runs it; returns (project id, its tasks, least confident first)."""
-    from workflows.review import TOKEN_ENV, connect, find_project
+    from workflows.review import TOKEN_ENV, connect, find_project, open_output
 
     cmd = [str(Path(sys.executable).parent / "ciae"), "review", "push", "--labels", str(labels),
            "--url", server.url, "--project", PROJECT, "--n", str(args.n), "--model-version", MODEL,
@@ -109,10 +111,16 @@ def push(labels: Path, server, args, work: Path) -> tuple[int, list[dict]]:
     log((work / "push.log").read_text(errors="replace").strip().splitlines()[-1])
     client = connect(server.url, server.token)
     project = find_project(client, PROJECT)
-    tasks = [{"id": t.id, "quality": t.data.get("ciae_quality"), "file_name": t.data.get("ciae_file_name"),
-              "regions": sum(len([r for r in (p.result or []) if r.get("type") == "brushlabels"])
-                             for p in (t.predictions or []))}
-             for t in client.tasks.list(project=project.id, fields="all", resolve_uri=False)]
+    things = {c["name"] for c in open_output(str(labels))[2] if c.get("isthing")}
+    tasks = []
+    for t in client.tasks.list(project=project.id, fields="all", resolve_uri=False):
+        regions = [r for p in (t.predictions or [])[:1] for r in (p.result or []) if r.get("type") == "brushlabels"]
+        # the region to select in the picture: the model's most confident thing (1-based, in the
+        # order of the Regions panel, which is the prediction's), else its most confident region
+        ranked = sorted(range(len(regions)), key=lambda k: (regions[k]["value"]["brushlabels"][0] in things,
+                                                          regions[k].get("score") or 0.0))
+        tasks.append({"id": t.id, "quality": t.data.get("ciae_quality"), "file_name": t.data.get("ciae_file_name"),
+                      "regions": len(regions), "select": ranked[-1] + 1 if ranked else 0})
     tasks.sort(key=lambda t: t["quality"])
     return project.id, tasks
 
@@ -144,14 +152,18 @@ def main(args) -> int:
         project_id, tasks = push(labels, server, args, work)
         for t in tasks:
             log(f"  task {t['id']}: {t['file_name']} quality {t['quality']:.3f}, {t['regions']} regions")
-        task = tasks[min(args.pick, len(tasks) - 1)]
+        if args.pick == "regions":  # the richest picture: most regions, then the least confident
+            task = max(tasks, key=lambda t: (t["regions"], -t["quality"]))
+        else:
+            task = tasks[min(int(args.pick), len(tasks) - 1)]
         out = Path(args.out).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         log(f"photographing task {task['id']} ({task['file_name']}) -> {out}")
         run_group([str(args.shot_python), str(Path(__file__).resolve()), "shoot", "--url", server.url,
                    "--email", label_studio_server.EMAIL, "--password", label_studio_server.PASSWORD,
                    "--project-id", str(project_id), "--task-id", str(task["id"]), "--out", str(out),
-                   "--size", args.size, "--chromium", str(args.chromium)],
+                   "--size", args.size, "--chromium", str(args.chromium), "--select", str(task["select"]),
+                   *(["--html", str(work / "page.html")] if args.keep else [])],
                   timeout=240, logfile=work / "shoot.log")
         print((work / "shoot.log").read_text(errors="replace"), end="")
         before = out.stat().st_size
@@ -200,7 +212,16 @@ def shoot(args) -> int:
                 "() => [...document.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 0"
                 " && i.src.includes('/data/upload/'))")
             page.wait_for_selector("canvas", state="visible")
+            items = page.locator(".lsf-outliner-item")      # the Regions panel: one per brush region
+            items.first.wait_for(state="visible")
             time.sleep(args.settle)         # brush regions are decoded and drawn after the image
+            if 0 < args.select <= items.count():
+                # select a region: outlined on the canvas, its label and id in the Info panel
+                item = items.nth(args.select - 1)
+                item.locator(".lsf-outliner-item__title").click()
+                log(f"selected region {args.select} of {items.count()}: {' '.join(item.inner_text().split())}")
+                page.mouse.move(width - 5, height - 5)     # no hover highlight left anywhere
+                time.sleep(1.0)
             if args.html:
                 Path(args.html).write_text(page.content())
             page.screenshot(path=args.out)
@@ -222,14 +243,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="the demo's seed (default 0)")
     p.add_argument("--demo-timeout", type=float, default=900.0, help="seconds for the demo (default 900)")
     p.add_argument("--n", type=int, default=4, help="images pushed (the least confident; default 4)")
-    p.add_argument("--pick", type=int, default=0,
-                   help="which pushed task to photograph, 0 = the least confident (default 0)")
+    p.add_argument("--pick", default="regions",
+                   help="which pushed task to photograph: 'regions', the one with the most predicted regions "
+                        "(default), or a rank, 0 = the least confident")
     p.add_argument("--size", default="1400x900", help="the browser's viewport, WxH (default 1400x900)")
     p.add_argument("--colors", type=int, default=256, help="palette colors of the saved PNG (default 256)")
     p.add_argument("--chromium", default=CHROMIUM, help=f"the browser (default {CHROMIUM})")
     p.add_argument("--shot-python", default=str(SHOT_PYTHON),
                    help="the python with Playwright (default .shot-venv/bin/python)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, demo output)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, demo output, the page's HTML)")
     sub = p.add_subparsers(dest="action")
     s = sub.add_parser("shoot", help="(internal, run in .shot-venv) photograph one task of a running server")
     for name in ("--url", "--email", "--password", "--project-id", "--task-id", "--out"):
@@ -237,6 +259,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--size", default="1400x900")
     s.add_argument("--chromium", default=CHROMIUM)
     s.add_argument("--settle", type=float, default=3.0, help="seconds to wait after the image is drawn")
+    s.add_argument("--select", type=int, default=0,
+                   help="the region to select, 1-based in the Regions panel (default 0: none)")
     s.add_argument("--html", default=None, help="also save the page's HTML here (to debug selectors)")
     return p.parse_args(argv)
 

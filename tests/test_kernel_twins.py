@@ -221,7 +221,8 @@ def test_embedding_loss_chunk_sizes_agree():
         assert n == results[0][1]
         torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=1e-6)
         for gr, ref in zip(grads, results[0][2]):
-            torch.testing.assert_close(gr, ref, rtol=1e-6, atol=1e-7)
+            # fp32 sums in another order per chunk size: a few ulps apart (AVX-512 hosts differ most)
+            torch.testing.assert_close(gr, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk", [5, None])  # rows recomputed in the backward / kept from the forward

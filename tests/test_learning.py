@@ -26,4 +26,5 @@ def test_training_beats_the_untrained_model(trained_small):
 
     # the oracle (GT boxes, mask-mean queries) on the same embeddings does better still
     assert evaluate(model, val, oracle=True)["All"]["pq"] > trained["All"]["pq"]
-    assert trained["All"]["pq"] == pytest.approx(trained_small["trained_pq"])   # the checkpoint is the model
+    # the checkpoint is the model (to float noise: a pixel at a tie may flip on another CPU's kernels)
+    assert trained["All"]["pq"] == pytest.approx(trained_small["trained_pq"], rel=1e-5)
