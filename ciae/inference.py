@@ -99,7 +99,8 @@ def assemble(emb: torch.Tensor, image_size: tuple[int, int], stuff_memory: torch
     area; instances: ``min_instance_area``), numbered 1.. in query order. Returns (ids [H', W']
     int32 at ``out_size``, 0 = void; table [C_st + N, 9] float64, per query: its segment id (0:
     none), thing class (-1 for stuff), area and COCO bbox measured at ``out_size``, mean cosine
-    similarity of its pixels to it at the input size, detector score) for ``segments_info`` to read on the host."""
+    similarity of its pixels to it at the input size, detector score) for ``segments_info`` to
+    read on the host."""
     h, w = image_size
     out_h, out_w = emb.shape[1] * stride, emb.shape[2] * stride
     c_st = stuff_memory.shape[0]
