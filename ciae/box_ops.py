@@ -1,4 +1,5 @@
-"""Box operations for the proposal head, in plain torch (torchvision's ops are not used).
+"""Box operations for the proposal head, in plain torch (torchvision's ops are not used; NMS is
+``kernels.dispatch.nms``'s).
 
 Boxes are ``[N, 4]`` xyxy with exclusive ends (``x2 = x1 + w``); ``ltrb`` boxes are the
 distances (left, top, right, bottom) from a location to the four sides, as FCOS regresses them.
@@ -9,21 +10,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NMS_BLOCK = {"cpu": 64, "cuda": 1024}   # boxes resolved together in batched_nms, per device type:
-# on a GPU each block costs a few launches and host syncs whatever its size
+from kernels import dispatch
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    """[N, 4] xyxy -> [N] areas (0 for degenerate boxes)."""
-    return (boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)
+    """[..., N, 4] xyxy -> [..., N] areas (0 for degenerate boxes)."""
+    return (boxes[..., 2] - boxes[..., 0]).clamp_min(0) * (boxes[..., 3] - boxes[..., 1]).clamp_min(0)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of [N, 4] and [M, 4] xyxy boxes -> [N, M]; 0 where the union is empty."""
-    iw = (torch.min(a[:, None, 2], b[None, :, 2]) - torch.max(a[:, None, 0], b[None, :, 0])).clamp_min(0)
-    ih = (torch.min(a[:, None, 3], b[None, :, 3]) - torch.max(a[:, None, 1], b[None, :, 1])).clamp_min(0)
+    """Pairwise IoU of [..., N, 4] and [..., M, 4] xyxy boxes (leading dims broadcast: a batch)
+    -> [..., N, M]; 0 where the union is empty."""
+    a, b = a[..., :, None, :], b[..., None, :, :]
+    iw = (torch.min(a[..., 2], b[..., 2]) - torch.max(a[..., 0], b[..., 0])).clamp_min(0)
+    ih = (torch.min(a[..., 3], b[..., 3]) - torch.max(a[..., 1], b[..., 1])).clamp_min(0)
     inter = iw * ih
-    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    union = box_area(a) + box_area(b) - inter
     return inter / union.clamp_min(torch.finfo(inter.dtype).tiny)
 
 
@@ -77,47 +79,17 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
-                iou_thresh: float) -> torch.Tensor:
-    """Class-wise greedy NMS: [N, 4] xyxy boxes, [N] scores, [N] classes -> [K] int64 indices of
-    the kept boxes, by decreasing score (ties keep the input order).
+                iou_thresh: float, backend: str = "auto") -> torch.Tensor:
+    """Class-wise greedy NMS of one image: [N, 4] xyxy boxes, [N] scores, [N] classes -> [K]
+    int64 indices of the kept boxes, by decreasing score (ties keep the input order).
 
     A box is dropped when a kept box of its class with a higher score has IoU > ``iou_thresh``
-    with it. One greedy pass over every class at once: each class's boxes are moved (in
-    float64) by a multiple of the span of all boxes, so that boxes of two classes never
-    overlap."""
+    (float64) with it: ``kernels.dispatch.nms`` on the boxes sorted by score (detection runs it
+    on a padded batch, ``ciae.fcos.fcos_detect``)."""
     order = torch.sort(scores, descending=True, stable=True).indices
-    if len(order) == 0:
-        return order
-    span = (boxes.max() - boxes.min()).double() + 1
-    moved = boxes.double() + (classes.double() * span)[:, None]
-    return order[_greedy_nms(moved[order], iou_thresh)]
-
-
-def _greedy_nms(boxes: torch.Tensor, iou_thresh: float) -> torch.Tensor:
-    """Greedy NMS of [N, 4] boxes sorted by decreasing score -> [K] positions of the kept ones.
-
-    Boxes are resolved in blocks of ``NMS_BLOCK`` (per device type): a block is first tested
-    against the boxes kept so far; greedy NMS inside the block is then the fixed point of ``keep[j] = alive[j] and
-    not any(keep[i] and over[i, j] for i < j)``, iterated from ``keep = alive``. The fixed point
-    is unique and every round settles at least one more box, so a block takes at most as many
-    rounds as it has boxes (two or three of 64 on real detections)."""
-    kept: list[torch.Tensor] = []
-    size = NMS_BLOCK.get(boxes.device.type, NMS_BLOCK["cpu"])
-    for start in range(0, len(boxes), size):
-        blk = boxes[start:start + size]
-        alive = torch.ones(len(blk), dtype=torch.bool, device=boxes.device)
-        if kept:
-            prev = boxes[torch.cat(kept)]
-            alive = ~(box_iou(prev, blk) > iou_thresh).any(0)
-        over = (box_iou(blk, blk) > iou_thresh).triu(1)
-        keep = alive
-        while True:
-            new = alive & ~(over & keep[:, None]).any(0)
-            if torch.equal(new, keep):
-                break
-            keep = new
-        kept.append(start + keep.nonzero()[:, 0])
-    return torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    keep = dispatch.nms(boxes[order][None], classes[order][None],
+                        torch.ones_like(order, dtype=torch.bool)[None], iou_thresh, backend=backend)
+    return order[keep[0]]
 
 
 def expand_boxes(boxes: torch.Tensor, factor: float,

@@ -86,7 +86,10 @@ def ciae_loss(emb: torch.Tensor, sem: torch.Tensor, seg: torch.Tensor, boxes: li
     n_seg = num_stuff + max((len(x) for x in boxes), default=0)
     seg_sums, _ = dispatch.segment_sums(emb, seg, n_seg, backend=backend)
 
-    full = emb.new_tensor([[0.0, 0.0, float(w), float(h)]], dtype=torch.float32)   # pixels: never bf16
+    # the full-image box (pixels: never bf16), filled on the device: no copy from the host
+    full = torch.zeros(1, 4, dtype=torch.float32, device=emb.device)
+    full[0, 2].fill_(w)
+    full[0, 3].fill_(h)
     mem_boxes = full.expand(c, 4)
     stuff_boxes = full.expand(num_stuff, 4)
     cae = emb.new_zeros(())

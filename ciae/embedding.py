@@ -92,11 +92,12 @@ def normalize(emb: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tens
 def sample_at(emb4: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """Values of ``full_resolution(emb4)`` at full-resolution pixels, without building it.
 
-    emb4 [D, h, w]; xy [K, 2] integer pixel (x, y) -> [K, D] (pre-normalisation), float32
-    (float64 for float64 maps): coordinates in bfloat16 would be 8 px apart beyond 1024."""
-    d, h, w = emb4.shape
+    emb4 [B, D, h, w]; xy [B, K, 2] integer pixel (x, y) -> [B, K, D] (pre-normalisation),
+    float32 (float64 for float64 maps): coordinates in bfloat16 would be 8 px apart beyond 1024."""
+    b, d, h, w = emb4.shape
     acc = torch.float64 if emb4.dtype == torch.float64 else torch.float32
-    grid = (xy.to(acc) + 0.5) / xy.new_tensor([4 * w, 4 * h], dtype=acc) * 2 - 1
-    out = F.grid_sample(emb4[None].to(acc), grid.view(1, 1, -1, 2), mode="bilinear",
+    size = torch.where(torch.arange(2, device=xy.device) == 0, 4 * w, 4 * h)     # (W, H)
+    grid = (xy.to(acc) + 0.5) / size * 2 - 1
+    out = F.grid_sample(emb4.to(acc), grid.view(b, 1, -1, 2), mode="bilinear",
                         padding_mode="border", align_corners=False)
-    return out[0, :, 0].t()
+    return out[:, :, 0].transpose(1, 2)

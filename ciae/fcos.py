@@ -10,6 +10,7 @@ the distances (left, top, right, bottom) from the location to the box sides.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -18,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciae.backbone import make_norm
-from ciae.box_ops import batched_nms, giou_loss, iou_loss, sigmoid_focal_loss
+from ciae.box_ops import giou_loss, iou_loss, sigmoid_focal_loss
 from ciae.config import FCOSConfig
+from ciae.transform import sizes_on
+from kernels import dispatch
 
 
 class FCOSHead(nn.Module):
@@ -126,11 +129,9 @@ def fcos_targets(locations: Sequence[torch.Tensor], strides: Sequence[int],
     """
     device = seg.device
     locs = torch.cat(list(locations)).to(device)
-    counts = [len(loc) for loc in locations]
-    stride = torch.repeat_interleave(torch.tensor(strides, dtype=torch.float32, device=device),
-                                     torch.tensor(counts, device=device))
-    bounds = torch.tensor(size_ranges, dtype=torch.float32, device=device)
-    lo, hi = torch.repeat_interleave(bounds, torch.tensor(counts, device=device), dim=0).unbind(1)
+    stride, lo, hi = _level_constants(tuple(len(loc) for loc in locations),
+                                      tuple(float(s) for s in strides),
+                                      tuple((float(a), float(b)) for a, b in size_ranges), device)
     x, y = locs.unbind(1)
     height, width = seg.shape[-2:]
     px = x.long().clamp(0, width - 1)
@@ -161,6 +162,21 @@ def fcos_targets(locations: Sequence[torch.Tensor], strides: Sequence[int],
     return {k: torch.stack(v) for k, v in out.items()}
 
 
+@functools.lru_cache(maxsize=32)
+def _level_constants(counts: tuple[int, ...], strides: tuple[float, ...],
+                     size_ranges: tuple[tuple[float, float], ...], device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per location of the concatenated levels ([L] float32 each): its level's stride and the
+    lo, hi bounds of its size range. Made on ``device`` by fills (no copy from the host, no
+    data-dependent size) once per level layout, then reused: a step reads them, never writes."""
+    with torch.inference_mode(False):
+        def per_location(values):
+            return torch.cat([torch.full((n,), v, dtype=torch.float32, device=device)
+                              for n, v in zip(counts, values)])
+        return (per_location(strides), per_location([r[0] for r in size_ranges]),
+                per_location([r[1] for r in size_ranges]))
+
+
 def _centerness(ltrb: torch.Tensor) -> torch.Tensor:
     """[N, 4] ltrb -> [N] FCOS centerness (finite for any input; meaningful where ltrb >= 0)."""
     lr, tb = ltrb[:, 0::2].clamp_min(0), ltrb[:, 1::2].clamp_min(0)
@@ -179,7 +195,8 @@ def fcos_normalisers(targets: dict[str, torch.Tensor]) -> torch.Tensor:
     """The local normalisers of :func:`fcos_losses`: [2] float32, the number of positive
     locations and the sum of their centerness targets."""
     pos = targets["labels"] >= 0
-    return torch.stack([pos.sum().float(), targets["centerness"][pos].float().sum()])
+    ctr = torch.where(pos, targets["centerness"].float(), 0.0)     # no boolean mask: no host sync
+    return torch.stack([pos.sum().float(), ctr.sum()])
 
 
 def fcos_losses(head_out: dict[str, list[torch.Tensor]], locations: Sequence[torch.Tensor],
@@ -195,7 +212,8 @@ def fcos_losses(head_out: dict[str, list[torch.Tensor]], locations: Sequence[tor
     ``normalisers``: (num_pos, the centerness sum), their means over data-parallel workers
     (default: this batch's own, :func:`fcos_normalisers`); num_pos is clamped to >= 1. With no positive,
     ``loss_box`` and ``loss_ctr`` are zeros whose (zero) gradients still reach ``box_reg`` and
-    ``centerness`` (the sums run over empty selections of them); ``loss_cls`` is then the focal
+    ``centerness`` (the sums run over every location, the background's terms zeroed, so a
+    step issues the same kernels and no host sync whatever the targets); ``loss_cls`` is then the focal
     loss of the negatives alone, as in FCOS. Computed in float32 whatever the head's dtype;
     ``locations`` is only checked against the layout."""
     cls = flatten_levels(head_out["cls_logits"]).float()         # [B, L, C]
@@ -209,36 +227,51 @@ def fcos_losses(head_out: dict[str, list[torch.Tensor]], locations: Sequence[tor
         normalisers = fcos_normalisers(targets)
     num_pos = normalisers[0].clamp_min(1)
 
-    onehot = torch.zeros_like(cls)
-    onehot[pos] = F.one_hot(labels[pos], cls.shape[-1]).float()
+    # No boolean-mask selection (its size depends on the data: a host sync on a GPU): every
+    # location is computed and the background's terms are zeroed. The one-hot of label -1 is
+    # all zeros.
+    onehot = (labels[..., None] == torch.arange(cls.shape[-1], device=labels.device)).to(cls.dtype)
     loss_cls = sigmoid_focal_loss(cls, onehot, cfg.focal_alpha, cfg.focal_gamma, "sum") / num_pos
 
-    ctr_t = targets["centerness"][pos].float()
+    ctr_t = torch.where(pos, targets["centerness"].float(), 0.0)              # [B, L]
     box_fn = giou_loss if cfg.box_loss == "giou" else iou_loss
-    box = box_fn(reg[pos], targets["reg"][pos].float())
+    # background boxes become unit ltrb (prediction and target alike): their loss is exactly 0
+    # and its gradient finite, where an arbitrary pair could give a nan that no ``where`` after
+    # the loss would keep out of the gradient (0 * nan)
+    pos4 = pos[..., None]
+    box = box_fn(torch.where(pos4, reg, 1.0).reshape(-1, 4),
+                 torch.where(pos4, targets["reg"].float(), 1.0).reshape(-1, 4)).view_as(ctr_t)
     ctr_sum = normalisers[1].clamp_min(torch.finfo(ctr_t.dtype).eps)
-    loss_box = (box * ctr_t).sum() / ctr_sum
-    loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos], ctr_t, reduction="sum") / num_pos
+    loss_box = (box * ctr_t).sum() / ctr_sum                                  # ctr_t: 0 at background
+    ctr_bce = F.binary_cross_entropy_with_logits(ctr, ctr_t, reduction="none")
+    loss_ctr = torch.where(pos, ctr_bce, 0.0).sum() / num_pos
     return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}
 
 
 @torch.no_grad()
 def fcos_detect(head_out: dict[str, list[torch.Tensor]], locations: Sequence[torch.Tensor],
-                image_sizes: Sequence[tuple[int, int]], cfg: FCOSConfig) -> list[dict[str, torch.Tensor]]:
-    """Detections per image from :class:`FCOSHead` outputs.
+                image_sizes: Sequence[tuple[int, int]], cfg: FCOSConfig,
+                backend: str = "auto") -> dict[str, torch.Tensor]:
+    """Detections of a batch from :class:`FCOSHead` outputs, on the outputs' device without a
+    host sync, padded to M = min(``cfg.max_detections``, N) slots per image.
 
     Score of (location, class): ``sqrt(sigmoid(cls) * sigmoid(centerness))``, the geometric mean
     (on a probability scale, unlike FCOS's product; the ranking is the same). Per level, the
-    (location, class) pairs with score > ``cfg.score_thresh``, at most ``cfg.pre_nms_topk`` of
-    the best; boxes decoded from location and ltrb, clipped to the image (h, w), empty ones
-    dropped; class-wise NMS at ``cfg.nms_thresh``; the best ``cfg.max_detections`` kept.
+    ``cfg.pre_nms_topk`` best (location, class) pairs: N candidates per image; boxes decoded from
+    location and ltrb, clipped to the image (h, w); a candidate is valid if its score is above
+    ``cfg.score_thresh`` and its box not empty. Each image's candidates sorted by decreasing
+    score (a stable sort: ties in candidate order; invalid ones last), class-wise NMS at
+    ``cfg.nms_thresh`` (``kernels.dispatch.nms`` on ``backend``), and the first M kept ones
+    moved to the slots.
 
-    Returns one dict per image, sorted by decreasing score:
+    Returns a dict of [B, M, ...] tensors, each image's detections first by decreasing score,
+    then empty slots (zeros):
 
-    * ``boxes`` [K, 4] float xyxy, ``scores`` [K], ``classes`` [K] int64 (thing class)
-    * ``locations`` [K, 2] int64 (x, y): the pixel of the location that produced the detection
-      (clamped into the image), where the CIAE inference reads the query embedding
-    * ``levels`` [K] int64: 0 for P3 ... 4 for P7
+    * ``boxes`` [B, M, 4] float xyxy, ``scores`` [B, M], ``classes`` [B, M] int64 (thing class)
+    * ``locations`` [B, M, 2] int64 (x, y): the pixel of the location that produced the
+      detection (clamped into the image), where the CIAE inference reads the query embedding
+    * ``levels`` [B, M] int64: 0 for P3 ... 4 for P7
+    * ``valid`` [B, M] bool: the slots that hold a detection
     """
     per_level = []
     for level, loc in enumerate(locations):        # every image at once: [B, ...]
@@ -252,21 +285,27 @@ def fcos_detect(head_out: dict[str, list[torch.Tensor]], locations: Sequence[tor
         xy = loc.to(ltrb.device)[idx]                                                     # [B, K, 2]
         per_level.append((torch.cat([xy - ltrb[..., :2], xy + ltrb[..., 2:]], dim=2), top, cls_id,
                           xy, torch.full_like(cls_id, level)))
-    boxes, scores, cls_id, xy, levels = (torch.cat(t, dim=1) for t in zip(*per_level))
-    hw = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)               # [B, 2]
-    high = hw.flip(1).repeat(1, 2)[:, None]                                               # (w, h, w, h)
-    boxes = torch.minimum(boxes.clamp_min(0), high)
+    boxes, scores, cls_id, xy, levels = (torch.cat(t, dim=1) for t in zip(*per_level))  # [B, N, ...]
+    hw = sizes_on(image_sizes, boxes.device)                                              # [B, 2]
+    boxes = torch.minimum(boxes.clamp_min(0), hw.flip(1).repeat(1, 2)[:, None].to(boxes.dtype))
     # the top-k of a level above the threshold are its best k among those above it
     ok = (scores > cfg.score_thresh) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-    counts = ok.sum(1).tolist()                                     # the batch's one host sync
-    boxes, scores, cls_id, xy, levels = (t[ok] for t in (boxes, scores, cls_id, xy, levels))
-    results, start = [], 0
-    for (h, w), n in zip(image_sizes, counts):
-        part = slice(start, start + n)
-        start += n
-        keep = part.start + batched_nms(boxes[part], scores[part], cls_id[part],
-                                        cfg.nms_thresh)[:cfg.max_detections]
-        pixel = torch.stack([xy[keep, 0].long().clamp(0, w - 1), xy[keep, 1].long().clamp(0, h - 1)], 1)
-        results.append({"boxes": boxes[keep], "scores": scores[keep], "classes": cls_id[keep],
-                         "locations": pixel, "levels": levels[keep]})
-    return results
+    order = torch.sort(torch.where(ok, scores, -math.inf), dim=1, descending=True, stable=True).indices
+    keep = dispatch.nms(boxes.gather(1, order[..., None].expand(-1, -1, 4)), cls_id.gather(1, order),
+                        ok.gather(1, order), cfg.nms_thresh, backend=backend)           # [B, N]
+    # the r-th kept candidate goes to slot r < M (the others to a slot M that is dropped)
+    b, n = keep.shape
+    m = min(cfg.max_detections, n)
+    rank = keep.cumsum(1) - 1
+    slot = torch.where(keep & (rank < m), rank, m)
+    pick = torch.zeros(b, m + 1, dtype=torch.int64, device=keep.device).scatter_(1, slot, order)[:, :m]
+    valid = torch.arange(m, device=keep.device) < keep.sum(1, keepdim=True)             # [B, M]
+
+    def slots(t: torch.Tensor) -> torch.Tensor:
+        """[B, N, ...] per candidate -> [B, M, ...] per slot, zeros in the empty ones."""
+        got = t.gather(1, pick.view(b, m, *[1] * (t.dim() - 2)).expand(b, m, *t.shape[2:]))
+        return torch.where(valid.view(b, m, *[1] * (t.dim() - 2)), got, 0)
+
+    pixel = torch.minimum(slots(xy).long().clamp_min(0), hw.flip(1)[:, None] - 1)
+    return {"boxes": slots(boxes), "scores": slots(scores), "classes": slots(cls_id),
+            "locations": pixel, "levels": slots(levels), "valid": valid}

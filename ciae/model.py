@@ -9,6 +9,7 @@ Inference: ``model.predict(images, image_sizes)`` returns COCO panoptic id maps 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -134,44 +135,51 @@ class CIAEModel(nn.Module):
         ``oracle`` (Table IV): a collate batch with ground-truth ``seg``, ``boxes``, ``classes``
         replacing the detections. Returns per image {"panoptic": [H, W] int32 segment ids, a
         tensor on the images' device, "segments_info": [...] with a ``score`` per segment}
-        (+ "embedding": [D, h/4, w/4] when asked). The assignment and the measurements run on
-        the images' device; the segments' numbers reach the host in one copy for the batch."""
+        (+ "embedding": [D, h/4, w/4] when asked). ``predict_on_device`` does the work; the
+        segments' numbers reach the host in one copy for the batch."""
         if not image_sizes:
             return []
-        head, locations, emb4 = self._forward_features(images)
-        memory = self.memory()
-        stuff_memory = memory[: self.num_stuff]
-        inf = self.cfg.inference
-        if oracle is None:
-            dets = fcos_detect(head, locations, image_sizes, self.cfg.fcos)
-        maps, tables = [], []
-        for i, size in enumerate(image_sizes):
-            if oracle is not None:
-                n = len(oracle["boxes"][i])
-                queries = oracle_queries(emb4[i], oracle["seg"][i].long(), self.num_stuff, n)
-                boxes, classes = oracle["boxes"][i], oracle["classes"][i]
-                scores = boxes.new_ones(n)
-            else:
-                queries = detection_queries(emb4[i], dets[i]["locations"])
-                keep = select_instances(queries, dets[i]["boxes"], dets[i]["scores"], inf)
-                queries, boxes = queries[keep], dets[i]["boxes"][keep]
-                classes, scores = dets[i]["classes"][keep], dets[i]["scores"][keep]
-                if inf.instance_class_from == "embedding":
-                    thing_memory = memory[self.num_stuff:]
-                    classes = classes_from_embedding(queries, thing_memory)
-            ids, table = assemble(emb4[i], size, stuff_memory, queries, boxes, classes, scores, inf,
-                                  backend=self.kernel_backend,
-                                  out_size=out_sizes[i] if out_sizes else None)
-            maps.append(ids)
-            tables.append(table)
-        rows = torch.cat(tables).cpu().numpy()
-        results, start = [], 0
-        for i, (ids, table) in enumerate(zip(maps, tables)):
-            segments = segments_info(rows[start:start + len(table)], self.stuff_ids, self.thing_ids)
-            start += len(table)
-            res = {"panoptic": ids, "segments_info": segments}
+        ids, table, emb4 = self.predict_on_device(images, image_sizes, oracle, out_sizes)
+        rows = table.cpu().numpy()
+        results = []
+        for i, (h, w) in enumerate(image_sizes):
+            res = {"panoptic": ids[i],
+                   "segments_info": segments_info(rows[i], self.stuff_ids, self.thing_ids)}
             if return_embeddings:
-                h, w = image_sizes[i]
                 res["embedding"] = emb4[i, :, : (h + 3) // 4, : (w + 3) // 4].cpu()
             results.append(res)
         return results
+
+    @torch.no_grad()
+    def predict_on_device(self, images: torch.Tensor, image_sizes: list[tuple[int, int]],
+                          oracle: dict | None = None, out_sizes: list[tuple[int, int]] | None = None
+                          ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """``predict``'s work, queued on the images' device without a host sync: the network,
+        detection, query selection and ``ciae.inference.assemble`` for the whole batch.
+
+        Returns (per image the [H', W'] int32 id map, ``assemble``'s table [B, Q, 9] float64
+        for ``segments_info``, the stride-4 embeddings [B, D, h, w]). With ``oracle`` the
+        instance queries are made per image (``oracle_queries``), padded to the batch's largest
+        number of instances."""
+        head, locations, emb4 = self._forward_features(images)
+        memory = self.memory()
+        inf = self.cfg.inference
+        if oracle is None:
+            dets = fcos_detect(head, locations, image_sizes, self.cfg.fcos, backend=self.kernel_backend)
+            queries = detection_queries(emb4, dets["locations"])
+            valid = select_instances(queries, dets["boxes"], dets["scores"], dets["valid"], inf,
+                                     backend=self.kernel_backend)
+            boxes, classes, scores = dets["boxes"], dets["classes"], dets["scores"]
+            if inf.instance_class_from == "embedding":
+                classes = classes_from_embedding(queries, memory[self.num_stuff:])
+        else:
+            pad = functools.partial(nn.utils.rnn.pad_sequence, batch_first=True)
+            counts = [len(b) for b in oracle["boxes"]]
+            queries = pad([oracle_queries(emb4[i], oracle["seg"][i].long(), self.num_stuff, n)
+                           for i, n in enumerate(counts)])
+            boxes, classes = pad(list(oracle["boxes"])), pad(list(oracle["classes"]))
+            valid = pad([boxes.new_ones(n, dtype=torch.bool) for n in counts])
+            scores = valid.to(boxes.dtype)
+        ids, table = assemble(emb4, image_sizes, memory[: self.num_stuff], queries, boxes, classes,
+                              scores, valid, inf, backend=self.kernel_backend, out_sizes=out_sizes)
+        return ids, table, emb4

@@ -7,7 +7,8 @@ category table, segment measurement and the two error types.
 * Training targets mark ignored pixels ``IGNORE_SEM`` in ``sem`` and ``IGNORE_SEG`` in ``seg``.
 * :class:`CategoryTable`: COCO categories with contiguous stuff / thing indices.
 * :func:`measure_segments`: areas and COCO boxes of every segment from the row runs of a map
-  (a COCO image has a few thousand runs for its 300k pixels).
+  (a COCO image has a few thousand runs for its 300k pixels); :func:`measure_resized`: the same
+  of a batch of maps as resized to other sizes, measured on a device without resizing them.
 * :class:`RecordError` names one bad image; :class:`DatasetError` a problem with a whole input.
 """
 
@@ -131,26 +132,43 @@ def measure_runs(starts, run_index, lengths, width: int, n: int) -> tuple[np.nda
     return areas, boxes[1:]
 
 
-def measure_segments(index, n: int):
+def measure_segments(index: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Areas [n] and COCO boxes [n, 4] (x, y, w, h; zeros when empty) of segments 1..n of a
-    [H, W] segment-index map: a numpy array (measured on its row runs; int64 arrays back) or a
-    torch tensor (measured where it lies, a GPU included; int64 tensors back). Both give the same
-    numbers."""
-    if isinstance(index, np.ndarray):
-        starts, values, lengths = row_runs(index)
-        return measure_runs(starts, values.astype(np.int64), lengths, index.shape[1], n)
+    [H, W] segment-index map, measured on its row runs (int64 arrays)."""
+    starts, values, lengths = row_runs(index)
+    return measure_runs(starts, values.astype(np.int64), lengths, index.shape[1], n)
+
+
+def measure_resized(index, n: int, rows, cols):
+    """``measure_segments`` of a batch of segment-index maps resized to other sizes
+    (``ciae.transform.resize_nearest``), measured where they lie (a GPU included) without making
+    the resized maps and without a host sync.
+
+    index [B, H, W] integer tensor; rows, cols: (first, count) [B, H] and [B, W] int64, the
+    resize of each axis (``ciae.transform.nearest_cover``: a pixel becomes count_row x count_col
+    output pixels, from the first output row and column on) -> areas [B, n], boxes [B, n, 4]
+    int64 (x, y, w, h at the output size; zeros when empty), the numbers ``measure_segments``
+    gives on each resized map."""
     import torch
 
-    h, w = index.shape
-    flat = index.reshape(-1).long()
-    areas = torch.bincount(flat, minlength=n + 1)[: n + 1]
-    xs = torch.arange(w, device=index.device).repeat(h)
-    ys = torch.arange(h, device=index.device).repeat_interleave(w)
-    lo = torch.full((2, n + 1), max(h, w), dtype=torch.int64, device=index.device)
-    hi = torch.full((2, n + 1), -1, dtype=torch.int64, device=index.device)
-    for k, coord in enumerate((xs, ys)):
-        lo[k].scatter_reduce_(0, flat, coord, "amin")
-        hi[k].scatter_reduce_(0, flat, coord, "amax")
-    boxes = torch.stack([lo[0], lo[1], hi[0] - lo[0] + 1, hi[1] - lo[1] + 1], dim=1)
-    boxes[areas == 0] = 0
-    return areas[1:], boxes[1:]
+    b, h, w = index.shape
+    dev = index.device
+    (y_first, y_count), (x_first, x_count) = rows, cols
+    weight = y_count[:, :, None] * x_count[:, None, :]                   # [B, H, W]
+    seg = index.long()
+    # segment s of image i -> bin i n + s - 1; void and vanishing pixels -> the last bin
+    offset = n * torch.arange(b, device=dev)[:, None, None] - 1
+    bins = torch.where((seg > 0) & (weight > 0), seg + offset, b * n).view(-1)
+
+    def extreme(values: torch.Tensor, how: str, start: int) -> torch.Tensor:
+        out = torch.full((b * n + 1,), start, dtype=torch.int64, device=dev)
+        return out.scatter_reduce_(0, bins, values.expand(b, h, w).reshape(-1), how,
+                                   include_self=False)
+
+    areas = torch.zeros(b * n + 1, dtype=torch.int64, device=dev).scatter_add_(0, bins, weight.view(-1))
+    x0 = extreme(x_first[:, None, :], "amin", 0)
+    y0 = extreme(y_first[:, :, None], "amin", 0)
+    x1 = extreme((x_first + x_count)[:, None, :], "amax", 0)
+    y1 = extreme((y_first + y_count)[:, :, None], "amax", 0)
+    boxes = torch.where((areas > 0)[:, None], torch.stack([x0, y0, x1 - x0, y1 - y0], dim=1), 0)
+    return areas[:-1].view(b, n), boxes[:-1].view(b, n, 4)

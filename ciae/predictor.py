@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ciae.allocator import retain_freed_memory
-from ciae.inference import image_quality
+from ciae.inference import HostCopy, image_quality, segments_info
 from ciae.model import CIAEModel
 from ciae.panoptic import IGNORE_SEG
 from ciae.transform import Transform, pad_batch
@@ -36,7 +36,8 @@ class Predictor:
     On CUDA: ``amp`` runs the network under bfloat16 autocast, ``channels_last`` lays the
     network's activations out NHWC (faster convolutions on tensor cores) and ``compile``
     compiles its forward pass with ``torch.compile`` (dynamic shapes). Only the final id maps
-    leave the device. On the CPU the three do nothing.
+    and the segments' numbers leave the device, in one copy per batch, which ``submit`` queues
+    without waiting for it. On the CPU the three do nothing.
     """
 
     def __init__(self, model: CIAEModel, batch_size: int = 4, amp: bool = True, channels_last: bool = True,
@@ -87,27 +88,31 @@ class Predictor:
                       sizes: Sequence[tuple[int, int]], return_embeddings: bool = False,
                       oracle: Sequence[dict] | None = None) -> list[dict]:
         """``predict_resized`` on a batch already made (``Transform.batch``: [B, 3, H, W] uint8,
-        padded, on any device, and the test size of each image)."""
+        padded, on any device, and the test size of each image): ``submit(...).result()``."""
+        return self.submit(batch, test_sizes, sizes, return_embeddings, oracle).result()
+
+    @torch.no_grad()
+    def submit(self, batch: torch.Tensor, test_sizes: Sequence[tuple[int, int]],
+               sizes: Sequence[tuple[int, int]], return_embeddings: bool = False,
+               oracle: Sequence[dict] | None = None) -> "PendingPrediction":
+        """``predict_batch``'s device work and its one copy to the host, queued without waiting
+        for them (``CIAEModel.predict_on_device``, ``ciae.inference.HostCopy``): the caller
+        may prepare the next batch meanwhile, then take the results with ``result()``."""
         if not len(test_sizes):
-            return []
+            return PendingPrediction(None, 0, [], [], False)
         batch = batch.to(self.device, non_blocking=True)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         truth = None if oracle is None else self._oracle(oracle, tuple(batch.shape[-2:]))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            preds = self.model.predict(batch, list(test_sizes), oracle=truth,
-                                       return_embeddings=return_embeddings, out_sizes=list(sizes))
-        maps = torch.cat([p["panoptic"].reshape(-1) for p in preds]).cpu().numpy()   # one copy
-        results, start = [], 0
-        for (h, w), pred in zip(sizes, preds):
-            segments = pred["segments_info"]
-            res = {"panoptic": maps[start:start + h * w].reshape(h, w), "segments_info": segments,
-                   "quality": image_quality(segments)}
-            start += h * w
-            if return_embeddings:
-                res["embedding"] = pred["embedding"].float().numpy()
-            results.append(res)
-        return results
+            ids, table, emb4 = self.model.predict_on_device(batch, list(test_sizes), oracle=truth,
+                                                            out_sizes=list(sizes))
+        parts = [table, *ids]
+        if return_embeddings:
+            parts += [emb4[i, :, : (h + 3) // 4, : (w + 3) // 4].float()
+                      for i, (h, w) in enumerate(test_sizes)]
+        return PendingPrediction(HostCopy(parts), len(ids), self.model.stuff_ids,
+                                 self.model.thing_ids, return_embeddings)
 
     def _oracle(self, targets: Sequence[dict], padded: tuple[int, int]) -> dict:
         """Per-image ground truth -> ``CIAEModel.predict``'s ``oracle``: ``seg`` padded to the
@@ -117,3 +122,28 @@ class Predictor:
 
         return {"seg": pad_batch([t["seg"] for t in targets], IGNORE_SEG, padded).to(self.device),
                 "boxes": [put(t["boxes"]) for t in targets], "classes": [put(t["classes"]) for t in targets]}
+
+
+class PendingPrediction:
+    """A batch queued by ``Predictor.submit``; ``result()`` waits for its copy to the host and
+    returns the results of ``Predictor.predict_batch``: the id maps are views of the one host
+    buffer."""
+
+    def __init__(self, copy: HostCopy | None, num_images: int, stuff_ids: list[int],
+                 thing_ids: list[int], embeddings: bool):
+        self.copy, self.num_images, self.embeddings = copy, num_images, embeddings
+        self.stuff_ids, self.thing_ids = stuff_ids, thing_ids
+
+    def result(self) -> list[dict]:
+        if self.copy is None:
+            return []
+        table, *rest = self.copy.wait()          # table [B, Q, 9], B id maps (, B embeddings)
+        b = self.num_images
+        results = []
+        for i, ids in enumerate(rest[:b]):
+            segments = segments_info(table[i], self.stuff_ids, self.thing_ids)
+            res = {"panoptic": ids, "segments_info": segments, "quality": image_quality(segments)}
+            if self.embeddings:
+                res["embedding"] = rest[b + i]
+            results.append(res)
+        return results

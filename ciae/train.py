@@ -7,7 +7,7 @@ one process it is called as it is; a Ray Train worker calls it with hooks (``on_
 metrics and validation, ``on_checkpoint`` to report checkpoints) on a model whose
 ``reduce_mean`` all-reduces over the workers. On a GPU, ``prefetch`` keeps the device fed: the
 next batch is pinned and copied on a side stream while the current step runs, and a step reads
-its losses back in one copy.
+its losses back in one copy, once its backward and optimiser step are queued: its one host sync.
 """
 
 from __future__ import annotations
@@ -81,7 +81,12 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, float]:
         """One SGD step on a collate batch (already on the model's device): the memory update
         and the losses (``CIAEModel.forward``), backward, clipping, the optimiser step. Returns
-        the loss terms, the learning rate and the step's wall time."""
+        the loss terms, the learning rate and the step's wall time.
+
+        One host sync: the loss values, copied to the host once after the forward, are read
+        when the backward and the optimiser step are queued (so the host waits for the forward
+        only, and the GPU runs the backward while the host takes up the next step). The check
+        for non-finite losses comes then: its FloatingPointError finds this step applied."""
         t0 = time.perf_counter()
         self.model.train()
         lr = lr_at(self.step, self.solver)
@@ -93,16 +98,19 @@ class Trainer:
                             enabled=self.solver.amp and device.type == "cuda"):
             out = self.module(batch, memory_step=(self.step, self.solver.iterations))
         terms = LOSS_TERMS + ("loss",)
-        values = torch.stack([out[t].detach().float() for t in terms]).tolist()   # one host copy
-        for term, value in zip(terms, values):
-            if not math.isfinite(value):
-                raise FloatingPointError(f"non-finite loss at step {self.step}: {term} = {value} "
-                                         f"(lr {lr:.3g}); lower the learning rate or check the inputs")
+        # the loss values start for the host now, and are read once the whole step is queued
+        values = _LossReadback(torch.stack([out[t].detach().float() for t in terms]))
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         if self.solver.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.solver.clip_grad_norm)
         self.optimizer.step()
+        values = values.wait()                                     # the step's one host sync
+        for term, value in zip(terms, values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite loss at step {self.step}: {term} = {value} "
+                                         f"(lr {lr:.3g}; the step was applied); lower the "
+                                         f"learning rate or check the inputs")
         self.step += 1
         stats = dict(zip(terms, values))
         stats.update(lr=lr, step_time=time.perf_counter() - t0)
@@ -141,6 +149,27 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
+
+
+class _LossReadback:
+    """A small device tensor on its way to the host: on CUDA copied (``non_blocking``) into
+    pinned memory as soon as it is made, with an event after the copy, so that ``wait()`` blocks
+    only until that copy is done, not until the work queued since; elsewhere read in ``wait()``.
+    ``wait()`` -> the values as a list of floats (the one host sync)."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values, self.event = values, None
+        if values.is_cuda:
+            self.values = torch.empty(values.shape, dtype=values.dtype, device="cpu",
+                                      pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(values.device))   # the copy's stream
+
+    def wait(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.values.tolist()
 
 
 def _map_tensors(batch: dict, fn) -> dict:

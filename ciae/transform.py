@@ -10,9 +10,10 @@ of 32, and map a prediction back to the image's own size.
 * Pad: every map of a batch zero-padded (labels with their ignore value) at the bottom and
   right to one size divisible by ``SIZE_DIVISIBILITY``.
 * Map back (:func:`resize_nearest`, which ``ciae.inference.assemble`` applies on the model's
-  device before it measures the segments): the predicted id map resized (nearest) to the
-  image's size; a segment that vanished in the resize is dropped, so every listed segment has
-  pixels, as COCO panoptic requires.
+  device, the segments measured at that size from the map before the resize with
+  :func:`nearest_cover`): the predicted id map resized (nearest) to the image's size; a segment
+  that vanished in the resize is dropped, so every listed segment has pixels, as COCO panoptic
+  requires.
 
 ``pipeline.targets`` (training targets), ``ciae.predictor`` (prediction on images of any size)
 and validation (``workflows.local.evaluate``) all go through :class:`Transform`, so the three
@@ -21,6 +22,7 @@ see the same pixels.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import warnings
@@ -135,13 +137,41 @@ def resize_nearest(a, size: tuple[int, int]):
     oh, ow = size
     if (h, w) == (oh, ow):
         return a
-    ys = (2 * np.arange(oh, dtype=np.int64) + 1) * h // (2 * oh)
-    xs = (2 * np.arange(ow, dtype=np.int64) + 1) * w // (2 * ow)
-    if not isinstance(a, np.ndarray):
+    if isinstance(a, np.ndarray):
+        arange = functools.partial(np.arange, dtype=np.int64)
+    else:                                  # index vectors made on the tensor's device
         import torch
 
-        ys, xs = torch.from_numpy(ys).to(a.device), torch.from_numpy(xs).to(a.device)
+        arange = functools.partial(torch.arange, device=a.device)
+    ys = arange(1, 2 * oh, 2) * h // (2 * oh)
+    xs = arange(1, 2 * ow, 2) * w // (2 * ow)
     return a[ys[:, None], xs[None, :]]
+
+
+def nearest_cover(size_in, size_out, length: int):
+    """The inverse of ``resize_nearest`` along one axis, for a batch: size_in, size_out [B] int64
+    tensors (the axis's length in and out of each image's resize), ``length`` >= max(size_in)
+    -> first, count [B, length] int64: for each source index, the first output index that takes
+    it and how many do (0 for a source index >= size_in, or skipped by a shrinking resize).
+    Output index r takes source floor((2 r + 1) size_in / (2 size_out)), so the first one taking
+    source i is ceil((2 size_out i - size_in) / (2 size_in))."""
+    import torch
+
+    i = torch.arange(length + 1, device=size_in.device)
+    n_in, n_out = size_in[:, None], size_out[:, None]
+    start = ((2 * n_out * i + n_in - 1) // (2 * n_in)).clamp_max_(n_out)     # [B, length + 1]
+    return start[:, :-1], start[:, 1:] - start[:, :-1]
+
+
+def sizes_on(sizes: Sequence[Sequence[int]], device):
+    """Per-image integers ([B, k] nested sequences: sizes) -> an int64 tensor [B, k] on ``device``
+    without a host sync: on a GPU through pinned memory and a non-blocking copy."""
+    import torch
+
+    host = torch.from_numpy(np.asarray(sizes, dtype=np.int64).reshape(len(sizes), -1))
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def padded_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:

@@ -171,7 +171,7 @@ def _prepare(emb, queries, boxes, target, weight, margin):
     d, h, w = emb.shape
     acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
     consts = torch.full((2,), 2 + margin, dtype=acc, device=emb.device)
-    consts[0] = margin
+    consts[0].fill_(margin)   # a fill kernel: ``consts[0] = margin`` copies a host scalar (a sync)
     return (acc, emb.reshape(d, h * w).contiguous(), padded_queries_t(queries, acc),
             boxes.detach().float().contiguous(), target.reshape(-1).contiguous(),
             weight.detach().reshape(-1).contiguous(), consts)

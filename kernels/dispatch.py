@@ -1,6 +1,7 @@
 """The entry points the model calls: each fused operation, checked and routed to a backend.
 
-A backend is one entry of ``BACKENDS``: its four functions and ``accepts(tensor)``, whether
+A backend is one entry of ``BACKENDS``: its functions (the four fused CIAE operations and the
+batched greedy NMS, ``nms`` and ``greedy_keep``) and ``accepts(tensor)``, whether
 "auto" may choose it for inputs like that tensor (device, dtype). ``backend="auto"`` takes the
 first entry, in table order, that accepts the operation's main input; the PyTorch twins accept
 everything and stay last. Adding a backend is one entry placed before "torch".
@@ -20,6 +21,7 @@ import torch
 
 from kernels import assign as _assign
 from kernels import ciae_loss as _ciae_loss
+from kernels import nms as _nms
 from kernels import segment_sums as _segment_sums
 
 
@@ -32,6 +34,8 @@ class Backend:
     embedding_loss: Callable
     assign: Callable
     assign_upsampled: Callable
+    nms: Callable
+    greedy_keep: Callable
     accepts: Callable[[torch.Tensor], bool]
 
 
@@ -45,19 +49,22 @@ except ImportError:     # no triton: the twins only
 if triton is not None:
     from kernels import assign_triton as _assign_triton
     from kernels import ciae_loss_triton as _ciae_loss_triton
+    from kernels import nms_triton as _nms_triton
     from kernels import segment_sums_triton as _segment_sums_triton
 
     BACKENDS["triton"] = Backend(segment_sums=_segment_sums_triton.segment_sums,
                                  embedding_loss=_ciae_loss_triton.embedding_loss,
                                  assign=_assign_triton.assign,
                                  assign_upsampled=_assign_triton.assign_upsampled,
-                                 accepts=lambda tensor: tensor.is_cuda)
+                                 accepts=lambda tensor: tensor.is_cuda,
+                                 nms=_nms_triton.nms, greedy_keep=_nms_triton.greedy_keep)
 
 BACKENDS["torch"] = Backend(segment_sums=_segment_sums.segment_sums,
                             embedding_loss=_ciae_loss.embedding_loss,
                             assign=_assign.assign,
                             assign_upsampled=_assign.assign_upsampled,
-                            accepts=lambda tensor: True)
+                            accepts=lambda tensor: True,
+                            nms=_nms.nms, greedy_keep=_nms.greedy_keep)
 
 
 def _pick(backend: str, tensor: torch.Tensor) -> Backend:
@@ -107,21 +114,74 @@ def embedding_loss(emb: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor
                                               chunk)
 
 
+def _check_assignment(emb: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor,
+                      valid: torch.Tensor | None) -> None:
+    """One image's queries (``_check_queries``) and valid [Q] bool, or a batch's: emb [B, D, H, W],
+    queries [B, Q, D], boxes [B, Q, 4], valid [B, Q]."""
+    lead = tuple(emb.shape[:-3])
+    _check(emb.dim() in (3, 4) and tuple(queries.shape[:-2]) == lead == tuple(boxes.shape[:-2]),
+           f"emb, queries and boxes must be one image's ([D, H, W], [Q, D], [Q, 4]) or a batch's "
+           f"([B, D, H, W], [B, Q, D], [B, Q, 4]), got {tuple(emb.shape)}, {tuple(queries.shape)}, "
+           f"{tuple(boxes.shape)}")
+    if lead and lead[0]:
+        _check_queries(emb[0], queries[0], boxes[0])
+    elif not lead:
+        _check_queries(emb, queries, boxes)
+    _check(valid is None or (valid.shape == queries.shape[:-1] and valid.dtype == torch.bool),
+           f"valid must be {tuple(queries.shape[:-1])} bool, got "
+           f"{None if valid is None else (tuple(valid.shape), valid.dtype)}")
+
+
 def assign(emb: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor,
-           chunk: int | None = 65536, *, backend: str = "auto"
+           chunk: int | None = 65536, valid: torch.Tensor | None = None, *, backend: str = "auto"
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """emb [D, H, W], queries [Q, D] unit norm, boxes [Q, 4] -> labels [H, W] int64,
-    best and second-best similarity [H, W] float32. See ``kernels.assign``."""
-    _check_queries(emb, queries, boxes)
-    return _pick(backend, emb).assign(emb, queries, boxes, chunk)
+    """emb [D, H, W], queries [Q, D] unit norm, boxes [Q, 4], valid [Q] bool (None: all; an
+    invalid query scores -inf) -> labels [H, W] int64, best and second-best similarity [H, W]
+    float32; or a batch of them ([B, D, H, W], [B, Q, D], [B, Q, 4], [B, Q] -> [B, H, W]).
+    See ``kernels.assign``."""
+    _check_assignment(emb, queries, boxes, valid)
+    return _pick(backend, emb).assign(emb, queries, boxes, chunk, valid)
 
 
 def assign_upsampled(emb_lowres: torch.Tensor, out_size: tuple[int, int], queries: torch.Tensor,
-                     boxes: torch.Tensor, chunk: int | None = 65536, *, backend: str = "auto"
+                     boxes: torch.Tensor, chunk: int | None = 65536,
+                     valid: torch.Tensor | None = None, *, backend: str = "auto"
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """emb_lowres [D, h, w], out_size (H, W), queries [Q, D] unit norm, boxes [Q, 4] in output
-    pixels -> labels [H, W] int64, best and second-best similarity [H, W] float32. See
-    ``kernels.assign``."""
-    _check_queries(emb_lowres, queries, boxes)
+    pixels, valid [Q] bool (None: all) -> labels [H, W] int64, best and second-best similarity
+    [H, W] float32; or a batch of them as ``assign``'s. See ``kernels.assign``."""
+    _check_assignment(emb_lowres, queries, boxes, valid)
     return _pick(backend, emb_lowres).assign_upsampled(emb_lowres, tuple(out_size), queries, boxes,
-                                                       chunk)
+                                                       chunk, valid)
+
+
+def nms(boxes: torch.Tensor, classes: torch.Tensor, valid: torch.Tensor, iou_thresh: float, *,
+        backend: str = "auto") -> torch.Tensor:
+    """boxes [B, N, 4] float xyxy, classes [B, N] int64, valid [B, N] bool, each image sorted by
+    decreasing score (ties in input order), iou_thresh >= 0 -> keep [B, N] bool: class-wise
+    greedy NMS of each image's valid boxes (float64 IoU > iou_thresh suppresses), the boxes
+    ``ciae.box_ops.batched_nms`` keeps. No host sync on the Triton path. See ``kernels.nms``."""
+    _check(boxes.dim() == 3 and boxes.shape[2] == 4 and boxes.is_floating_point(),
+           f"boxes must be [B, N, 4] float, got {tuple(boxes.shape)} {boxes.dtype}")
+    _check(classes.shape == boxes.shape[:2] and classes.dtype == torch.int64,
+           f"classes must be [B, N] = {tuple(boxes.shape[:2])} int64, "
+           f"got {tuple(classes.shape)} {classes.dtype}")
+    _check(valid.shape == boxes.shape[:2] and valid.dtype == torch.bool,
+           f"valid must be [B, N] = {tuple(boxes.shape[:2])} bool, "
+           f"got {tuple(valid.shape)} {valid.dtype}")
+    _check(iou_thresh >= 0, f"iou_thresh must be >= 0, got {iou_thresh}")
+    return _pick(backend, boxes).nms(boxes, classes, valid, iou_thresh)
+
+
+def greedy_keep(suppress: torch.Tensor, valid: torch.Tensor, *, backend: str = "auto"
+                ) -> torch.Tensor:
+    """suppress [B, N, N] bool (i suppresses j; entries i >= j ignored), valid [B, N] bool
+    -> keep [B, N] bool: keep[j] = valid[j] and no kept i < j suppresses j. No host sync on the
+    Triton path. See ``kernels.nms``."""
+    _check(suppress.dim() == 3 and suppress.shape[1] == suppress.shape[2]
+           and suppress.dtype == torch.bool,
+           f"suppress must be [B, N, N] bool, got {tuple(suppress.shape)} {suppress.dtype}")
+    _check(valid.shape == suppress.shape[:2] and valid.dtype == torch.bool,
+           f"valid must be [B, N] = {tuple(suppress.shape[:2])} bool, "
+           f"got {tuple(valid.shape)} {valid.dtype}")
+    return _pick(backend, suppress).greedy_keep(suppress, valid)

@@ -4,12 +4,16 @@
 of columns, each an array of N rows; lists and dicts ride in object arrays (Ray Data stores them
 as Arrow lists and structs, and gives lists back as object arrays).
 
-* ``chunks`` (``flat_map``): a pending task -> its plan entries not yet labeled, in chunks of at
-  most ``DECODE_BATCH``; the task's plan file is read once, here.
+* ``input_items`` (the driver): the pending tasks as the job's items, one per task (a job of
+  fewer tasks than model actors has its tasks split into slices, so that each actor gets input).
+* ``chunks`` (``flat_map``): an item -> its plan entries not yet labeled, in chunks of at most
+  ``DECODE_BATCH``; the task's plan file is read once per item, here.
 * ``decode``: a chunk -> one row per image: the image read and resized to the model's test size,
   or rejected with the reason, and its ground truth when there is one.
-* ``Labeler``: the model, built once per actor from the checkpoint's bytes; decoded rows -> their
-  id maps at the images' own sizes, segments (with scores) and quality.
+* ``Labeler``: the model, built once per actor from the checkpoint's bytes; decoded rows (a call
+  of ``actor_rows``: several model batches) -> their id maps at the images' own sizes, segments
+  (with scores) and quality, the next model batch submitted before the last one's results are
+  taken.
 * ``encode``: labeled rows -> COCO panoptic PNGs, RLE of the thing segments, PQ against the
   ground truth; each task's rows written as one part (``pipeline.label_store``) -> per part its
   task, keys and PQ statistics, for the driver.
@@ -29,7 +33,7 @@ from pipeline import storage
 from pipeline.image_sources import Plan
 from pipeline.label_store import LabelStore
 
-DECODE_BATCH = 64             # images per decode task call
+DECODE_BATCH = 64             # images per decode task call, and at most per model actor call
 WORKER_MEMORY = 512 * 2**20   # a Ray worker process with numpy, PIL and torch imported
 
 
@@ -50,13 +54,41 @@ def _column(values: list) -> np.ndarray:
 # --------------------------------------------------------------------------- chunks
 
 
+def input_items(todo: dict[int, int], pieces: int) -> list[dict]:
+    """The job's input, one item per pending task: ``{"task", "part", "parts"}``. ``todo``: task ->
+    images left in it. A task is split into ``parts`` contiguous slices of its images only while
+    there are fewer than ``pieces`` items (the largest share split first, never into a slice of
+    no image): a job of few tasks then still gives each of ``pieces`` model actors its own input.
+    A task with nothing left gets no item."""
+    parts = {t: 1 for t, n in todo.items() if n > 0}
+    while parts and sum(parts.values()) < pieces:
+        t = max(parts, key=lambda t: todo[t] / parts[t])
+        if parts[t] + 1 > todo[t]:
+            break
+        parts[t] += 1
+    return [{"task": t, "part": j, "parts": p} for t, p in parts.items() for j in range(p)]
+
+
+def actor_rows(batch_size: int, todo: int, actors: int, task_images: int) -> int:
+    """Rows per model actor call (the actor stage's Ray Data batch): whole model batches of
+    ``batch_size``, as many as ``DECODE_BATCH`` holds (at least one), so that an actor has the
+    next batch to start while it finishes one (``Labeler``); no more than each of ``actors``
+    actors' share of ``todo`` images, since Ray Data gathers a call's rows before it hands them
+    to an actor (a call larger than the share would give a small job to one actor); and no more
+    than a task's ``task_images`` (an actor lost mid-call redoes its call)."""
+    return batch_size * max(1, min(DECODE_BATCH // batch_size, todo // (actors * batch_size),
+                                   task_images // batch_size))
+
+
 def chunks(item: dict, plan_dir: str, skip: dict[int, set[str]]) -> list[dict]:
-    """Ray Data ``flat_map``: ``{"task"}`` -> ``[{"task", "entries"}]``: the task's plan rows
-    (``image_sources.PLAN_SCHEMA`` dicts) whose keys are not in ``skip[task]`` (the images
-    already in its parts), at most ``DECODE_BATCH`` per chunk. Reads the task's plan file once."""
-    task = int(item["task"])
+    """Ray Data ``flat_map``: an item of ``input_items`` -> ``[{"task", "entries"}]``: its slice of the
+    task's plan rows (``image_sources.PLAN_SCHEMA`` dicts) whose keys are not in ``skip[task]``
+    (the images already in its parts), at most ``DECODE_BATCH`` per chunk. Reads the task's plan
+    file once (once per slice for a split task)."""
+    task, part, parts = int(item["task"]), int(item.get("part", 0)), int(item.get("parts", 1))
     done = skip.get(task, ())
     todo = [e for e in Plan.read_task(plan_dir, task) if e["key"] not in done]
+    todo = todo[part * len(todo) // parts:(part + 1) * len(todo) // parts]
     return [{"task": task, "entries": todo[k:k + DECODE_BATCH]} for k in range(0, len(todo), DECODE_BATCH)]
 
 
@@ -151,11 +183,16 @@ class Labeler:
     A batch of decoded rows in (``decode``'s columns) -> the same rows without ``image``, plus
     ``ids`` [N] of [H, W] int32 id maps at the images' own sizes ([0, 0] when rejected),
     ``segments`` [N] of lists of {id, category_id, iscrowd, area, bbox, score} and ``quality``
-    [N] float32. Runs ``ciae.predictor.Predictor.predict_resized``: padding, the network
-    (bfloat16 autocast and channels-last on CUDA with ``amp``, ``compile`` optional), the
-    assignment and the post-processing on the device; only the final id maps leave it."""
+    [N] float32. The readable rows go to the model in batches of ``batch_size`` (all at once
+    when None), each padded (``ciae.transform.Transform.batch``) and queued on the device
+    (``ciae.predictor.Predictor.submit``: the network under bfloat16 autocast and channels-last
+    on CUDA with ``amp``, ``compile`` optional, the assignment and the post-processing; only the
+    final id maps leave it, in one non-blocking copy) before the previous batch's results are
+    taken (``result``): on a GPU the device runs batch k+1 while the host pads it and builds batch
+    k's results; on the CPU it is the same computation in the same order."""
 
-    def __init__(self, checkpoint, name: str, threads: int, amp: bool, compile: bool):
+    def __init__(self, checkpoint, name: str, threads: int, amp: bool, compile: bool,
+                 batch_size: int | None = None):
         import torch
 
         from ciae import checkpoint as ckpt_io
@@ -170,16 +207,27 @@ class Labeler:
             checkpoint = ray.get(checkpoint)
         model = CIAEModel.from_checkpoint(ckpt_io.load(checkpoint, name), assigned_device())
         self.predictor = Predictor(model, amp=amp, compile=compile)
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
+        from ciae.transform import Transform
+
         ok = [k for k, s in enumerate(batch["status"]) if s == "ok"]
-        preds = self.predictor.predict_resized([batch["image"][k] for k in ok],
-                                               [(int(batch["height"][k]), int(batch["width"][k])) for k in ok])
         n = len(batch["key"])
         ids = [np.zeros((0, 0), np.int32)] * n
         segments, quality = [[]] * n, np.zeros(n, np.float32)
-        for k, pred in zip(ok, preds):
-            ids[k], segments[k], quality[k] = pred["panoptic"], pred["segments_info"], pred["quality"]
+        step = self.batch_size or max(1, len(ok))
+        previous = None                             # (rows, pending results) of the batch in flight
+        for start in range(0, len(ok) + step, step):    # a round past the last batch takes its results
+            rows, submitted = ok[start:start + step], None
+            if rows:
+                images, test_sizes = Transform.batch([batch["image"][k] for k in rows])
+                sizes = [(int(batch["height"][k]), int(batch["width"][k])) for k in rows]
+                submitted = rows, self.predictor.submit(images, test_sizes, sizes)
+            if previous is not None:
+                for k, pred in zip(previous[0], previous[1].result()):
+                    ids[k], segments[k], quality[k] = pred["panoptic"], pred["segments_info"], pred["quality"]
+            previous = submitted
         out = {k: v for k, v in batch.items() if k != "image"}
         return out | {"ids": ids, "segments": _column(segments), "quality": quality}
 

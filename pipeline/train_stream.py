@@ -10,12 +10,14 @@ them. Augmentation draws from (seed, epoch, image id), the shorter side from (se
 * a worker restarted from the checkpoint of step s starts its stream at step s, so a restart
   neither repeats nor skips an image.
 
-Each worker runs its own Ray Data job over its part of the plan (``training_dataset``), so no
-split coordinator sits between the workers and their data. The plan is cut into items of
-``steps_per_item`` steps. A Ray Data task (``flat_map``) reads an item's rows, one Parquet row
-group per row at most, and turns them into targets, with order preserved. ``step_batches``
-groups the rows back into one collated batch per step. ``local_batches`` yields the same
-batches in one process without Ray.
+Each worker makes its part of the plan with Ray tasks (``stream_batches``): one task (one CPU)
+per step reads the step's rows, one Parquet row group per row at most, turns them into targets
+and pads them into the step's batch, as numpy arrays that reach the worker through the object
+store without a copy; ``window`` steps are in flight, taken in step order. The training process
+itself only submits tasks and takes results: it runs no thread and no scheduling loop beside the
+step (an earlier design ran a Ray Data job per worker, whose executor thread held the
+interpreter 93-95% of the time and slowed every op of a GPU step, benchmarks/RESULTS.md).
+``local_batches`` yields the same batches in one process without Ray.
 
 A row whose image cannot be decoded (the data stage only checks JPEG structure) is skipped with
 a warning that names it, and its step trains on the rest. If a worker loses a whole step's
@@ -24,16 +26,19 @@ images, it trains that step on its previous batch, so the workers stay in step.
 
 from __future__ import annotations
 
-import itertools
+import collections
 import logging
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 
 from ciae.config import Config
+from ciae.panoptic import IGNORE_SEG, IGNORE_SEM
+from ciae.transform import padded_size
 from pipeline import storage
 from pipeline.shards import read_manifest, shard_paths
-from pipeline.targets import TargetMaker, collate
+from pipeline.targets import TargetMaker
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +122,61 @@ class ShardTargets:
                    "boxes": t["boxes"], "classes": t["classes"], "image_id": t["image_id"]}
 
 
-def training_dataset(shards_uri: str, cfg: Config, *, global_batch: int, world: int, rank: int,
-                     start: int, end: int, steps_per_item: int = 8):
-    """Rank ``rank``'s stream for steps [start, end) as an order-preserving ``ray.data.Dataset``
-    of targets: columns step, image [3, H, W] uint8, sem [H, W] uint8, seg [H, W] int16,
-    boxes [N, 4], classes [N], image_id. Group it with ``step_batches``."""
-    import ray.data
+def data_window(cfg: Config, batch_per_worker: int, world: int, free_cpus: float,
+                object_store_bytes: float) -> int:
+    """Steps each worker keeps in flight: enough tasks for the CPUs the training workers leave
+    free (one more, so that a CPU never waits on the consumer), at most a quarter of the object
+    store's room for all workers' outputs together, at least 2."""
+    step_bytes = batch_per_worker * cfg.input.max_size * max(cfg.input.shorter_sides) * 6   # image, sem, seg
+    by_cpus = int(free_cpus // world) + 1
+    by_store = int(object_store_bytes // 4 // world // max(step_bytes, 1))
+    return max(2, min(by_cpus, by_store))
 
-    from pipeline import ray_idle
+
+_targets_cache: dict[tuple, ShardTargets] = {}
+
+
+def _step_task(source: dict, item: dict) -> tuple[int, dict | None]:
+    """A Ray task: one step's plan item -> (step, ``numpy_batch`` of its rows, or None when no
+    image of the step could be decoded). The shard readers are kept per worker process."""
+    key = (source["uri"], source["manifest"].get("created"), repr(source["cfg"]))
+    if key not in _targets_cache:
+        _targets_cache.clear()
+        _targets_cache[key] = ShardTargets(source["uri"], source["manifest"], source["cfg"])
+    return int(item["step"][0]), numpy_batch(list(_targets_cache[key](item)))
+
+
+def stream_batches(shards_uri: str, cfg: Config, *, global_batch: int, world: int, rank: int,
+                   start: int, end: int, window: int = 2) -> Iterator[tuple[int, dict]]:
+    """Rank ``rank``'s (step, collated batch) for steps [start, end), each step's targets made
+    by a Ray task (one CPU) of its own, ``window`` steps in flight, in step order.
+
+    The calling process (a training worker) only submits tasks and takes their results: no
+    thread of its own, no scheduling loop, so nothing in it competes with the training step
+    for the interpreter. A batch's arrays are read from the object store without a copy.
+    A failed task is retried by Ray (the plan makes it produce the same batch)."""
+    import ray
 
     manifest = read_manifest(shards_uri)
-    items = list(plan_items(manifest["counts"]["images"], global_batch, world, rank, start, end,
-                            cfg.solver.seed, steps_per_item))
-    ray_idle.install().execution_options.preserve_order = True
-    return (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-            .flat_map(ShardTargets(shards_uri, manifest, cfg)))
+    source = ray.put({"uri": shards_uri, "manifest": manifest, "cfg": cfg})
+    task = ray.remote(num_cpus=1)(_step_task)
+    items = plan_items(manifest["counts"]["images"], global_batch, world, rank, start, end,
+                       cfg.solver.seed, steps_per_item=1)
+    pending: collections.deque = collections.deque()
+
+    def take() -> tuple[int, dict | None]:
+        step, batch = ray.get(pending.popleft())
+        return step, None if batch is None else to_torch(batch)
+
+    def results() -> Iterator[tuple[int, dict | None]]:
+        for item in items:
+            pending.append(task.remote(source, item))
+            if len(pending) >= window:
+                yield take()
+        while pending:
+            yield take()
+
+    yield from fill_lost_steps(results())
 
 
 def local_batches(shards_uri: str, cfg: Config, start: int = 0) -> Iterator[tuple[int, dict]]:
@@ -139,32 +184,29 @@ def local_batches(shards_uri: str, cfg: Config, start: int = 0) -> Iterator[tupl
     plan with one worker, which W workers' batches of each step add up to."""
     manifest = read_manifest(shards_uri)
     targets = ShardTargets(shards_uri, manifest, cfg)
-    items = plan_items(manifest["counts"]["images"], cfg.solver.batch_size, 1, 0, start, None, cfg.solver.seed)
-    yield from step_batches((row for item in items for row in targets(item)), start)
+    items = plan_items(manifest["counts"]["images"], cfg.solver.batch_size, 1, 0, start, None,
+                       cfg.solver.seed, steps_per_item=1)
+    steps = ((int(item["step"][0]), numpy_batch(list(targets(item)))) for item in items)
+    yield from fill_lost_steps((s, None if b is None else to_torch(b)) for s, b in steps)
 
 
-def rows_of_batches(batches: Iterator[dict]) -> Iterator[dict]:
-    """Numpy batches (``iter_batches``) -> rows."""
-    for batch in batches:
-        for k in range(len(batch["step"])):
-            yield {key: batch[key][k] for key in batch}
-
-
-def step_batches(rows: Iterator[dict], start: int, end: int | None = None) -> Iterator[tuple[int, dict]]:
-    """Rows in step order -> (step, collated batch) for every step from ``start`` (to ``end``).
-    A step with no rows (all its images failed to decode) reuses the previous batch; when it
-    is the first, it takes the next one."""
-    expected, last = start, None
-    for step, group in itertools.groupby(rows, key=lambda r: int(r["step"])):
-        batch = _collate(list(group))
-        for missing in range(expected, step):
-            _warn_lost(missing)
-            yield missing, batch if last is None else last
+def fill_lost_steps(steps: Iterator[tuple[int, dict | None]]) -> Iterator[tuple[int, dict]]:
+    """(step, batch or None) for consecutive steps -> (step, batch). A step without a batch (all its images failed to decode) reuses the previous
+    batch; when it is the first, it takes the next one."""
+    lost, last = [], None
+    for step, batch in steps:
+        if batch is None:
+            _warn_lost(step)
+            if last is None:
+                lost.append(step)
+                continue
+            batch = last
+        for missing in lost:
+            yield missing, batch
+        lost, last = [], batch
         yield step, batch
-        expected, last = step + 1, batch
-    for missing in range(expected, end if end is not None and last is not None else expected):
-        _warn_lost(missing)
-        yield missing, last
+    if lost:
+        raise ValueError(f"no image of steps {lost[0]}..{lost[-1]} could be decoded")
 
 
 def _warn_lost(step: int) -> None:
@@ -172,9 +214,36 @@ def _warn_lost(step: int) -> None:
                 "neighbouring batch", step)
 
 
-def _collate(rows: list[dict]) -> dict:
-    return collate([{"image": np.array(r["image"]), "sem": np.array(r["sem"], np.uint8),
-                     "seg": np.array(r["seg"], np.int16),
-                     "boxes": np.array(r["boxes"], np.float32).reshape(-1, 4),
-                     "classes": np.array(r["classes"], np.int64), "image_id": int(r["image_id"])}
-                    for r in rows])
+def numpy_batch(rows: list[dict]) -> dict | None:
+    """Targets of one step's images (``ShardTargets`` rows) -> a batch as ``collate`` lays it
+    out, in numpy arrays (the object store passes them without a copy); None without rows."""
+    if not rows:
+        return None
+    hh, ww = padded_size([r["image"].shape[1:] for r in rows])
+
+    def pad(key: str, fill: int, dtype) -> np.ndarray:
+        first = np.asarray(rows[0][key])
+        out = np.full((len(rows), *first.shape[:-2], hh, ww), fill, dtype=dtype)
+        for k, r in enumerate(rows):
+            m = np.asarray(r[key])
+            out[k, ..., :m.shape[-2], :m.shape[-1]] = m
+        return out
+
+    return {"images": pad("image", 0, np.uint8), "sem": pad("sem", IGNORE_SEM, np.uint8),
+            "seg": pad("seg", IGNORE_SEG, np.int16),
+            "boxes": [np.asarray(r["boxes"], np.float32).reshape(-1, 4) for r in rows],
+            "classes": [np.asarray(r["classes"], np.int64) for r in rows],
+            "image_sizes": [tuple(int(v) for v in r["image"].shape[1:]) for r in rows],
+            "image_ids": [int(r["image_id"]) for r in rows]}
+
+
+def to_torch(batch: dict) -> dict:
+    """``numpy_batch`` -> ``pipeline.targets.collate``'s batch, sharing the arrays' memory (read
+    only when they come from the object store: the step reads its batch and writes none of it)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {**batch, "images": torch.from_numpy(batch["images"]), "sem": torch.from_numpy(batch["sem"]),
+                "seg": torch.from_numpy(batch["seg"]), "boxes": [torch.from_numpy(b) for b in batch["boxes"]],
+                "classes": [torch.from_numpy(c) for c in batch["classes"]]}

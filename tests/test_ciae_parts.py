@@ -83,11 +83,12 @@ def test_embedding_branch_shapes(coordconv, box):
 
 def test_sample_at_equals_full_resolution():
     torch.manual_seed(1)
-    emb4 = torch.randn(5, 6, 7)
-    full = full_resolution(emb4[None])[0]
-    xy = torch.tensor([[0, 0], [27, 23], [13, 5], [4, 22]])
+    emb4 = torch.randn(2, 5, 6, 7)
+    full = full_resolution(emb4)
+    xy = torch.tensor([[[0, 0], [27, 23], [13, 5], [4, 22]], [[3, 1], [0, 23], [27, 0], [9, 9]]])
     got = sample_at(emb4, xy)
-    assert torch.allclose(got, full[:, xy[:, 1], xy[:, 0]].t(), atol=1e-5)
+    want = torch.stack([full[i][:, xy[i, :, 1], xy[i, :, 0]].t() for i in range(2)])
+    assert got.shape == (2, 4, 5) and torch.allclose(got, want, atol=1e-5)
 
 
 def _loop_ciae(emb, sem, seg, boxes, memory, num_stuff, cfg):
@@ -223,9 +224,10 @@ def test_oracle_on_perfect_embeddings_reproduces_ground_truth():
     boxes = torch.tensor([[4.0, 3, 12, 11], [10, 9, 27, 20]], dtype=torch.float64)
     classes = torch.tensor([1, 0])
     queries = oracle_queries(emb, seg, c_st, 2, stride=1)
-    ids, table = assemble(emb, (h, w), basis[:c_st], queries, boxes, classes, torch.ones(2),
-                          cfg=InferenceConfig(stuff_area=0), stride=1)
-    segments = segments_info(table.numpy(), stuff_ids=[100, 101], thing_ids=[1, 2])
+    (ids,), table = assemble(emb[None], [(h, w)], basis[:c_st], queries[None], boxes[None],
+                             classes[None], torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool),
+                             cfg=InferenceConfig(stuff_area=0), stride=1)
+    segments = segments_info(table[0].numpy(), stuff_ids=[100, 101], thing_ids=[1, 2])
     ids = ids.numpy()
     by_cat = {s["category_id"]: s for s in segments}
     assert sorted(by_cat) == [1, 2, 100, 101]
@@ -250,42 +252,56 @@ def test_oracle_on_perfect_embeddings_reproduces_ground_truth():
 
 
 def test_post_processing_on_the_device_equals_the_numpy_reference():
-    """``assemble`` measures on the assignment's device (torch); on the CPU its ids and segments
-    are those of the numpy post-processing it replaced (bincount, id table, row-run measures)."""
+    """``assemble`` measures a batch on the assignment's device (torch); on the CPU each image's
+    ids and segments are those of the numpy post-processing it replaced (bincount, id table,
+    resize, row-run measures) on its own queries: the padding slots, queries that would take
+    pixels, take none."""
     from ciae.config import InferenceConfig
+    from ciae.embedding import full_resolution
     from ciae.inference import stuff_area_threshold
     from ciae.panoptic import measure_segments
+    from ciae.transform import resize_nearest
     from kernels import dispatch
 
     g = torch.Generator().manual_seed(3)
-    for trial in range(5):
-        emb4 = torch.randn(8, 12, 15, generator=g)
-        stuff = F.normalize(torch.randn(3, 8, generator=g), dim=1)
-        queries = F.normalize(torch.randn(4, 8, generator=g), dim=1)
-        xy = torch.rand(4, 2, generator=g) * torch.tensor([60.0, 48.0])
-        boxes = torch.cat([xy, xy + torch.rand(4, 2, generator=g) * 30], 1)
-        classes, scores = torch.tensor([0, 1, 1, 0]), torch.rand(4, generator=g)
-        cfg = InferenceConfig(stuff_area=2000, min_instance_area=5)
-        size = (45, 57)
-        ids, table = assemble(emb4, size, stuff, queries, boxes, classes, scores, cfg)
-        segments = segments_info(table.numpy(), [7, 9, 11], [1, 3])
-        # the numpy reference
-        all_q = torch.cat([stuff, queries])
-        all_b = torch.cat([torch.tensor([[0.0, 0, 60, 48]]).expand(3, 4), boxes])
-        labels = dispatch.assign_upsampled(emb4, (48, 60), all_q, all_b)[0][:45, :57].numpy()
+    b, k, pad = 5, 4, 2
+    emb4 = torch.randn(b, 8, 12, 15, generator=g)
+    stuff = F.normalize(torch.randn(3, 8, generator=g), dim=1)
+    queries = F.normalize(torch.randn(b, k + pad, 8, generator=g), dim=2)
+    xy = torch.rand(b, k + pad, 2, generator=g) * torch.tensor([60.0, 48.0])
+    boxes = torch.cat([xy, xy + torch.rand(b, k + pad, 2, generator=g) * 30], 2)
+    classes, scores = torch.randint(2, (b, k + pad), generator=g), torch.rand(b, k + pad, generator=g)
+    valid = torch.arange(k + pad) < k
+    # the padding: each image's mean direction, over the whole map
+    queries[:, k:] = F.normalize(full_resolution(emb4).mean((2, 3)), dim=1)[:, None]
+    boxes[:, k:] = torch.tensor([0.0, 0, 60, 48])
+    sizes = [(45, 57), (48, 60), (30, 41), (45, 57), (20, 60)]
+    out_sizes = [(45, 57), (31, 77), (60, 80), (45, 20), (20, 60)]
+    cfg = InferenceConfig(stuff_area=2000, min_instance_area=5)
+    ids, table = assemble(emb4, sizes, stuff, queries, boxes, classes, scores, valid.expand(b, -1),
+                          cfg, out_sizes=out_sizes)
+    assert table.shape == (b, 3 + k + pad, 9)
+    for i, (size, out) in enumerate(zip(sizes, out_sizes)):
+        segments = segments_info(table[i].numpy(), [7, 9, 11], [1, 3])
+        # the numpy reference, on the image's own queries
+        all_q = torch.cat([stuff, queries[i, :k]])
+        all_b = torch.cat([torch.tensor([[0.0, 0, 60, 48]]).expand(3, 4), boxes[i, :k]])
+        labels = dispatch.assign_upsampled(emb4[i], (48, 60), all_q, all_b)[0][:size[0], :size[1]].numpy()
+        padded = dispatch.assign_upsampled(emb4[i], (48, 60), queries[i], boxes[i])[0]
+        assert (padded >= k).any()                      # the padding would take pixels
         areas = np.bincount(labels.ravel(), minlength=7)
         lut, ref = np.zeros(7, np.int32), []
-        for k in range(7):
-            if areas[k] == 0 or (k < 3 and areas[k] < stuff_area_threshold(cfg, *size)) or (k >= 3 and areas[k] < 5):
+        for q in range(7):
+            if areas[q] == 0 or (q < 3 and areas[q] < stuff_area_threshold(cfg, *size)) or (q >= 3 and areas[q] < 5):
                 continue
-            lut[k] = len(ref) + 1
-            ref.append({"id": len(ref) + 1, "category_id": [7, 9, 11][k] if k < 3 else [1, 3][int(classes[k - 3])],
-                        "iscrowd": 0, "area": int(areas[k])})
-        ref_ids = lut[labels]
-        for s, box in zip(ref, measure_segments(ref_ids, len(ref))[1].tolist()):
-            s["bbox"] = box
-        assert np.array_equal(ids.numpy(), ref_ids)
-        assert [{k: v for k, v in s.items() if k != "score"} for s in segments] == ref
+            lut[q] = len(ref) + 1
+            ref.append({"id": len(ref) + 1, "category_id": [7, 9, 11][q] if q < 3 else [1, 3][int(classes[i, q - 3])],
+                        "iscrowd": 0})
+        ref_ids = resize_nearest(lut[labels], out)
+        for s, area, box in zip(ref, *measure_segments(ref_ids, len(ref))):
+            s["area"], s["bbox"] = int(area), box.tolist()
+        assert ids[i].dtype == torch.int32 and np.array_equal(ids[i].numpy(), ref_ids)
+        assert [{k: v for k, v in s.items() if k != "score"} for s in segments] == [s for s in ref if s["area"]]
         assert all(0 <= s["score"] <= 1 for s in segments) and len(ref) >= 2
 
 
@@ -300,10 +316,11 @@ def test_segments_are_measured_at_the_output_size_and_vanished_ones_dropped():
     seg[100:200, 100:300] = 2
     basis = torch.eye(3, dtype=torch.float64) * 2.0
     emb = basis[seg].permute(2, 0, 1).contiguous()
-    ids, table = assemble(emb, (h, w), basis, basis.new_zeros(0, 3), basis.new_zeros(0, 4),
-                          torch.zeros(0, dtype=torch.int64), basis.new_zeros(0),
-                          InferenceConfig(stuff_area=0), stride=1, out_size=(96, 128))
-    segments = segments_info(table.numpy(), [184, 1, 3], [])
+    (ids,), table = assemble(emb[None], [(h, w)], basis, basis.new_zeros(1, 0, 3),
+                             basis.new_zeros(1, 0, 4), torch.zeros(1, 0, dtype=torch.int64),
+                             basis.new_zeros(1, 0), torch.zeros(1, 0, dtype=torch.bool),
+                             InferenceConfig(stuff_area=0), stride=1, out_sizes=[(96, 128)])
+    segments = segments_info(table[0].numpy(), [184, 1, 3], [])
     ids = ids.numpy()
     assert ids.shape == (96, 128) and 2 not in ids
     assert [s["id"] for s in segments] == [1, 3] and [s["category_id"] for s in segments] == [184, 3]
@@ -338,7 +355,8 @@ def test_stuff_area_threshold_scales_with_image_size():
     assert stuff_area_threshold(cfg, 400, 1333 // 2) == pytest.approx(4096 / 4, rel=1e-2)
 
 
-def test_select_instances_drops_low_scores_and_duplicates():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_select_instances_drops_low_scores_and_duplicates(backend):
     from ciae.config import InferenceConfig
     from ciae.inference import select_instances
 
@@ -346,11 +364,19 @@ def test_select_instances_drops_low_scores_and_duplicates():
     q = q / q.norm(dim=1, keepdim=True)
     boxes = torch.tensor([[0.0, 0, 10, 10], [2, 2, 12, 12], [1, 1, 9, 9], [50, 50, 60, 60], [0, 0, 5, 5]])
     scores = torch.tensor([0.6, 0.9, 0.5, 0.7, 0.1])
-    keep = select_instances(q, boxes, scores, InferenceConfig(instance_score_thresh=0.4, duplicate_similarity=0.9))
+    order = scores.argsort(descending=True)             # as fcos_detect sorts them
+    # two images: the second with detection 3's slot padding
+    q, boxes, scores = q[order].expand(2, 5, 3), boxes[order].expand(2, 5, 4), scores[order].expand(2, 5)
+    valid = order != 3
+    valid = torch.stack([torch.ones_like(valid), valid])
+
+    def kept(cfg):
+        keep = select_instances(q, boxes, scores, valid, cfg, backend=backend)
+        return [order[k].tolist() for k in keep]
+
     # 1 beats its duplicate 0; 2 differs in embedding; 3 is far away (no overlap); 4 scores too low
-    assert keep.tolist() == [1, 3, 2]
-    keep = select_instances(q, boxes, scores, InferenceConfig(instance_score_thresh=0.0, duplicate_similarity=1.01))
-    assert keep.tolist() == [1, 3, 0, 2, 4]
+    assert kept(InferenceConfig(instance_score_thresh=0.4, duplicate_similarity=0.9)) == [[1, 3, 2], [1, 2]]
+    assert kept(InferenceConfig(instance_score_thresh=0.0, duplicate_similarity=1.01)) == [[1, 3, 0, 2, 4], [1, 0, 2, 4]]
 
 
 def test_configs_saved_by_earlier_versions_still_load():

@@ -104,13 +104,14 @@ def test_predictor_and_assemble_keep_to_the_inputs_device():
     queries[1] = queries[0]                                    # a duplicate of query 0
     boxes = torch.tensor([[0.0, 0, 30, 30], [5, 5, 35, 35], [20, 10, 60, 40]])
     scores, classes = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 1, 1])
+    valid = torch.ones(1, 3, dtype=torch.bool)
     with meta_default():
         out = predictor.predict_resized(resized, [im.shape[:2] for im in images])
-        keep = select_instances(queries, boxes, scores, InferenceConfig())
-        ids, table = assemble(emb4, (45, 60), stuff, queries[keep], boxes[keep], classes[keep],
-                              scores[keep], InferenceConfig(stuff_area=0))
+        keep = select_instances(queries[None], boxes[None], scores[None], valid, InferenceConfig())
+        (ids,), table = assemble(emb4[None], [(45, 60)], stuff, queries[None], boxes[None],
+                                 classes[None], scores[None], keep, InferenceConfig(stuff_area=0))
     assert [r["panoptic"].shape for r in out] == [im.shape[:2] for im in images]
-    assert keep.tolist() == [0, 2]
+    assert keep.tolist() == [[True, False, True]]
     assert ids.device.type == "cpu" and table.device.type == "cpu" and tuple(ids.shape) == (45, 60)
 
 
@@ -154,9 +155,9 @@ def test_sample_at_keeps_full_precision_coordinates_under_bf16():
     emb4 = torch.randn(8, 200, 334, generator=g).bfloat16()      # a 800x1336 input at stride 4
     xy = torch.stack([torch.randint(1024, 1336, (64,), generator=g),
                       torch.randint(0, 800, (64,), generator=g)], 1)
-    ref = sample_at(emb4.float(), xy)
+    ref = sample_at(emb4.float()[None], xy[None])
     with bf16_autocast():
-        out = sample_at(emb4, xy)
+        out = sample_at(emb4[None], xy[None])
     assert out.dtype == torch.float32
     assert torch.equal(out, ref)
 

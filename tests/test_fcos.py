@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+import kernels.nms
 from ciae.backbone import group_count
-from ciae.box_ops import (NMS_BLOCK, batched_nms, box_iou, clip_boxes, expand_boxes, giou_loss,
-                          iou_loss, sigmoid_focal_loss)
+from ciae.box_ops import (batched_nms, box_iou, clip_boxes, expand_boxes, giou_loss, iou_loss,
+                          sigmoid_focal_loss)
 from ciae.config import FCOSConfig
 from ciae.fcos import (FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_normalisers,
                        fcos_targets)
@@ -56,12 +57,15 @@ def test_box_iou_matches_loop():
     torch.testing.assert_close(got, want)
     assert (got[:, 0] == 0).all()
     torch.testing.assert_close(box_iou(a[:3], a[:3]).diagonal(), torch.ones(3, dtype=torch.float64))
+    # a batch: each image's pairs
+    batched = box_iou(torch.stack([a, a.flip(0)]), torch.stack([b, b]))
+    assert torch.equal(batched, torch.stack([got, got.flip(0)]))
 
 
-@pytest.mark.parametrize("block", [64, 1024])       # the CPU's and the GPU's block sizes
+@pytest.mark.parametrize("block", [64, 1024])       # the twin's boxes resolved together
 @pytest.mark.parametrize("thresh", [0.3, 0.5, 0.7])
 def test_batched_nms_matches_bruteforce(thresh, block, monkeypatch):
-    monkeypatch.setitem(NMS_BLOCK, "cpu", block)
+    monkeypatch.setattr(kernels.nms, "BLOCK", block)
     gen = torch.Generator().manual_seed(int(thresh * 10))
     n = 700  # several NMS blocks
     boxes = random_boxes(n, gen)
@@ -76,7 +80,7 @@ def test_batched_nms_matches_bruteforce(thresh, block, monkeypatch):
 
 @pytest.mark.parametrize("block", [64, 1024])
 def test_batched_nms_long_chain_and_edge_cases(block, monkeypatch):
-    monkeypatch.setitem(NMS_BLOCK, "cpu", block)
+    monkeypatch.setattr(kernels.nms, "BLOCK", block)
     # Each box overlaps only its neighbours (IoU 1/3): greedy keeps every other one, the worst
     # case for the in-block fixed point.
     n = 300
@@ -392,18 +396,30 @@ def put(out, level, i, j, cls, ltrb, logit=10.0, b=0):
     out["box_reg"][level][b, :, i, j] = torch.tensor(ltrb)
 
 
+def detect(out, locs, sizes, cfg, backend="torch") -> list[dict]:
+    """``fcos_detect``'s slots, checked (each image's detections first, empty slots zero)
+    -> per image its detections."""
+    dets = fcos_detect(out, locs, sizes, cfg, backend=backend)
+    valid = dets.pop("valid")
+    assert valid.shape == dets["scores"].shape == (len(sizes), min(cfg.max_detections, 3 * (96 + 24)))
+    assert (valid.int().diff(dim=1) <= 0).all()
+    assert all((v[~valid] == 0).all() for v in dets.values())
+    return [{k: v[i][valid[i]] for k, v in dets.items()} for i in range(len(sizes))]
+
+
 def test_detect_single_confident_location():
     out, locs = handmade_output()
     put(out, 1, 2, 3, cls=1, ltrb=(10.0, 5.0, 20.0, 15.0))  # location (56, 40)
     cfg = FCOSConfig(strides=(8, 16), size_ranges=((0, 64), (64, INF)))
-    (det,) = fcos_detect(out, locs, [(64, 96)], cfg)
+    (det,) = detect(out, locs, [(64, 96)], cfg)
     assert det["boxes"].tolist() == [[46.0, 35.0, 76.0, 55.0]]
     assert det["classes"].tolist() == [1] and det["classes"].dtype == torch.int64
     assert det["locations"].tolist() == [[56, 40]] and det["levels"].tolist() == [1]
     assert det["scores"].item() == pytest.approx(torch.sigmoid(torch.tensor(10.0)).item())
 
 
-def test_detect_nms_clipping_and_batch():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_detect_nms_clipping_and_batch(backend):
     out, locs = handmade_output(batch=2)
     put(out, 0, 4, 6, cls=0, ltrb=(12.0, 12.0, 12.0, 12.0))              # (52, 36): box [40, 24, 64, 48]
     put(out, 0, 4, 7, cls=0, ltrb=(20.0, 12.0, 4.0, 12.0), logit=5.0)    # (60, 36): same box, weaker -> suppressed
@@ -411,13 +427,14 @@ def test_detect_nms_clipping_and_batch():
     put(out, 1, 3, 5, cls=1, ltrb=(8.0, 8.0, 50.0, 50.0), logit=4.0)     # (88, 56): clipped to the image
     put(out, 0, 0, 0, cls=2, ltrb=(3.0, 3.0, 3.0, 3.0), b=1)              # image 1: only this one
     cfg = FCOSConfig(strides=(8, 16), size_ranges=((0, 64), (64, INF)))
-    det0, det1 = fcos_detect(out, locs, [(64, 96), (40, 40)], cfg)
+    det0, det1 = detect(out, locs, [(64, 96), (40, 40)], cfg, backend)
     assert det0["classes"].tolist() == [0, 2, 1]
     assert det0["locations"].tolist() == [[52, 36], [60, 36], [88, 56]]
     assert det0["boxes"][2].tolist() == [80.0, 48.0, 96.0, 64.0]
     assert (det0["scores"].diff() <= 0).all()
     assert det1["boxes"].tolist() == [[1.0, 1.0, 7.0, 7.0]] and det1["classes"].tolist() == [2]
-    capped = fcos_detect(out, locs, [(64, 96), (40, 40)], FCOSConfig(max_detections=1, score_thresh=0.5))
+    capped = detect(out, locs, [(64, 96), (40, 40)], FCOSConfig(max_detections=1, score_thresh=0.5),
+                    backend)
     assert [len(d["scores"]) for d in capped] == [1, 1]
-    nothing = fcos_detect(out, locs, [(64, 96), (40, 40)], FCOSConfig(score_thresh=0.99999))
+    nothing = detect(out, locs, [(64, 96), (40, 40)], FCOSConfig(score_thresh=0.99999), backend)
     assert all(len(d["boxes"]) == 0 and d["boxes"].shape == (0, 4) for d in nothing)

@@ -335,8 +335,8 @@ def test_dispatch_calls_the_backend_it_is_given(monkeypatch):
         def fn(*args):
             calls.append(name)
             return "result of " + name
-        return dispatch.Backend(segment_sums=fn, embedding_loss=fn, assign=fn, assign_upsampled=fn,
-                                accepts=lambda t: name == "second")
+        return dispatch.Backend(segment_sums=fn, embedding_loss=fn, assign=fn, assign_upsampled=fn, nms=fn,
+                                greedy_keep=fn, accepts=lambda t: name == "second")
     monkeypatch.setattr(dispatch, "BACKENDS", {"first": spy("first"), "second": spy("second")})
     for backend, expected in (("first", "first"), ("second", "second"), ("auto", "second")):
         calls.clear()

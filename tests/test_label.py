@@ -543,3 +543,17 @@ def test_label_command_has_help(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--gpus-per-worker" in text and "example:" in text and "exactly once" in text
+
+
+def test_a_job_smaller_than_its_actors_gives_each_actor_input_and_no_warning(model, synth_small, tmp_path,
+                                                                            ray_local, capsys, recwarn):
+    """One task of 6 images in batches of 3 with 3 model actors asked for: the task is split so
+    that 2 actors get input of their own (a third would get none: the line says so), and Ray
+    Data's warning of an actor pool larger than its inputs ("The minimum number of concurrent
+    actors ... only received 1 input(s)", which a job of one task with 2 actors gave) is not
+    given."""
+    s = label(job(model, synth_small["images"], tmp_path / "out", batch_size=3, workers=3), progress=False)
+    assert (s["labeled"], s["rejected"]) == (6, 0)
+    assert not [str(w.message) for w in recwarn if "concurrent" in str(w.message)]
+    assert "label: 2 of the 3 model actors asked for (6 images, a batch of 3 or more for each)" \
+        in capsys.readouterr().out

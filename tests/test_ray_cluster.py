@@ -62,7 +62,8 @@ def test_prepare_and_label_jobs_on_a_ray_head(ray_head, synth_small, registered_
     model, tracking = registered_untrained["uri"], registered_untrained["tracking"]
     labels = tmp_path / "labels"
     out = submit(ray_head, "label", "--address", "auto", "--model", model, "--input", str(shards),
-                 "--out", str(labels), "--tracking-uri", tracking, "--workers", "2", "--coco-panoptic")
+                 "--out", str(labels), "--tracking-uri", tracking, "--workers", "2", "--batch-size", "2",
+                 "--coco-panoptic")
     assert "6 of 6 images labeled" in out, out[-2000:]
     assert "label: 2 model actors x 0.5 CPU (the cluster has 2; " in out, out[-2000:]   # fitted, said once
     predictions = json.loads((labels / "_coco" / "predictions.json").read_text())

@@ -302,8 +302,9 @@ def test_credentials_in_uris_are_not_recorded(model, s3, tmp_path, ray_local):
 def test_train_on_s3_resumes_from_its_checkpoint_there_and_equals_local(s3_server, synth_small, make_shards,
                                                                         mlflow_db, tmp_path, ray_local):
     """``--data``, ``--val`` and ``--storage`` on S3 and MLflow's artifacts on S3 (``--artifact-root``),
-    and the same job on local folders (``file://`` URIs): in each a worker killed after the first
-    checkpoint resumes from it (on S3: read back from there) into the one MLflow run, which ends
+    and the same job on local folders (``file://`` URIs): in each a worker killed once the first
+    checkpoint is up resumes from the latest one (on S3: read back from there) into the one
+    MLflow run, which ends
     with its metrics, artifacts and a registered model version holding the alias; the two give
     the same weights and validation PQ; the S3 run's artifacts and model are on S3 only, and the
     model loads from there."""
@@ -332,7 +333,9 @@ def test_train_on_s3_resumes_from_its_checkpoint_there_and_equals_local(s3_serve
         assert s["step"] == 6
         found = client.search_runs([client.get_experiment_by_name(k).experiment_id])
         assert len(found) == 1 and found[0].info.run_id == s["run_id"] and found[0].info.status == "FINISHED"
-        assert [m.value for m in client.get_metric_history(s["run_id"], "resumed_at_step")] == [2.0]
+        # the checkpoint of step 2 or, when its upload (off the training thread) was registered
+        # after the next one had been made, of step 4: either way resumed once, from a checkpoint
+        assert [m.value for m in client.get_metric_history(s["run_id"], "resumed_at_step")] in ([2.0], [4.0])
         assert {m.step for m in client.get_metric_history(s["run_id"], "loss")} == set(range(1, 7))
         for key in ("loss_cae", "loss_iae", "loss_cls", "lr", "images_per_s"):
             assert client.get_metric_history(s["run_id"], key), key

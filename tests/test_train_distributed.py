@@ -194,14 +194,14 @@ def _train_validating_every_step(rank: int, world: int, prepared, shards: str, o
 
     model, log = prepared
     validated = []
-    predict = CIAEModel.predict
+    predict = CIAEModel.predict_on_device
 
     def slow_predict(self, images, *args, **kw):
         validated.append(len(images))
         time.sleep(VALIDATION_S_PER_IMAGE * len(images))
         return predict(self, images, *args, **kw)
 
-    CIAEModel.predict = slow_predict
+    CIAEModel.predict_on_device = slow_predict
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         if checkpoint_dir:

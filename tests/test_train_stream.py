@@ -1,5 +1,5 @@
 """The training plan and its streams: W workers' batches add up to one process's, a restart
-starts where it left off, corrupt images are skipped, and Ray Data streams what the plan says."""
+starts where it left off, corrupt images are skipped, and the Ray tasks make what the plan says."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import torch
 
 from ciae.config import Config
 from pipeline.shards import read_manifest, shard_paths
-from pipeline.train_stream import (ShardTargets, local_batches, plan_items, rows_of_batches, step_batches,
-                                   training_dataset)
+from pipeline.targets import collate
+from pipeline.train_stream import (ShardTargets, data_window, fill_lost_steps, local_batches, numpy_batch,
+                                   plan_items, stream_batches, to_torch)
+
 
 def stream_config(batch: int, seed: int = 5) -> Config:
     return Config.small().merged({"input": {"shorter_sides": (64, 96), "max_size": 160, "flip_prob": 0.5},
@@ -55,18 +57,44 @@ def test_plans_that_cannot_work_are_refused():
         next(plan_items(3, 4, 1, 0, 0, 10))
 
 
-def _row(step, image_id):
-    return {"step": step, "image": np.zeros((3, 8, 8), np.uint8), "sem": np.zeros((8, 8), np.uint8),
-            "seg": np.zeros((8, 8), np.int16), "boxes": np.zeros((0, 4), np.float32),
-            "classes": np.zeros(0, np.int64), "image_id": image_id}
+def _batch(*image_ids):
+    return {"image_ids": list(image_ids)}
 
 
 def test_steps_without_rows_reuse_a_neighbouring_batch(caplog):
-    rows = [_row(5, 1), _row(5, 2), _row(6, 3), _row(8, 4)]      # steps 4, 7 and 9 lost every image
+    steps = [(4, None), (5, _batch(1, 2)), (6, _batch(3)), (7, None), (8, _batch(4)), (9, None)]
     with caplog.at_level(logging.WARNING):
-        got = [(s, b["image_ids"]) for s, b in step_batches(iter(rows), 4, 10)]
+        got = [(s, b["image_ids"]) for s, b in fill_lost_steps(iter(steps))]
     assert got == [(4, [1, 2]), (5, [1, 2]), (6, [3]), (7, [3]), (8, [4]), (9, [4])]
     assert sum("could be decoded" in r.message for r in caplog.records) == 3
+    with pytest.raises(ValueError, match="no image of steps 2..3 could be decoded"):
+        list(fill_lost_steps(iter([(2, None), (3, None)])))
+
+
+def _target(h, w, image_id, n=1):
+    g = np.random.default_rng(image_id)
+    return {"image": g.integers(0, 255, (3, h, w), dtype=np.uint8), "sem": g.integers(0, 255, (h, w), dtype=np.uint8),
+            "seg": g.integers(-1, 9, (h, w)).astype(np.int16), "boxes": g.random((n, 4), dtype=np.float32) * 10,
+            "classes": np.arange(n, dtype=np.int64), "image_id": image_id}
+
+
+def test_numpy_batches_are_collate_batches():
+    rows = [_target(40, 70, 1, n=2), _target(64, 33, 2, n=0)]
+    got, want = to_torch(numpy_batch(rows)), collate(rows)
+    assert got.keys() == want.keys()
+    for key in ("images", "sem", "seg"):
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key])
+    for key in ("boxes", "classes"):
+        assert all(torch.equal(a, b) for a, b in zip(got[key], want[key]))
+    assert got["image_sizes"] == want["image_sizes"] and got["image_ids"] == want["image_ids"] == [1, 2]
+    assert numpy_batch([]) is None
+
+
+def test_the_window_fits_the_free_cpus_and_the_object_store():
+    cfg = Config()                # the paper's: 800 x 1333 at most: ~51 MB a step of 8 images
+    assert data_window(cfg, 8, 1, free_cpus=12, object_store_bytes=2 * 2**30) == 10   # the store decides
+    assert data_window(cfg, 8, 1, free_cpus=3, object_store_bytes=2 * 2**30) == 4     # the CPUs decide
+    assert data_window(cfg, 8, 2, free_cpus=1, object_store_bytes=2**28) == 2         # never below 2
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +127,12 @@ def test_one_shorter_side_per_step(shards):
     assert set(sides) == {64, 96}
 
 
-def test_ray_data_streams_each_rank_its_part_of_the_plan(shards, ray_local):
+def test_ray_tasks_make_each_rank_its_part_of_the_plan(shards, ray_local):
     start, end = 1, 7
     local = dict(zip(range(start, end), (b for _, b in local_batches(shards, stream_config(4), start=start))))
     for rank in range(2):
-        ds = training_dataset(shards, stream_config(4), global_batch=4, world=2, rank=rank, start=start, end=end,
-                              steps_per_item=2)
-        got = list(step_batches(rows_of_batches(ds.iter_batches(batch_size=2, batch_format="numpy")), start, end))
+        got = list(stream_batches(shards, stream_config(4), global_batch=4, world=2, rank=rank, start=start,
+                                  end=end, window=3))
         assert [s for s, _ in got] == list(range(start, end))
         for step, batch in got:
             whole = local[step]
@@ -131,9 +158,9 @@ def test_a_corrupt_image_is_skipped_and_named(shards, tmp_path, caplog):
     bad_id = table.column("image_id")[1].as_py()
 
     targets = ShardTargets(str(d), read_manifest(str(d)), stream_config(2, seed=0))
-    item = {"step": [0, 0, 1, 1], "epoch": [0, 0, 0, 0], "row": [0, 1, 2, 3]}
+    items = [{"step": [0, 0], "epoch": [0, 0], "row": [0, 1]}, {"step": [1, 1], "epoch": [0, 0], "row": [2, 3]}]
     with caplog.at_level(logging.WARNING):
-        got = [(s, b["image_ids"]) for s, b in step_batches(targets(item), 0, 2)]
+        got = [(item["step"][0], numpy_batch(list(targets(item)))["image_ids"]) for item in items]
     ids = table.column("image_id").to_pylist()
     assert got == [(0, [ids[0]]), (1, [ids[2], ids[3]])]
     assert any(f"skipping image {bad_id}" in r.message and path in r.message for r in caplog.records)

@@ -19,7 +19,7 @@ class TrainJob:
     config: Config = field(default_factory=Config.small)
     workers: int = 2
     gpus_per_worker: float = 0.0
-    cpus_per_worker: float | None = None   # default 0.5 without GPUs (room for Ray Data), else 4
+    cpus_per_worker: float | None = None   # default 0.5 without GPUs (room for the data tasks), else 4
     batch_per_worker: int | None = None    # default solver.batch_size // workers
     iterations: int | None = None          # default solver.iterations (decay steps scale with it)
     storage: str = "runs/ray_results"      # Ray Train checkpoints (shared storage on a cluster)

@@ -9,7 +9,9 @@ whose stages are ``pipeline.label_stages``'s, writing Parquet shards exactly onc
    consecutive images (``pipeline.image_sources``; re-runs reuse the plan).
 3. Ray Data streams the unfinished images of the pending tasks through ``chunks`` -> ``decode``
    (CPU tasks) -> ``Labeler`` (``workers`` model actors, ``gpus_per_worker`` and
-   ``cpus_per_worker`` each) -> ``encode`` (CPU tasks, writing parts).
+   ``cpus_per_worker`` each; fewer when the job is too small to give each a batch: a job of
+   fewer tasks than actors has its tasks split so that each actor gets input) -> ``encode``
+   (CPU tasks, writing parts).
 4. The driver counts finished images on a progress bar (with the running PQ), seals each task
    into its shard once all its images are in, and at the end writes the exports
    (``pipeline.label_exports``).
@@ -28,7 +30,7 @@ from pipeline import label_exports as exports
 from pipeline import label_store as ls
 from pipeline.image_sources import Plan, load_plan, make_plan
 from pipeline.storage import public_uri
-from pipeline.label_stages import Labeler, chunks, decode, decode_memory, encode
+from pipeline.label_stages import Labeler, actor_rows, chunks, decode, decode_memory, encode, input_items
 from workflows.jobs import LabelJob
 
 
@@ -43,27 +45,29 @@ def model_input(source):
     return Config.from_dict(weights.config).input
 
 
-def actor_cpus(job: LabelJob, cluster_cpus: float) -> tuple[float, str | None]:
-    """(CPUs per model actor, a line saying how they were chosen or None). The actors leave at
-    least one of the cluster's CPUs to the decode and encode tasks. A share the job sets is
-    checked (ValueError when it does not fit); without one, 1 CPU each when that fits, else the
-    largest share in 0.5 steps (or, below 0.5, in 0.05 steps) that does."""
+def actor_cpus(job: LabelJob, cluster_cpus: float, workers: int | None = None) -> tuple[float, str | None]:
+    """(CPUs per model actor, a line saying how they were chosen or None), for ``workers`` actors
+    (default: the job's). The actors leave at least one of the cluster's CPUs to the decode and
+    encode tasks. A share the job sets is checked (ValueError when it does not fit); without
+    one, 1 CPU each when that fits, else the largest share in 0.5 steps (or, below 0.5, in 0.05
+    steps) that does."""
+    workers = workers or job.workers
     free = cluster_cpus - 1
     if job.cpus_per_worker is not None:
-        if job.workers * job.cpus_per_worker > free:
-            raise ValueError(f"the model actors would hold {job.workers * job.cpus_per_worker:g} of the "
+        if workers * job.cpus_per_worker > free:
+            raise ValueError(f"the model actors would hold {workers * job.cpus_per_worker:g} of the "
                              f"cluster's {cluster_cpus:g} CPUs, leaving less than one for decoding and "
                              "encoding; lower --workers or --cpus-per-worker (0.5 shares a CPU)")
         return job.cpus_per_worker, None
-    share = min(1.0, free / job.workers)
+    share = min(1.0, free / workers)
     step = 0.5 if share >= 0.5 else 0.05
     share = round(math.floor(share / step + 1e-9) * step, 2)
     if share <= 0:
-        raise ValueError(f"the cluster has {cluster_cpus:g} CPUs: {job.workers} model actors and the "
+        raise ValueError(f"the cluster has {cluster_cpus:g} CPUs: {workers} model actors and the "
                          "decoding and encoding tasks (one CPU) do not fit; lower --workers or add CPUs")
     if share == 1.0:
         return share, None
-    return share, (f"label: {job.workers} model actors x {share:g} CPU (the cluster has {cluster_cpus:g}; one "
+    return share, (f"label: {workers} model actors x {share:g} CPU (the cluster has {cluster_cpus:g}; one "
                    "is left to decoding and encoding); --cpus-per-worker sets it")
 
 
@@ -92,7 +96,8 @@ def categories_of(plan: Plan) -> list[dict]:
 def label(job: LabelJob, address: str | None = None, progress: bool = True, labeler=Labeler) -> dict:
     """Run ``job`` on the Ray at ``address`` (default: a local Ray). Re-running resumes.
     ``labeler``: the model stage's actor class (benchmarks replace it with a trivial one; it is
-    made as ``labeler(checkpoint, name, threads, amp, compile)``).
+    made as ``labeler(checkpoint, name, threads, amp, compile, batch_size)`` and called with
+    ``actor_rows`` rows, several model batches of ``batch_size``).
 
     Returns {"out", "images" (in the input), "labeled", "rejected", "skipped" (finished before
     this run), "processed" (by this run), "seconds", "images_per_second" (this run's labeling),
@@ -170,28 +175,39 @@ def _run(job: LabelJob, source, input_cfg, plan: Plan, store: ls.LabelStore, tab
         import ray
         import ray.data
 
-        cpus, note = actor_cpus(job, ray.cluster_resources().get("CPU", 0))
+        # one item per pending task (a job of fewer tasks than actors has them split, so that
+        # each actor gets input of its own), expanded into chunks of images by short tasks: no
+        # task lives for the whole job (a paced reader would hold its CPU)
+        items = input_items({t: plan.task_sizes[t] - len(partial.get(t, ())) for t in pending},
+                            min(job.workers, max(1, todo // job.batch_size)))
+        # each item reaches the actors as one block at least; no more actors than that (Ray Data
+        # warns of a pool larger than its inputs, and an actor without input is a model loaded
+        # for nothing)
+        actors = min(job.workers, len(items))
+        if actors < job.workers:
+            print(f"label: {actors} of the {job.workers} model actors asked for ({todo} images, a batch of "
+                  f"{job.batch_size} or more for each)", flush=True)
+        cpus, note = actor_cpus(job, ray.cluster_resources().get("CPU", 0), actors)
         if note:
             print(note, flush=True)
+        rows = actor_rows(job.batch_size, todo, actors, max(plan.task_sizes))
         checkpoint = ray.put(source.data)           # once; each actor reads it from the object store
-        # one item per pending task, expanded into chunks of images by short tasks: no task
-        # lives for the whole job (a paced reader would hold its CPU)
         skip = {t: keys for t, keys in partial.items() if keys}
-        ds = (ray.data.from_items([{"task": t} for t in pending], override_num_blocks=len(pending))
+        ds = (ray.data.from_items(items, override_num_blocks=len(items))
               .flat_map(chunks, fn_kwargs={"plan_dir": plan.dir, "skip": skip})
               .map_batches(decode, batch_size=1, fn_kwargs={"input_cfg": input_cfg},
                            memory=decode_memory(input_cfg))
-              .map_batches(labeler, batch_size=job.batch_size,
-                           compute=ray.data.ActorPoolStrategy(size=job.workers),
+              .map_batches(labeler, batch_size=rows,
+                           compute=ray.data.ActorPoolStrategy(size=actors),
                            num_cpus=cpus, num_gpus=job.gpus_per_worker or None,
                            fn_constructor_kwargs={"checkpoint": checkpoint, "name": source.spec,
                                                   "threads": max(1, int(cpus)), "amp": job.amp,
-                                                  "compile": job.compile})
+                                                  "compile": job.compile, "batch_size": job.batch_size})
               .map_batches(encode, batch_size=job.batch_size,
                            fn_kwargs={"store": store, "table": table, "coco_panoptic": job.coco_panoptic}))
-        need = {"CPU": job.workers * cpus + 1, "GPU": job.workers * job.gpus_per_worker}
+        need = {"CPU": actors * cpus + 1, "GPU": actors * job.gpus_per_worker}
         gpus = f" and {job.gpus_per_worker:g} GPU" if job.gpus_per_worker else ""
-        what = f"{job.workers} model actors x {cpus:g} CPU{gpus}, and one CPU for decoding and encoding"
+        what = f"{actors} model actors x {cpus:g} CPU{gpus}, and one CPU for decoding and encoding"
         with tqdm(total=todo, unit="img", desc="label", disable=not progress) as bar:
             for part in watched(ds.iter_rows(), need, job.stall_timeout, what):
                 task, keys = int(part["task"]), part["keys"]

@@ -1,4 +1,4 @@
-"""The training driver: Ray Train (TorchTrainer, DDP) on a Ray Data stream, tracked in MLflow.
+"""The training driver: Ray Train (TorchTrainer, DDP) fed by Ray tasks, tracked in MLflow.
 
 A :class:`TrainJob` is the one typed description of a run, validated once when it is made; the
 CLI reads its defaults from it. ``train(job)`` creates (or, for a run name given again, reopens)
@@ -128,7 +128,7 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
 
             if init:    # the weights travel to every worker through the object store
                 spec = dataclasses.replace(spec, init=(job.init, ray.put(init[0].data)))
-            _check_room_for_data(job.workers * cpus)
+            spec = dataclasses.replace(spec, data_window=_data_window(cfg, per_worker, job.workers, cpus))
             trainer = TorchTrainer(
                 train_worker, train_loop_config={"spec": spec},
                 scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
@@ -197,14 +197,19 @@ def _log_lineage(client, run_id: str, tags: dict[str, str], report: dict | None)
         client.log_dict(run_id, report, "init.json")
 
 
-def _check_room_for_data(worker_cpus: float) -> None:
-    """Ray Data's read tasks need a CPU the training workers do not hold, or they starve."""
+def _data_window(cfg: Config, per_worker: int, workers: int, cpus: float) -> int:
+    """Steps each worker keeps in the making (``pipeline.train_stream.data_window``) on this
+    cluster; refuses workers that leave no CPU to the data tasks, which would starve."""
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0)
-    if worker_cpus > total - 1:
-        raise ValueError(f"the workers hold {worker_cpus:g} of the cluster's {total:g} CPUs, leaving "
-                         "less than one for Ray Data's read tasks; lower --cpus-per-worker or --workers")
+    from pipeline.train_stream import data_window
+
+    total = ray.cluster_resources()
+    free = total.get("CPU", 0) - workers * cpus
+    if free < 1:
+        raise ValueError(f"the workers hold {workers * cpus:g} of the cluster's {total.get('CPU', 0):g} CPUs, "
+                         "leaving less than one for the data tasks; lower --cpus-per-worker or --workers")
+    return data_window(cfg, per_worker, workers, free, total.get("object_store_memory", 0))
 
 
 def _finish(job: TrainJob, tracking: Tracking, run_id: str, data: bytes, pq: dict | None,

@@ -2,8 +2,9 @@
 
 Per worker: build the model from the job's resolved config (same seed everywhere; DDP also
 broadcasts rank 0's weights), resume from the latest Ray Train checkpoint if there is one, then
-``Trainer.fit`` on its part of the training plan (``pipeline.train_stream``), streamed by a
-Ray Data job of its own from the resumed step on. Across workers:
+``Trainer.fit`` on its part of the training plan from the resumed step on, made by Ray tasks
+(``pipeline.train_stream.stream_batches``): the worker's process runs the step and nothing
+beside it. Across workers:
 
 * gradients are averaged by DDP, and every loss normaliser (FCOS positives and centerness sum,
   CIAE pixel counts) is averaged with them, so that W workers with batch B take the step one
@@ -25,7 +26,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import queue
+import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -56,6 +60,7 @@ class WorkerSpec:
     tracking: Tracking             # the job's MLflow location
     run_id: str
     init: tuple | None = None      # (the --init source as given, an object ref to its file's bytes)
+    data_window: int = 2           # training steps whose batches are in the making at once
 
 
 def _sum_over_workers(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -114,12 +119,19 @@ def distributed_trainer(model, device: torch.device):
 
 
 class _MlflowLog:
-    """Rank 0's per-step metrics into the driver's MLflow run, written every ``every_s`` seconds
-    with the latest step as a tag."""
+    """Rank 0's per-step metrics into the driver's MLflow run, handed every ``every_s`` seconds,
+    with the latest step as a tag, to a writer thread that logs them in order: the training
+    thread never waits on the tracking server. ``flush`` waits until all is written; ``close``
+    (at the end, and when training fails) writes what is left and stops the writer. A write
+    that fails is raised on the training thread at the next ``flush``, ``close`` or hand-over."""
 
     def __init__(self, tracking: Tracking, run_id: str, every_s: float = 2.0):
         self.client, self.run_id = tracking.client(), run_id
-        self.pending, self.every_s, self.step, self.flushed_at = [], every_s, 0, time.monotonic()
+        self.pending, self.every_s, self.step, self.handed_at = [], every_s, 0, time.monotonic()
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.writer = threading.Thread(target=self._write, name="mlflow-log", daemon=True)
+        self.writer.start()
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -127,30 +139,64 @@ class _MlflowLog:
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in values.items()]
         self.step = step
-        if time.monotonic() - self.flushed_at >= self.every_s:
-            self.flush()
+        if time.monotonic() - self.handed_at >= self.every_s:
+            self.hand_over()
+
+    def hand_over(self) -> None:
+        """Give the pending metrics to the writer without waiting."""
+        self._raise()
+        if self.pending:
+            self.queue.put((self.pending, self.step))
+        self.pending, self.handed_at = [], time.monotonic()
 
     def flush(self) -> None:
+        """Hand over and wait until everything logged so far is written."""
+        self.hand_over()
+        self.queue.join()
+        self._raise()
+
+    def close(self, quiet: bool = False) -> None:
+        """Write what is left and stop the writer; ``quiet``: a write error is not raised."""
+        if self.writer.is_alive():
+            if self.pending:
+                self.queue.put((self.pending, self.step))
+                self.pending = []
+            self.queue.put(None)
+            self.writer.join()
+        if not quiet:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"logging to MLflow failed: {error}") from error
+
+    def _write(self) -> None:
         from mlflow.entities import RunTag
 
-        for k in range(0, len(self.pending), 1000):
-            self.client.log_batch(self.run_id, metrics=self.pending[k:k + 1000],
-                                  tags=[RunTag(STEP_TAG, str(self.step))])
-        self.pending, self.flushed_at = [], time.monotonic()
+        while (work := self.queue.get()) is not None:
+            metrics, step = work
+            try:
+                for k in range(0, len(metrics), 1000):
+                    self.client.log_batch(self.run_id, metrics=metrics[k:k + 1000],
+                                          tags=[RunTag(STEP_TAG, str(step))])
+            except BaseException as e:      # raised on the training thread
+                self.error = e
+            finally:
+                self.queue.task_done()
+        self.queue.task_done()
 
 
 def _batches(spec: WorkerSpec, start: int, rank: int, world: int):
     """This rank's collated batches for steps [start, iterations) in order (``Trainer.fit``
-    draws them ahead of its steps): its part of the training plan, streamed by its own Ray Data
-    job, each checked against the step it is for."""
-    from pipeline.train_stream import rows_of_batches, step_batches, training_dataset
+    draws them ahead of its steps): its part of the training plan, made by Ray tasks
+    (``pipeline.train_stream.stream_batches``), each checked against the step it is for."""
+    from pipeline.train_stream import stream_batches
 
     end = spec.config.solver.iterations
-    ds = training_dataset(spec.data, spec.config, global_batch=world * spec.batch_per_worker,
-                          world=world, rank=rank, start=start, end=end)
-    rows = rows_of_batches(ds.iter_batches(batch_size=spec.batch_per_worker, batch_format="numpy",
-                                           prefetch_batches=2))
-    for step, (planned, batch) in enumerate(step_batches(rows, start, end), start):
+    batches = stream_batches(spec.data, spec.config, global_batch=world * spec.batch_per_worker,
+                             world=world, rank=rank, start=start, end=end, window=spec.data_window)
+    for step, (planned, batch) in enumerate(batches, start):
         if planned != step:
             raise RuntimeError(f"rank {rank}: the plan gave step {planned} at step {step}")
         yield batch
@@ -201,15 +247,23 @@ class StepHooks:
             self.validate(step)
 
     def on_checkpoint(self, step: int) -> None:
+        """The checkpoint serialised here (it must be the step's state), then reported; its
+        upload runs in Ray Train's background thread (``report`` with ASYNC upload), which
+        removes the local copy once it is up, and which Ray Train drains before the run ends."""
         metrics = {"step": step, "pid": os.getpid()}
         if self.val and step == self.spec.config.solver.iterations:
             metrics["val"] = self.val
         if self.log:
-            self.log.flush()
-        with tempfile.TemporaryDirectory() as d:
-            if self.rank == 0:
-                write_uri(os.path.join(d, CHECKPOINT_FILE), checkpoint.to_bytes(self.trainer.checkpoint()))
-            self.report(metrics, d if self.rank == 0 else None)
+            self.log.hand_over()
+        folder = None
+        if self.rank == 0:
+            folder = tempfile.mkdtemp(prefix="ciae-checkpoint-")
+            try:
+                write_uri(os.path.join(folder, CHECKPOINT_FILE), checkpoint.to_bytes(self.trainer.checkpoint()))
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+        self.report(metrics, folder)
         self.t = time.perf_counter()       # the report is not a training step
 
 
@@ -217,7 +271,7 @@ def train_worker(loop_config: dict) -> None:
     """The Ray Train worker function; ``loop_config``: {"spec": WorkerSpec}."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     from ciae.model import CIAEModel
 
@@ -246,10 +300,18 @@ def train_worker(loop_config: dict) -> None:
         log.log(trainer.step, {"resumed_at_step": trainer.step})
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
     hooks = StepHooks(spec, trainer, rank, world, log, report)
-    if spec.init and spec.val and not resumed:     # where fine-tuning starts from
-        hooks.validate(0)
-    trainer.fit(_batches(spec, trainer.step, rank, world), cfg.solver.iterations, on_step=hooks.on_step,
-                on_checkpoint=hooks.on_checkpoint)
+    try:
+        if spec.init and spec.val and not resumed:     # where fine-tuning starts from
+            hooks.validate(0)
+        trainer.fit(_batches(spec, trainer.step, rank, world), cfg.solver.iterations, on_step=hooks.on_step,
+                    on_checkpoint=hooks.on_checkpoint)
+    except BaseException:
+        if log:     # what was logged before the failure is written; the failure is what is raised
+            log.close(quiet=True)
+        raise
+    if log:
+        log.close()

@@ -4,14 +4,15 @@ one GPU actor on synthetic JPEGs, each a subprocess running the command line as 
 what each costs. ``benchmarks/gpu/jobs.sh`` runs it with Ray and MLflow on the path (README.md
 beside this file).
 
-    python benchmarks/gpu/jobs.py OUT [--smoke] [--budget-s 300] [--train-steps 300] [--label-images 2048]
+    python benchmarks/gpu/jobs.py OUT [--smoke] [--budget-s 420] [--train-steps 300] [--label-images 2048]
 
 Phases: env (versions, the device), data (synthetic COCO-category training images at 480x640,
 trained at shorter side 800; labeling JPEGs at 800x1067, 64 distinct renders written many times
-with jitter; on every CPU), prepare, train, label. The budget is checked between phases: training
-gets what is left after a reserve for labeling, past its share its process group is stopped and
-labeling takes the newest checkpoint Ray Train stored; labeling takes fewer images when little
-time is left. OUT/jobs.json holds every figure (rewritten through a temporary name after each
+with jitter; on every CPU), prepare, train, label, label_compile (the same ``ciae label`` with
+``--compile``, into its own output). The budget is checked between phases: training gets what
+is left after a reserve for labeling, past its share its process group is stopped and labeling
+takes the newest checkpoint Ray Train stored; labeling takes fewer images when little time is
+left. OUT/jobs.json holds every figure (rewritten through a temporary name after each
 phase), OUT/jobs.md the same as tables, OUT/commands.log the commands' output, OUT/gpu.csv the
 nvidia-smi samples (time, utilisation %, memory MiB). Work files go to --work. ``--smoke``: the
 same on the CPU with tiny sizes (Config.small() at 64 px, a few images), the three commands on
@@ -43,13 +44,14 @@ from pipeline.storage import write_uri  # noqa: E402
 
 RUN_NAME = "jobs"
 # per mode: (train images, h, w), (label distinct images, h, w), batch per worker, label batch and
-# task size, labeling reserve s, labeling overhead s and an assumed rate (img/s) to size its
-# input, the least time worth training for, Ray's object store
+# task size, labeling reserve s (two runs: as it is and --compile), labeling overhead s per run,
+# compile s (a guess, sizing the input) and an assumed rate (img/s) to size its input, the least
+# time worth training for, Ray's object store
 SIZES = {False: {"train": (64, 480, 640), "label": (64, 800, 1067), "batch": 8, "label_batch": 16,
-                 "task_images": 256, "reserve_s": 100, "label_overhead_s": 45, "label_rate": 150,
-                 "min_train_s": 60, "object_store_mb": 8192},
+                 "task_images": 256, "reserve_s": 220, "label_overhead_s": 45, "compile_s": 90,
+                 "label_rate": 150, "min_train_s": 60, "object_store_mb": 8192},
          True: {"train": (16, 64, 96), "label": (8, 96, 128), "batch": 2, "label_batch": 4, "task_images": 8,
-                "reserve_s": 240, "label_overhead_s": 120, "label_rate": 2, "min_train_s": 60,
+                "reserve_s": 300, "label_overhead_s": 120, "compile_s": 0, "label_rate": 2, "min_train_s": 60,
                 "object_store_mb": 300}}
 
 
@@ -328,7 +330,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="folder for jobs.json, jobs.md, commands.log and gpu.csv")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
-    p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 300; smoke 900)")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 420; smoke 900)")
     p.add_argument("--train-steps", type=int, default=None, help="training steps (default 300; smoke 3)")
     p.add_argument("--label-images", type=int, default=None, help="images to label (default 2048; smoke 24)")
     p.add_argument("--work", default=None, help="work folder, emptied first (default: $TMPDIR/ciae-jobs)")
@@ -350,7 +352,7 @@ def run(args, ray_address: str | None) -> int:
     """The phases; the commands connect to ``ray_address`` (None: each starts a local Ray)."""
     t0 = time.time()
     smoke, size = args.smoke, SIZES[args.smoke]
-    deadline = t0 + (args.budget_s or (900 if smoke else 300))
+    deadline = t0 + (args.budget_s or (900 if smoke else 420))
     steps = args.train_steps or (3 if smoke else 300)
     n_label = args.label_images or (24 if smoke else 2048)
     out = Path(args.out)
@@ -445,17 +447,37 @@ def run(args, ray_address: str | None) -> int:
     if not checkpoints:
         return _finish(rec, sampler, say, t0, "no checkpoint to label with: see commands.log")
 
-    # label: with the checkpoint file (no registry involved), fewer images when time is short
-    k = min(n_label, max(distinct, int((left() - size["label_overhead_s"]) * size["label_rate"])))
+    # label: with the checkpoint file (no registry involved), twice on the same images: as it is,
+    # then with --compile (each into its own output); fewer images when time is short
+    k = min(n_label, max(distinct, int((left() - 2 * size["label_overhead_s"] - size["compile_s"])
+                                       * size["label_rate"] / 2)))
     source = images
     if k < n_label:
         source = work / "label_list.txt"
         source.write_text("".join(f"label_images/{j:06d}.jpg\n" for j in range(k)))
     actor_cpus = 0.5 if smoke else 1.0
-    r = command(["label", *at, "--model", checkpoints[-1], "--input", str(source), "--out", str(work / "labels"),
-                 "--workers", "1", "--gpus-per-worker", gpus, "--cpus-per-worker", str(actor_cpus),
-                 "--batch-size", str(size["label_batch"]), "--task-images", str(size["task_images"]), "--stats"],
-                log, left() - 5, env)
+    for phase, extra in (("label", []), ("label_compile", ["--compile"])):
+        if phase != "label" and left() < size["label_overhead_s"] + size["compile_s"]:
+            rec.set(phase, skipped=f"out of time ({left():.0f} s left)")
+            break
+        r = command(["label", *at, "--model", checkpoints[-1], "--input", str(source), "--out",
+                     str(work / phase), "--workers", "1", "--gpus-per-worker", gpus, "--cpus-per-worker",
+                     str(actor_cpus), "--batch-size", str(size["label_batch"]), "--task-images",
+                     str(size["task_images"]), "--stats", *extra], log, left() - 5, env)
+        figs = label_figures(r, sampler, work / phase, k, size["task_images"], actor_cpus, cpus)
+        rec.set(phase, command=" ".join(["ciae label", *extra]), checkpoint=os.path.relpath(checkpoints[-1], work),
+                **figs)
+        say(f"{phase}: rc {r['rc']}, {figs['labeled']} images in {figs['labeling_seconds']} s: "
+            f"{fmt(figs.get('images_per_s'))} img/s (steady {fmt(figs.get('steady_images_per_s'))}), GPU busy "
+            f"{fmt(figs.get('gpu_busy_while_active'))}, limited by {figs.get('limited_by')}")
+        if r["rc"] != 0:
+            return _finish(rec, sampler, say, t0, f"{phase} failed: see commands.log")
+    return _finish(rec, sampler, say, t0, None)
+
+
+def label_figures(r: dict, sampler: GpuSampler, labels: Path, images: int, task_images: int, actor_cpus: float,
+                  cpus: int) -> dict:
+    """One ``ciae label`` command's figures, from its output, its shards and the GPU samples."""
     m = re.search(r"(\d+) of \d+ images labeled .*? this run in ([\d.]+) s", r["output"])
     first_op = re.search(r"^Operator \d+ ", r["output"], re.M)
     stats = r["output"][first_op.start():] if first_op else ""
@@ -463,20 +485,14 @@ def run(args, ray_address: str | None) -> int:
     samples = sampler.window(r["start"], r["start"] + r["seconds"])
     active = [s for s in samples if s[1] > 0]
     active = [s for s in samples if active and active[0][0] <= s[0] <= active[-1][0]]
-    rec.set("label", rc=r["rc"], seconds=r["seconds"], timed_out=r["timed_out"], images=k, labeled=labeled,
-            labeling_seconds=seconds, images_per_s=labeled / seconds if m and seconds else None,
-            steady_images_per_s=attempt(steady_rate, work / "labels", size["task_images"]),
-            command_images_per_s=labeled / r["seconds"] if m else None,
-            gpu_busy=sum(s[1] for s in samples) / (100 * len(samples)) if samples else None,
-            gpu_busy_while_active=sum(s[1] for s in active) / (100 * len(active)) if active else None,
-            segments_per_image=attempt(segments_per_image, work / "labels"),
-            checkpoint=os.path.relpath(checkpoints[-1], work),
-            **attempt(stage_figures, stats, labeled, actor_cpus, cpus), ray_data_stats=stats)
-    figs = rec.data["phases"]["label"]
-    say(f"label: rc {r['rc']}, {labeled} images in {seconds} s: {fmt(figs.get('images_per_s'))} img/s "
-        f"(steady {fmt(figs.get('steady_images_per_s'))}), GPU busy {fmt(figs.get('gpu_busy_while_active'))}, "
-        f"limited by {figs.get('limited_by')}")
-    return _finish(rec, sampler, say, t0, None if r["rc"] == 0 else "label failed: see commands.log")
+    return dict(rc=r["rc"], seconds=r["seconds"], timed_out=r["timed_out"], images=images, labeled=labeled,
+                labeling_seconds=seconds, images_per_s=labeled / seconds if m and seconds else None,
+                steady_images_per_s=attempt(steady_rate, labels, task_images),
+                command_images_per_s=labeled / r["seconds"] if m else None,
+                gpu_busy=sum(s[1] for s in samples) / (100 * len(samples)) if samples else None,
+                gpu_busy_while_active=sum(s[1] for s in active) / (100 * len(active)) if active else None,
+                segments_per_image=attempt(segments_per_image, labels),
+                **attempt(stage_figures, stats, labeled, actor_cpus, cpus), ray_data_stats=stats)
 
 
 def _finish(rec: Record, sampler: GpuSampler, say, t0: float, problem: str | None) -> int:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The real jobs on the GPU machine: ciae prepare, ciae train --workers 1 --gpus-per-worker 1 (the
-# paper's R50-FPN at shorter side 800) and ciae label with one GPU actor on synthetic JPEGs
-# (benchmarks/gpu/jobs.py; README.md beside this file), with Ray and MLflow from the tree that
-# benchmarks/gpu/ray_tree.sh packed.
+# paper's R50-FPN at shorter side 800) and ciae label with one GPU actor on synthetic JPEGs, without
+# and with --compile (benchmarks/gpu/jobs.py; README.md beside this file), with Ray and MLflow from
+# the tree that benchmarks/gpu/ray_tree.sh packed.
 #
 #   bash benchmarks/gpu/jobs.sh OUT --tree .raytree/cp312/site.tar.xz    # on the GPU machine
 #   bash benchmarks/gpu/jobs.sh OUT --smoke                              # here, in .venv
@@ -10,7 +10,7 @@
 # --tree ARCHIVE   unpack it into /tmp/ciae-raytree and put it on PYTHONPATH (its Python version
 #                  must be the interpreter's)
 # --python PY      the interpreter (default .venv/bin/python when there is one, else python3)
-# Other options go to jobs.py: --smoke, --budget-s S (default 300), --train-steps N,
+# Other options go to jobs.py: --smoke, --budget-s S (default 420), --train-steps N,
 # --label-images N, --work DIR. Output: OUT/jobs.json, jobs.md, commands.log, gpu.csv, jobs.log.
 set -euo pipefail
 

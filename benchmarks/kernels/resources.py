@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     seg_bwd = tile_for(S.SEGMENT_SUMS_BWD_TILES, d_pad, dtype)
     loss = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, t_ptr=i64, w_ptr=e, c_ptr=f32, n="i32",
                 width="i32", Q="i32", D="i32", top_k="i32")
-    assign = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, lab_ptr=i64, best_ptr=f32, second_ptr=f32,
+    assign = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, valid_ptr="*i1", lab_ptr=i64, best_ptr=f32, second_ptr=f32,
                   n="i32", width="i32", Q="i32", D="i32")
     taps = {f"{a}_ptr": (i32 if a[0] == "r" else f32)
             for a in ("ry0", "ry1", "wy0", "wy1", "rx0", "rx1", "wx0", "wx1")}

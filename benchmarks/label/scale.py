@@ -30,14 +30,14 @@ LINKS_PER_FILE = 50_000
 class TrivialLabeler:
     """The model stage's contract without a model: one stuff segment covering each image."""
 
-    def __init__(self, checkpoint, name, threads, amp, compile):
+    def __init__(self, checkpoint, name, threads, amp, compile, batch_size=None):
         from ciae import checkpoint as ckpt_io
 
         if not isinstance(checkpoint, bytes):      # its reference in Ray's object store
             import ray
 
             checkpoint = ray.get(checkpoint)
-        del threads, amp, compile
+        del threads, amp, compile, batch_size
         self.category = int(ckpt_io.load(checkpoint, name)["stuff_ids"][0])
 
     def __call__(self, batch: dict) -> dict:

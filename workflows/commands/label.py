@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"images per model call (default {d['batch_size']})")
     p.add_argument("--workers", type=int, default=d["workers"], help=f"model actors (default {d['workers']})")
     p.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"],
-                   help="GPUs per actor; 0.5 puts two actors on one GPU (default 0: CPU)")
+                   help="GPUs per actor: 1 first (an actor queues its next batch while it finishes one), "
+                        "0.5 puts two actors on one GPU (default 0: CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"],
                    help="CPUs per actor, also its torch threads (default 1, or the share that leaves "
                         "one CPU of the cluster to decoding and encoding)")

@@ -1,7 +1,7 @@
 """Train CIAE with Ray Train (DDP over N workers) on prepared shards, tracked in MLflow.
 
-Each worker streams its part of the training plan through Ray Data (decode and augmentation run
-as Ray Data tasks, prefetched). The learning rate scales with the global batch (workers x batch
+Each worker takes its part of the training plan from Ray tasks (decode and augmentation, one
+task per step, several steps in flight). The learning rate scales with the global batch (workers x batch
 per worker) against the config's solver.batch_size. Rank 0 logs the loss terms, learning rate
 and images/s per step, and validation PQ, to one MLflow run; the final checkpoint is evaluated,
 logged with pictures, registered as a pyfunc model, and given the alias when it beats the holder.
@@ -47,7 +47,7 @@ def add_arguments(p):
     p.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"],
                    help=f"GPUs per worker (default {d['gpus_per_worker']:g}: CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"],
-                   help="CPUs per worker (default 0.5 on CPU, leaving room for Ray Data; 4 with GPUs)")
+                   help="CPUs per worker (default 0.5 on CPU, leaving room for the data tasks; 4 with GPUs)")
     p.add_argument("--batch-per-worker", type=int, default=d["batch_per_worker"],
                    help="images per worker per step (default: the config's batch / workers)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
