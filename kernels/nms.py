@@ -7,12 +7,11 @@ for i < j) (entries i >= j of ``suppress`` are ignored).
 
 ``nms``: i suppresses j iff i < j, same class and IoU(i, j) > iou_thresh, the IoU computed in
 float64 as ``ciae.box_ops.box_iou`` computes it (inter / union.clamp_min(tiny), widths
-clamp_min(0)). It keeps the boxes ``ciae.box_ops.batched_nms`` keeps on each image's valid boxes:
-that function moves each class by a multiple of the boxes' span before the same float64 IoU,
-which keeps the classes apart and, for finite float32 boxes of image-sized coordinates, is exact
-and changes no IoU.
+clamp_min(0)): the boxes the one-box-at-a-time greedy NMS keeps, ties included
+(``tests/test_nms.py`` holds that algorithm as the reference). ``ciae.box_ops.batched_nms`` is
+the one-image form (boxes in any order).
 
-Both twins resolve the boxes in blocks, as ``ciae.box_ops._greedy_nms`` does: a block's boxes
+Both twins resolve the boxes in blocks: a block's boxes
 are first tested against the boxes kept before it; greedy inside the block is the fixed point of
 keep = alive and not any(keep[i] and over[i, j], i < j), iterated from keep = alive (unique;
 each round settles at least one more box). ``nms`` first moves each image's valid boxes to the

@@ -30,6 +30,12 @@ an error. The same input gives the same plan.
 Plan rows: ``index`` (position in the plan), ``key``, ``file_name``, ``image_id``, ``uri`` (an
 image file) or ``shard`` + ``row`` (a shard row), and with ground truth from a JSON
 ``gt_png`` (its PNG's path or URI) and ``gt_segments`` (JSON).
+
+**Credentials.** A plan records no credential given in a URI: its rows hold their URIs as
+``storage.public_uri`` gives them (``s3://***@bucket/...``), and ``Plan.read_task`` puts back
+those of the job's own URIs (``credentials``: the input and ground-truth folder, as the job got
+them, run after run), or else none (``ciae review`` reads with the environment's). A list
+file's line with credentials of its own is refused.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -55,6 +61,7 @@ PLAN_FILE = "plan.json"
 PLAN_VERSION = 1
 SORT_RUN = 200_000            # entries per sorted run of the external sort
 TASK_IMAGES = 1024            # images per task (one output shard each)
+URI_COLUMNS = ("uri", "shard", "gt_png")     # plan columns of URIs: written without credentials
 
 PLAN_SCHEMA = pa.schema([
     ("index", pa.int64()), ("key", pa.string()), ("file_name", pa.string()), ("image_id", pa.int64()),
@@ -75,6 +82,8 @@ class Plan:
     task_sizes: tuple[int, ...]
     ground_truth: str | None          # "json" (rows carry it), "shards" (the shard rows do) or None
     categories: list[dict] | None
+    # the job's (``credentials`` of its URIs), never written
+    credentials: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def task_path(self, task: int) -> str:
         return self.task_file(self.dir, task)
@@ -84,9 +93,14 @@ class Plan:
         return storage.join(plan_dir, f"task-{task:06d}.parquet")
 
     @staticmethod
-    def read_task(plan_dir: str, task: int) -> list[dict]:
-        """The plan rows (``PLAN_SCHEMA``) of one task, in plan order."""
-        return storage.read_parquet(Plan.task_file(plan_dir, task)).to_pylist()
+    def read_task(plan_dir: str, task: int, credentials: dict[str, str] | None = None) -> list[dict]:
+        """The plan rows (``PLAN_SCHEMA``) of one task, in plan order, their URIs with
+        ``credentials`` (the plan's) put back."""
+        rows = storage.read_parquet(Plan.task_file(plan_dir, task)).to_pylist()
+        for row in rows:
+            for k in URI_COLUMNS:
+                row[k] = with_credentials(row[k], credentials or {})
+        return rows
 
     def locate(self, index: int) -> tuple[int, int]:
         """(task, row in it) of a plan index."""
@@ -101,6 +115,35 @@ class Plan:
                 "images": self.images,
                 "task_sizes": list(self.task_sizes), "ground_truth": self.ground_truth,
                 "categories": self.categories}
+
+
+def credentials(*uris: str | None) -> dict[str, str]:
+    """Where the credentials given in ``uris`` apply, as plan rows name it, and the part of the
+    URI that carries them: {``s3://***@bucket``: ``s3://KEY:SECRET@bucket``}."""
+    out = {}
+    for uri in uris:
+        if uri and storage.public_uri(uri) != uri:
+            head = _authority(uri)
+            out[storage.public_uri(head)] = head
+    return out
+
+
+def with_credentials(uri: str | None, creds: dict[str, str]) -> str | None:
+    """A plan row's ``uri`` with the credentials of its place (``creds``: ``credentials``) put
+    back; where they are unknown, with none (the environment's apply)."""
+    if not uri or "://" not in uri:
+        return uri
+    head = _authority(uri)
+    if head in creds:
+        return creds[head] + uri[len(head):]
+    scheme, _, host = head.partition("://")
+    return f"{scheme}://{host.rpartition('@')[2]}{uri[len(head):]}"
+
+
+def _authority(uri: str) -> str:
+    """``scheme://[userinfo@]host`` of a URI."""
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://{rest.partition('/')[0]}"
 
 
 def stem(path: str) -> str:
@@ -236,14 +279,22 @@ class _TaskWriter:
     """Writes plan rows into task files of ``size`` rows in the folder ``plan_dir`` (a path or
     URI; ``fs``, ``path``: its filesystem and path there)."""
 
-    def __init__(self, fs: pafs.FileSystem, path: str, plan_dir: str, size: int):
-        self.fs, self.dir, self.uri, self.size = fs, path, plan_dir, size
+    def __init__(self, fs: pafs.FileSystem, path: str, plan_dir: str, size: int, creds: dict[str, str]):
+        self.fs, self.dir, self.uri, self.size, self.creds = fs, path, plan_dir, size, creds
         self.rows: list[dict] = []
         self.sizes: list[int] = []
         self.written = 0                      # rows in the task files so far
 
     def add(self, row: dict) -> None:
-        self.rows.append({**row, "index": self.written + len(self.rows)})
+        row = {**row, "index": self.written + len(self.rows)}
+        for k in URI_COLUMNS:
+            if row.get(k):
+                public = storage.public_uri(row[k])
+                if with_credentials(public, self.creds) != row[k]:
+                    raise DatasetError(f"{public}: credentials other than the input's and ground truth's, "
+                                       "which the plan would record; give them in the environment instead")
+                row[k] = public
+        self.rows.append(row)
         if len(self.rows) == self.size:
             self.flush()
 
@@ -269,8 +320,9 @@ def _ground_truth(gt_json: str) -> tuple[dict[str, object], int, CategoryTable]:
     return by_name, max((r.image_id for r in gt.records), default=0), gt.categories
 
 
-def load_plan(plan_dir: str) -> Plan | None:
-    """The plan written in ``plan_dir``, or None when there is none (or only a partial one)."""
+def load_plan(plan_dir: str, *uris: str | None) -> Plan | None:
+    """The plan written in ``plan_dir``, or None when there is none (or only a partial one);
+    ``uris``: the job's input and ground-truth folder, whose ``credentials`` it reads with."""
     fs, path = storage.resolve(plan_dir)
     try:
         doc = json.loads(storage.read_bytes(fs, storage.join(path, PLAN_FILE)))
@@ -279,7 +331,7 @@ def load_plan(plan_dir: str) -> Plan | None:
     if doc.get("version") != PLAN_VERSION:
         raise DatasetError(f"{plan_dir}: plan version {doc.get('version')}, this code reads {PLAN_VERSION}")
     return Plan(plan_dir, doc["input"], doc["kind"], doc["images"], tuple(doc["task_sizes"]),
-                doc["ground_truth"], doc["categories"])
+                doc["ground_truth"], doc["categories"], credentials(*uris))
 
 
 def make_plan(input_uri: str, plan_dir: str, gt_json: str | None = None, gt_dir: str | None = None,
@@ -299,9 +351,10 @@ def make_plan(input_uri: str, plan_dir: str, gt_json: str | None = None, gt_dir:
         kind = "folder" if info.type == pafs.FileType.Directory else "list"
     out_fs, out_path = storage.resolve(plan_dir)
     for stale in storage.list_folder(out_fs, out_path):       # a partial plan of a killed run
-        out_fs.delete_file(stale.path)
-    out_fs.create_dir(out_path, recursive=True)
-    writer = _TaskWriter(out_fs, out_path, plan_dir, task_images)
+        storage.delete_file(out_fs, stale.path)
+    storage.create_folder(out_fs, out_path)
+    creds = credentials(input_uri, gt_dir)
+    writer = _TaskWriter(out_fs, out_path, plan_dir, task_images, creds)
     with tempfile.TemporaryDirectory(prefix="ciae-plan-") as work:
         if kind == "shards":
             manifest = read_manifest(input_uri)
@@ -320,7 +373,7 @@ def make_plan(input_uri: str, plan_dir: str, gt_json: str | None = None, gt_dir:
     if not writer.sizes:
         raise DatasetError(f"{input_uri}: no images (a folder needs files ending in "
                            f"{', '.join(IMAGE_EXTENSIONS)})")
-    plan = Plan(plan_dir, input_uri, kind, sum(writer.sizes), tuple(writer.sizes), ground_truth, categories)
+    plan = Plan(plan_dir, input_uri, kind, sum(writer.sizes), tuple(writer.sizes), ground_truth, categories, creds)
     storage.write_bytes_atomic(out_fs, storage.join(out_path, PLAN_FILE), json.dumps(plan.to_json()).encode())
     return plan
 

@@ -1,12 +1,17 @@
-"""What a labeling job's output exports, streamed from its sealed shards (``pipeline.label_store``)
-with column projection: one row group in memory at a time, no PNG decoded except for panels.
-Names are the store's layout's (``LabelStore.layout``: ``_coco/predictions.json`` and so on).
+"""What a labeling job's output exports (``pipeline.label_store``). Names are the store's layout's
+(``LabelStore.layout``: ``_coco/predictions.json`` and so on).
+
+Streamed from the sealed shards with column projection (one row group in memory at a time, no PNG
+decoded except for panels):
 
 * ``export_coco_panoptic``: COCO panoptic JSON (streamed by ``JsonArrays``) and the PNGs it
   names (panopticapi, detectron2 and ``ciae evaluate`` read them).
 * ``export_coco_instances``: COCO instances of the thing segments, RLE masks, with scores.
-* ``export_rejects``, ``export_review`` (the least confident images first), ``export_metrics``
-  (the shards' PQ statistics summed), ``draw_overlays`` (panels of the first images).
+* ``draw_overlays`` (panels of the first images).
+
+Written from the shards' summary (``LabelStore.summary``, no shard read once it is made):
+``export_rejects``, ``export_review`` (the least confident images first) and ``export_metrics``
+(the shards' PQ statistics summed).
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import heapq
 import io
 import json
 
+from ciae.evaluation.pq import PQAccumulator
 from ciae.panoptic import CategoryTable
 from pipeline import storage
 from pipeline.image_sources import Plan
-from pipeline.label_store import LabelStore
+from pipeline.label_store import LabelStore, Summary
 
 
 class JsonArrays:
@@ -62,7 +68,7 @@ def stream_json(store: LabelStore, name: str, write) -> None:
     """Write the JSON document that ``write(JsonArrays)`` makes to ``name`` in the store,
     atomically (``storage.open_atomic``)."""
     path = store.path(name)
-    store.fs.create_dir(path.rpartition("/")[0], recursive=True)
+    storage.create_folder(store.fs, path.rpartition("/")[0])
     with storage.open_atomic(store.fs, path) as f:
         doc = JsonArrays(f)
         write(doc)
@@ -132,21 +138,16 @@ def export_coco_instances(store: LabelStore, categories: list[dict]) -> int:
     return count
 
 
-def export_rejects(store: LabelStore, input_uri: str) -> int:
+def export_rejects(store: LabelStore, summary: Summary, input_uri: str) -> int:
     """``layout.rejects``: {"rejected": [{file, key, image_id, reason}], "input"} of the images
-    that could not be labeled. Returns their number."""
-    count = 0
-
+    that could not be labeled (``summary``'s). Returns their number."""
     def write(doc):
-        nonlocal count
         doc.open("rejected")
-        for r in store.rows(["key", "file_name", "image_id", "status", "reason"]):
-            if r["status"] == "rejected":
-                doc.add({"file": r["file_name"], "key": r["key"], "image_id": r["image_id"], "reason": r["reason"]})
-                count += 1
-        doc.value("input", input_uri)
+        for r in summary.rejects:
+            doc.add(r)
+        doc.value("input", storage.public_uri(input_uri))
     stream_json(store, store.layout.rejects, write)
-    return count
+    return len(summary.rejects)
 
 
 def least_confident(store: LabelStore, n: int, columns: list[str]) -> list[dict]:
@@ -156,27 +157,32 @@ def least_confident(store: LabelStore, n: int, columns: list[str]) -> list[dict]
     return heapq.nsmallest(n, labeled, key=lambda r: (r["quality"], r["index"]))
 
 
-def export_review(store: LabelStore, n: int) -> int:
-    """``layout.review`` (CSV): the ``n`` labeled images of lowest quality, lowest first, with
-    their PQ when there was ground truth and their least confident segment. Returns the rows."""
-    rows = least_confident(store, n, ["key", "file_name", "image_id", "pq", "segments"])
+def export_review(store: LabelStore, summary: Summary, n: int) -> int:
+    """``layout.review`` (CSV): the ``n`` labeled images of lowest quality, lowest first
+    (``summary``'s review rows: it must serve ``n``), with their PQ when there was ground truth
+    and their least confident segment. Returns the rows."""
+    if not summary.serves(n):
+        raise ValueError(f"a summary of the {summary.review_n} least confident images cannot list {n}")
     buf = io.StringIO()
     out = csv.writer(buf)
     out.writerow(["rank", "key", "file_name", "image_id", "quality", "pq", "least_confident_segment",
                   "its_category_id", "its_score"])
-    for rank, r in enumerate(rows, start=1):
-        low = min(r["segments"], key=lambda s: s["score"], default=None)
-        out.writerow([rank, r["key"], r["file_name"], r["image_id"], f"{r['quality']:.4f}",
-                      "" if r["pq"] is None else f"{r['pq']:.4f}", "" if low is None else low["id"],
-                      "" if low is None else low["category_id"], "" if low is None else f"{low['score']:.4f}"])
+    rows = summary.review[:n]
+    for rank, (quality, _, key, file_name, image_id, pq, segment, category_id, score) in enumerate(rows, start=1):
+        out.writerow([rank, key, file_name, image_id, f"{quality:.4f}", "" if pq is None else f"{pq:.4f}",
+                      "" if segment is None else segment, "" if segment is None else category_id,
+                      "" if segment is None else f"{score:.4f}"])
     store.write(store.path(store.layout.review), buf.getvalue().encode())
     return len(rows)
 
 
-def export_metrics(store: LabelStore, table: CategoryTable, images: int) -> dict:
-    """``layout.metrics``: the PQ summary of the shards' statistics (``PQAccumulator.summary``)
-    with {"images": {"evaluated", "input"}}; returns it (``per_class`` keyed by int ids)."""
-    acc = store.pq_total(table)
+def export_metrics(store: LabelStore, summary: Summary, table: CategoryTable, images: int) -> dict:
+    """``layout.metrics``: the PQ summary of the shards' statistics (``summary``'s,
+    ``PQAccumulator.summary``) with {"images": {"evaluated", "input"}}; returns it (``per_class``
+    keyed by int ids)."""
+    acc = PQAccumulator(table)
+    if summary.pq is not None:
+        acc.add_json(summary.pq)
     metrics = acc.summary() | {"images": {"evaluated": acc.images, "input": images}}
     write_json(store, store.layout.metrics, {k: v for k, v in metrics.items() if k != "per_class"}
                | {"per_class": {str(k): v for k, v in metrics["per_class"].items()}})
@@ -209,7 +215,7 @@ def draw_overlays(store: LabelStore, plan: Plan, categories: list[dict], n: int)
     for r in todo:
         task, offset = plan.locate(r["index"])
         if task not in tasks:
-            tasks[task] = Plan.read_task(plan.dir, task)
+            tasks[task] = Plan.read_task(plan.dir, task, plan.credentials)
         entries[r["index"]] = tasks[task][offset]
     shard_rows = read_shard_rows(entries.values())
     for r in todo:

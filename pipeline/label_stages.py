@@ -8,8 +8,9 @@ as Arrow lists and structs, and gives lists back as object arrays).
   fewer tasks than model actors has its tasks split into slices, so that each actor gets input).
 * ``chunks`` (``flat_map``): an item -> its plan entries not yet labeled, in chunks of at most
   ``DECODE_BATCH``; the task's plan file is read once per item, here.
-* ``decode``: a chunk -> one row per image: the image read and resized to the model's test size,
-  or rejected with the reason, and its ground truth when there is one.
+* ``decode``: a chunk -> one row per image: the image read (files behind URIs ``READ_THREADS``
+  at a time) and resized to the model's test size, or rejected with the reason, and its ground
+  truth when there is one.
 * ``Labeler``: the model, built once per actor from the checkpoint's bytes; decoded rows (a call
   of ``actor_rows``: several model batches) -> their id maps at the images' own sizes, segments
   (with scores) and quality, the next model batch submitted before the last one's results are
@@ -34,6 +35,7 @@ from pipeline.image_sources import Plan
 from pipeline.label_store import LabelStore
 
 DECODE_BATCH = 64             # images per decode task call, and at most per model actor call
+READ_THREADS = 8              # a decode call's reads of files behind URIs in flight at once
 WORKER_MEMORY = 512 * 2**20   # a Ray worker process with numpy, PIL and torch imported
 
 
@@ -80,14 +82,15 @@ def actor_rows(batch_size: int, todo: int, actors: int, task_images: int) -> int
                                    task_images // batch_size))
 
 
-def chunks(item: dict, plan_dir: str, skip: dict[int, set[str]]) -> list[dict]:
+def chunks(item: dict, plan_dir: str, skip: dict[int, set[str]], credentials: dict[str, str] | None = None
+           ) -> list[dict]:
     """Ray Data ``flat_map``: an item of ``input_items`` -> ``[{"task", "entries"}]``: its slice of the
-    task's plan rows (``image_sources.PLAN_SCHEMA`` dicts) whose keys are not in ``skip[task]``
-    (the images already in its parts), at most ``DECODE_BATCH`` per chunk. Reads the task's plan
-    file once (once per slice for a split task)."""
+    task's plan rows (``image_sources.PLAN_SCHEMA`` dicts, with the plan's ``credentials``) whose
+    keys are not in ``skip[task]`` (the images already in its parts), at most ``DECODE_BATCH`` per
+    chunk. Reads the task's plan file once (once per slice for a split task)."""
     task, part, parts = int(item["task"]), int(item.get("part", 0)), int(item.get("parts", 1))
     done = skip.get(task, ())
-    todo = [e for e in Plan.read_task(plan_dir, task) if e["key"] not in done]
+    todo = [e for e in Plan.read_task(plan_dir, task, credentials) if e["key"] not in done]
     todo = todo[part * len(todo) // parts:(part + 1) * len(todo) // parts]
     return [{"task": task, "entries": todo[k:k + DECODE_BATCH]} for k in range(0, len(todo), DECODE_BATCH)]
 
@@ -101,6 +104,24 @@ def read_image(uri: str) -> bytes:
         return storage.read_uri(uri)
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: file not found") from None
+
+
+def read_images(uris: list[str]) -> dict[str, bytes | Exception]:
+    """URI -> the bytes of the file (``read_image``), or the OSError or ValueError reading it
+    raised. Files behind URIs are read ``READ_THREADS`` at a time (a request to an object store
+    waits for a round trip), local ones one after the other."""
+    def read(uri: str) -> bytes | Exception:
+        try:
+            return read_image(uri)
+        except (OSError, ValueError) as e:
+            return e
+
+    if not any("://" in uri for uri in uris):
+        return {uri: read(uri) for uri in uris}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return dict(zip(uris, pool.map(read, uris)))
 
 
 def read_shard_rows(entries) -> dict[tuple[str, int], dict]:
@@ -118,17 +139,21 @@ def read_shard_rows(entries) -> dict[tuple[str, int], dict]:
     return out
 
 
-def load_entry(entry: dict, shard_rows: dict) -> tuple[bytes, dict | None]:
+def load_entry(entry: dict, shard_rows: dict, files: dict | None = None) -> tuple[bytes, dict | None]:
     """A plan entry -> (its encoded image, its ground truth or None). Ground truth:
     ``{"runs": index runs (shards) or b"", "png": the id PNG's path or URI (JSON ground truth)
-    or "", "segments": [{id, category_id, iscrowd, ...}]}``."""
+    or "", "segments": [{id, category_id, iscrowd, ...}]}``. ``files``: ``read_images`` of the
+    entries' URIs, else the file is read here."""
     if entry.get("shard"):
         row = shard_rows[entry["shard"], int(entry["row"])]
         return row["image"], {"runs": row["panoptic"], "png": "", "segments": row["segments"]}
     gt = None
     if entry.get("gt_png"):
         gt = {"runs": b"", "png": entry["gt_png"], "segments": json.loads(entry["gt_segments"])}
-    return read_image(entry["uri"]), gt
+    data = files[entry["uri"]] if files is not None else read_image(entry["uri"])
+    if isinstance(data, Exception):
+        raise data
+    return data, gt
 
 
 def decode(chunk: dict, input_cfg: InputConfig) -> dict:
@@ -145,6 +170,7 @@ def decode(chunk: dict, input_cfg: InputConfig) -> dict:
     transform = Transform(input_cfg)
     task, entries = int(chunk["task"][0]), list(chunk["entries"][0])
     shard_rows = read_shard_rows(entries)
+    files = read_images([e["uri"] for e in entries if not e.get("shard")])
     n = len(entries)
     out = {"task": np.full(n, task, np.int64), "index": np.array([e["index"] for e in entries], np.int64),
            "image_id": np.array([e["image_id"] for e in entries], np.int64),
@@ -155,7 +181,7 @@ def decode(chunk: dict, input_cfg: InputConfig) -> dict:
     gt_runs, gt_png, gt_segments = [b""] * n, [""] * n, [[]] * n
     for k, entry in enumerate(entries):
         try:
-            data, gt = load_entry(entry, shard_rows)
+            data, gt = load_entry(entry, shard_rows, files)
             if gt is not None:
                 gt_runs[k], gt_png[k], gt_segments[k] = gt["runs"], gt["png"], gt["segments"]
             image = decode_rgb(data)
@@ -166,7 +192,7 @@ def decode(chunk: dict, input_cfg: InputConfig) -> dict:
         except (OSError, ValueError) as e:
             images.append(np.zeros((0, 0, 3), np.uint8))
             status.append("rejected")
-            reason.append(str(e))
+            reason.append(storage.redact(str(e)))   # recorded: no credential of a URI
     return out | {"image": images, "status": np.array(status, dtype=object), "reason": np.array(reason, dtype=object),
                   "gt_runs": _column(gt_runs), "gt_png": np.array(gt_png, dtype=object),
                   "gt_segments": _column(gt_segments)}

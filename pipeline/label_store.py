@@ -9,6 +9,8 @@ gives one row per image: every name beside ``labels/`` starts with ``_`` (and te
     labels/task-KKKKKK.parquet      a task's results, sealed: one row per image of the task
     _plan/                          the input, planned once (``pipeline.image_sources``)
     _parts/task-KKKKKK/*.parquet    results of the batches of a task not yet sealed
+    _summaries/task-KKKKKK.json     a sealed task's summary (``Summary``), written with its shard
+    _summaries/job.json             the summaries of every sealed task folded into one
     _coco/panoptic/<key>.png        COCO panoptic PNGs, when asked for (written as batches finish)
     _coco/predictions.json          COCO panoptic JSON, when asked for (streamed from the shards)
     _coco/instances.json            COCO instances JSON of the thing segments (RLE), when asked for
@@ -29,16 +31,30 @@ Protocol. Every file is written whole or not at all (``storage.open_atomic``: a 
 moved into place, or on an object store one upload under its name). A batch writes its
 PNGs first and its part last, named by a digest of its keys, so a retried batch rewrites the
 same part. A task is done once its shard exists: sealing reads the task's parts, keeps one row
-per key, writes the shard (footer: the task's PQ statistics), then removes the parts. A re-run
-lists ``labels/`` (one name per task) and the parts of the unsealed tasks, and labels only what
-neither holds. Exports read the shards only.
+per key, writes the shard (footer: the task's PQ statistics) and the task's summary (its counts,
+PQ statistics, rejects and the job's ``review`` least confident of its images, with the shard's
+size), then removes the parts. A re-run lists ``labels/`` (one name per task) and the parts of the
+unsealed tasks (removing those of sealed tasks: a seal killed before it removed them), and labels
+only what neither holds.
+
+What the end of a job needs beyond the COCO files and panels (counts, rejects, review list, PQ)
+comes from ``LabelStore.summary``: ``job.json`` when it was made from the shards listed now (the
+same names and sizes) and holds enough review rows, else the tasks' summaries folded (a task's
+summary made again from its shard when it is missing, of another size or of too few review rows:
+an output written before summaries, or a job killed between a shard and its summary) and written
+as ``job.json``. So a finished job's re-run lists ``labels/`` and reads one small object, whatever
+its size. Before it first changes a shard (``seal``, ``unseal_rejected``) a store deletes
+``job.json``, and ``unseal_rejected`` deletes the task's summary before its shard: a summary is
+never read for a shard it was not made from. The COCO exports and panels read the shards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import heapq
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,19 +85,21 @@ class Layout:
     review: str
     metrics: str
     overlays: str               # panels, <key>.png
+    summaries: str              # the tasks' summaries, task-KKKKKK.json, and job.json
 
     def folders(self) -> list[str]:
         """The folders (besides the output itself and the parts) that files are written into."""
         coco = self.predictions.rpartition("/")[0]
-        return [f for f in (self.plan, self.labels, self.panoptic, self.overlays, coco) if f]
+        return [f for f in (self.plan, self.labels, self.panoptic, self.overlays, coco, self.summaries) if f]
 
 
 LAYOUT = Layout(plan="_plan", parts="_parts", labels="labels", panoptic="_coco/panoptic",
                 predictions="_coco/predictions.json", instances="_coco/instances.json",
-                rejects="_rejects.json", review="_review.csv", metrics="_metrics.json", overlays="_overlays")
+                rejects="_rejects.json", review="_review.csv", metrics="_metrics.json", overlays="_overlays",
+                summaries="_summaries")
 LEGACY_LAYOUT = Layout(plan="plan", parts="parts", labels="labels", panoptic="panoptic",
                        predictions="predictions.json", instances="instances.json", rejects="rejects.json",
-                       review="review.csv", metrics="metrics.json", overlays="overlays")
+                       review="review.csv", metrics="metrics.json", overlays="overlays", summaries="summaries")
 
 SEGMENT = pa.struct([("id", pa.int64()), ("category_id", pa.int32()), ("iscrowd", pa.int8()),
                      ("area", pa.int64()), ("bbox", pa.list_(pa.int32(), 4)), ("score", pa.float32()),
@@ -92,6 +110,71 @@ SCHEMA = pa.schema([
     ("png", pa.binary()), ("segments", pa.list_(SEGMENT)), ("quality", pa.float32()),
     ("pq", pa.float64()), ("pq_stats", pa.string()),
 ])
+
+SUMMARY_FORMAT = 1          # a summary of another format is made again from its shard
+JOB_SUMMARY = "job.json"
+SUMMARY_COLUMNS = ["index", "key", "file_name", "image_id", "status", "reason", "quality", "pq", "segments"]
+# a review row: its rank (quality, then plan index), what _review.csv shows of the image, and its
+# least confident segment (None for each when it has none)
+REVIEW_FIELDS = ("quality", "index", "key", "file_name", "image_id", "pq", "segment", "category_id", "score")
+
+
+def review_row(row: dict) -> list:
+    """A labeled row (``SUMMARY_COLUMNS``) as a review row (``REVIEW_FIELDS``)."""
+    low = min(row["segments"], key=lambda s: s["score"], default=None)
+    return [row["quality"], row["index"], row["key"], row["file_name"], row["image_id"], row["pq"],
+            *((None, None, None) if low is None else (low["id"], low["category_id"], low["score"]))]
+
+
+def least_confident_rows(rows: Iterable[list], n: int) -> list[list]:
+    """The ``n`` review rows of lowest quality, lowest first (ties: plan order)."""
+    return heapq.nsmallest(n, rows, key=lambda r: (r[0], r[1]))
+
+
+@dataclass
+class Summary:
+    """What the end of a job needs of some sealed shards (one task's, or every sealed one's),
+    as JSON: {"format", the fields, and "shard_bytes" (a task's) or "shards" (job.json: name ->
+    size of each shard it was made from)}."""
+
+    labeled: int
+    rejected: int
+    pq: dict | None             # their PQ statistics summed (PQAccumulator.to_json); None: none in their footers
+    rejects: list[dict]         # {file, key, image_id, reason} of each rejected image, in plan order
+    review: list[list]          # review rows of the least confident labeled images, lowest first
+    review_n: int               # ``review`` holds the review_n least confident (or all, when fewer are labeled)
+
+    def serves(self, n: int) -> bool:
+        """Whether ``review`` holds the ``n`` least confident labeled images."""
+        return n <= self.review_n or len(self.review) == self.labeled
+
+    def to_json(self, **extra) -> dict:
+        return {"format": SUMMARY_FORMAT, **dataclasses.asdict(self), **extra}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Summary | None:
+        """The summary in ``to_json``'s ``doc``; None when it is of another format."""
+        if doc.get("format") != SUMMARY_FORMAT:
+            return None
+        return cls(**{f.name: doc[f.name] for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def of_rows(cls, rows: list[dict], pq: dict | None, review: int) -> Summary:
+        """The summary of a task's rows (``SUMMARY_COLUMNS``), keeping its ``review`` least confident."""
+        rejects = [{"file": r["file_name"], "key": r["key"], "image_id": r["image_id"], "reason": r["reason"]}
+                   for r in rows if r["status"] == "rejected"]
+        labeled = [review_row(r) for r in rows if r["status"] == "labeled"]
+        return cls(len(labeled), len(rejects), pq, rejects, least_confident_rows(labeled, review), review)
+
+    @classmethod
+    def folded(cls, summaries: list[Summary], categories: CategoryTable, review: int) -> Summary:
+        """The summary of the shards of ``summaries`` (in task order), each serving ``review``."""
+        acc, pqs = PQAccumulator(categories), [s.pq for s in summaries if s.pq is not None]
+        for state in pqs:
+            acc.add_json(state)
+        return cls(sum(s.labeled for s in summaries), sum(s.rejected for s in summaries),
+                   acc.to_json() if pqs else None, [r for s in summaries for r in s.rejects],
+                   least_confident_rows((r for s in summaries for r in s.review), review), review)
 
 
 def task_name(task: int) -> str:
@@ -114,6 +197,7 @@ class LabelStore:
         self.uri = out_uri.rstrip("/")
         self.fs, self.base = storage.resolve(out_uri)
         self.layout = layout or layout_of(self.fs, self.base)
+        self._job_summary_current = True     # job.json may be there: deleted before a shard changes
 
     def path(self, *parts: str) -> str:
         """A path inside the folder, on ``self.fs``."""
@@ -131,9 +215,9 @@ class LabelStore:
         """Create the folder and write a file there, or raise DatasetError saying why not."""
         probe = self.path(f".ciae-probe{storage.TMP_MARK}")
         try:
-            self.fs.create_dir(self.base, recursive=True)
+            storage.create_folder(self.fs, self.base)
             storage.write_bytes_atomic(self.fs, probe, b"")
-            self.fs.delete_file(probe)
+            storage.delete_file(self.fs, probe)
         except (OSError, ValueError) as e:
             raise DatasetError(f"{self.uri}: cannot write the output there ({e})") from None
 
@@ -147,13 +231,15 @@ class LabelStore:
 
     def write(self, path: str, data: bytes) -> None:
         """Write ``data`` atomically to ``path`` (on ``self.fs``), creating its folder."""
-        self.fs.create_dir(path.rpartition("/")[0], recursive=True)
+        storage.create_folder(self.fs, path.rpartition("/")[0])
         storage.write_bytes_atomic(self.fs, path, data)
 
-    def _write_table(self, path: str, table: pa.Table, **options) -> None:
-        self.fs.create_dir(path.rpartition("/")[0], recursive=True)
+    def _write_table(self, path: str, table: pa.Table, **options) -> int:
+        """Write ``table`` atomically to ``path`` (on ``self.fs``); returns its size in bytes."""
+        storage.create_folder(self.fs, path.rpartition("/")[0])
         with storage.open_atomic(self.fs, path) as f:
             pq.write_table(table, f, compression="zstd", **options)
+            return f.tell()
 
     def write_part(self, task: int, rows: list[dict]) -> str:
         """Write one batch's rows of a task (``SCHEMA``) as a part; returns its name."""
@@ -184,15 +270,20 @@ class LabelStore:
 
     def sealed(self) -> set[int]:
         """The tasks whose shard exists."""
-        return {int(i.base_name[5:11]) for i in storage.list_folder(self.fs, self.path(self.layout.labels))
+        return set(self.shard_sizes())
+
+    def shard_sizes(self) -> dict[int, int]:
+        """{task: its shard's size in bytes} of the sealed tasks, from one listing."""
+        return {int(i.base_name[5:11]): i.size for i in storage.list_folder(self.fs, self.path(self.layout.labels))
                 if i.base_name.startswith("task-") and i.base_name.endswith(".parquet")}
 
     def _shard(self, task: int) -> str:
         return self.path(self.layout.labels, task_name(task) + ".parquet")
 
-    def seal(self, task: int, size: int, categories: CategoryTable) -> None:
-        """Merge a task's parts into its shard (one row per key, plan order), then remove the
-        parts. Raises RuntimeError when they do not hold ``size`` images."""
+    def seal(self, task: int, size: int, categories: CategoryTable, review: int) -> None:
+        """Merge a task's parts into its shard (one row per key, plan order), write its summary
+        (its ``review`` least confident images kept), then remove the parts. Raises RuntimeError
+        when they do not hold ``size`` images."""
         tables = [storage.read_parquet(uri) for uri in self._parts(task)]
         table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
         _, first = np.unique(table["index"].to_numpy(), return_index=True)
@@ -204,8 +295,15 @@ class LabelStore:
             if stats:
                 acc.add_json(json.loads(stats))
         schema = SCHEMA.with_metadata({PQ_KEY: json.dumps(acc.to_json()).encode()})
-        self._write_table(self._shard(task), table.replace_schema_metadata(schema.metadata), row_group_size=256)
-        self.fs.delete_dir(self.path(self.layout.parts, task_name(task)))
+        self._forget_job_summary()
+        shard_bytes = self._write_table(self._shard(task), table.replace_schema_metadata(schema.metadata),
+                                        row_group_size=256)
+        summary = Summary.of_rows(table.select(SUMMARY_COLUMNS).to_pylist(), acc.to_json(), review)
+        self._write_json(self._task_summary_path(task), summary.to_json(shard_bytes=shard_bytes))
+        self.remove_parts(task)
+
+    def remove_parts(self, task: int) -> None:
+        storage.delete_folder(self.fs, self.path(self.layout.parts, task_name(task)))
 
     def unseal_rejected(self, task: int) -> list[str]:
         """Turn a sealed task with rejected images back into parts holding its labeled rows, so
@@ -214,17 +312,22 @@ class LabelStore:
         rejected = pc.equal(table["status"], "rejected")
         if not pc.any(rejected).as_py():
             return []
+        self._forget_job_summary()
+        self._delete(self._task_summary_path(task))
         keep = table.filter(pc.invert(rejected))
         if keep.num_rows:
             self.write_part(task, keep.to_pylist())
         else:
-            self.fs.create_dir(self.path(self.layout.parts, task_name(task)), recursive=True)
-        self.fs.delete_file(self._shard(task))
+            storage.create_folder(self.fs, self.path(self.layout.parts, task_name(task)))
+        storage.delete_file(self.fs, self._shard(task))
         return table.filter(rejected)["key"].to_pylist()
 
     def remove_temporaries(self) -> None:
         """Delete the temporaries of interrupted writes (in the folder, its plan, shards, PNG,
-        panel and COCO folders, and the parts of unsealed tasks)."""
+        panel and COCO folders, and the parts of unsealed tasks); on an object store there are
+        none, and nothing is listed."""
+        if storage.is_object_store(self.fs):
+            return
         storage.remove_temporaries(self.fs, self.base)
         for folder in self.layout.folders():
             storage.remove_temporaries(self.fs, self.path(folder))
@@ -245,22 +348,68 @@ class LabelStore:
                 for g in range(file.num_row_groups):
                     yield from file.read_row_group(g, columns=columns).to_pylist()
 
-    def counts(self) -> dict:
-        """{"labeled", "rejected"} over the shards, from one column."""
-        counts = {"labeled": 0, "rejected": 0}
-        for r in self.rows(["status"]):
-            counts[r["status"]] += 1
-        return counts
+    def summary(self, review: int, categories: CategoryTable) -> Summary:
+        """The summary of every sealed shard, with (at least) its ``review`` least confident
+        images: ``job.json`` when it was made from the shards listed now and serves ``review``,
+        else the tasks' summaries folded (each made again from its shard when missing, of another
+        size or serving fewer) and written as ``job.json``."""
+        sizes = self.shard_sizes()
+        shards = {task_name(t): sizes[t] for t in sorted(sizes)}
+        doc = self._read_json(self._job_summary_path())
+        found = Summary.from_json(doc) if doc is not None and doc.get("shards") == shards else None
+        if found is not None and found.serves(review):
+            return found
+        stored = {i.base_name for i in storage.list_folder(self.fs, self.path(self.layout.summaries))}
+        tasks = [self._task_summary(t, sizes[t], review, task_name(t) + ".json" in stored) for t in sorted(sizes)]
+        total = Summary.folded(tasks, categories, review)
+        self._write_json(self._job_summary_path(), total.to_json(shards=shards))
+        self._job_summary_current = True
+        return total
 
-    def pq_total(self, categories: CategoryTable) -> PQAccumulator:
-        """The PQ statistics of every sealed shard, from their footers."""
-        acc = PQAccumulator(categories)
-        for uri in self.shards():
-            with storage.parquet_file(uri) as file:
-                meta = file.schema_arrow.metadata or {}
-            if PQ_KEY in meta:
-                acc.add_json(json.loads(meta[PQ_KEY]))
-        return acc
+    def _task_summary(self, task: int, shard_bytes: int, review: int, stored: bool) -> Summary:
+        """A sealed task's summary serving ``review``: its stored one if made from a shard of
+        this size, else one made from the shard (one read of ``SUMMARY_COLUMNS`` and the footer)
+        and stored."""
+        doc = self._read_json(self._task_summary_path(task)) if stored else None
+        if doc is not None and doc.get("shard_bytes") == shard_bytes:
+            found = Summary.from_json(doc)
+            if found is not None and found.serves(review):
+                return found
+        with storage.parquet_file(self.uri_of(self.layout.labels, task_name(task) + ".parquet")) as file:
+            rows = file.read(columns=SUMMARY_COLUMNS).to_pylist()
+            meta = file.schema_arrow.metadata or {}
+        summary = Summary.of_rows(rows, json.loads(meta[PQ_KEY]) if PQ_KEY in meta else None, review)
+        self._write_json(self._task_summary_path(task), summary.to_json(shard_bytes=shard_bytes))
+        return summary
+
+    def _task_summary_path(self, task: int) -> str:
+        return self.path(self.layout.summaries, task_name(task) + ".json")
+
+    def _job_summary_path(self) -> str:
+        return self.path(self.layout.summaries, JOB_SUMMARY)
+
+    def _forget_job_summary(self) -> None:
+        """Delete ``job.json`` before a shard changes (once per store, and once after each ``summary``)."""
+        if self._job_summary_current:
+            self._delete(self._job_summary_path())
+            self._job_summary_current = False
+
+    def _read_json(self, path: str):
+        """The JSON document at ``path`` (on ``self.fs``), None when there is none."""
+        try:
+            return json.loads(storage.read_bytes(self.fs, path))
+        except FileNotFoundError:
+            return None
+
+    def _write_json(self, path: str, doc) -> None:
+        self.write(path, json.dumps(doc, separators=(",", ":")).encode())
+
+    def _delete(self, path: str) -> None:
+        """Delete a file (on ``self.fs``) if it is there."""
+        try:
+            storage.delete_file(self.fs, path)
+        except FileNotFoundError:
+            pass
 
     def file_size(self, *parts: str) -> int | None:
         """The size of a file in the folder, None when there is none."""

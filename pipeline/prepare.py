@@ -54,12 +54,14 @@ def convert_shard(task: dict) -> dict:
 
 def _clean_stale(fs: pafs.FileSystem, out: str, keep: set[str]) -> list[str]:
     """Remove shard files not in the plan and leftover temporary files of interrupted runs
-    (``storage.remove_temporaries``: hidden names, and the visible ones of earlier versions)."""
-    removed = storage.remove_temporaries(fs, out)
+    (names with ``storage.TMP_MARK``: hidden, and the visible ones of earlier versions), found in
+    one listing of ``out``."""
+    removed = []
     for info in storage.list_folder(fs, out):
         name = info.base_name
-        if name.startswith("part-") and name.endswith(".parquet") and name not in keep:
-            fs.delete_file(info.path)
+        stale = name.startswith("part-") and name.endswith(".parquet") and name not in keep
+        if stale or (storage.TMP_MARK in name and info.type == pafs.FileType.File):
+            storage.delete_file(fs, info.path)
             removed.append(name)
     return removed
 
@@ -100,7 +102,7 @@ def prepare(source: Source, out: str, rows_per_shard: int = 128, address: str | 
         plan.append((shard_name(k // rows_per_shard, chunk, dataset.categories), chunk))
 
     fs, out_base = storage.resolve(out)
-    fs.create_dir(out_base, recursive=True)
+    storage.create_folder(fs, out_base)
     present = {i.base_name for i in storage.list_folder(fs, out_base)}
     done = {name: read_shard_summary(storage.join(out, name)) for name, _ in plan if name in present}
     todo = [(name, chunk) for name, chunk in plan if name not in done]
@@ -109,13 +111,12 @@ def prepare(source: Source, out: str, rows_per_shard: int = 128, address: str | 
         source_json = json.dumps(source.__dict__)
         tasks = [{"file": name, "source": source_json, "out": out,
                   "records": json.dumps([_record_to_json(r) for r in chunk])} for name, chunk in todo]
-        bar = tqdm(total=sum(len(c) for _, c in todo), unit="img", desc="prepare",
-                   disable=not progress)
-        for r in _converted(tasks, address, in_process):
-            rejects = json.loads(r["rejected"])
-            done[r["file"]] = {"rows": r["rows"], "rejected": rejects}
-            bar.update(r["rows"] + len(rejects))
-        bar.close()
+        # closed also when the job fails, before its error is told
+        with tqdm(total=sum(len(c) for _, c in todo), unit="img", desc="prepare", disable=not progress) as bar:
+            for r in _converted(tasks, address, in_process):
+                rejects = json.loads(r["rejected"])
+                done[r["file"]] = {"rows": r["rows"], "rejected": rejects}
+                bar.update(r["rows"] + len(rejects))
 
     _clean_stale(fs, out_base, {name for name, _ in plan})
     shards = [{"file": name, "rows": done[name]["rows"]} for name, _ in plan]

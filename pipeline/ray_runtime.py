@@ -31,7 +31,9 @@ def local_object_store_bytes() -> int:
 @contextlib.contextmanager
 def connect(address: str | None = None, quiet: bool = True):
     """Use the running Ray (if this process already initialised it), the cluster at ``address``,
-    or a new local instance; shut down on exit only what this call started."""
+    or a new local instance; shut down on exit only what this call started. A job's error
+    reaches the caller as its task raised it, told once: not also in Ray Data's log on the
+    console."""
     import ray
 
     for k, v in _ENV_DEFAULTS.items():
@@ -51,13 +53,31 @@ def connect(address: str | None = None, quiet: bool = True):
         from pipeline import ray_idle
 
         ray_idle.install()   # this process's Ray Data jobs pause instead of spinning when idle
+        # a task's error reaches the driver as raised (an OSError naming its object), not as Ray
+        # Data's UserCodeException, which drops it
+        ray.data.DataContext.get_current().raise_original_map_exception = True
         if quiet:
             # the stages draw their own progress bars, in images rather than blocks
             ray.data.DataContext.get_current().enable_progress_bars = False
             logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+            # a failed task's error is the job's, raised to its caller (the CLI's one line): not
+            # also Ray Data's traceback on the console (its log file keeps it)
+            for handler in logging.getLogger("ray.data").handlers:
+                if isinstance(handler, logging.StreamHandler):
+                    handler.addFilter(_below_error)
         yield
+    except BaseException:
+        # the job is abandoned: Ray Data's executor, still running when Ray shuts down below,
+        # would log tracebacks (and its threads' attempts to start Ray again) after the error
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+        logging.getLogger("ray._private.worker").setLevel(logging.ERROR)
+        raise
     finally:
         ray.shutdown()
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def assigned_device() -> str:

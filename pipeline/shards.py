@@ -177,7 +177,7 @@ def write_manifest(fs, out_dir: str, source: Source, categories: CategoryTable,
         manifest["source"]["review"] = review
     storage.write_bytes_atomic(fs, storage.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
     try:    # a folder of the old layout: its manifest now lives under MANIFEST, read first
-        fs.delete_file(storage.join(out_dir, LEGACY_MANIFEST))
+        storage.delete_file(fs, storage.join(out_dir, LEGACY_MANIFEST))
     except FileNotFoundError:
         pass
     return manifest

@@ -111,13 +111,14 @@ def s3_env() -> str:
 @pytest.fixture(scope="session")
 def s3_server(s3_env):
     """moto's S3 server at ``s3_env``'s endpoint, started once per session on first use and
-    stopped by its pid at the end: {"endpoint", "bucket" (an empty bucket's name: s3://NAME)}."""
-    from s3_server import S3Server, create_bucket
+    stopped by its pid at the end: {"endpoint", "bucket" (an empty bucket's name: s3://NAME),
+    "requests" (``s3_server.Requests``: what it was asked)}."""
+    from s3_server import Requests, S3Server, create_bucket
 
     server = S3Server(int(s3_env.rpartition(":")[2])).start()
     try:
         create_bucket("ciae-test")
-        yield {"endpoint": s3_env, "bucket": "ciae-test"}
+        yield {"endpoint": s3_env, "bucket": "ciae-test", "requests": Requests(server)}
     finally:
         server.stop()
 

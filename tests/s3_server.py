@@ -6,11 +6,14 @@ The code under test reaches it as a user's code reaches S3: through the environm
 ``AWS_ENDPOINT_URL``, which pyarrow's ``FileSystem.from_uri`` reads), nothing hard-coded in
 ``pipeline``. The environment is set before the session's Ray starts (``conftest.ray_local``
 asks for it) so that Ray's workers inherit it, as the workers of a cluster whose nodes have it.
+``Requests`` counts what the server was asked, by kind, from its log (the tests and
+``benchmarks/label/s3.py`` both).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -71,6 +74,42 @@ class S3Server:
                 self.proc.wait()
         self.log.close()
         self.proc = None
+
+
+_REQUEST = re.compile(rb'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (\S+) HTTP/')
+
+
+class Requests:
+    """The server's requests, read from its log (one line per request, written before the
+    response is sent): ``mark()`` a position, ``since(position)`` the requests after it by kind
+    (LIST, GET, HEAD, PUT, POST: multipart start and end, DELETE: one or a batch), ``targets``
+    their methods and paths. The log is read at offsets (``os.pread``): the server writes through
+    the same open file, whose position a seek here would move."""
+
+    def __init__(self, server: S3Server):
+        self.fd = server.log.fileno()
+
+    def mark(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def targets(self, start: int, end: int | None = None) -> list[tuple[str, str]]:
+        """(kind, path and query) of each request between two marks (``end``: now)."""
+        end = self.mark() if end is None else end
+        found = []
+        for method, target in _REQUEST.findall(os.pread(self.fd, end - start, start)):
+            kind = method.decode()
+            if kind == "GET" and b"list-type=" in target:
+                kind = "LIST"
+            elif kind == "POST" and target.endswith(b"?delete"):
+                kind = "DELETE"
+            found.append((kind, target.decode()))
+        return found
+
+    def since(self, start: int, end: int | None = None) -> dict:
+        counts = dict.fromkeys(["LIST", "GET", "HEAD", "PUT", "POST", "DELETE"], 0)
+        for kind, _ in self.targets(start, end):
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts | {"total": sum(counts.values())}
 
 
 def create_bucket(name: str) -> None:

@@ -214,8 +214,21 @@ def test_checkpoints_never_execute_pickled_code(tmp_path):
 
 
 def test_to_device_moves_lists():
-    b = to_device(toy_batch(), torch.device("cpu"))
-    assert b["boxes"][0].device.type == "cpu" and b["image_ids"] == [0, 1]
+    """Every tensor, alone or in a list, goes to the device (meta: a device other than the
+    CPU that every machine has); other values stay as they are."""
+    batch = toy_batch()
+    moved = to_device(batch, torch.device("meta"))
+    assert moved.keys() == batch.keys()
+    for key, value in batch.items():
+        got = moved[key]
+        if torch.is_tensor(value):
+            assert got.device.type == "meta" and got.shape == value.shape and got.dtype == value.dtype, key
+        elif isinstance(value, list) and value and torch.is_tensor(value[0]):
+            assert [(t.device.type, t.shape, t.dtype) for t in got] == \
+                [("meta", t.shape, t.dtype) for t in value], key
+        else:
+            assert got == value, key
+    assert moved["image_ids"] == [0, 1] and batch["images"].device.type == "cpu"
 
 
 def test_prefetch_keeps_the_order_and_raises_the_producers_error():

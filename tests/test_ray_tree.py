@@ -27,10 +27,18 @@ def test_every_package_of_the_tree_is_pinned():
     assert [n for n in tree if norm(n) not in pins] == []
 
 
-def test_scripts_have_help():
-    for script in ("ray_tree.sh", "jobs.sh"):
+def test_scripts_help_names_every_option():
+    """``--help`` exits 0 and names every option the script parses (its ``case`` patterns) and,
+    for jobs.sh, every option of jobs.py it passes on."""
+    for script, more in (("ray_tree.sh", ""), ("jobs.sh", (GPU / "jobs.py").read_text())):
+        source = (GPU / script).read_text()
+        options = set(re.findall(r"^\s*(--[a-z][a-z-]*)\)", source, re.M))
+        options |= set(re.findall(r"add_argument\(\"(--[a-z][a-z-]*)\"", more))
+        assert len(options) >= 2, (script, options)
         done = subprocess.run(["bash", str(GPU / script), "--help"], capture_output=True, text=True)
-        assert done.returncode == 0 and "--smoke" in done.stdout + done.stderr, script
+        text = done.stdout + done.stderr
+        assert done.returncode == 0, (script, text)
+        assert [o for o in sorted(options) if not re.search(re.escape(o) + r"\b", text)] == [], script
 
 
 def test_jobs_smoke_reports_every_figure(tmp_path):

@@ -73,7 +73,7 @@ def labeled(synth_dataset, tmp_path_factory) -> dict:
                          "quality": float(quality[e["index"]]), "pq": None, "pq_stats": None})
             rows[e["key"]] = part[-1]
         store.write_part(task, part)
-        store.seal(task, size, table)
+        store.seal(task, size, table, review=100)
     order = sorted((r for r in rows.values() if r["status"] == "labeled"), key=lambda r: (r["quality"], r["index"]))
     return {"out": str(out), "rows": rows, "order": [r["key"] for r in order], "categories": plan.categories}
 
@@ -192,7 +192,7 @@ def test_an_exif_turned_image_keeps_its_viewer_orientation_through_push_and_pull
                           "height": 240, "width": 160, "status": "labeled", "reason": "",
                           "png": encode_id_png(ids), "segments": [s | {"score": 0.5, "rle": None} for s in segments],
                           "quality": 0.5, "pq": None, "pq_stats": None}])
-    store.seal(0, 1, table)
+    store.seal(0, 1, table, review=1)
     labeled = {"out": store.uri}
 
     push(labeled, label_studio, "turned", n=1)

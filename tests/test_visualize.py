@@ -109,8 +109,14 @@ def test_embedding_pca_separates_three_directions():
 
 
 def test_embedding_pca_of_a_flat_map_is_defined():
-    rgb = embedding_pca(np.ones((4, 5, 6)))
-    assert rgb.shape == (5, 6, 3)
+    """A map without variance (every pixel the same, or one pixel) has no principal direction:
+    one colour, the same for any constant, and no NaN turned into a byte."""
+    with np.errstate(all="raise"):                  # a 0/0 or NaN cast would raise here
+        rgb = embedding_pca(np.ones((4, 5, 6)))
+        other = embedding_pca(np.full((4, 5, 6), -3.5))
+        single = embedding_pca(np.ones((4, 1, 1)))
+    assert rgb.shape == (5, 6, 3) and rgb.dtype == np.uint8 and single.shape == (1, 1, 3)
+    assert (rgb == rgb[0, 0]).all() and np.array_equal(rgb, other) and np.array_equal(single[0, 0], rgb[0, 0])
 
 
 def test_panel_puts_image_prediction_ground_truth_and_pca_side_by_side():

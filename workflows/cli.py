@@ -8,8 +8,11 @@ copy in a command.
 
 A user's mistake (a bad option, path, file or model) ends the command with one line,
 ``ciae <command>: <what is wrong>``, and exit status 2; ``--debug`` shows the traceback instead.
-A job that stops because the cluster lost what it holds (a node gone for good) ends the same
-way with status 3: running it again resumes it.
+A job that stops because the cluster lost what it holds (a node gone for good), or because its
+storage kept failing through every retry (an ``OSError``: S3 answering 503 SlowDown, 500 or
+nothing, ``pipeline.storage``'s retries spent), ends the same way with status 3: running it again
+resumes it. An error raised in a Ray task, actor or Ray Train worker is told as raised there
+(``root_error``), not as the traceback Ray wraps it in.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import dataclasses
 import importlib
 import inspect
+import re
 import sys
 
 from pipeline.ray_runtime import ClusterShrank
@@ -66,11 +70,30 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(e: BaseException) -> str:
-    """The error as one line, without credentials (``pipeline.storage.redact``)."""
-    from pipeline.storage import redact
+# the advice Ray Data appends to the message of an error raised in a task
+_RAY_DATA_NOTE = re.compile(r"\nFailed to .* after \d+/\d+ attempts \(total backoff .*", re.S)
 
-    return redact(" ".join(str(e).split())) or type(e).__name__
+
+def one_line(e: BaseException) -> str:
+    """The error as one line, naming objects by URI (``pipeline.storage.s3_uris``), without
+    credentials (``pipeline.storage.redact``)."""
+    from pipeline.storage import redact, s3_uris
+
+    return redact(s3_uris(" ".join(_RAY_DATA_NOTE.sub("", str(e)).split()))) or type(e).__name__
+
+
+def root_error(e: BaseException) -> BaseException:
+    """The error a Ray task, actor or Ray Train worker raised, out of what Ray wraps it in (whose
+    text is a traceback): a task's ``RayTaskError`` (its ``cause``; Ray Data raises the UDF's own
+    error, ``pipeline.ray_runtime.connect``), Ray Train's ``WorkerGroupError`` (the first
+    worker's failure, itself wrapped with its traceback) and ``ControllerError``; else ``e``."""
+    while True:
+        inner = (getattr(e, "cause", None) or getattr(e, "controller_failure", None)
+                 or next(iter(getattr(e, "worker_failures", {}).values()), None)
+                 or getattr(e, "_base_exc", None))       # Ray Train's UserExceptionWithTraceback
+        if not isinstance(inner, BaseException):
+            return e
+        e = inner
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,16 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except USER_ERRORS as e:
-        if getattr(args, "debug", False):
+    except Exception as e:
+        error = root_error(e)
+        status = (EXIT_USER_ERROR if isinstance(error, USER_ERRORS)
+                  else EXIT_CLUSTER if isinstance(error, (ClusterShrank, OSError)) else None)
+        if status is None or getattr(args, "debug", False):
             raise
-        print(f"ciae {args.command}: {one_line(e)}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except ClusterShrank as e:
-        if getattr(args, "debug", False):
-            raise
-        print(f"ciae {args.command}: {one_line(e)}", file=sys.stderr)
-        return EXIT_CLUSTER
+        print(f"ciae {args.command}: {one_line(error)}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

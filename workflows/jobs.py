@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ciae.config import Config
+from workflows.tracking import refuse_credentials
 
 
 @dataclass
@@ -36,6 +37,8 @@ class TrainJob:
     init: str | None = None                # initial weights (workflows.models.fetch): fine-tuning
 
     def __post_init__(self):
+        refuse_credentials("tracking URI", self.tracking_uri)
+        refuse_credentials("artifact root", self.artifact_root)
         checks = [
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
             (self.gpus_per_worker == 0 or (self.gpus_per_worker >= 1 and self.gpus_per_worker % 1 == 0),
@@ -111,6 +114,7 @@ class LabelJob:
     stall_timeout: float = 300.0        # fail after this long without progress on a cluster that lost what the job holds
 
     def __post_init__(self):
+        refuse_credentials("tracking URI", self.tracking_uri)
         if self.workers < 1 or self.batch_size < 1 or self.task_images < 1:
             raise ValueError("workers, batch_size and task_images must be >= 1")
         if self.stall_timeout <= 0:

@@ -13,8 +13,9 @@ whose stages are ``pipeline.label_stages``'s, writing Parquet shards exactly onc
    fewer tasks than actors has its tasks split so that each actor gets input) -> ``encode``
    (CPU tasks, writing parts).
 4. The driver counts finished images on a progress bar (with the running PQ), seals each task
-   into its shard once all its images are in, and at the end writes the exports
-   (``pipeline.label_exports``).
+   into its shard (and summary) once all its images are in, and at the end writes the exports
+   (``pipeline.label_exports``; counts, rejects, review list and PQ from the shards' summary,
+   ``LabelStore.summary``: a finished job's re-run reads no shard for them).
 
 Exactly once, whatever is killed: see ``pipeline.label_store``. The driver holds one plan task
 of bookkeeping per task in flight, never a record per image.
@@ -74,7 +75,7 @@ def actor_cpus(job: LabelJob, cluster_cpus: float, workers: int | None = None) -
 def _plan(job: LabelJob, store: ls.LabelStore) -> Plan:
     """The output's plan: the one written by an earlier run (which must be of this input), or a
     new one."""
-    plan = load_plan(store.plan_uri)
+    plan = load_plan(store.plan_uri, job.input, job.gt_dir)
     if plan is None:
         return make_plan(job.input, store.plan_uri, job.gt_json, job.gt_dir, job.task_images)
     if plan.input != public_uri(job.input) or (plan.ground_truth == "json") != (job.gt_json is not None):
@@ -124,10 +125,15 @@ def label(job: LabelJob, address: str | None = None, progress: bool = True, labe
         for task in sorted(store.sealed()):
             store.unseal_rejected(task)
     sealed = store.sealed()
-    partial = {t: store.part_keys(t) for t in store.unsealed_tasks() if t not in sealed}
+    partial = {}
+    for task in store.unsealed_tasks():
+        if task in sealed:          # killed between its seal and the removal of its parts
+            store.remove_parts(task)
+        else:
+            partial[task] = store.part_keys(task)
     for task in list(partial):
         if len(partial[task]) == plan.task_sizes[task]:      # killed between its last part and its seal
-            store.seal(task, plan.task_sizes[task], table)
+            store.seal(task, plan.task_sizes[task], table, job.review)
             sealed.add(task)
             del partial[task]
     pending = [t for t in range(len(plan.task_sizes)) if t not in sealed]
@@ -142,18 +148,19 @@ def label(job: LabelJob, address: str | None = None, progress: bool = True, labe
     seconds = time.perf_counter() - start
     timings["label"] = seconds
 
-    summary = {"out": job.out, "images": plan.images, **store.counts(), "skipped": plan.images - todo,
-               "processed": todo, "seconds": seconds,
+    done = store.summary(job.review, table)      # job.json: no shard read once the job has finished
+    summary = {"out": job.out, "images": plan.images, "labeled": done.labeled, "rejected": done.rejected,
+               "skipped": plan.images - todo, "processed": todo, "seconds": seconds,
                "images_per_second": todo / seconds if todo and seconds > 0 else None,
                "metrics": None, "overlays": 0, "stages": stages}
     if job.coco_panoptic:
         exports.export_coco_panoptic(store, categories, pngs=True)
     if job.coco_instances:
         exports.export_coco_instances(store, categories)
-    exports.export_rejects(store, job.input)
-    summary["review"] = exports.export_review(store, job.review)
+    exports.export_rejects(store, done, job.input)
+    summary["review"] = exports.export_review(store, done, job.review)
     if plan.ground_truth:
-        summary["metrics"] = exports.export_metrics(store, table, plan.images)
+        summary["metrics"] = exports.export_metrics(store, done, table, plan.images)
     summary["overlays"] = exports.draw_overlays(store, plan, categories, job.overlays)
     summary["timings"] = timings | {"exports": time.perf_counter() - start - seconds}
     return summary
@@ -194,7 +201,7 @@ def _run(job: LabelJob, source, input_cfg, plan: Plan, store: ls.LabelStore, tab
         checkpoint = ray.put(source.data)           # once; each actor reads it from the object store
         skip = {t: keys for t, keys in partial.items() if keys}
         ds = (ray.data.from_items(items, override_num_blocks=len(items))
-              .flat_map(chunks, fn_kwargs={"plan_dir": plan.dir, "skip": skip})
+              .flat_map(chunks, fn_kwargs={"plan_dir": plan.dir, "skip": skip, "credentials": plan.credentials})
               .map_batches(decode, batch_size=1, fn_kwargs={"input_cfg": input_cfg},
                            memory=decode_memory(input_cfg))
               .map_batches(labeler, batch_size=rows,
@@ -218,7 +225,7 @@ def _run(job: LabelJob, source, input_cfg, plan: Plan, store: ls.LabelStore, tab
                 done[task] |= new
                 bar.update(len(new))
                 if len(done[task]) == plan.task_sizes[task]:
-                    store.seal(task, plan.task_sizes[task], table)
+                    store.seal(task, plan.task_sizes[task], table, job.review)
                     del done[task]
         stats = ds.stats()
     unfinished = sorted(done)

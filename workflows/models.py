@@ -28,7 +28,7 @@ CHECKPOINT_ARTIFACT = "checkpoint"      # the pyfunc model's artifact key (workf
 
 @dataclass(frozen=True)
 class ModelSource:
-    spec: str                         # as given
+    spec: str                         # as given, a URI's credentials hidden (it is recorded: tags, init.json)
     data: bytes                       # the checkpoint (or state dict) file
     run_id: str | None = None         # the MLflow run that made it
     model_version: str | None = None  # "NAME/VERSION" when it came from the registry
@@ -77,7 +77,7 @@ def fetch(spec: str, tracking: Tracking | None = None) -> ModelSource:
     if os.path.isdir(spec):
         return ModelSource(spec, _read_file_or_model(spec, spec, tracking))
     try:
-        return ModelSource(spec, storage.read_uri(spec))
+        return ModelSource(storage.public_uri(spec), storage.read_uri(spec))
     except FileNotFoundError:
         raise FileNotFoundError(f"{spec}: no such file") from None
 

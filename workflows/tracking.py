@@ -11,9 +11,11 @@ Default: ``$MLFLOW_TRACKING_URI`` when set, else a sqlite database ``mlruns/mlfl
 current directory with artifacts in ``mlruns/artifacts`` beside it. On a cluster pass a server
 (``http://mlflow:5000``, backed by PostgreSQL), which chooses its own artifact root, or give one
 (``artifact_root``: any store MLflow writes, such as ``s3://bucket/mlflow``; for S3 MLflow uses
-boto3, which reads the same credentials and ``AWS_ENDPOINT_URL`` as the rest of the pipeline).
+boto3, which reads the same credentials and ``AWS_ENDPOINT_URL`` as the rest of the pipeline, and
+takes the pipeline's retries from the environment, where ``resolve`` sets them unless set:
+``pipeline.storage.s3_retry_environment``).
 An artifact root applies to experiments created from then on: an existing experiment keeps its
-location.
+location. Neither may hold credentials (``refuse_credentials``): they come from the environment.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ def default_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+def refuse_credentials(what: str, uri: str | None) -> None:
+    """ValueError when ``uri`` (``what``: "tracking URI", "artifact root") holds credentials
+    (``user:secret@``): MLflow keeps an experiment's artifact location where anyone who reads
+    the tracking server sees it, and the jobs pass the tracking URI to their workers."""
+    from pipeline.storage import public_uri
+
+    if uri and public_uri(uri) != uri:
+        raise ValueError(f"the {what} {public_uri(uri)}: credentials in it would be recorded; give them in "
+                         "the environment instead (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws, "
+                         "for S3; MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for a tracking server)")
+
+
 @dataclass(frozen=True)
 class Tracking:
     """One MLflow location: ``uri`` (tracking and registry) and ``artifact_root`` (where new
@@ -56,9 +70,14 @@ class Tracking:
         """``uri`` (default: ``default_tracking_uri()``); a relative sqlite path is made absolute
         (workers run in other folders) and its folder created. ``artifact_root`` (default: the
         store's, ``default_artifact_root``) holds new experiments' artifacts, one folder each."""
+        from pipeline.storage import s3_retry_environment
+
         for name in ("mlflow.store.db.utils", "alembic"):     # a new sqlite store's set-up chatter
             logging.getLogger(name).setLevel(logging.WARNING)
+        s3_retry_environment()
         uri = uri or default_tracking_uri()
+        refuse_credentials("tracking URI", uri)
+        refuse_credentials("artifact root", artifact_root)
         if uri.startswith(SQLITE):
             db = os.path.abspath(uri[len(SQLITE):])
             os.makedirs(os.path.dirname(db), exist_ok=True)

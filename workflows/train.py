@@ -24,7 +24,7 @@ import threading
 import time
 
 from ciae.config import Config
-from pipeline.storage import absolute, public_uri
+from pipeline.storage import absolute, public_uri, resolve
 from workflows.jobs import TrainJob
 from workflows.tracking import Tracking
 from workflows.train_worker import CHECKPOINT_FILE, STEP_TAG
@@ -127,15 +127,19 @@ def train(job: TrainJob, address: str | None = None, callbacks: tuple = (), prog
             import ray
 
             if init:    # the weights travel to every worker through the object store
-                spec = dataclasses.replace(spec, init=(job.init, ray.put(init[0].data)))
+                spec = dataclasses.replace(spec, init=(init[0].spec, ray.put(init[0].data)))
             spec = dataclasses.replace(spec, data_window=_data_window(cfg, per_worker, job.workers, cpus))
+            # Ray Train records its storage path (run state, dashboard): the URI's credentials stay
+            # in the filesystem
+            storage_fs, storage_path = resolve(job.storage)
             trainer = TorchTrainer(
                 train_worker, train_loop_config={"spec": spec},
                 scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
                                              placement_strategy=job.placement.upper(),
                                              resources_per_worker={"CPU": cpus, **({"GPU": job.gpus_per_worker}
                                                                                    if job.gpus_per_worker else {})}),
-                run_config=RunConfig(name=name, storage_path=absolute(job.storage), callbacks=list(callbacks),
+                run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                     callbacks=list(callbacks),
                                      failure_config=FailureConfig(max_failures=job.max_failures),
                                      checkpoint_config=CheckpointConfig(num_to_keep=2)))
             if bar:

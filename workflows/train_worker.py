@@ -24,6 +24,7 @@ rank 0 also with the checkpoint and, at the end, the validation PQ.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import queue
@@ -37,7 +38,7 @@ import torch
 
 from ciae import checkpoint
 from ciae.config import Config
-from pipeline.storage import write_uri
+from pipeline.storage import public_uri, write_uri
 from workflows.tracking import Tracking
 
 CHECKPOINT_FILE = "checkpoint.pt"   # the file of a Ray Train checkpoint (``ciae.checkpoint``)
@@ -59,8 +60,13 @@ class WorkerSpec:
     eval_every: int
     tracking: Tracking             # the job's MLflow location
     run_id: str
-    init: tuple | None = None      # (the --init source as given, an object ref to its file's bytes)
+    init: tuple | None = None      # (the --init source's name, ModelSource.spec; an object ref to its bytes)
     data_window: int = 2           # training steps whose batches are in the making at once
+
+    def __repr__(self) -> str:
+        """Without the credentials of its URIs: Ray Train records the repr (its run state)."""
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return public_uri(f"WorkerSpec({fields})")
 
 
 def _sum_over_workers(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,5 +1,6 @@
-"""Labeling on S3 against local disk: throughput of `ciae label` reading its images from and
-writing its output to an S3 server, against the same job on local folders; and the resume scan
+"""Labeling on S3 against local disk: throughput of `ciae label` (and of `ciae prepare`) reading
+its images from and writing its output to an S3 server, against the same job on local folders,
+with the requests it makes per image; and the resume scan
 of an output on S3 whose plan covers 10k and 100k images with every task sealed (goal <= 10 s).
 
 The S3 server is moto's (``tests/s3_server.py``: its own process on 127.0.0.1, stopped by its
@@ -18,23 +19,34 @@ server answered (its log has a line per request), by kind, so that a per-image r
   ``scale.TrivialLabeler`` (one segment per image) over ``--trivial-images`` names hard-linked
   to those JPEGs, batch 64: what storage costs once the model does not hide it (on a CPU the
   model dominates).
+* **Prepare.** ``ciae prepare`` (its defaults, a Ray Data job) of a COCO panoptic dataset of
+  ``--prepare-images`` images (those JPEGs and their PNGs hard-linked under new names, each with
+  its record), once from a local folder into a local output and once from its copy on S3 into an
+  output on S3, as the throughput rows. Reported: images/s of the whole job, and its S3
+  requests per image (a GET of the image and one of its PNG, the rest per shard or per job).
 * **Resume scan.** For each of ``--scan-sizes``: a folder of N hard links to one small JPEG
-  (as ``scale.py``) labeled with the trivial model stage into an output on S3 (the build: the
-  real job, every task sealed; its rate is local images -> S3 output), then ``--scan-repeats``
-  re-runs of the same job, which find everything done. Reported: the resume scan (plan read +
-  scan of what is done, ``timings["plan"] + timings["scan"]``, as ``scale.py``), its S3 requests,
-  and the re-run's whole wall time (model fetch and the exports at the end, which read every
-  shard, included), median, min and max. The images stay on local disk here: the re-run never
-  reads the input (the plan is read back from the output), and 100k PUTs to moto take too long
-  (~30 ms each, sequential); the throughput rows measure reading from S3.
+  (as ``scale.py``) labeled with the trivial model stage into an output on S3 in tasks of
+  ``--scan-task-images`` (the build: the real job, every task sealed; its rate is local images
+  -> S3 output), then ``--scan-repeats`` re-runs of the same job, which find everything done.
+  Reported: the resume scan (plan read + scan of what is done, ``timings["plan"] +
+  timings["scan"]``, as ``scale.py``), its S3 requests, and the re-run's whole wall time and
+  requests (model fetch, and the end of the job: the shards' summary, ``_summaries/job.json``,
+  and the exports written from it), median, min and max. The images stay on local disk here: the
+  re-run never reads the input (the plan is read back from the output), and 100k PUTs to moto
+  take too long (~30 ms each, sequential); the throughput rows measure reading from S3. The job
+  builds ~300 images/s here (an hour for 1M): ``--scan-build direct`` writes the same output
+  without Ray or decoding (``write_finished``: the plan, then each task through the trivial
+  stage, the job's ``encode`` and ``LabelStore.seal``), which is what a re-run reads.
 
 Each output on S3 lives in a bucket of its own kind (images, throughput outputs, one per scan
 size): moto scans every key of a bucket for each LIST request, which real S3 does not. moto is
 a single Python process on the same 2 cores as the job: absolute S3 figures are far slower than
 a real S3 endpoint; the request counts carry over. Nothing is asserted.
 
-    python benchmarks/label/s3.py                 # 96 images 256x256, 1024 trivial, scan 10k and 100k
+    python benchmarks/label/s3.py                 # 96 images 256x256, 1024 trivial, 1024 prepared, scan 10k and 100k
     python benchmarks/label/s3.py --images 48 --repeats 2 --trivial-images 0 --scan-sizes 10000
+    python benchmarks/label/s3.py --images 0 --trivial-images 0 --prepare-images 0 --scan-sizes 1000000 \
+        --scan-task-images 8192 --scan-build direct
 """
 
 from __future__ import annotations
@@ -42,7 +54,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -55,35 +66,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))            # s3_server
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # scale (TrivialLabeler)
 
+from s3_server import Requests  # noqa: E402
+
 LINKS_PER_FILE = 50_000        # a file system allows so many links to one file
 IMAGES_BUCKET, OUT_BUCKET = "ciae-bench-images", "ciae-bench-out"
-_REQUEST = re.compile(rb'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (\S+) HTTP/')
-
-
-class Requests:
-    """The S3 server's requests, read from its log (one line per request, written before the
-    response is sent): ``mark()`` a position, ``since(position)`` the requests after it by kind
-    (LIST, GET, HEAD, PUT, POST: multipart start and end, DELETE: one or a batch)."""
-
-    def __init__(self, server):
-        self.log = server.log
-
-    def mark(self) -> int:
-        self.log.seek(0, os.SEEK_END)
-        return self.log.tell()
-
-    def since(self, start: int, end: int | None = None) -> dict:
-        self.log.seek(start)
-        data = self.log.read() if end is None else self.log.read(end - start)
-        counts = dict.fromkeys(["LIST", "GET", "HEAD", "PUT", "POST", "DELETE"], 0)
-        for method, target in _REQUEST.findall(data):
-            kind = method.decode()
-            if kind == "GET" and b"list-type=" in target:
-                kind = "LIST"
-            elif kind == "POST" and target.endswith(b"?delete"):
-                kind = "DELETE"
-            counts[kind] = counts.get(kind, 0) + 1
-        return counts | {"total": sum(counts.values())}
 
 
 def median_min_max(values: list[float]) -> tuple[float, float, float]:
@@ -95,6 +81,28 @@ def link_folder(folder: str, n: int, sources: list[str]) -> None:
     os.makedirs(folder)
     for k in range(n):
         os.link(sources[k % len(sources)], os.path.join(folder, f"{k:08d}.jpg"))
+
+
+def link_dataset(src: str, dest: str, n: int) -> None:
+    """A COCO panoptic dataset of ``n`` images at ``dest`` (``images/``, ``panoptic/``,
+    ``panoptic.json``, as ``pipeline.synth.write_dataset`` writes them): the images and PNGs of
+    ``src`` in turn, hard-linked, each with its record under a new id and name."""
+    with open(os.path.join(src, "panoptic.json")) as f:
+        doc = json.load(f)
+    annotation = {a["image_id"]: a for a in doc["annotations"]}
+    images, annotations = [], []
+    for folder in ("images", "panoptic"):
+        os.makedirs(os.path.join(dest, folder))
+    for k in range(n):
+        image = doc["images"][k % len(doc["images"])]
+        ann = annotation[image["id"]]
+        stem = f"{k:08d}"
+        os.link(os.path.join(src, "images", image["file_name"]), os.path.join(dest, "images", stem + ".jpg"))
+        os.link(os.path.join(src, "panoptic", ann["file_name"]), os.path.join(dest, "panoptic", stem + ".png"))
+        images.append(image | {"id": k + 1, "file_name": stem + ".jpg"})
+        annotations.append(ann | {"image_id": k + 1, "file_name": stem + ".png"})
+    with open(os.path.join(dest, "panoptic.json"), "w") as f:
+        json.dump(doc | {"images": images, "annotations": annotations}, f)
 
 
 def tiny_jpegs(work: str, n: int) -> list[str]:
@@ -149,9 +157,35 @@ def throughput(name: str, images: dict, out: dict, job_kw: dict, repeats: int, r
     return runs
 
 
-def scan(n: int, work: str, checkpoint: str, repeats: int, requests: Requests) -> dict:
-    """Build an output of ``n`` images on S3 (the trivial job, every task sealed), then re-run
-    the job ``repeats`` times; the build's and the re-runs' figures."""
+def prepare_runs(sources: dict, out: dict, repeats: int, requests: Requests) -> dict:
+    """``ciae prepare`` (its defaults, as a Ray Data job) of ``sources[where]`` (images, JSON,
+    PNG folder) into a fresh output under ``out[where]`` for where in disk, s3, ``repeats``
+    rounds alternating the order, after an untimed warm-up on disk; {where: [{"images_per_s",
+    "seconds", "images", "requests"}]}."""
+    from pipeline.prepare import prepare
+    from pipeline.shards import Source
+
+    clock = time.perf_counter()
+    prepare(Source(*sources["disk"]), f"{out['disk']}/prepare-warm-up", progress=False)
+    print(f"[s3-bench] prepare warm-up on disk: {time.perf_counter() - clock:.1f} s", flush=True)
+    runs: dict[str, list[dict]] = {"disk": [], "s3": []}
+    for r in range(repeats):
+        for where in (("disk", "s3") if r % 2 == 0 else ("s3", "disk")):
+            start, clock = requests.mark(), time.perf_counter()
+            m = prepare(Source(*sources[where]), f"{out[where]}/prepare-{r}", progress=False)
+            seconds = time.perf_counter() - clock
+            row = {"images_per_s": m["counts"]["images"] / seconds, "seconds": seconds,
+                   "images": m["counts"]["images"], "requests": requests.since(start)}
+            runs[where].append(row)
+            print(f"[s3-bench] prepare round {r + 1} {where}: {json.dumps(row)}", flush=True)
+    return runs
+
+
+def scan(n: int, work: str, checkpoint: str, repeats: int, requests: Requests, task_images: int = 1024,
+         direct: bool = False) -> dict:
+    """Build an output of ``n`` images on S3 in tasks of ``task_images`` (the trivial job, every
+    task sealed; ``direct``: ``write_finished`` instead), then re-run the job ``repeats`` times;
+    the build's and the re-runs' figures."""
     from pipeline import label_store as ls
     from s3_server import create_bucket
     from scale import TrivialLabeler
@@ -162,41 +196,84 @@ def scan(n: int, work: str, checkpoint: str, repeats: int, requests: Requests) -
     link_folder(folder, n, tiny_jpegs(work, n))
     bucket = f"ciae-bench-scan-{n}"
     create_bucket(bucket)
-    job = LabelJob(model=checkpoint, input=folder, out=f"s3://{bucket}/labels", batch_size=64, review=100)
+    job = LabelJob(model=checkpoint, input=folder, out=f"s3://{bucket}/labels", batch_size=64, review=100,
+                   task_images=task_images)
     start, clock = requests.mark(), time.perf_counter()
-    first = label(job, progress=False, labeler=TrivialLabeler)
-    build = {"wall_s": time.perf_counter() - clock, "timings": first["timings"], "labeled": first["labeled"],
-             "images_per_s": first["images_per_second"], "requests": requests.since(start)}
+    if direct:
+        write_finished(job)
+        build = {"direct": True}
+    else:
+        first = label(job, progress=False, labeler=TrivialLabeler)
+        build = {"timings": first["timings"], "labeled": first["labeled"], "images_per_s": first["images_per_second"]}
+    build |= {"wall_s": time.perf_counter() - clock, "requests": requests.since(start)}
     print(f"[s3-bench] scan {n} build: {json.dumps(build)}", flush=True)
 
     reruns = []
-    original = ls.LabelStore.counts          # the first thing the job does once its scan is over
+    original = ls.LabelStore.summary         # the first thing the job does once its scan is over
     for _ in range(repeats):
         marks = {}
 
-        def counts(self, _original=original, _marks=marks):
+        def summary(self, *args, _original=original, _marks=marks):
             _marks.setdefault("scan_end", requests.mark())
-            return _original(self)
+            return _original(self, *args)
 
-        ls.LabelStore.counts = counts
+        ls.LabelStore.summary = summary
         try:
             start, clock = requests.mark(), time.perf_counter()
             again = label(job, progress=False, labeler=TrivialLabeler)
             wall = time.perf_counter() - clock
         finally:
-            ls.LabelStore.counts = original
+            ls.LabelStore.summary = original
         t = again["timings"]
         row = {"scan_s": t["plan"] + t["scan"], "plan_s": t["plan"], "exports_s": t["exports"], "wall_s": wall,
-               "processed": again["processed"], "scan_requests": requests.since(start, marks["scan_end"]),
-               "requests": requests.since(start)}
+               "processed": again["processed"], "labeled": again["labeled"],
+               "scan_requests": requests.since(start, marks["scan_end"]), "requests": requests.since(start)}
         reruns.append(row)
         print(f"[s3-bench] scan {n} re-run: {json.dumps(row)}", flush=True)
     subprocess.run(["rm", "-rf", folder])
-    return {"images": n, "build": build, "reruns": reruns}
+    return {"images": n, "task_images": task_images, "build": build, "reruns": reruns}
+
+
+def write_finished(job) -> None:
+    """What the trivial job leaves in ``job.out`` once it has finished, without Ray or decoding:
+    the job's plan, then each task's images as ``decode`` passes a 48x32 JPEG on, through
+    ``scale.TrivialLabeler``, the job's ``encode`` (one part per task) and ``LabelStore.seal``,
+    and the summary of them all."""
+    import numpy as np
+
+    from ciae.panoptic import CategoryTable
+    from pipeline.image_sources import Plan, make_plan
+    from pipeline.label_stages import encode
+    from pipeline.label_store import LabelStore
+    from pipeline.storage import read_uri
+    from scale import TrivialLabeler
+    from workflows.label import categories_of
+
+    store = LabelStore(job.out)
+    plan = make_plan(job.input, store.plan_uri, None, None, job.task_images)
+    table = CategoryTable.from_json(categories_of(plan))
+    labeler = TrivialLabeler(read_uri(job.model), os.path.basename(job.model), 1, False, False)
+    for task, size in enumerate(plan.task_sizes):
+        entries = Plan.read_task(plan.dir, task)
+        batch = {"task": np.full(size, task, np.int64),
+                 **{c: np.array([e[c] for e in entries], np.int64) for c in ("index", "image_id")},
+                 **{c: np.array([e[c] for e in entries], dtype=object) for c in ("key", "file_name")},
+                 "height": np.full(size, 32, np.int32), "width": np.full(size, 48, np.int32),
+                 "image": np.zeros((size, 1), np.uint8), "status": np.full(size, "ok", dtype=object),
+                 "reason": np.full(size, "", dtype=object), "gt_runs": np.full(size, b"", dtype=object),
+                 "gt_png": np.full(size, "", dtype=object), "gt_segments": np.empty(size, dtype=object)}
+        encode(labeler(batch), store, table, coco_panoptic=False)
+        store.seal(task, size, table, job.review)
+    store.summary(job.review, table)            # job.json, as the job's end writes it
 
 
 def fmt_requests(c: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in c.items() if v and k != "total") + f" (total {c['total']})"
+
+
+def fmt_per_image(c: dict, images: int) -> str:
+    return (", ".join(f"{k} {v / images:.3f}" for k, v in c.items() if v and k != "total")
+            + f" (total {c['total'] / images:.3f})")
 
 
 def main(argv=None) -> int:
@@ -209,9 +286,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="rounds of disk and S3 runs (default 3)")
     p.add_argument("--trivial-images", type=int, default=1024,
                    help="images of the trivial-model runs (default 1024; 0: none)")
+    p.add_argument("--prepare-images", type=int, default=1024,
+                   help="images of the `ciae prepare` runs (default 1024; 0: none)")
     p.add_argument("--scan-sizes", type=int, nargs="*", default=[10_000, 100_000],
                    help="image counts of the resume scans (default 10000 100000; none: no scan)")
     p.add_argument("--scan-repeats", type=int, default=3, help="re-runs timed per scan size (default 3)")
+    p.add_argument("--scan-task-images", type=int, default=1024,
+                   help="images per task (and shard) of the scanned outputs (default 1024, the job's)")
+    p.add_argument("--scan-build", choices=("job", "direct"), default="job",
+                   help="build the scanned outputs with the job, or write them directly (default job)")
     p.add_argument("--workdir", default=None, help="local files here (default: a temporary folder)")
     args = p.parse_args(argv)
 
@@ -250,7 +333,7 @@ def run(args, work: str, server, moto_version: str) -> int:
         make_checkpoint(checkpoint)
     results: dict = {"moto": moto_version, "cores": cores}
 
-    if args.images or args.trivial_images:
+    if args.images or args.trivial_images or args.prepare_images:
         write_dataset(os.path.join(work, "data"), args.images or 1, seed=0,
                       spec=SynthSpec(height=args.height, width=args.width))
     local_images = os.path.join(work, "data", "images")
@@ -258,7 +341,7 @@ def run(args, work: str, server, moto_version: str) -> int:
     uploads = []
 
     def to_s3(folder: str, prefix: str) -> str:
-        files = len(os.listdir(folder))
+        files = sum(len(names) for _, _, names in os.walk(folder))
         start, clock = requests.mark(), time.perf_counter()
         uri = upload(folder, f"s3://{IMAGES_BUCKET}/{prefix}")
         row = {"files": files, "seconds": time.perf_counter() - clock, "requests": requests.since(start)}
@@ -279,9 +362,16 @@ def run(args, work: str, server, moto_version: str) -> int:
             images = {"disk": folder, "s3": to_s3(folder, "trivial/images")}
             kw = dict(model=checkpoint, workers=1, batch_size=64)
             results["trivial"] = throughput("trivial", images, out, kw, args.repeats, requests, scale.TrivialLabeler)
+        if args.prepare_images:
+            folder = os.path.join(work, "prepare-data")
+            link_dataset(os.path.join(work, "data"), folder, args.prepare_images)
+            root = {"disk": folder, "s3": to_s3(folder, "prepare")}
+            sources = {k: [f"{r}/images", f"{r}/panoptic.json", f"{r}/panoptic"] for k, r in root.items()}
+            results["prepare"] = prepare_runs(sources, out, args.repeats, requests)
         scans = []
         for n in args.scan_sizes:
-            scans.append(scan(n, work, checkpoint, args.scan_repeats, requests))
+            scans.append(scan(n, work, checkpoint, args.scan_repeats, requests, args.scan_task_images,
+                              args.scan_build == "direct"))
     results |= {"uploads": uploads, "scans": scans}
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -291,32 +381,38 @@ def run(args, work: str, server, moto_version: str) -> int:
 
 def report(args, results: dict) -> None:
     print(f"\nmoto {results['moto']} (its S3 server on 127.0.0.1), {results['cores']} CPU cores; "
-          f"images/s of the labeling stage, median (min-max) of {args.repeats} rounds\n")
-    print("| run | images | disk img/s | S3 img/s | S3 / disk | S3 requests per run |")
-    print("|---|---:|---:|---:|---:|---|")
-    for name, what, n in (("model", f"`Config.small()` untrained, {args.width}x{args.height}, batch "
+          f"images/s of the labeling stage (`ciae prepare`: of the whole job), median (min-max) of "
+          f"{args.repeats} rounds; S3 to S3 against disk to disk\n")
+    print("| run | images | disk img/s | S3 img/s | S3 / disk | S3 requests per run | S3 requests per image |")
+    print("|---|---:|---:|---:|---:|---|---|")
+    for name, what, n in (("model", f"`ciae label`, `Config.small()` untrained, {args.width}x{args.height}, batch "
                            f"{args.batch_size}, 1 actor", args.images),
-                          ("trivial", "trivial model stage (data path only), batch 64", args.trivial_images)):
+                          ("trivial", "`ciae label`, trivial model stage (data path only), batch 64",
+                           args.trivial_images),
+                          ("prepare", f"`ciae prepare` (images and PNGs), {args.width}x{args.height}",
+                           args.prepare_images)):
         if name not in results:
             continue
         disk = median_min_max([r["images_per_s"] for r in results[name]["disk"]])
         s3 = median_min_max([r["images_per_s"] for r in results[name]["s3"]])
+        counts = results[name]["s3"][0]["requests"]
         print(f"| {what} | {n} | {disk[0]:.1f} ({disk[1]:.1f}-{disk[2]:.1f}) | {s3[0]:.1f} ({s3[1]:.1f}-{s3[2]:.1f}) "
-              f"| {s3[0] / disk[0]:.2f} | {fmt_requests(results[name]['s3'][0]['requests'])} |")
+              f"| {s3[0] / disk[0]:.2f} | {fmt_requests(counts)} | {fmt_per_image(counts, n)} |")
     for u in results["uploads"]:
         print(f"\nupload of {u['files']} files: {u['seconds']:.1f} s ({u['files'] / u['seconds']:.0f} files/s), "
               f"{fmt_requests(u['requests'])}")
     if results["scans"]:
-        print(f"\nResume scan on S3 (trivial model stage; images on local disk; median (min-max) of "
-              f"{args.scan_repeats} re-runs)\n")
+        print(f"\nResume scan on S3 (trivial model stage; images on local disk; tasks of {args.scan_task_images}; "
+              f"median (min-max) of {args.scan_repeats} re-runs)\n")
         print("| images | build: img/s | build wall s | resume scan s | scan's S3 requests | re-run wall s | "
               "re-run's S3 requests | processed again |")
         print("|---:|---:|---:|---:|---|---:|---|---:|")
         for s in results["scans"]:
             b, rr = s["build"], s["reruns"]
             sc, wall = median_min_max([r["scan_s"] for r in rr]), median_min_max([r["wall_s"] for r in rr])
-            print(f"| {s['images']} | {b['images_per_s']:.0f} | {b['wall_s']:.0f} | {sc[0]:.2f} ({sc[1]:.2f}-{sc[2]:.2f}) "
-                  f"| {fmt_requests(rr[0]['scan_requests'])} | {wall[0]:.1f} ({wall[1]:.1f}-{wall[2]:.1f}) "
+            rate = "direct" if b.get("direct") else f"{b['images_per_s']:.0f}"
+            print(f"| {s['images']} | {rate} | {b['wall_s']:.0f} | {sc[0]:.2f} ({sc[1]:.2f}-{sc[2]:.2f}) "
+                  f"| {fmt_requests(rr[0]['scan_requests'])} | {wall[0]:.2f} ({wall[1]:.2f}-{wall[2]:.2f}) "
                   f"| {fmt_requests(rr[0]['requests'])} | {max(r['processed'] for r in rr)} |")
 
 

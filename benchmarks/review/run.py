@@ -75,7 +75,7 @@ def labeling_output(root: Path, n: int, size: int) -> tuple[str, dict[str, dict]
                          "quality": float(quality[e["index"]]), "pq": None, "pq_stats": None})
             rows[e["key"]] = part[-1]
         store.write_part(task, part)
-        store.seal(task, task_size, table)
+        store.seal(task, task_size, table, review=100)
     return store.uri, rows
 
 

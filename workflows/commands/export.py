@@ -30,9 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ciae.panoptic import CategoryTable
     from pipeline import label_exports as exports
     from pipeline.image_sources import load_plan
     from pipeline.label_store import LabelStore
+    from pipeline.storage import public_uri
     from workflows.label import categories_of
 
     store = LabelStore(args.labels)
@@ -43,13 +45,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("nothing to export: give --coco-panoptic, --coco-instances and/or --review")
     categories = categories_of(plan)
     layout = store.layout
+
+    def shown(name: str) -> str:        # printed: without the URI's credentials
+        return public_uri(store.uri_of(name))
+
     if args.coco_panoptic:
         n = exports.export_coco_panoptic(store, categories, pngs=True)
-        print(f"{n} images -> {store.uri_of(layout.predictions)} and {store.uri_of(layout.panoptic)}/")
+        print(f"{n} images -> {shown(layout.predictions)} and {shown(layout.panoptic)}/")
     if args.coco_instances:
         n = exports.export_coco_instances(store, categories)
-        print(f"{n} instances -> {store.uri_of(layout.instances)}")
+        print(f"{n} instances -> {shown(layout.instances)}")
     if args.review is not None:
-        n = exports.export_review(store, args.review)
-        print(f"{n} images -> {store.uri_of(layout.review)}")
+        summary = store.summary(args.review, CategoryTable.from_json(categories))
+        n = exports.export_review(store, summary, args.review)
+        print(f"{n} images -> {shown(layout.review)}")
     return 0

@@ -96,24 +96,26 @@ def run(args: argparse.Namespace) -> int:
 
     from ciae.evaluation import format_table
     from pipeline.label_store import LabelStore
+    from pipeline.storage import public_uri
     from workflows.jobs import LabelJob
     from workflows.label import label
 
     job = LabelJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LabelJob)})
     s = label(job, address=args.address)
     layout = LabelStore(job.out).layout
+    out = public_uri(args.out)          # printed: without the URI's credentials
     rate = f", {s['images_per_second']:.1f} img/s" if s["images_per_second"] else ""
     print(f"{s['labeled']} of {s['images']} images labeled ({s['skipped']} finished before, "
-          f"{s['processed']} this run in {s['seconds']:.1f} s{rate}), {s['rejected']} rejected -> {args.out}")
+          f"{s['processed']} this run in {s['seconds']:.1f} s{rate}), {s['rejected']} rejected -> {out}")
     if s["rejected"]:
-        print(f"  rejected images are listed in {args.out}/{layout.rejects}")
-    print(f"  the {s['review']} least confident images are listed in {args.out}/{layout.review}")
+        print(f"  rejected images are listed in {out}/{layout.rejects}")
+    print(f"  the {s['review']} least confident images are listed in {out}/{layout.review}")
     if job.coco_panoptic:
-        print(f"  COCO panoptic: {args.out}/{layout.predictions} and {args.out}/{layout.panoptic}/")
+        print(f"  COCO panoptic: {out}/{layout.predictions} and {out}/{layout.panoptic}/")
     if job.coco_instances:
-        print(f"  COCO instances: {args.out}/{layout.instances}")
+        print(f"  COCO instances: {out}/{layout.instances}")
     if s["overlays"]:
-        print(f"  {s['overlays']} panels in {args.out}/{layout.overlays}")
+        print(f"  {s['overlays']} panels in {out}/{layout.overlays}")
     if s["metrics"] is not None:
         print(format_table(s["metrics"]))
     if args.stats and s["stages"]:

@@ -35,15 +35,15 @@ def add_arguments(p):
 def run(args) -> int:
     from pipeline.prepare import prepare
     from pipeline.shards import MANIFEST, Source
-    from pipeline.storage import join
+    from pipeline.storage import join, public_uri
 
     m = prepare(Source(args.images, args.panoptic_json, args.panoptic_dir), args.out,
                 rows_per_shard=args.rows_per_shard, address=args.address)
     c = m["counts"]
     print(f"{c['images']} images in {c['shards']} shards ({m['skipped_shards']} already written), "
-          f"{c['rejected']} rejected -> {args.out}")
+          f"{c['rejected']} rejected -> {public_uri(args.out)}")
     for r in m["rejected"][:20]:
         print(f"  rejected {r['image']}: {r['reason']}")
     if c["rejected"] > 20:
-        print(f"  ... {c['rejected'] - 20} more in {join(args.out, MANIFEST)}")
+        print(f"  ... {c['rejected'] - 20} more in {join(public_uri(args.out), MANIFEST)}")
     return 0
