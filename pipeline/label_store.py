@@ -167,14 +167,22 @@ class Summary:
         return cls(len(labeled), len(rejects), pq, rejects, least_confident_rows(labeled, review), review)
 
     @classmethod
-    def folded(cls, summaries: list[Summary], categories: CategoryTable, review: int) -> Summary:
-        """The summary of the shards of ``summaries`` (in task order), each serving ``review``."""
-        acc, pqs = PQAccumulator(categories), [s.pq for s in summaries if s.pq is not None]
-        for state in pqs:
-            acc.add_json(state)
-        return cls(sum(s.labeled for s in summaries), sum(s.rejected for s in summaries),
-                   acc.to_json() if pqs else None, [r for s in summaries for r in s.rejects],
-                   least_confident_rows((r for s in summaries for r in s.review), review), review)
+    def folded(cls, summaries: Iterable[Summary], categories: CategoryTable, review: int) -> Summary:
+        """The summary of the shards of ``summaries`` (in task order), each serving ``review``,
+        folded one at a time: what it holds is bounded by ``review`` and the rejects, not by the
+        number of tasks."""
+        acc, any_pq = PQAccumulator(categories), False
+        total = cls(0, 0, None, [], [], review)
+        for s in summaries:
+            total.labeled += s.labeled
+            total.rejected += s.rejected
+            if s.pq is not None:
+                acc.add_json(s.pq)
+                any_pq = True
+            total.rejects.extend(s.rejects)
+            total.review = least_confident_rows([*total.review, *s.review], review)
+        total.pq = acc.to_json() if any_pq else None
+        return total
 
 
 def task_name(task: int) -> str:
@@ -360,7 +368,7 @@ class LabelStore:
         if found is not None and found.serves(review):
             return found
         stored = {i.base_name for i in storage.list_folder(self.fs, self.path(self.layout.summaries))}
-        tasks = [self._task_summary(t, sizes[t], review, task_name(t) + ".json" in stored) for t in sorted(sizes)]
+        tasks = (self._task_summary(t, sizes[t], review, task_name(t) + ".json" in stored) for t in sorted(sizes))
         total = Summary.folded(tasks, categories, review)
         self._write_json(self._job_summary_path(), total.to_json(shards=shards))
         self._job_summary_current = True
