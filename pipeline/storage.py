@@ -53,6 +53,7 @@ without it (~70 ms on the 2-core VM).
 
 from __future__ import annotations
 
+import atexit
 import errno
 import functools
 import os
@@ -116,10 +117,19 @@ def _bucket_filesystem(scheme: str, bucket: str, query: str, env: tuple) -> pafs
     import pyarrow.fs as pafs
 
     del env     # in the key only: new credentials or endpoint, a new filesystem
+    _release_at_exit()
     fs = pafs.FileSystem.from_uri(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))[0]
     if fs.type_name != "s3":
         return fs
     return _retrying_s3(fs.__reduce__()[1][0], s3_max_attempts())    # from_uri's settings, our retries
+
+
+@functools.cache
+def _release_at_exit() -> None:
+    """Drop the cached filesystems before pyarrow finalizes S3 at exit (its handler, registered
+    when ``pyarrow.fs`` is imported, runs after ours): an S3 filesystem destroyed after that can
+    crash the exiting process (apache/arrow#38352; seen once here, a CLI exiting with SIGSEGV)."""
+    atexit.register(_bucket_filesystem.cache_clear)
 
 
 # S3's retries, chosen for 5% failed requests (the module's docstring; README, "Running on a cluster")
