@@ -409,12 +409,17 @@ def write_uri(uri: str, data: bytes) -> None:
 @contextmanager
 def parquet_file(uri: str):
     """A ``pyarrow.parquet.ParquetFile`` over one file given by a local path or URI (row groups,
-    footer metadata), open for the block."""
+    footer metadata), open for the block; a storage error in it names the file."""
     import pyarrow.parquet as pq
 
     fs, path = resolve(uri)
-    with fs.open_input_file(path) as f:
-        yield pq.ParquetFile(f)
+    try:
+        with fs.open_input_file(path) as f:
+            yield pq.ParquetFile(f)
+    except OSError as e:       # pyarrow's errors of a read (GetObject of a range) name no object
+        if path in str(e):
+            raise
+        raise OSError(f"{public_uri(uri)}: {e}") from e
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
