@@ -3,12 +3,12 @@
 A checkpoint is a dict of tensors and plain containers: ``model`` (the model's state dict,
 category memory included), ``config`` (``Config.to_dict()``), ``stuff_ids`` / ``thing_ids``
 (COCO ids in contiguous-index order), ``category_names`` (id -> name), and for resuming
-``optimizer`` (its state dict) and ``step``. ``ciae.train.Trainer.checkpoint`` makes one,
-``Trainer.restore`` resumes from one, ``ciae.model.CIAEModel.from_checkpoint`` rebuilds the
-model; ``ciae.finetune.read_source`` also reads torchvision ResNet state dicts.
+``optimizer`` (its state dict) and ``step``. ``ciae.engine.train.Trainer.checkpoint`` makes one,
+``Trainer.restore`` resumes from one, ``ciae.modeling.model.CIAEModel.from_checkpoint`` rebuilds the
+model; ``ciae.engine.finetune.read_source`` also reads torchvision ResNet state dicts.
 
 Checkpoints live in memory as dicts and travel as bytes (``to_bytes``); writing them to a path
-or URI is the caller's (``pipeline.storage.write_uri``, atomic). Reading goes through ``load``
+or URI is the caller's (``pipeline.data.storage.write_uri``, atomic). Reading goes through ``load``
 with ``weights_only=True``: tensors and plain containers only, pickled code is refused.
 """
 

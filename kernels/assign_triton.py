@@ -21,7 +21,7 @@ element:
                     writes 16 N; 2 N D Q_PAD + 6 N D (the taps) flops.
 COCO (N = 800 x 1216, D = 32, Q = 113 -> 128, fp32): assign moves 140 MB (0.04 ms at 3.35 TB/s),
 assign_upsampled 23 MB, both for 8.0 GFLOP of dots and ~0.8 G elementwise operations: assign
-near the balance point, assign_upsampled compute-bound. ``ciae.inference.assemble`` passes every
+near the balance point, assign_upsampled compute-bound. ``ciae.modeling.inference.assemble`` passes every
 image's ``max_detections`` instance slots, the empty ones invalid: on COCO Q = 53 + 100 -> 256.
 """
 
@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from kernels.assign import _linear_taps, _outputs
-from kernels.triton_blocks import (Tile, box_cosine, dot_precision, load_pixels, load_queries_t,
-                                   pad16, pixel_block, tile_for)
+from kernels.triton_blocks import (Tile, box_cosine, dot_precision, load_pixels, load_queries_t, pad16,
+                                   pixel_block, tile_for)
 
 # Autotune tables, (Q_PAD, dtype class of the embedding) -> Tile
 # (``triton_blocks.tile_for``): the classes timed on an NVIDIA H200 by the GPU suite's `tiles`

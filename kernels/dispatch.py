@@ -160,7 +160,7 @@ def nms(boxes: torch.Tensor, classes: torch.Tensor, valid: torch.Tensor, iou_thr
     """boxes [B, N, 4] float xyxy, classes [B, N] int64, valid [B, N] bool, each image sorted by
     decreasing score (ties in input order), iou_thresh >= 0 -> keep [B, N] bool: class-wise
     greedy NMS of each image's valid boxes (float64 IoU > iou_thresh suppresses), the boxes
-    ``ciae.box_ops.batched_nms`` keeps. No host sync on the Triton path. See ``kernels.nms``."""
+    ``ciae.modeling.box_ops.batched_nms`` keeps. No host sync on the Triton path. See ``kernels.nms``."""
     _check(boxes.dim() == 3 and boxes.shape[2] == 4 and boxes.is_floating_point(),
            f"boxes must be [B, N, 4] float, got {tuple(boxes.shape)} {boxes.dtype}")
     _check(classes.shape == boxes.shape[:2] and classes.dtype == torch.int64,

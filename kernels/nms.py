@@ -6,9 +6,9 @@ kept box before it suppresses it: keep[j] = valid[j] and not any(keep[i] and sup
 for i < j) (entries i >= j of ``suppress`` are ignored).
 
 ``nms``: i suppresses j iff i < j, same class and IoU(i, j) > iou_thresh, the IoU computed in
-float64 as ``ciae.box_ops.box_iou`` computes it (inter / union.clamp_min(tiny), widths
+float64 as ``ciae.modeling.box_ops.box_iou`` computes it (inter / union.clamp_min(tiny), widths
 clamp_min(0)): the boxes the one-box-at-a-time greedy NMS keeps, ties included
-(``tests/test_nms.py`` holds that algorithm as the reference). ``ciae.box_ops.batched_nms`` is
+(``tests/test_nms.py`` holds that algorithm as the reference). ``ciae.modeling.box_ops.batched_nms`` is
 the one-image form (boxes in any order).
 
 Both twins resolve the boxes in blocks: a block's boxes
@@ -39,7 +39,7 @@ def _suppresses(a: torch.Tensor, ca: torch.Tensor, b: torch.Tensor, cb: torch.Te
                 iou_thresh: float) -> torch.Tensor:
     """a [B, 4, P] float64 xyxy coordinate planes, ca [B, P] classes, b [B, 4, Q] float64,
     cb [B, Q] -> [B, P, Q] bool: same class and IoU > iou_thresh, the IoU computed as
-    ``ciae.box_ops.box_iou`` (the same operations in the same order; in place, and on planes:
+    ``ciae.modeling.box_ops.box_iou`` (the same operations in the same order; in place, and on planes:
     broadcasting [B, P, 1] views of [B, P, 4] boxes is far slower on a CPU)."""
     ac, bc = a[..., None], b[:, :, None, :]
     iw = torch.minimum(ac[:, 2], bc[:, 2]).sub_(torch.maximum(ac[:, 0], bc[:, 0])).clamp_min_(0)

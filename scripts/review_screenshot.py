@@ -20,7 +20,6 @@ The main part runs in the project's .venv; step 4 runs this same file in .shot-v
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -101,7 +100,7 @@ def make_labels(work: Path, args) -> Path:
 
 def push(labels: Path, server, args, work: Path) -> tuple[int, list[dict]]:
     """`ciae review push`, as a user runs it; returns (project id, its tasks, least confident first)."""
-    from workflows.review import TOKEN_ENV, connect, find_project, open_output
+    from workflows.review.sync import TOKEN_ENV, connect, find_project, open_output
 
     cmd = [str(Path(sys.executable).parent / "ciae"), "review", "push", "--labels", str(labels),
            "--url", server.url, "--project", PROJECT, "--n", str(args.n), "--model-version", MODEL,

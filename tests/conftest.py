@@ -36,7 +36,7 @@ def _paths(root) -> dict:
 def synth_dataset(tmp_path_factory):
     """``synth_dataset(n, seed, height, width)``: the paths of a synthetic COCO panoptic dataset,
     made once per session for each set of arguments; copy it before changing it."""
-    from pipeline.synth import SynthSpec, write_dataset
+    from pipeline.data.synth import SynthSpec, write_dataset
 
     made = {}
 
@@ -58,8 +58,8 @@ def make_shards(tmp_path_factory, ray_local):
     Prepared in this process (``in_process``: the Ray Data job's very shards, tested in
     test_data_prepare.py, without a job's overhead); the session's Ray is started all the same
     for the tests that stream them through Ray."""
-    from pipeline.prepare import prepare
-    from pipeline.shards import Source
+    from pipeline.data.prepare import prepare
+    from pipeline.data.shards import Source
 
     made = {}
 
@@ -143,7 +143,7 @@ def ray_local(s3_env):
     """One local Ray for the whole session (stages reuse a running Ray); its workers see
     ``s3_env``'s environment."""
     os.environ.setdefault("CIAE_OBJECT_STORE_MB", "300")
-    from pipeline.ray_runtime import connect
+    from pipeline.cluster.ray_runtime import connect
 
     with connect():
         yield
@@ -171,7 +171,7 @@ def mlflow_db(_empty_mlflow_db, tmp_path) -> str:
 def write_checkpoint(trainer, path) -> str:
     """Write ``trainer``'s checkpoint to ``path`` (atomically, as the training jobs do); returns it."""
     from ciae import checkpoint
-    from pipeline.storage import write_uri
+    from pipeline.data.storage import write_uri
 
     write_uri(str(path), checkpoint.to_bytes(trainer.checkpoint()))
     return str(path)
@@ -184,10 +184,10 @@ def registered_untrained(tmp_path_factory, _empty_mlflow_db) -> dict:
     import torch
 
     from ciae.config import Config
-    from ciae.model import CIAEModel
-    from ciae.train import Trainer
-    from pipeline.synth import select_categories
-    from workflows.registry import register_checkpoint
+    from ciae.engine.train import Trainer
+    from ciae.modeling.model import CIAEModel
+    from pipeline.data.synth import select_categories
+    from workflows.tracking.registry import register_checkpoint
 
     root = tmp_path_factory.mktemp("registered_untrained")
     cats = select_categories()
@@ -207,9 +207,10 @@ def trained_small(synth_dataset, make_shards, tmp_path_factory, _empty_mlflow_db
     import torch
 
     from ciae.config import Config
-    from ciae.train import Trainer, scale_schedule
-    from workflows.local import batch_stream, evaluate, model_for_shards
-    from workflows.registry import register_checkpoint
+    from ciae.engine.train import Trainer, scale_schedule
+    from pipeline.evaluation.validation import evaluate
+    from pipeline.feed.stream import batch_stream, model_for_shards
+    from workflows.tracking.registry import register_checkpoint
 
     shards = {split: make_shards(synth_dataset(n, seed, 192, 192), 128)
               for split, n, seed in (("train", 64, 0), ("val", 12, 1000))}

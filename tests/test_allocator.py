@@ -1,4 +1,4 @@
-"""ciae.allocator: freed image-sized buffers stay in the process (glibc only)."""
+"""ciae.utils.allocator: freed image-sized buffers stay in the process (glibc only)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 PROBE = """
 import ctypes, sys
-from ciae.allocator import retain_freed_memory
+from ciae.utils.allocator import retain_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

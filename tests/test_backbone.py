@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from ciae.backbone import (FrozenBatchNorm2d, ResNet, build_backbone, group_count,
-                           load_torchvision_weights)
 from ciae.config import BackboneConfig, Config
-from ciae.fpn import FPN
+from ciae.modeling.backbone import (FrozenBatchNorm2d, ResNet, build_backbone, group_count,
+                                    load_torchvision_weights)
+from ciae.modeling.fpn import FPN
 
 DEPTHS = (18, 34, 50, 101)
 NORMS = ("frozen_bn", "bn", "gn")

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ciae.ciae_loss import category_sums, ciae_loss
 from ciae.config import Config, EmbeddingConfig
-from ciae.embedding import EmbeddingBranch, full_resolution, sample_at
-from ciae.inference import assemble, oracle_queries, segments_info
-from ciae.memory import CategoryMemory
+from ciae.modeling.embedding import EmbeddingBranch, full_resolution, sample_at
+from ciae.modeling.inference import assemble, oracle_queries, segments_info
+from ciae.modeling.loss import category_sums, ciae_loss
+from ciae.modeling.memory import CategoryMemory
 
 
 def test_config_defaults_are_the_papers():
@@ -62,7 +62,7 @@ def test_memory_update_follows_eq_13_14():
 
 def test_every_group_norm_uses_one_rule():
     """Backbone, FCOS towers and the embedding branch group 48 channels alike."""
-    from ciae.backbone import make_norm
+    from ciae.modeling.backbone import make_norm
 
     branch = EmbeddingBranch(48, 48, 8)
     groups = {m.num_groups for m in branch.modules() if isinstance(m, torch.nn.GroupNorm)}
@@ -187,7 +187,7 @@ def test_ciae_loss_gradient_reaches_segment_means(monkeypatch):
 
 def test_ciae_loss_gradient_keeps_the_embedding_layout(monkeypatch):
     """A channels-last batch gets a channels-last gradient, equal to plain autograd's."""
-    import ciae.ciae_loss as module
+    import ciae.modeling.loss as module
 
     emb, sem, seg, boxes, memory, c_st = _toy_batch(2)
     cfg = EmbeddingConfig(pixel_chunk=32)
@@ -240,8 +240,8 @@ def test_oracle_on_perfect_embeddings_reproduces_ground_truth():
         assert s["area"] == mask.sum()
         assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
     # and through the PQ evaluator: 1.0
-    from ciae.evaluation.pq import PQAccumulator
-    from ciae.panoptic import CategoryTable
+    from ciae.data.panoptic import CategoryTable
+    from pipeline.evaluation.pq import PQAccumulator
 
     table = CategoryTable.from_json([{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 1},
                                      {"id": 100, "name": "c", "isthing": 0}, {"id": 101, "name": "d", "isthing": 0}])
@@ -257,10 +257,10 @@ def test_post_processing_on_the_device_equals_the_numpy_reference():
     resize, row-run measures) on its own queries: the padding slots, queries that would take
     pixels, take none."""
     from ciae.config import InferenceConfig
-    from ciae.embedding import full_resolution
-    from ciae.inference import stuff_area_threshold
-    from ciae.panoptic import measure_segments
-    from ciae.transform import resize_nearest
+    from ciae.data.panoptic import measure_segments
+    from ciae.data.transform import resize_nearest
+    from ciae.modeling.embedding import full_resolution
+    from ciae.modeling.inference import stuff_area_threshold
     from kernels import dispatch
 
     g = torch.Generator().manual_seed(3)
@@ -330,7 +330,7 @@ def test_segments_are_measured_at_the_output_size_and_vanished_ones_dropped():
 
 
 def test_scores_follow_the_similarity_the_detector_and_each_category():
-    from ciae.inference import image_quality, segment_score
+    from ciae.modeling.inference import image_quality, segment_score
 
     assert segment_score(0.8, None) == 0.8 and segment_score(1.7, None) == 1.0
     assert segment_score(-0.1, None) == 0.0
@@ -348,7 +348,7 @@ def test_scores_follow_the_similarity_the_detector_and_each_category():
 
 def test_stuff_area_threshold_scales_with_image_size():
     from ciae.config import InferenceConfig
-    from ciae.inference import stuff_area_threshold
+    from ciae.modeling.inference import stuff_area_threshold
 
     cfg = InferenceConfig()
     assert stuff_area_threshold(cfg, 800, 1333) == pytest.approx(4096)
@@ -358,7 +358,7 @@ def test_stuff_area_threshold_scales_with_image_size():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_select_instances_drops_low_scores_and_duplicates(backend):
     from ciae.config import InferenceConfig
-    from ciae.inference import select_instances
+    from ciae.modeling.inference import select_instances
 
     q = torch.tensor([[1.0, 0, 0], [0.99, 0.141, 0], [0, 1.0, 0], [1.0, 0, 0], [0, 0, 1.0]])
     q = q / q.norm(dim=1, keepdim=True)

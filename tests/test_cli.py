@@ -20,7 +20,7 @@ def test_every_command_has_help(command, capsys):
 
 def test_train_config_presets_files_and_lr_scaling(tmp_path):
     from ciae.config import Config
-    from workflows.jobs import TrainJob
+    from workflows.jobs.specs import TrainJob
 
     assert Config.load("paper").backbone.name == "resnet50"
     f = tmp_path / "c.json"
@@ -45,7 +45,7 @@ def test_train_config_presets_files_and_lr_scaling(tmp_path):
 
 def test_paper_recipe_without_weights_is_refused():
     from ciae.config import Config
-    from workflows.jobs import TrainJob
+    from workflows.jobs.specs import TrainJob
 
     with pytest.raises(ValueError, match="backbone.weights"):
         TrainJob(data="x", config=Config())
@@ -84,7 +84,7 @@ def test_training_refuses_shared_gpus_and_unsynchronised_batchnorm(tmp_path, mon
     """Two DDP ranks on one GPU (NCCL refuses them), and BatchNorm trained by several CPU workers
     (SyncBatchNorm runs on GPUs only; unsynchronised, the ranks' statistics drift apart)."""
     from ciae.config import Config
-    from workflows.jobs import TrainJob
+    from workflows.jobs.specs import TrainJob
 
     for gpus in (0.5, 0.25, 1.5):
         with pytest.raises(ValueError, match=f"got {gpus:g}: .* only labeling can share GPUs"):

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ciae.panoptic import DatasetError, RecordError, measure_segments
-from pipeline import coco, storage
-from pipeline.panoptic_png import decode_id_png, encode_id_png, id_to_rgb
-from pipeline.shards import convert_record
+from ciae.data.panoptic import DatasetError, RecordError, measure_segments
+from pipeline.data import coco, storage
+from pipeline.data.panoptic_png import decode_id_png, encode_id_png, id_to_rgb
+from pipeline.data.shards import convert_record
 
 
 def _load(src: dict) -> coco.CocoPanoptic:
@@ -70,7 +70,7 @@ def test_rgb_id_roundtrip():
 def test_png_decoding_without_pyspng_gives_the_same_ids(synth_small, monkeypatch):
     """Where pyspng is not installed (the GPU suite's machine), PIL decodes: same ids, and a
     damaged file is still one ValueError."""
-    import pipeline.panoptic_png as codec
+    import pipeline.data.panoptic_png as codec
 
     data = [p.read_bytes() for p in sorted(Path(synth_small["panoptic_dir"]).glob("*.png"))[:3]]
     fast = [decode_id_png(d) for d in data]
@@ -134,7 +134,7 @@ def test_an_exif_oriented_image_is_checked_and_converted_at_its_shown_size(synth
     """A photo stored 96 wide and 128 high, tagged 6: the JSON (128x96) and the panoptic PNG
     are in the orientation viewers show, so it converts; the shard keeps the file's bytes and
     training decodes it at the PNG's size. The JSON's size is checked against the shown size."""
-    from pipeline.targets import decode_row
+    from pipeline.feed.targets import decode_row
 
     data = _tag_as_phone(os.path.join(synth_copy["images"], "synth_0007_000002.jpg"))
     assert Image.open(io.BytesIO(data)).size == (96, 128)

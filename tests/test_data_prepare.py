@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ciae.panoptic import DatasetError
-from pipeline import storage
-from pipeline.prepare import prepare
-from pipeline.shards import (LEGACY_MANIFEST, MANIFEST, Source, decode_panoptic_row, read_manifest, read_table,
-                             shard_paths)
+from ciae.data.panoptic import DatasetError
+from pipeline.data import storage
+from pipeline.data.prepare import prepare
+from pipeline.data.shards import (LEGACY_MANIFEST, MANIFEST, Source, decode_panoptic_row, read_manifest,
+                                  read_table, shard_paths)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -118,7 +118,7 @@ def test_in_process_writes_what_the_ray_job_writes(synth_copy, tmp_path):
     os.remove(os.path.join(synth_copy["panoptic_dir"], "synth_0007_000003.png"))
     by_ray = prepare(_source(synth_copy), str(tmp_path / "ray"), rows_per_shard=4, progress=False)
     code = ("import sys; sys.modules['ray'] = None\n"
-            "from pipeline.prepare import prepare\nfrom pipeline.shards import Source\n"
+            "from pipeline.data.prepare import prepare\nfrom pipeline.data.shards import Source\n"
             f"prepare(Source(**{json.dumps(_source(synth_copy).__dict__)}), "
             f"{str(tmp_path / 'local')!r}, rows_per_shard=4, progress=False, in_process=True)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synth import DEFAULT_CATEGORIES, SynthSpec, coco_categories, select_categories, write_dataset
+from pipeline.data.synth import (DEFAULT_CATEGORIES, SynthSpec, coco_categories, select_categories,
+                                 write_dataset)
 
 
 def _digest(root: str) -> str:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ciae.config import InputConfig
-from pipeline.shards import read_manifest, read_table, shard_paths
-from pipeline.targets import TargetMaker
+from pipeline.data.shards import read_manifest, read_table, shard_paths
+from pipeline.feed.targets import TargetMaker
 
 
 def direct_targets(src: dict, image_id: int, thing_mode: str = "merged") -> dict:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ciae.config import Config, InferenceConfig
-from ciae.model import CIAEModel
+from ciae.modeling.model import CIAEModel
 from kernels import dispatch
 
 BACKENDS = ("torch", "triton")
@@ -45,7 +45,7 @@ def tiny_config() -> Config:
 
 
 def toy_batch(b=2, h=64, w=96, seed=0) -> dict:
-    """Two stuff classes and two instances per image (``pipeline.targets.collate``'s layout)."""
+    """Two stuff classes and two instances per image (``pipeline.feed.targets.collate``'s layout)."""
     g = torch.Generator().manual_seed(seed)
     seg = torch.zeros(b, h, w, dtype=torch.int64)
     seg[:, h // 2:] = 1
@@ -90,8 +90,8 @@ def test_predict_with_overlapping_detections_keeps_to_the_inputs_device():
 
 
 def test_predictor_and_assemble_keep_to_the_inputs_device():
-    from ciae.inference import assemble, select_instances
-    from ciae.predictor import Predictor
+    from ciae.engine.predictor import Predictor
+    from ciae.modeling.inference import assemble, select_instances
 
     predictor = Predictor(planted_model(), batch_size=2)
     images = [np.random.default_rng(k).integers(0, 255, (50 + 7 * k, 70, 3), dtype=np.uint8)
@@ -135,7 +135,7 @@ def test_loss_backends_forward_and_backward_keep_to_the_inputs_device(backend):
 
 
 def test_two_training_steps_keep_to_the_inputs_device():
-    from ciae.train import Trainer
+    from ciae.engine.train import Trainer
 
     torch.manual_seed(0)
     trainer = Trainer(CIAEModel(tiny_config(), stuff_ids=[184, 187], thing_ids=[1, 3]))
@@ -149,7 +149,7 @@ def test_two_training_steps_keep_to_the_inputs_device():
 # ---- bfloat16 numerics ----------------------------------------------------------------------
 
 def test_sample_at_keeps_full_precision_coordinates_under_bf16():
-    from ciae.embedding import sample_at
+    from ciae.modeling.embedding import sample_at
 
     g = torch.Generator().manual_seed(0)
     emb4 = torch.randn(8, 200, 334, generator=g).bfloat16()      # a 800x1336 input at stride 4
@@ -163,7 +163,7 @@ def test_sample_at_keeps_full_precision_coordinates_under_bf16():
 
 
 def test_loss_filter_boxes_are_not_rounded_under_bf16(monkeypatch):
-    from ciae.ciae_loss import ciae_loss
+    from ciae.modeling.loss import ciae_loss
 
     seen = []
     twin = dispatch.embedding_loss
@@ -239,12 +239,12 @@ def test_assignment_under_bf16_autocast_equals_fp32(backend):
 # ---- device discipline of the labeling actor and of fine-tuning's weight surgery --------------
 
 def test_labeling_actors_batch_function_keeps_to_the_inputs_device(registered_untrained):
-    """``pipeline.label_stages.Labeler.__call__`` on a decoded batch (one rejected row), with the
+    """``pipeline.label.stages.Labeler.__call__`` on a decoded batch (one rejected row), with the
     registered model's checkpoint (its bytes, as the actors get them) and its head planted to
     detect everywhere."""
-    from ciae.transform import Transform
-    from pipeline.label_stages import Labeler
-    from pipeline.synth import SynthSpec, render, select_categories
+    from ciae.data.transform import Transform
+    from pipeline.data.synth import SynthSpec, render, select_categories
+    from pipeline.label.stages import Labeler
 
     with open(registered_untrained["checkpoint"], "rb") as f:
         labeler = Labeler(f.read(), "model.pt", threads=1, amp=True, compile=False)
@@ -276,11 +276,11 @@ def test_labeling_actors_batch_function_keeps_to_the_inputs_device(registered_un
 
 
 def test_fine_tunings_weight_surgery_keeps_to_the_inputs_device():
-    """``ciae.finetune.transfer`` from a ciae checkpoint with other categories (rows carried by
+    """``ciae.engine.finetune.transfer`` from a ciae checkpoint with other categories (rows carried by
     category) and from a torchvision ResNet."""
-    from ciae.backbone import ResNet
-    from ciae.finetune import read_source, transfer
-    from ciae.train import Trainer
+    from ciae.engine.finetune import read_source, transfer
+    from ciae.engine.train import Trainer
+    from ciae.modeling.backbone import ResNet
 
     torch.manual_seed(0)
     names = {184: "sky-other-merged", 187: "grass-merged", 190: "road", 1: "person", 3: "car", 5: "airplane"}

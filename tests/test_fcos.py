@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import kernels.nms
-from ciae.backbone import group_count
-from ciae.box_ops import (batched_nms, box_iou, clip_boxes, expand_boxes, giou_loss, iou_loss,
-                          sigmoid_focal_loss)
 from ciae.config import FCOSConfig
-from ciae.fcos import (FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_normalisers,
-                       fcos_targets)
+from ciae.modeling.backbone import group_count
+from ciae.modeling.box_ops import (batched_nms, box_iou, clip_boxes, expand_boxes, giou_loss, iou_loss,
+                                   sigmoid_focal_loss)
+from ciae.modeling.fcos import (FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_normalisers,
+                                fcos_targets)
 
 INF = float("inf")
 

@@ -17,19 +17,19 @@ import mlflow
 import pytest
 import ray
 import torch
+from ray_callbacks import KillRankOneAfterFirstCheckpoint
 
 from ciae import checkpoint
-from ciae.backbone import ResNet
 from ciae.config import Config
-from ciae.finetune import memory_rows, read_source, transfer
-from ciae.model import CIAEModel
-from workflows.local import evaluate, model_for_shards
-from workflows.jobs import TrainJob
-from workflows.models import fetch
-from workflows.tracking import Tracking
-from workflows.train import train
-
-from ray_callbacks import KillRankOneAfterFirstCheckpoint
+from ciae.engine.finetune import memory_rows, read_source, transfer
+from ciae.modeling.backbone import ResNet
+from ciae.modeling.model import CIAEModel
+from pipeline.evaluation.validation import evaluate
+from pipeline.feed.stream import model_for_shards
+from workflows.jobs.specs import TrainJob
+from workflows.jobs.train import train
+from workflows.tracking.location import Tracking
+from workflows.tracking.sources import fetch
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Ray workers import nothing from tests
 

@@ -1,4 +1,4 @@
-"""Inference at the GPU's pace, counted on the CPU (``ciae.opcount``): ``Predictor`` on the GPU
+"""Inference at the GPU's pace, counted on the CPU (``ciae.utils.opcount``): ``Predictor`` on the GPU
 path (``kernel_backend = "triton"``, interpreted here) queues a batch's whole post-processing
 without a host sync and takes its results in one copy, at most two host syncs per batch whatever
 the number of images and instances; a batch of 8 issues at most 1.5 times the operations of a
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from ciae.opcount import OpCounter
-from ciae.predictor import Predictor
 from test_device_discipline import planted_model, toy_batch
+
+from ciae.engine.predictor import Predictor
+from ciae.utils.opcount import OpCounter
 
 pytest.importorskip("triton")
 

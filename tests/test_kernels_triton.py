@@ -18,15 +18,16 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from kernel_cases import degenerate_case, make_case  # noqa: E402
+
 import kernels  # noqa: E402
-from ciae.ciae_loss import category_sums, ciae_loss  # noqa: E402
 from ciae.config import EmbeddingConfig  # noqa: E402
+from ciae.modeling.loss import category_sums, ciae_loss  # noqa: E402
 from kernels import assign_triton, ciae_loss_triton, dispatch, segment_sums_triton  # noqa: E402
 from kernels.assign import assign as twin_assign  # noqa: E402
 from kernels.assign import assign_upsampled as twin_assign_upsampled  # noqa: E402
 from kernels.ciae_loss import embedding_loss as twin_loss  # noqa: E402
 from kernels.segment_sums import segment_sums as twin_segment_sums  # noqa: E402
-from kernel_cases import degenerate_case, make_case  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MARGIN = 0.15

@@ -24,16 +24,16 @@ import torch
 from PIL import Image
 
 from ciae import checkpoint
-from ciae.backbone import ResNet
-from ciae.model import CIAEModel
-from ciae.panoptic import DatasetError
-from pipeline import label_store as ls
-from pipeline import storage
-from pipeline.image_sources import load_plan, make_plan
-from pipeline.panoptic_png import decode_id_png
-from pipeline.synth import SynthSpec, write_dataset
-from workflows.jobs import LabelJob
-from workflows.label import actor_cpus, label
+from ciae.data.panoptic import DatasetError
+from ciae.modeling.backbone import ResNet
+from ciae.modeling.model import CIAEModel
+from pipeline.data import storage
+from pipeline.data.panoptic_png import decode_id_png
+from pipeline.data.synth import SynthSpec, write_dataset
+from pipeline.label import store as ls
+from pipeline.label.sources import load_plan, make_plan
+from workflows.jobs.label import actor_cpus, label
+from workflows.jobs.specs import LabelJob
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_plans_follow_the_documented_key_and_id_rules(tmp_path):
 
 
 def test_external_sort_holds_one_run(tmp_path):
-    from pipeline.image_sources import external_sort
+    from pipeline.label.sources import external_sort
 
     values = list(np.random.default_rng(0).integers(0, 1000, 5000).tolist())
     assert list(external_sort(iter(values), str(tmp_path), run=64)) == sorted(values)
@@ -315,8 +315,8 @@ def test_label_shards_scores_as_the_local_evaluation(model, synth_shards, tmp_pa
     """Two model actors without --cpus-per-worker: a share that fits the machine, said in one line."""
     import ray
 
-    from pipeline.shards import read_manifest
-    from workflows.local import evaluate
+    from pipeline.data.shards import read_manifest
+    from pipeline.evaluation.validation import evaluate
 
     j = job(model, synth_shards, tmp_path / "out", batch_size=3, workers=2)
     s = label(j, progress=False)

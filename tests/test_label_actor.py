@@ -1,4 +1,4 @@
-"""The labeling job's model stage without Ray: ``pipeline.label_stages.Labeler`` submits model
+"""The labeling job's model stage without Ray: ``pipeline.label.stages.Labeler`` submits model
 batch k+1 before it takes batch k's results, and labels as ``Predictor.predict_resized`` does
 batch by batch; the job's input split so that each model actor gets some (``input_items``) and
 the actors' call size (``actor_rows``)."""
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.label_stages import DECODE_BATCH, Labeler, actor_rows, input_items
+from pipeline.label.stages import DECODE_BATCH, Labeler, actor_rows, input_items
 
 
 def test_input_items_split_a_small_job_for_its_actors():
@@ -28,8 +28,8 @@ def test_chunks_of_a_split_task_cover_its_images_once(tmp_path):
     not yet labeled, each once, in plan order."""
     from PIL import Image
 
-    from pipeline.image_sources import make_plan
-    from pipeline.label_stages import chunks
+    from pipeline.label.sources import make_plan
+    from pipeline.label.stages import chunks
 
     images = tmp_path / "images"
     images.mkdir()
@@ -75,8 +75,8 @@ def test_labeler_submits_the_next_batch_before_it_takes_results_and_labels_as_pr
     """Five readable images and a rejected one in batches of 2: three model batches, the second
     submitted before the first's results are taken; each image's id map, segments and quality
     are those of ``predict_resized`` on the same batch."""
-    from ciae.transform import Transform
-    from pipeline.synth import SynthSpec, render, select_categories
+    from ciae.data.transform import Transform
+    from pipeline.data.synth import SynthSpec, render, select_categories
 
     with open(registered_untrained["checkpoint"], "rb") as f:
         labeler = Labeler(f.read(), "model.pt", threads=1, amp=True, compile=False, batch_size=2)

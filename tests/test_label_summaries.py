@@ -1,4 +1,4 @@
-"""The summaries of a labeling output (``pipeline.label_store.Summary``): a finished job's re-run
+"""The summaries of a labeling output (``pipeline.label.store.Summary``): a finished job's re-run
 reads the listing and ``job.json``, no shard, on a local folder and on S3; what the summaries give
 (counts, rejects, review list, PQ) is what the shards give, for a review list longer than the job
 kept too; an output without summaries (either layout) re-runs as before and gets them; a job
@@ -17,13 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from test_label import LEGACY_NAMES, check_outputs
 
-from ciae.evaluation.pq import PQAccumulator
-from ciae.panoptic import CategoryTable
-from pipeline import label_store as ls
-from pipeline import storage
-from pipeline.image_sources import load_plan
-from workflows.jobs import LabelJob
-from workflows.label import categories_of, label
+from ciae.data.panoptic import CategoryTable
+from pipeline.data import storage
+from pipeline.evaluation.pq import PQAccumulator
+from pipeline.label import store as ls
+from pipeline.label.sources import load_plan
+from pipeline.label.sources import categories_of
+from workflows.jobs.label import label
+from workflows.jobs.specs import LabelJob
 
 EXPORTS = ("rejects", "review", "metrics")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from ciae import checkpoint
-from ciae.model import CIAEModel
-from workflows.local import evaluate
+from ciae.modeling.model import CIAEModel
+from pipeline.evaluation.validation import evaluate
 
 
 def test_training_beats_the_untrained_model(trained_small):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from workflows.train_worker import STEP_TAG, _MlflowLog
+from workflows.jobs.train_worker import STEP_TAG, _MlflowLog
 
 
 class FakeClient:

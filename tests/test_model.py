@@ -11,8 +11,8 @@ import torch
 
 from ciae import checkpoint
 from ciae.config import Config
-from ciae.model import CIAEModel
-from ciae.train import Trainer, lr_at, scale_schedule, to_device
+from ciae.engine.train import Trainer, lr_at, scale_schedule, to_device
+from ciae.modeling.model import CIAEModel
 
 
 def tiny_config(**embedding) -> Config:
@@ -232,7 +232,7 @@ def test_to_device_moves_lists():
 
 
 def test_prefetch_keeps_the_order_and_raises_the_producers_error():
-    from ciae.train import prefetch
+    from ciae.engine.train import prefetch
 
     cpu = torch.device("cpu")
     batches = [{"images": torch.full((1,), k), "boxes": [torch.zeros(1, 4)], "image_ids": [k]}

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ciae.box_ops import box_iou
-from ciae.opcount import OpCounter
+from ciae.modeling.box_ops import box_iou
+from ciae.utils.opcount import OpCounter
 from kernels import dispatch
 from kernels import nms as twin
 
@@ -51,7 +51,7 @@ def by_score(scores, *xs):
 
 
 def greedy_reference(boxes, scores, classes, iou_thresh):
-    """The NMS ``ciae.box_ops.batched_nms`` ran before the kernels, one box at a time: boxes by
+    """The NMS ``ciae.modeling.box_ops.batched_nms`` ran before the kernels, one box at a time: boxes by
     decreasing score (ties in input order), each class moved in float64 by a multiple of the
     boxes' span (so that two classes never overlap), a box kept unless a kept one has IoU >
     ``iou_thresh`` with it -> the kept indices, best first."""

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ciae.evaluation import PQAccumulator, format_table
-from ciae.panoptic import CategoryTable, DatasetError, RecordError
-from pipeline.panoptic_png import MAX_SEGMENT_ID, decode_id_png, id_to_rgb
+from ciae.data.panoptic import CategoryTable, DatasetError, RecordError
+from pipeline.data.panoptic_png import MAX_SEGMENT_ID, decode_id_png, id_to_rgb
+from pipeline.evaluation.pq import PQAccumulator, format_table
 
 panopticapi = pytest.importorskip("panopticapi.evaluation")
 
@@ -193,7 +193,7 @@ def test_random_images_match_panopticapi(tmp_path):
 def test_random_datasets_match_pq_compute(tmp_path, monkeypatch):
     """The file evaluator, through hotcoco (local folders) and through our accumulator (URIs,
     or when hotcoco is absent), against panopticapi."""
-    import workflows.evaluate as module
+    import pipeline.evaluation.files as module
 
     hotcoco_calls = []
     monkeypatch.setattr(module, "_hotcoco", lambda *a, real=module._hotcoco: hotcoco_calls.append(1) or real(*a))
@@ -236,7 +236,7 @@ def test_many_segments_match_panopticapi(tmp_path):
 
 
 def test_coco_sample_against_itself(coco_sample):
-    from workflows.evaluate import evaluate
+    from pipeline.evaluation.files import evaluate
 
     src = (coco_sample["panoptic_json"], coco_sample["panoptic_dir"])
     ours = evaluate(*src, *src, workers=1)
@@ -408,7 +408,7 @@ BAD_FILES = {
 
 @pytest.mark.parametrize("name", BAD_FILES)
 def test_bad_files_name_image_and_problem(small_dataset, name):
-    from workflows.evaluate import EvaluationError, evaluate
+    from pipeline.evaluation.files import EvaluationError, evaluate
 
     d = small_dataset
     corrupt, problem = BAD_FILES[name]
@@ -432,7 +432,7 @@ def test_bad_files_name_image_and_problem(small_dataset, name):
 def test_inconsistent_ground_truth(small_dataset, edit):
     """Local folders (hotcoco) count a ground truth whose PNG and JSON disagree as panopticapi
     does; the accumulator (URIs) refuses the image, naming it."""
-    from workflows.evaluate import EvaluationError, evaluate
+    from pipeline.evaluation.files import EvaluationError, evaluate
 
     d = small_dataset
 
@@ -466,7 +466,7 @@ def test_every_problem_is_listed_and_the_cli_fails(small_dataset, capsys):
 
 
 def test_missing_or_broken_prediction_json(small_dataset):
-    from workflows.evaluate import evaluate
+    from pipeline.evaluation.files import evaluate
 
     d = small_dataset
     with pytest.raises(DatasetError, match="absent.json: file not found"):
@@ -529,7 +529,7 @@ def test_decode_id_png_matches_reference(coco_sample):
 
 
 def test_unreadable_png_names_image_and_problem(small_dataset):
-    import workflows.evaluate as module
+    import pipeline.evaluation.files as module
 
     d = small_dataset
     path = os.path.join(d["pred_dir"], "1.png")

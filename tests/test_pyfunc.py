@@ -1,5 +1,5 @@
-"""The registry contract: a checkpoint logged with ``workflows.pyfunc.log_model``, registered and
-aliased (``workflows.registry``, through the client only), predicts through plain MLflow
+"""The registry contract: a checkpoint logged with ``workflows.tracking.pyfunc.log_model``, registered and
+aliased (``workflows.tracking.registry``, through the client only), predicts through plain MLflow
 (``models:/NAME@ALIAS``, the consumer pointing MLflow at the store), also in a Python where this
 project is not installed; and the Predictor behind it maps predictions to each image's size."""
 
@@ -18,23 +18,22 @@ import pandas as pd
 import pytest
 import ray.cloudpickle
 import torch
-from PIL import Image
-
+from conftest import write_checkpoint
 from mlflow.models import Model
+from PIL import Image
 
 from ciae import checkpoint
 from ciae.config import Config
-from ciae.model import CIAEModel
-from ciae.predictor import Predictor
-from ciae.transform import decode_rgb
-from ciae.train import Trainer
-from conftest import write_checkpoint
-from pipeline.panoptic_png import decode_id_png
-from pipeline.synth import SynthSpec, render, select_categories
-from pipeline.ray_runtime import assigned_device
-from workflows.pyfunc import PIP_REQUIREMENTS
-from workflows.registry import register_checkpoint
-from workflows.tracking import Tracking
+from ciae.data.transform import decode_rgb
+from ciae.engine.predictor import Predictor
+from ciae.engine.train import Trainer
+from ciae.modeling.model import CIAEModel
+from pipeline.cluster.ray_runtime import assigned_device
+from pipeline.data.panoptic_png import decode_id_png
+from pipeline.data.synth import SynthSpec, render, select_categories
+from workflows.tracking.location import Tracking
+from workflows.tracking.pyfunc import PIP_REQUIREMENTS
+from workflows.tracking.registry import register_checkpoint
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Ray workers import nothing from tests
 

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from pipeline import ray_idle
+from pipeline.cluster import ray_idle
 
 
 class CountingSleep:

@@ -18,10 +18,10 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline.synth import SynthSpec, write_dataset
 from ray_nodes import FAST_FAILURE_DETECTION, REPO, RayNode, driver_cmd
 from test_label import _written, check_outputs
+
+from pipeline.data.synth import SynthSpec, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,8 @@ def shard_tables(out) -> dict[str, list[dict]]:
 
 
 def test_prepare_loses_the_second_node_mid_job_and_writes_the_same_shards(head, second, tmp_path):
-    from pipeline.prepare import prepare
-    from pipeline.shards import Source
+    from pipeline.data.prepare import prepare
+    from pipeline.data.shards import Source
 
     src = tmp_path / "src"
     write_dataset(str(src), 32, seed=22, spec=SynthSpec(height=256, width=256))
@@ -138,7 +138,6 @@ def test_training_loses_the_second_node_and_resumes_from_its_checkpoint_on_s3(he
     and the steps go on from there to the end."""
     import mlflow
     from s3_server import upload
-
     from test_s3 import listing
 
     root = f"s3://{s3_server['bucket']}/test_ray_nodes_train"
@@ -202,12 +201,12 @@ def test_labeling_loses_the_node_of_every_model_actor_and_never_hangs(head, regi
 
 
 def test_watched_rows_fail_in_one_line_only_when_stalled_on_a_shrunk_cluster(monkeypatch):
-    """``pipeline.ray_runtime.watched``: slow rows on a cluster with what the job needs all
+    """``pipeline.cluster.ray_runtime.watched``: slow rows on a cluster with what the job needs all
     come; rows that stop on a cluster short of CPUs end in ``ClusterShrank`` naming what is
     left; an error of the rows is raised as it is."""
     import ray
 
-    from pipeline.ray_runtime import ClusterShrank, watched
+    from pipeline.cluster.ray_runtime import ClusterShrank, watched
 
     def slow(n, pause, fail=None):
         for i in range(n):

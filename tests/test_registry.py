@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+from conftest import write_checkpoint
 
 from ciae import checkpoint
 from ciae.config import Config
-from ciae.model import CIAEModel
-from ciae.train import Trainer
-from conftest import write_checkpoint
-from workflows.registry import PQ_TAG, register
-from workflows.tracking import Tracking
+from ciae.engine.train import Trainer
+from ciae.modeling.model import CIAEModel
+from workflows.tracking.location import Tracking
+from workflows.tracking.registry import PQ_TAG, register
 
 
 @pytest.fixture(scope="module")

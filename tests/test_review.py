@@ -3,7 +3,7 @@ once per session from ``.ls-venv``: conftest's ``label_studio``): push the least
 their segments as predictions, idempotently; pull them back as COCO panoptic, exactly; one-line
 errors for a user's mistakes.
 
-The labeling output is written directly with ``pipeline.label_store`` (no model, no Ray): each
+The labeling output is written directly with ``pipeline.label.store`` (no model, no Ray): each
 image "labeled" with its ground truth, so that what comes back can be compared with it pixel for
 pixel, crowd flags included."""
 
@@ -16,10 +16,10 @@ import os
 import numpy as np
 import pytest
 
-from ciae.panoptic import CategoryTable
-from pipeline import label_store as ls
-from pipeline.image_sources import make_plan
-from pipeline.panoptic_png import decode_id_png
+from ciae.data.panoptic import CategoryTable
+from pipeline.data.panoptic_png import decode_id_png
+from pipeline.label import store as ls
+from pipeline.label.sources import make_plan
 from workflows.cli import main
 
 N = 5
@@ -157,9 +157,9 @@ def test_an_exif_turned_image_keeps_its_viewer_orientation_through_push_and_pull
     it, and takes the sizes of regions drawn there from it); pulled back, the map is the same."""
     from PIL import Image, ImageOps
 
-    from ciae.transform import decode_rgb
-    from pipeline.panoptic_png import encode_id_png
-    from pipeline.synth import select_categories
+    from ciae.data.transform import decode_rgb
+    from pipeline.data.panoptic_png import encode_id_png
+    from pipeline.data.synth import select_categories
 
     table = select_categories()
     ids = np.ones((240, 160), np.uint32)                    # viewer orientation: 240 high, 160 wide

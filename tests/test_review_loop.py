@@ -22,16 +22,16 @@ import pytest
 import torch
 
 from ciae.config import Config
-from ciae.evaluation.pq import PQAccumulator
-from ciae.panoptic import CategoryTable
-from pipeline import label_store as ls
-from pipeline.panoptic_png import decode_id_png
-from pipeline.prepare import prepare
-from pipeline.shards import Source, decode_panoptic_row, read_manifest, read_table
-from workflows import review
-from workflows.jobs import LabelJob, TrainJob
-from workflows.label import label
-from workflows.train import train
+from ciae.data.panoptic import CategoryTable
+from pipeline.data.panoptic_png import decode_id_png
+from pipeline.data.prepare import prepare
+from pipeline.data.shards import Source, decode_panoptic_row, read_manifest, read_table
+from pipeline.evaluation.pq import PQAccumulator
+from pipeline.label import store as ls
+from workflows.jobs.label import label
+from workflows.jobs.specs import LabelJob, TrainJob
+from workflows.jobs.train import train
+from workflows.review.sync import sync as review
 
 SIZE = 96
 N = 16                     # images pushed for review
@@ -51,11 +51,11 @@ def weak(synth_dataset, make_shards, tmp_path_factory, _empty_mlflow_db) -> dict
     """Config.small() (96 px) trained for WEAK_STEPS steps on 16 other synthetic images in one
     process, registered as ciae-weak (@champion) in a sqlite MLflow of its own:
     {"tracking", "uri"}."""
-    from ciae.train import Trainer, scale_schedule
-    from workflows.local import batch_stream, model_for_shards
-    from workflows.registry import register_checkpoint
-
     from conftest import write_checkpoint
+
+    from ciae.engine.train import Trainer, scale_schedule
+    from pipeline.feed.stream import batch_stream, model_for_shards
+    from workflows.tracking.registry import register_checkpoint
 
     root = tmp_path_factory.mktemp("weak")
     shards = make_shards(synth_dataset(16, 0, SIZE, SIZE), 16)

@@ -17,13 +17,13 @@ import pyarrow.fs as pafs
 import pytest
 from s3_server import upload
 
-from pipeline import label_store as ls
-from pipeline import storage
-from pipeline.prepare import prepare
-from pipeline.shards import MANIFEST, Source, read_manifest, read_table
-from pipeline.synth import SynthSpec, write_dataset
-from workflows.jobs import LabelJob
-from workflows.label import label
+from pipeline.data import storage
+from pipeline.data.prepare import prepare
+from pipeline.data.shards import MANIFEST, Source, read_manifest, read_table
+from pipeline.data.synth import SynthSpec, write_dataset
+from pipeline.label import store as ls
+from workflows.jobs.label import label
+from workflows.jobs.specs import LabelJob
 
 
 @pytest.fixture(scope="module")
@@ -310,12 +310,12 @@ def test_train_on_s3_resumes_from_its_checkpoint_there_and_equals_local(s3_serve
     model loads from there."""
     import mlflow
     import torch
-
     from ray_callbacks import KillRankOneAfterFirstCheckpoint
     from test_train_distributed import tiny_config
-    from workflows.jobs import TrainJob
-    from workflows.tracking import Tracking
-    from workflows.train import train
+
+    from workflows.jobs.specs import TrainJob
+    from workflows.jobs.train import train
+    from workflows.tracking.location import Tracking
 
     shards = make_shards(synth_small, 3)            # row groups that straddle the workers' parts
     root = f"s3://{s3_server['bucket']}/test_s3_train"

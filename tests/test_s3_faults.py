@@ -1,6 +1,6 @@
 """A flaky S3 (``s3_faults.FaultProxy`` in front of moto's server): with 5% of the requests
 answered 503 SlowDown, 500 InternalError or a dropped connection, ``ciae prepare``, ``train`` and
-``label`` on S3 go on through the retries chosen in ``pipeline.storage`` (pyarrow, botocore,
+``label`` on S3 go on through the retries chosen in ``pipeline.data.storage`` (pyarrow, botocore,
 MLflow's boto3, Ray Train's storage). Each job meets a store that fails for good halfway, and
 ends with one line naming the object and the error; run again once the store has recovered (5%
 faults still) it resumes, and gives what a clean run gives, byte for byte, every output once.
@@ -29,8 +29,8 @@ from s3_faults import FAULTS, FaultProxy, wrote
 from s3_server import upload
 from test_s3 import listing, manifest_of, rows
 
-from pipeline import storage
-from pipeline.shards import MANIFEST
+from pipeline.data import storage
+from pipeline.data.shards import MANIFEST
 
 RATE = 0.05
 
@@ -148,8 +148,8 @@ def test_label_survives_faults_and_resumes_after_a_failing_store(proxy, root, da
     good once half the tasks have a part: one line. Run again once it has recovered (5% faults
     still), it labels the rest: the rows, PQ and COCO files of the clean (local) run, every
     image once, the shards sealed before as they were."""
-    from workflows.jobs import LabelJob
-    from workflows.label import label
+    from workflows.jobs.label import label
+    from workflows.jobs.specs import LabelJob
 
     model = registered_untrained["checkpoint"]
     local = str(tmp_path / "local")
@@ -191,10 +191,10 @@ def test_train_survives_faults_and_resumes_after_a_failing_store(proxy, root, sy
 
     import mlflow
     import torch
-
     from test_train_distributed import tiny_config
-    from workflows.jobs import TrainJob
-    from workflows.train import train
+
+    from workflows.jobs.specs import TrainJob
+    from workflows.jobs.train import train
 
     shards = make_shards(synth_small, 3)
     upload(shards, f"{root}/train/shards")

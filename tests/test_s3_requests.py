@@ -1,5 +1,5 @@
 """Requests that follow the work on S3 (moto's server, ``s3_server``; its requests counted from its
-log, ``s3_server.Requests``): ``pipeline.storage``, and ``ciae label`` and ``ciae prepare`` from
+log, ``s3_server.Requests``): ``pipeline.data.storage``, and ``ciae label`` and ``ciae prepare`` from
 S3 to S3, read each input with one GET and no HEAD before it, write each object with one PUT (no
 multipart upload for a small one) and write no folder-marker objects (keys ending in ``/``)."""
 
@@ -12,11 +12,11 @@ from urllib.parse import urlsplit
 import pytest
 from s3_server import create_bucket, upload
 
-from pipeline import storage
-from pipeline.prepare import prepare
-from pipeline.shards import Source
-from workflows.jobs import LabelJob
-from workflows.label import label
+from pipeline.data import storage
+from pipeline.data.prepare import prepare
+from pipeline.data.shards import Source
+from workflows.jobs.label import label
+from workflows.jobs.specs import LabelJob
 
 BUCKET = "ciae-test-requests"     # a bucket of its own: moto scans a whole bucket per LIST
 

@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pytest
 from s3_server import S3_ENV, upload
 
-from pipeline import storage
+from pipeline.data import storage
 from workflows.cli import main
 
 KEY, SECRET = "AKIDsecretsTEST42", "uriSECRETplanted4242"     # planted in URIs (moto takes any key)
@@ -66,8 +66,8 @@ def s3_leaks(uri: str) -> tuple[int, list[str]]:
 def test_credentials_in_tracking_and_artifact_uris_are_refused(argv, what, capsys, monkeypatch):
     """One line, exit status 2, the secret not shown, what to do instead; the same ValueError
     from the jobs and ``Tracking.resolve`` (also for ``$MLFLOW_TRACKING_URI``)."""
-    from workflows.jobs import LabelJob, TrainJob
-    from workflows.tracking import Tracking
+    from workflows.jobs.specs import LabelJob, TrainJob
+    from workflows.tracking.location import Tracking
 
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -90,8 +90,8 @@ def test_plans_hold_uris_without_credentials(tmp_path):
     """A plan row's URI is written as ``***@`` and read back with the job's credentials for its
     place (unknown ones: none, the environment's); a list file's line with credentials of its
     own is refused."""
-    from ciae.panoptic import DatasetError
-    from pipeline.image_sources import credentials, make_plan, with_credentials
+    from ciae.data.panoptic import DatasetError
+    from pipeline.label.sources import credentials, make_plan, with_credentials
 
     job = credentials(creds("s3://b/images"), None, "s3://c/gt", "/local")
     assert job == {"s3://***@b": f"s3://{KEY}:{SECRET}@b"}

@@ -1,5 +1,5 @@
 """A training step at the GPU's pace: at most one host sync per step (the loss values' copy to the
-host, read once the step is queued), counted on the CPU with ``ciae.opcount.OpCounter``, with
+host, read once the step is queued), counted on the CPU with ``ciae.utils.opcount.OpCounter``, with
 the PyTorch twins and with the Triton kernels (interpreted here, the path a GPU runs); and the
 FCOS losses without boolean masks equal the masked formulation's (kept below as the reference)."""
 
@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from ciae.box_ops import giou_loss, iou_loss, sigmoid_focal_loss
-from ciae.fcos import compute_locations, fcos_losses, fcos_normalisers, fcos_targets
-from ciae.model import CIAEModel
-from ciae.opcount import OpCounter
-from ciae.train import Trainer
-from kernels import dispatch
 from test_device_discipline import tiny_config, toy_batch
+
+from ciae.engine.train import Trainer
+from ciae.modeling.box_ops import giou_loss, iou_loss, sigmoid_focal_loss
+from ciae.modeling.fcos import compute_locations, fcos_losses, fcos_normalisers, fcos_targets
+from ciae.modeling.model import CIAEModel
+from ciae.utils.opcount import OpCounter
+from kernels import dispatch
 
 STEP_CASES = [("torch", (1, 128, 192)),    # batch 1: P7 must not be 1x1 under GroupNorm
               ("triton", (2, 64, 96))]     # interpreted: small images keep it fast

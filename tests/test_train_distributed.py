@@ -20,10 +20,10 @@ import torch
 import torch.multiprocessing
 
 from ciae.config import Config
-from ciae.model import CIAEModel
-from pipeline.shards import read_manifest
-from workflows.jobs import TrainJob
-from workflows.train import train
+from ciae.modeling.model import CIAEModel
+from pipeline.data.shards import read_manifest
+from workflows.jobs.specs import TrainJob
+from workflows.jobs.train import train
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Ray workers import nothing from tests
 
@@ -102,8 +102,8 @@ def batchnorms(module) -> list:
 
 
 def test_trained_batchnorm_becomes_syncbatchnorm_and_frozen_batchnorm_stays_frozen():
-    from ciae.backbone import FrozenBatchNorm2d
-    from workflows.train_worker import sync_batchnorm
+    from ciae.modeling.backbone import FrozenBatchNorm2d
+    from workflows.jobs.train_worker import sync_batchnorm
 
     torch.manual_seed(0)
     model = CIAEModel(tiny_config().merged({"backbone": {"norm": "bn", "freeze_at": 2}}), [1, 2], [3])
@@ -128,7 +128,7 @@ def test_trained_batchnorm_becomes_syncbatchnorm_and_frozen_batchnorm_stays_froz
 
 
 def _wrap_in_ddp(rank: int, world: int, prepared, out: str) -> None:
-    from workflows.train_worker import distributed_trainer
+    from workflows.jobs.train_worker import distributed_trainer
 
     results = {}
     for norm in ("bn", "gn"):
@@ -153,9 +153,10 @@ def test_two_workers_synchronise_batchnorm_before_ddp(tmp_path):
 
 
 def test_validation_parts_add_up_to_the_whole_set(synth_shards):
-    """``workflows.local.accumulate``'s parts: consecutive rows, across shard boundaries (shards
+    """``pipeline.evaluation.validation.accumulate``'s parts: consecutive rows, across shard boundaries (shards
     of 4 and 2 rows in 2 and 4 parts), whose merged statistics are the whole set's."""
-    from workflows.local import accumulate, model_for_shards
+    from pipeline.evaluation.validation import accumulate
+    from pipeline.feed.stream import model_for_shards
 
     torch.manual_seed(0)
     model = model_for_shards(tiny_config(), synth_shards)
@@ -176,9 +177,9 @@ GROUP_TIMEOUT_S = 8.0
 
 def _validation_setup(rank: int, shards: str, out: str, uri: str, run_id: str):
     """The model, and rank 0's MLflow log (its client made before the group's clock runs)."""
-    from workflows.local import model_for_shards
-    from workflows.tracking import Tracking
-    from workflows.train_worker import _MlflowLog
+    from pipeline.feed.stream import model_for_shards
+    from workflows.jobs.train_worker import _MlflowLog
+    from workflows.tracking.location import Tracking
 
     cfg = tiny_config(iterations=2, checkpoint_every=100)
     torch.manual_seed(cfg.solver.seed)
@@ -188,9 +189,9 @@ def _validation_setup(rank: int, shards: str, out: str, uri: str, run_id: str):
 def _train_validating_every_step(rank: int, world: int, prepared, shards: str, out: str, uri: str,
                                  run_id: str) -> None:
     """Two steps under DDP with the workers' hooks, validating (slowly) after each."""
-    from workflows.local import batch_stream
-    from workflows.tracking import Tracking
-    from workflows.train_worker import CHECKPOINT_FILE, StepHooks, WorkerSpec, distributed_trainer
+    from pipeline.feed.stream import batch_stream
+    from workflows.jobs.train_worker import CHECKPOINT_FILE, StepHooks, WorkerSpec, distributed_trainer
+    from workflows.tracking.location import Tracking
 
     model, log = prepared
     validated = []
@@ -224,8 +225,8 @@ def test_validation_stalls_no_rank_and_gives_the_pq_of_one_process(shards, mlflo
     its half at the same time, so no rank waits in a collective meanwhile, and the PQ statistics
     summed over the ranks give the PQ one process measures."""
     from ciae import checkpoint
-    from workflows.local import evaluate
-    from workflows.tracking import Tracking
+    from pipeline.evaluation.validation import evaluate
+    from workflows.tracking.location import Tracking
 
     tracking = Tracking.resolve(mlflow_db)
     uri, client = tracking.uri, tracking.client()

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ciae.config import Config
-from pipeline.shards import read_manifest, shard_paths
-from pipeline.targets import collate
-from pipeline.train_stream import (ShardTargets, data_window, fill_lost_steps, local_batches, numpy_batch,
-                                   plan_items, stream_batches, to_torch)
+from pipeline.data.shards import read_manifest, shard_paths
+from pipeline.feed.stream import (ShardTargets, data_window, fill_lost_steps, local_batches, numpy_batch,
+                                  plan_items, stream_batches, to_torch)
+from pipeline.feed.targets import collate
 
 
 def stream_config(batch: int, seed: int = 5) -> Config:

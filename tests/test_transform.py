@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ciae.config import Config, InputConfig
-from ciae.transform import Transform, output_size, pad_batch, resize_nearest
+from ciae.config import InputConfig
+from ciae.data.transform import Transform, output_size, pad_batch, resize_nearest
 
 
 def test_sizes_follow_the_shorter_side_and_the_cap():
@@ -46,7 +46,7 @@ def test_decoding_takes_any_mode_and_refuses_bombs():
 
     from PIL import Image
 
-    from ciae.transform import ImageError, decode_rgb
+    from ciae.data.transform import ImageError, decode_rgb
 
     def enc(im, fmt="PNG"):
         buf = _io.BytesIO()
@@ -112,7 +112,7 @@ def _stored(data: bytes) -> np.ndarray:
 def test_decoding_turns_a_phone_photo_as_viewers_show_it():
     """Stored 240 wide and 160 high, tagged 6 (turn a quarter clockwise to view): decoded 160
     wide and 240 high, the stored top-left block at the top right, as a viewer shows it."""
-    from ciae.transform import decode_rgb
+    from ciae.data.transform import decode_rgb
 
     data = _photo(6)
     out = decode_rgb(data)
@@ -133,7 +133,7 @@ def test_every_orientation_decodes_as_pil_transposes_it():
 
     from PIL import Image
 
-    from ciae.transform import decode_rgb, exif_orientation, oriented_size
+    from ciae.data.transform import decode_rgb, exif_orientation, oriented_size
 
     for fmt in ("JPEG", "PNG"):
         for orientation in (None, *range(1, 9)):
@@ -159,7 +159,7 @@ def test_a_png_without_exif_chunks_is_not_decoded_to_find_its_orientation():
 
     from PIL import Image
 
-    from ciae.transform import exif_orientation
+    from ciae.data.transform import exif_orientation
 
     data = _photo(None, "PNG")
     with Image.open(_io.BytesIO(data)) as im:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.visualize import (OUTLINE, embedding_pca, instance_boundaries, label_position, overlay,
-                                segment_colors)
+from pipeline.evaluation.visualize import (OUTLINE, embedding_pca, instance_boundaries, label_position,
+                                           overlay, segment_colors)
 
 CATEGORIES = [{"id": 7, "name": "sky", "isthing": 0, "color": [70, 130, 180]},
               {"id": 3, "name": "car", "isthing": 1, "color": [0, 0, 142]}]
@@ -120,7 +120,7 @@ def test_embedding_pca_of_a_flat_map_is_defined():
 
 
 def test_panel_puts_image_prediction_ground_truth_and_pca_side_by_side():
-    from pipeline.visualize import CAPTION_HEIGHT, PANEL_GAP, panel
+    from pipeline.evaluation.visualize import CAPTION_HEIGHT, PANEL_GAP, panel
 
     image, ids, segments = scene()
     h, w = ids.shape

@@ -3,14 +3,14 @@
 Each subcommand lives in ``workflows/commands/<name>.py`` with ``HELP``, ``add_arguments(parser)``
 and ``run(args) -> int``; heavy imports (torch, Ray, MLflow) happen inside ``run``, and only the
 invoked subcommand's ``add_arguments`` runs, so that ``ciae --help`` stays instant. Defaults
-come from the functions and job classes the commands call (``defaults``), never from a second
-copy in a command.
+come from the functions and job classes the commands call (``workflows.commands.defaults``),
+never from a second copy in a command.
 
 A user's mistake (a bad option, path, file or model) ends the command with one line,
 ``ciae <command>: <what is wrong>``, and exit status 2; ``--debug`` shows the traceback instead.
 A job that stops because the cluster lost what it holds (a node gone for good), or because its
 storage kept failing through every retry (an ``OSError``: S3 answering 503 SlowDown, 500 or
-nothing, ``pipeline.storage``'s retries spent), ends the same way with status 3: running it again
+nothing, ``pipeline.data.storage``'s retries spent), ends the same way with status 3: running it again
 resumes it. An error raised in a Ray task, actor or Ray Train worker is told as raised there
 (``root_error``), not as the traceback Ray wraps it in.
 """
@@ -18,17 +18,15 @@ resumes it. An error raised in a Ray task, actor or Ray Train worker is told as 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
-import inspect
 import re
 import sys
 
-from pipeline.ray_runtime import ClusterShrank
+from pipeline.cluster.ray_runtime import ClusterShrank
 
 COMMANDS = ("synth", "prepare", "train", "evaluate", "label", "export", "review", "demo")
 EXIT_USER_ERROR = 2
-EXIT_CLUSTER = 3        # the cluster lost what a job needs (pipeline.ray_runtime.ClusterShrank): run it again
+EXIT_CLUSTER = 3        # the cluster lost what a job needs (pipeline.cluster.ray_runtime.ClusterShrank): run it again
 
 
 # the exceptions that mean bad input rather than a bug: ValueError (the project's RecordError,
@@ -39,14 +37,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def defaults(obj) -> dict:
-    """Parameter defaults of a function, or field defaults of a dataclass."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: f.default for f in dataclasses.fields(obj) if f.default is not dataclasses.MISSING}
-    return {k: p.default for k, p in inspect.signature(obj).parameters.items()
-            if p.default is not inspect.Parameter.empty}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -75,9 +65,9 @@ _RAY_DATA_NOTE = re.compile(r"\nFailed to .* after \d+/\d+ attempts \(total back
 
 
 def one_line(e: BaseException) -> str:
-    """The error as one line, naming objects by URI (``pipeline.storage.s3_uris``), without
-    credentials (``pipeline.storage.redact``)."""
-    from pipeline.storage import redact, s3_uris
+    """The error as one line, naming objects by URI (``pipeline.data.storage.s3_uris``), without
+    credentials (``pipeline.data.storage.redact``)."""
+    from pipeline.data.storage import redact, s3_uris
 
     return redact(s3_uris(" ".join(_RAY_DATA_NOTE.sub("", str(e)).split()))) or type(e).__name__
 
@@ -85,7 +75,7 @@ def one_line(e: BaseException) -> str:
 def root_error(e: BaseException) -> BaseException:
     """The error a Ray task, actor or Ray Train worker raised, out of what Ray wraps it in (whose
     text is a traceback): a task's ``RayTaskError`` (its ``cause``; Ray Data raises the UDF's own
-    error, ``pipeline.ray_runtime.connect``), Ray Train's ``WorkerGroupError`` (the first
+    error, ``pipeline.cluster.ray_runtime.connect``), Ray Train's ``WorkerGroupError`` (the first
     worker's failure, itself wrapped with its traceback) and ``ControllerError``; else ``e``."""
     while True:
         inner = (getattr(e, "cause", None) or getattr(e, "controller_failure", None)

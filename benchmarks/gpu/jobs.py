@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.storage import write_uri  # noqa: E402
+from pipeline.data.storage import write_uri  # noqa: E402
 
 RUN_NAME = "jobs"
 # per mode: (train images, h, w), (label distinct images, h, w), batch per worker, label batch and
@@ -180,7 +180,7 @@ def requirement_conflicts(packages: list[str]) -> list[str]:
 
 
 def _synth_part(args) -> dict:
-    from pipeline.synth import SynthSpec, coco_categories, write_dataset
+    from pipeline.data.synth import SynthSpec, coco_categories, write_dataset
 
     folder, n, seed, h, w = args
     return write_dataset(folder, n, seed=seed, categories=coco_categories(),
@@ -217,7 +217,7 @@ def _label_copies(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from pipeline.synth import SynthSpec, coco_categories, render
+    from pipeline.data.synth import SynthSpec, coco_categories, render
 
     folder, k, step, total, h, w = args
     rgb = render(coco_categories(), k, 7, SynthSpec(height=h, width=w, min_things=6, max_things=10))[0]
@@ -314,7 +314,7 @@ def steady_rate(labels: Path, task_images: int) -> float | None:
 
 
 def segments_per_image(labels: Path) -> float | None:
-    from pipeline.storage import read_parquet
+    from pipeline.data.storage import read_parquet
 
     if not glob.glob(str(labels / "labels" / "*.parquet")):
         return None
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
     # each command starts its own, as a user's would, and its figures include that
     import ray
 
-    from pipeline.ray_runtime import connect
+    from pipeline.cluster.ray_runtime import connect
 
     with connect():
         return run(args, ray.get_runtime_context().gcs_address)

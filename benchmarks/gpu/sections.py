@@ -83,9 +83,9 @@ class Context:
 
     def dataset(self, name: str, n: int, seed: int, height: int, width: int,
                 coco: bool = False, things: tuple[int, int] = (2, 6)) -> Path:
-        """A synthetic COCO panoptic dataset (``pipeline.synth``; the 133 COCO categories if
+        """A synthetic COCO panoptic dataset (``pipeline.data.synth``; the 133 COCO categories if
         ``coco``, else the default 8) -> its folder (images/, panoptic/, panoptic.json)."""
-        from pipeline.synth import SynthSpec, coco_categories, write_dataset
+        from pipeline.data.synth import SynthSpec, coco_categories, write_dataset
 
         root = self.folder(name)
         write_dataset(str(root), n, seed=seed, categories=coco_categories() if coco else None,
@@ -95,8 +95,8 @@ class Context:
 
     def shards(self, name: str, n: int, seed: int, height: int, width: int, **kw) -> str:
         """The shards of ``dataset(...)``, prepared in this process (no Ray)."""
-        from pipeline.prepare import prepare
-        from pipeline.shards import Source
+        from pipeline.data.prepare import prepare
+        from pipeline.data.shards import Source
 
         src = self.dataset(name, n, seed, height, width, **kw)
         out = str(self.folder(f"{name}_shards"))
@@ -474,9 +474,9 @@ def section_kernels(ctx: Context, sec) -> None:
 # ---- training step ----------------------------------------------------------------------------
 
 def section_train_step(ctx: Context, sec) -> None:
-    from ciae.train import to_device
-    from pipeline.shards import read_manifest
-    from workflows.local import batch_stream
+    from ciae.engine.train import to_device
+    from pipeline.data.shards import read_manifest
+    from pipeline.feed.stream import batch_stream
 
     cfg = ctx.paper_config()
     cfg.solver = dataclasses.replace(cfg.solver, batch_size=2)
@@ -491,11 +491,11 @@ def section_train_step(ctx: Context, sec) -> None:
     config = f"{cfg.backbone.name} FPN, input {tuple(batch['images'].shape[2:])}, batch 2"
     sec.entry.setdefault("backends", {})
     sec.set(config=config, bf16_autocast=amp, images=per_image)
-    sec.note("Targets: synthetic COCO-category images (pipeline.synth: 1-3 stuff bands, 6-10 "
+    sec.note("Targets: synthetic COCO-category images (pipeline.data.synth: 1-3 stuff bands, 6-10 "
              "things) through the training data path; per image: "
              + ", ".join(f"{im['stuff_classes']} stuff classes, {im['instances']} instances"
                          for im in per_image) + ".")
-    sec.note("CIAE loss ms: ciae.ciae_loss.ciae_loss forward + backward measured on its own, on "
+    sec.note("CIAE loss ms: ciae.modeling.loss.ciae_loss forward + backward measured on its own, on "
              "a random embedding of the step's shape and dtype with the step's targets and "
              "memory; loss share = that time over the whole step's (which includes it).")
     rows, b = [], sec.entry["backends"]
@@ -525,10 +525,10 @@ def step_figures(ctx: Context, cfg, shards: str, batch: dict, backend: str, warm
                  steps: int, amp: bool) -> dict:
     """Images/s, step ms and peak GiB of ``Trainer.train_step`` with ``backend`` kernels, and the
     time of the CIAE loss alone (forward + backward) on an embedding like the step's."""
-    from ciae.ciae_loss import ciae_loss
-    from ciae.embedding import full_resolution
-    from ciae.train import Trainer
-    from workflows.local import model_for_shards
+    from ciae.engine.train import Trainer
+    from ciae.modeling.embedding import full_resolution
+    from ciae.modeling.loss import ciae_loss
+    from pipeline.feed.stream import model_for_shards
 
     torch.manual_seed(0)
     model = model_for_shards(cfg, shards).to(ctx.device)
@@ -570,7 +570,7 @@ def step_figures(ctx: Context, cfg, shards: str, batch: dict, backend: str, warm
 
 class JpegImages:
     """A map-style dataset: JPEG path -> [h, w, 3] uint8 RGB at the test size, through
-    ``ciae.transform`` (``decode_rgb``, ``Transform.resize_for_test``) as the labeling job's CPU
+    ``ciae.data.transform`` (``decode_rgb``, ``Transform.resize_for_test``) as the labeling job's CPU
     tasks preprocess; ``Transform.batch`` collates them."""
 
     def __init__(self, paths: list[str], transform):
@@ -580,7 +580,7 @@ class JpegImages:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        from ciae.transform import decode_rgb
+        from ciae.data.transform import decode_rgb
 
         with open(self.paths[i], "rb") as f:
             return self.transform.resize_for_test(decode_rgb(f.read()))
@@ -618,10 +618,10 @@ def plant_detections(model, images, sizes, wanted: tuple[int, int]) -> dict:
 
 
 def section_inference(ctx: Context, sec) -> None:
-    from ciae.model import CIAEModel
-    from ciae.predictor import Predictor
-    from ciae.transform import Transform
-    from pipeline.synth import coco_categories
+    from ciae.data.transform import Transform
+    from ciae.engine.predictor import Predictor
+    from ciae.modeling.model import CIAEModel
+    from pipeline.data.synth import coco_categories
 
     cfg = ctx.paper_config()
     # untrained embeddings are alike everywhere: no detection would survive the duplicate test
@@ -637,7 +637,7 @@ def section_inference(ctx: Context, sec) -> None:
     data = JpegImages(paths, transform)
     images, sizes = transform.batch([data[i] for i in range(8)])
     images = images.to(ctx.device)
-    # ciae.predictor.Predictor without and with bf16 autocast, the model's layout left as it is
+    # ciae.engine.predictor.Predictor without and with bf16 autocast, the model's layout left as it is
     predictors = {amp: Predictor(model, amp=amp, channels_last=False) for amp in (False, True)}
     config = (f"{cfg.backbone.name} FPN, {n_files} synthetic {w}x{h} JPEGs at test size "
               f"{tuple(images.shape[2:])} (padded)")
@@ -654,7 +654,7 @@ def section_inference(ctx: Context, sec) -> None:
                  f"{planted['instances_per_image']:.1f}; the duplicate-query test is off "
                  f"(untrained embeddings are alike everywhere).")
     sec.note("predict = forward + detection + query selection + assign_upsampled + COCO panoptic "
-             "assembly (ciae/inference.py), the id maps on the host. Steady = after the first "
+             "assembly (ciae/modeling/inference.py), the id maps on the host. Steady = after the first "
              "batch (worker start-up excluded).")
     rows = []
 
@@ -734,9 +734,10 @@ def section_inference(ctx: Context, sec) -> None:
 # ---- end-to-end numerics ----------------------------------------------------------------------
 
 def section_e2e_numerics(ctx: Context, sec) -> None:
-    from ciae.train import Trainer, scale_schedule, to_device
+    from ciae.engine.train import Trainer, scale_schedule, to_device
     from kernels import dispatch
-    from workflows.local import batch_stream, evaluate, model_for_shards
+    from pipeline.evaluation.validation import evaluate
+    from pipeline.feed.stream import batch_stream, model_for_shards
 
     cfg = ctx.small_config()
     steps = 20 if ctx.smoke else cfg.solver.iterations

@@ -54,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.storage import write_uri  # noqa: E402  (atomic: whatever ends the run, every file under OUT is whole)
+from pipeline.data.storage import write_uri  # noqa: E402  (atomic: whatever ends the run, every file under OUT is whole)
 
 BLOCKED = ("ray", "mlflow", "pycocotools")
 # name -> (GPU budget s, smoke budget s), in priority (= run) order; None: what is left. GPU
@@ -231,7 +231,7 @@ def child_main(args) -> int:
     work = Path(args.work)
     sec = Section(work / f"{args.child}.json", args.deadline, args.inject_fault)
     try:
-        import sections        # beside this script; torch is imported in the children only
+        import sections  # beside this script; torch is imported in the children only
         import tiles
 
         ctx = sections.Context(smoke=args.smoke, out=Path(args.out), work=work)

@@ -20,11 +20,11 @@ import functools
 import json
 
 import torch
+from sections import EAGER_MULTIPLE, kernel_bench
 
 from kernels import assign_triton, ciae_loss_triton, dispatch, segment_sums_triton
 from kernels.triton_blocks import Tile, dtype_class
-from sections import EAGER_MULTIPLE, kernel_bench
-from pipeline.storage import write_uri
+from pipeline.data.storage import write_uri
 
 TABLES = {"loss fwd": (ciae_loss_triton, "LOSS_FWD_TILES"),
           "loss bwd": (ciae_loss_triton, "LOSS_BWD_TILES"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download, here, the wheels that the GPU suite needs on the device machine and that its image
 # lacks, into .whl/ (ignored by git; the device call carries it): pyspng, which
-# pipeline/panoptic_png.py imports. The device runs CPython 3.12 on x86-64 with torch, triton,
+# pipeline/data/panoptic_png.py imports. The device runs CPython 3.12 on x86-64 with torch, triton,
 # numpy, pillow, pyarrow, pandas, fsspec and tqdm already there; a requirement of a wheel that
 # is neither there nor downloaded here is an error.
 #

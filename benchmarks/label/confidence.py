@@ -47,10 +47,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="keep everything here (default: a temporary folder)")
     args = p.parse_args(argv)
 
-    from pipeline.label_store import LabelStore
-    from pipeline.synth import SynthSpec, write_dataset
-    from workflows.jobs import LabelJob
-    from workflows.label import label
+    from pipeline.data.synth import SynthSpec, write_dataset
+    from pipeline.label.store import LabelStore
+    from workflows.jobs.label import label
+    from workflows.jobs.specs import LabelJob
 
     root = args.workdir or tempfile.mkdtemp(prefix="ciae-bench-confidence-")
     data = os.path.join(root, "val")

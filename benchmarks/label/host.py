@@ -7,15 +7,15 @@ brightness, so that the files decode as photos do); per image a synthetic predic
 640x480 (``--stuff`` stuff regions with warped borders and ``--things`` overlapping elliptic
 instances on them, ids 1..n as the model's) and a ground truth made from it (regions moved and
 resized, some instances dropped, thin void borders), written as COCO panoptic PNGs and a JSON.
-The input is planned as ``ciae label`` plans it (``pipeline.image_sources.make_plan``).
+The input is planned as ``ciae label`` plans it (``pipeline.label.sources.make_plan``).
 
 Timed, per image, over --runs runs after one warm-up run (median and min-max), as this process's
 CPU time (what a core spends, little moved by other load on the machine) and wall time:
 
-* ``decode``: ``pipeline.label_stages.decode`` on chunks of ``DECODE_BATCH`` plan entries: the
+* ``decode``: ``pipeline.label.stages.decode`` on chunks of ``DECODE_BATCH`` plan entries: the
   file read, JPEG decode, EXIF turn, resize to the test size of the paper's config (shorter side
   800: 640x480 -> 1067x800);
-* ``encode``: ``pipeline.label_stages.encode`` on labeled rows (decode's columns, the synthetic id
+* ``encode``: ``pipeline.label.stages.encode`` on labeled rows (decode's columns, the synthetic id
   maps and segments) in batches of --batch-size, each batch's rows written as one part of a
   fresh ``LabelStore``: the COCO panoptic PNG, RLE of the thing segments, per-image PQ against
   the ground truth PNG (read and decoded) when given; once with ground truth, once without; and
@@ -146,9 +146,9 @@ def make_maps(k: int, h: int, w: int, n_stuff: int, n_things: int, stuff_ids: li
 def make_input(root: str, n: int, h: int, w: int, n_stuff: int, n_things: int):
     """The JPEGs, the ground truth (PNGs + JSON) and the plan of ``root``; returns (plan, the
     predicted (ids, segments) by image id, categories)."""
-    from pipeline.image_sources import make_plan
-    from pipeline.panoptic_png import encode_id_png
-    from pipeline.synth import coco_categories
+    from pipeline.data.panoptic_png import encode_id_png
+    from pipeline.data.synth import coco_categories
+    from pipeline.label.sources import make_plan
 
     table = coco_categories()
     names = make_jpegs(os.path.join(root, "images"), n, h, w)
@@ -184,7 +184,7 @@ def timed(fn) -> tuple[float, float]:
 def run_decode(entries: list[dict], input_cfg) -> tuple[tuple[float, float], list[dict]]:
     """(wall, CPU) seconds of ``decode`` over all entries in chunks of DECODE_BATCH, and its
     output batches."""
-    from pipeline.label_stages import DECODE_BATCH, _column, decode
+    from pipeline.label.stages import DECODE_BATCH, _column, decode
 
     out = []
     took = timed(lambda: out.extend(decode({"task": np.array([0]), "entries": _column([entries[k:k + DECODE_BATCH]])},
@@ -195,7 +195,7 @@ def run_decode(entries: list[dict], input_cfg) -> tuple[tuple[float, float], lis
 def labeled_rows(decoded: list[dict], predicted: dict, ground_truth: bool) -> list[dict]:
     """Decode's rows as the model actor gives them: without ``image``, with ``ids``, ``segments``
     and ``quality``; ``ground_truth`` False blanks the ground-truth columns."""
-    from pipeline.label_stages import _column
+    from pipeline.label.stages import _column
 
     rows = []
     for batch in decoded:
@@ -213,7 +213,7 @@ def labeled_rows(decoded: list[dict], predicted: dict, ground_truth: bool) -> li
 
 def batches_of(rows: list[dict], size: int) -> list[dict]:
     """Column batches (decode's chunks) re-cut into batches of ``size`` rows."""
-    from pipeline.label_stages import _column
+    from pipeline.label.stages import _column
 
     whole = {}
     for k in rows[0]:
@@ -226,8 +226,8 @@ def batches_of(rows: list[dict], size: int) -> list[dict]:
 
 
 def run_encode(batches: list[dict], out: str, table) -> tuple[float, float]:
-    from pipeline.label_stages import encode
-    from pipeline.label_store import LabelStore
+    from pipeline.label.stages import encode
+    from pipeline.label.store import LabelStore
 
     store = LabelStore(out)
     return timed(lambda: [encode(b, store, table, coco_panoptic=False) for b in batches])
@@ -238,10 +238,10 @@ def encode_parts(batches: list[dict], table, out: str) -> dict[str, tuple[float,
     against the ground-truth PNG (read and decoded), one part written per batch."""
     from pycocotools import mask as rle
 
-    from ciae.evaluation.pq import PQAccumulator
-    from pipeline import storage
-    from pipeline.label_store import LabelStore
-    from pipeline.panoptic_png import decode_id_png, encode_id_png
+    from pipeline.data import storage
+    from pipeline.data.panoptic_png import decode_id_png, encode_id_png
+    from pipeline.evaluation.pq import PQAccumulator
+    from pipeline.label.store import LabelStore
 
     things = set(table.thing_ids)
     rows = [(b["ids"][k], list(b["segments"][k]), b["gt_png"][k], list(b["gt_segments"][k]))
@@ -265,7 +265,7 @@ def encode_parts(batches: list[dict], table, out: str) -> dict[str, tuple[float,
 
 def run_batch(decoded: list[dict], size: int) -> tuple[float, float]:
     """(wall, CPU) seconds of ``Transform.batch`` over every image in batches of ``size``."""
-    from ciae.transform import Transform
+    from ciae.data.transform import Transform
 
     images = [im for b in decoded for im in b["image"]]
     return timed(lambda: [Transform.batch(images[k:k + size]) for k in range(0, len(images), size)])
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     import torch
 
     from ciae.config import Config
-    from pipeline.image_sources import Plan
+    from pipeline.label.sources import Plan
 
     torch.set_num_threads(args.threads)
     root = args.workdir or tempfile.mkdtemp(prefix="ciae-bench-host-")

@@ -5,9 +5,9 @@ Makes N synthetic images (JPEG), writes a checkpoint (untrained unless --checkpo
 of ``Config.small()`` (default) or, with --resnet50, the paper's ResNet-50 at shorter side 800,
 and registers it in a temporary sqlite MLflow. Then, on the same files:
 
-* baseline: one process, no Ray, no MLflow: read, decode, ``ciae.predictor.Predictor`` in
+* baseline: one process, no Ray, no MLflow: read, decode, ``ciae.engine.predictor.Predictor`` in
   batches, encode the PNG, write it; torch on all the cores (or the GPU);
-* the labeling job (``workflows.label.label``) with each actor count of --workers, the actors
+* the labeling job (``workflows.jobs.label.label``) with each actor count of --workers, the actors
   sharing all cores but one (left to the decode and encode tasks) on a CPU machine, or each
   with --gpus-per-worker of a GPU.
 
@@ -31,16 +31,16 @@ import time
 
 import torch
 
-from ciae.config import Config
-from ciae.model import CIAEModel
-from ciae.predictor import Predictor
-from ciae.transform import decode_rgb
 from ciae import checkpoint as ckpt_io
-from ciae.train import Trainer
-from pipeline.label_store import LAYOUT
-from pipeline.panoptic_png import encode_id_png
-from pipeline.storage import write_uri
-from pipeline.synth import SynthSpec, coco_categories, select_categories, write_dataset
+from ciae.config import Config
+from ciae.data.transform import decode_rgb
+from ciae.engine.predictor import Predictor
+from ciae.engine.train import Trainer
+from ciae.modeling.model import CIAEModel
+from pipeline.data.panoptic_png import encode_id_png
+from pipeline.data.storage import write_uri
+from pipeline.data.synth import SynthSpec, coco_categories, select_categories, write_dataset
+from pipeline.label.store import LAYOUT
 
 
 def make_checkpoint(path: str, resnet50: bool) -> None:
@@ -106,10 +106,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="keep everything here (default: a temporary folder)")
     args = p.parse_args(argv)
 
-    from pipeline.ray_runtime import connect
-    from workflows.jobs import LabelJob
-    from workflows.label import label
-    from workflows.registry import register_checkpoint
+    from pipeline.cluster.ray_runtime import connect
+    from workflows.jobs.label import label
+    from workflows.jobs.specs import LabelJob
+    from workflows.tracking.registry import register_checkpoint
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(cores)

@@ -8,7 +8,7 @@ pid), reached as a user reaches S3: credentials and ``AWS_ENDPOINT_URL`` in the 
 before Ray starts so that Ray's workers inherit them. Every figure comes with the requests the
 server answered (its log has a line per request), by kind, so that a per-image request shows.
 
-* **Throughput, the model.** N synthetic JPEGs (``pipeline.synth``), labeled by an untrained
+* **Throughput, the model.** N synthetic JPEGs (``pipeline.data.synth``), labeled by an untrained
   ``Config.small()`` checkpoint (or ``--checkpoint``) with the same job settings
   (``benchmarks/label/run.py``'s: one actor, batch 8, tasks of 4 batches) once from a local
   folder into a local output and once from a prefix of them uploaded to S3 into an output on
@@ -85,7 +85,7 @@ def link_folder(folder: str, n: int, sources: list[str]) -> None:
 
 def link_dataset(src: str, dest: str, n: int) -> None:
     """A COCO panoptic dataset of ``n`` images at ``dest`` (``images/``, ``panoptic/``,
-    ``panoptic.json``, as ``pipeline.synth.write_dataset`` writes them): the images and PNGs of
+    ``panoptic.json``, as ``pipeline.data.synth.write_dataset`` writes them): the images and PNGs of
     ``src`` in turn, hard-linked, each with its record under a new id and name."""
     with open(os.path.join(src, "panoptic.json")) as f:
         doc = json.load(f)
@@ -122,10 +122,10 @@ def make_checkpoint(path: str) -> None:
 
     from ciae import checkpoint
     from ciae.config import Config
-    from ciae.model import CIAEModel
-    from ciae.train import Trainer
-    from pipeline.storage import write_uri
-    from pipeline.synth import select_categories
+    from ciae.engine.train import Trainer
+    from ciae.modeling.model import CIAEModel
+    from pipeline.data.storage import write_uri
+    from pipeline.data.synth import select_categories
 
     cats = select_categories()
     torch.manual_seed(0)
@@ -136,8 +136,8 @@ def throughput(name: str, images: dict, out: dict, job_kw: dict, repeats: int, r
                labeler) -> dict:
     """Label ``images[where]`` into a fresh output under ``out[where]`` for where in disk, s3,
     ``repeats`` rounds alternating the order; {where: [{"images_per_s", "seconds", "requests"}]}."""
-    from workflows.jobs import LabelJob
-    from workflows.label import label
+    from workflows.jobs.label import label
+    from workflows.jobs.specs import LabelJob
 
     clock = time.perf_counter()      # a warm-up (Ray Data's workers, the imports), not counted
     label(LabelJob(input=images["disk"], out=f"{out['disk']}/{name}-warm-up", **job_kw), progress=False,
@@ -162,8 +162,8 @@ def prepare_runs(sources: dict, out: dict, repeats: int, requests: Requests) -> 
     PNG folder) into a fresh output under ``out[where]`` for where in disk, s3, ``repeats``
     rounds alternating the order, after an untimed warm-up on disk; {where: [{"images_per_s",
     "seconds", "images", "requests"}]}."""
-    from pipeline.prepare import prepare
-    from pipeline.shards import Source
+    from pipeline.data.prepare import prepare
+    from pipeline.data.shards import Source
 
     clock = time.perf_counter()
     prepare(Source(*sources["disk"]), f"{out['disk']}/prepare-warm-up", progress=False)
@@ -186,11 +186,12 @@ def scan(n: int, work: str, checkpoint: str, repeats: int, requests: Requests, t
     """Build an output of ``n`` images on S3 in tasks of ``task_images`` (the trivial job, every
     task sealed; ``direct``: ``write_finished`` instead), then re-run the job ``repeats`` times;
     the build's and the re-runs' figures."""
-    from pipeline import label_store as ls
     from s3_server import create_bucket
     from scale import TrivialLabeler
-    from workflows.jobs import LabelJob
-    from workflows.label import label
+
+    from pipeline.label import store as ls
+    from workflows.jobs.label import label
+    from workflows.jobs.specs import LabelJob
 
     folder = os.path.join(work, f"scan-{n}")
     link_folder(folder, n, tiny_jpegs(work, n))
@@ -240,14 +241,14 @@ def write_finished(job) -> None:
     ``scale.TrivialLabeler``, the job's ``encode`` (one part per task) and ``LabelStore.seal``,
     and the summary of them all."""
     import numpy as np
-
-    from ciae.panoptic import CategoryTable
-    from pipeline.image_sources import Plan, make_plan
-    from pipeline.label_stages import encode
-    from pipeline.label_store import LabelStore
-    from pipeline.storage import read_uri
     from scale import TrivialLabeler
-    from workflows.label import categories_of
+
+    from ciae.data.panoptic import CategoryTable
+    from pipeline.data.storage import read_uri
+    from pipeline.label.sources import Plan, make_plan
+    from pipeline.label.stages import encode
+    from pipeline.label.store import LabelStore
+    from pipeline.label.sources import categories_of
 
     store = LabelStore(job.out)
     plan = make_plan(job.input, store.plan_uri, None, None, job.task_images)
@@ -316,12 +317,12 @@ def main(argv=None) -> int:
 
 def run(args, work: str, server, moto_version: str) -> int:
     import ray.cloudpickle
-
     import scale
-    from pipeline.label_stages import Labeler
-    from pipeline.ray_runtime import connect
-    from pipeline.synth import SynthSpec, write_dataset
     from s3_server import create_bucket, upload
+
+    from pipeline.cluster.ray_runtime import connect
+    from pipeline.data.synth import SynthSpec, write_dataset
+    from pipeline.label.stages import Labeler
 
     ray.cloudpickle.register_pickle_by_value(scale)     # Ray's workers cannot import it
     requests = Requests(server)

@@ -32,7 +32,6 @@ class TrivialLabeler:
 
     def __init__(self, checkpoint, name, threads, amp, compile, batch_size=None):
         from ciae import checkpoint as ckpt_io
-
         if not isinstance(checkpoint, bytes):      # its reference in Ray's object store
             import ray
 
@@ -60,8 +59,8 @@ def one_size(n: int, root: str) -> dict:
     """Label a folder of n images twice (the second run resumes); in this process."""
     from PIL import Image
 
-    from workflows.jobs import LabelJob
-    from workflows.label import label
+    from workflows.jobs.label import label
+    from workflows.jobs.specs import LabelJob
 
     folder = os.path.join(root, "images")
     os.makedirs(folder)
@@ -97,11 +96,11 @@ def main(argv=None) -> int:
 
     from ciae import checkpoint
     from ciae.config import Config
-    from ciae.model import CIAEModel
-    from ciae.train import Trainer
-    from pipeline.storage import write_uri
-    from pipeline.synth import select_categories
-    from workflows.registry import register_checkpoint
+    from ciae.engine.train import Trainer
+    from ciae.modeling.model import CIAEModel
+    from pipeline.data.storage import write_uri
+    from pipeline.data.synth import select_categories
+    from workflows.tracking.registry import register_checkpoint
 
     work = tempfile.mkdtemp(prefix="ciae-bench-scale-")
     cats = select_categories()

@@ -17,11 +17,12 @@ import time
 import torch
 
 from ciae.config import Config
-from ciae.train import Trainer, scale_schedule
-from pipeline.prepare import prepare
-from pipeline.shards import Source
-from pipeline.synth import SynthSpec, write_dataset
-from workflows.local import batch_stream, evaluate, model_for_shards
+from ciae.engine.train import Trainer, scale_schedule
+from pipeline.data.prepare import prepare
+from pipeline.data.shards import Source
+from pipeline.data.synth import SynthSpec, write_dataset
+from pipeline.evaluation.validation import evaluate
+from pipeline.feed.stream import batch_stream, model_for_shards
 
 
 def make_split(root: str, split: str, n: int, seed: int, size: int) -> str:

@@ -9,10 +9,10 @@ category, merged into a neighbour or split in two, false-positive blobs, a few e
 Measured, best of ``--repeats`` interleaved runs, by wall clock and, for the single-core rows,
 also by CPU time of this process (robust to other work on a shared machine):
 
-* decode: panopticapi's PNG -> id map (PIL to uint32, rgb2id) vs ``pipeline.panoptic_png.decode_id_png``
+* decode: panopticapi's PNG -> id map (PIL to uint32, rgb2id) vs ``pipeline.data.panoptic_png.decode_id_png``
   (libspng to RGBA, ids one mask away, into a reused array);
 * files, 1 core: ``pq_compute_single_core`` vs our accumulator's file path
-  (``workflows.evaluate.evaluate_pairs``) vs hotcoco's ``PanopticEval`` (one thread) over the
+  (``pipeline.evaluation.files.evaluate_pairs``) vs hotcoco's ``PanopticEval`` (one thread) over the
   same (ground truth, prediction) pairs, JSONs already parsed (read, decode, match, count);
 * in memory, 1 core: ``PQAccumulator.add`` on decoded id maps and ``add_indexed`` on segment-
   index maps, and torchmetrics' ``PanopticQuality.update`` on (category, instance) maps (when
@@ -43,12 +43,12 @@ import time
 import numpy as np
 from PIL import Image
 
-from ciae.evaluation.pq import PQAccumulator
-from ciae.panoptic import CategoryTable
-from pipeline.coco import load_panoptic_json
-from pipeline.panoptic_png import decode_id_png as decode_ids
-from pipeline.panoptic_png import id_to_rgb
-from workflows.evaluate import default_workers, evaluate_pairs, load_predictions
+from ciae.data.panoptic import CategoryTable
+from pipeline.data.coco import load_panoptic_json
+from pipeline.data.panoptic_png import decode_id_png as decode_ids
+from pipeline.data.panoptic_png import id_to_rgb
+from pipeline.evaluation.files import default_workers, evaluate_pairs, load_predictions
+from pipeline.evaluation.pq import PQAccumulator
 
 CATEGORIES = os.path.join(os.path.dirname(__file__), "..", "..", "pipeline", "data",
                           "coco_panoptic_categories.json")

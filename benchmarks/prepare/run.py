@@ -4,9 +4,9 @@ Baseline, run in the same process on the same files: the conversion detectron2's
 ``prepare_panoptic_fpn.py`` does per image (decode the panoptic PNG with PIL, rgb -> id, one
 full-image comparison per segment to paint a semantic map, save it as a PNG).
 
-Ours: ``pipeline.shards.convert_record`` per image (read image and PNG, validate, index the
+Ours: ``pipeline.data.shards.convert_record`` per image (read image and PNG, validate, index the
 segments, measure areas and boxes, encode the index map) plus writing the Parquet shards and the
-manifest: the job in one process (``pipeline.prepare.prepare(..., in_process=True)``, per core),
+manifest: the job in one process (``pipeline.data.prepare.prepare(..., in_process=True)``, per core),
 then as a Ray Data job on all cores.
 
 Data: the real COCO sample (2 val2017 images, repeated) and COCO-sized synthetic images
@@ -27,8 +27,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from pipeline import coco
-from pipeline.shards import Source
+from pipeline.data import coco
+from pipeline.data.shards import Source
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "data", "coco_sample")
 
@@ -55,7 +55,7 @@ def run_baseline(src: dict, records: list[coco.PanopticRecord], lut: dict, work:
 def run_ours_single(src: dict, work: str, rows_per_shard: int) -> float:
     """The job in one process (``prepare(..., in_process=True)``: the same plan, shards and
     manifest, one shard after the other), images/s."""
-    from pipeline.prepare import prepare
+    from pipeline.data.prepare import prepare
 
     t = time.perf_counter()
     m = prepare(Source(src["images"], src["panoptic_json"], src["panoptic_dir"]), work,
@@ -67,8 +67,8 @@ def run_ours_ray(src: dict, work: str, rows_per_shard: int) -> tuple[float, floa
     """The whole Ray Data job, images/s: a cold run (Ray workers start and import) and a warm one."""
     import ray
 
-    from pipeline.prepare import prepare
-    from pipeline.ray_runtime import connect
+    from pipeline.cluster.ray_runtime import connect
+    from pipeline.data.prepare import prepare
 
     rates = []
     with connect():
@@ -83,7 +83,7 @@ def run_ours_ray(src: dict, work: str, rows_per_shard: int) -> tuple[float, floa
 
 def make_datasets(root: str, n: int) -> dict:
     """The COCO sample repeated to n images, and n synthetic COCO-sized images."""
-    from pipeline.synth import SynthSpec, write_dataset
+    from pipeline.data.synth import SynthSpec, write_dataset
 
     doc = json.load(open(os.path.join(SAMPLE, "panoptic_examples.json")))
     rep = os.path.join(root, "coco_sample")

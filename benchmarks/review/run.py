@@ -3,13 +3,13 @@ Studio server (issue 27's goal: at least 50 images/s each).
 
 Starts a Label Studio server the way the tests do (``tests/label_studio_server.py``: its own
 virtualenv ``.ls-venv``, a free port, a temporary data dir, a personal access token), writes a
-labeling output of N synthetic images (``pipeline.synth``, each "labeled" with its ground truth,
+labeling output of N synthetic images (``pipeline.data.synth``, each "labeled" with its ground truth,
 as ``tests/test_review.py`` does), then, --repeats times, each round into a new project:
 
-* push: ``workflows.review.push`` of all N images (project creation, uploads, task imports with
+* push: ``workflows.review.sync.push`` of all N images (project creation, uploads, task imports with
   their predictions, the brush encoding included);
 * push again: the same call, which finds every image already there and adds nothing;
-* pull: ``workflows.review.pull --from predictions`` into a new folder (tasks read, regions
+* pull: ``workflows.review.sync.pull --from predictions`` into a new folder (tasks read, regions
   decoded and painted, PNGs and JSON written); its maps are checked equal to the labels'.
 
 The first round also pays this process's one-time costs (importing the SDK's client, starting
@@ -45,11 +45,11 @@ sys.path.insert(0, str(ROOT / "tests"))          # label_studio_server: the test
 
 import label_studio_server  # noqa: E402
 
-from ciae.panoptic import CategoryTable  # noqa: E402
+from ciae.data.panoptic import CategoryTable  # noqa: E402
 from pipeline import label_store as ls  # noqa: E402
-from pipeline.image_sources import make_plan  # noqa: E402
-from pipeline.panoptic_png import decode_id_png  # noqa: E402
-from pipeline.synth import SynthSpec, write_dataset  # noqa: E402
+from pipeline.data.panoptic_png import decode_id_png  # noqa: E402
+from pipeline.data.synth import SynthSpec, write_dataset  # noqa: E402
+from pipeline.label.sources import make_plan  # noqa: E402
 from workflows import review  # noqa: E402
 
 

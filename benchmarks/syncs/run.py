@@ -2,7 +2,7 @@
 
 On a GPU the host issues every op of a step as a kernel launch (a few microseconds each, whatever
 the op does) and stops at every host sync until the device has caught up; so these two counts,
-which a CPU run shows exactly (``ciae.opcount.OpCounter``), set how much of a GPU the real jobs
+which a CPU run shows exactly (``ciae.utils.opcount.OpCounter``), set how much of a GPU the real jobs
 can use. Reported per backend ("torch": the CPU path; "triton": the kernels a GPU runs, here
 under the Triton interpreter):
 
@@ -31,8 +31,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from ciae.config import Config  # noqa: E402
-from ciae.model import CIAEModel  # noqa: E402
-from ciae.opcount import OpCounter  # noqa: E402
+from ciae.modeling.model import CIAEModel  # noqa: E402
+from ciae.utils.opcount import OpCounter  # noqa: E402
 
 
 def small_model(detect_everywhere: bool) -> CIAEModel:
@@ -49,7 +49,7 @@ def small_model(detect_everywhere: bool) -> CIAEModel:
 
 
 def batch_of(b: int, h: int, w: int) -> dict:
-    """Two stuff classes, two instances per image (``pipeline.targets.collate``'s layout)."""
+    """Two stuff classes, two instances per image (``pipeline.feed.targets.collate``'s layout)."""
     g = torch.Generator().manual_seed(0)
     seg = torch.zeros(b, h, w, dtype=torch.int64)
     seg[:, h // 2:] = 1
@@ -70,7 +70,7 @@ def count(fn) -> dict:
 
 
 def training_step(backend: str, size: int) -> dict:
-    from ciae.train import Trainer
+    from ciae.engine.train import Trainer
 
     model = small_model(False)
     model.kernel_backend = backend
@@ -80,7 +80,7 @@ def training_step(backend: str, size: int) -> dict:
 
 
 def inference(backend: str, size: int, b: int) -> dict:
-    from ciae.predictor import Predictor
+    from ciae.engine.predictor import Predictor
 
     model = small_model(True)
     model.kernel_backend = backend

@@ -3,7 +3,7 @@
 A GPU step is a few thousand small ops issued from Python, each of which releases and re-takes
 the GIL, and then a wait on the device that releases it. Any thread of the training process that
 holds the GIL meanwhile delays every op. This benchmark runs the real training worker's data
-stream (``workflows.train_worker._batches`` inside a Ray Train worker, as ``ciae train`` runs it)
+stream (``workflows.jobs.train_worker._batches`` inside a Ray Train worker, as ``ciae train`` runs it)
 with the model step replaced by a stand-in: ``--ops`` small torch ops, timed, then a
 ``--gpu-ms`` sleep (the GPU's share, GIL released). Beside it, the same stand-in runs in a bare
 Ray actor that streams nothing, under the same machine load. It reports:
@@ -76,7 +76,7 @@ def worker_loop(config: dict) -> None:
     """A Ray Train worker: the real stream of ``ciae train``, the stand-in for the step."""
     import ray.train
 
-    from workflows.train_worker import _batches
+    from workflows.jobs.train_worker import _batches
 
     pin_this_thread(config["pin"])
     with open(config["pid_file"], "w") as f:
@@ -131,9 +131,9 @@ def gil_samples(pid: int, n: int, every_s: float, stop: threading.Event) -> dict
 
 def make_shards(workdir: str, n: int, size: int) -> str:
     """Synthetic COCO panoptic data at ``size`` x 4/3 ``size``, prepared in this process (cached)."""
-    from pipeline.prepare import prepare
-    from pipeline.shards import Source
-    from pipeline.synth import SynthSpec, write_dataset
+    from pipeline.data.prepare import prepare
+    from pipeline.data.shards import Source
+    from pipeline.data.synth import SynthSpec, write_dataset
 
     shards = os.path.join(workdir, f"shards-{n}-{size}")
     if not os.path.exists(os.path.join(shards, "_manifest.json")):
@@ -153,8 +153,8 @@ def run(args) -> dict:
     from ray.train.torch import TorchTrainer
 
     from ciae.config import Config
-    from pipeline.shards import model_categories, read_manifest
-    from workflows.train_worker import WorkerSpec
+    from pipeline.data.shards import model_categories, read_manifest
+    from workflows.jobs.train_worker import WorkerSpec
 
     os.makedirs(args.workdir, exist_ok=True)
     shards = args.shards or make_shards(args.workdir, args.images, args.size)
@@ -176,7 +176,7 @@ def run(args) -> dict:
              _temp_dir=temp, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     try:
         if "data_window" in fields:
-            from workflows.train import _data_window
+            from workflows.jobs.train import _data_window
 
             spec = dataclasses.replace(spec, data_window=_data_window(cfg, args.batch, 1, args.cpus_per_worker))
         pid_file, result_file, stop_file = (os.path.join(args.workdir, f)

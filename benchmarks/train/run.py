@@ -30,9 +30,9 @@ from ciae.config import Config
 
 
 def make_shards(root: str, n: int, size: int) -> str:
-    from pipeline.prepare import prepare
-    from pipeline.shards import Source
-    from pipeline.synth import SynthSpec, write_dataset
+    from pipeline.data.prepare import prepare
+    from pipeline.data.shards import Source
+    from pipeline.data.synth import SynthSpec, write_dataset
 
     src = os.path.join(root, "synth")
     write_dataset(src, n, seed=0, spec=SynthSpec(height=size, width=size))
@@ -43,9 +43,9 @@ def make_shards(root: str, n: int, size: int) -> str:
 
 
 def single_process(shards: str, cfg: Config, batch: int, steps: int, warmup: int, threads: int) -> float:
-    """Images/s of ``ciae.train.Trainer`` in this process (no Ray, no DDP)."""
-    from ciae.train import Trainer
-    from workflows.local import batch_stream, model_for_shards
+    """Images/s of ``ciae.engine.train.Trainer`` in this process (no Ray, no DDP)."""
+    from ciae.engine.train import Trainer
+    from pipeline.feed.stream import batch_stream, model_for_shards
 
     torch.set_num_threads(threads)
     cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, batch_size=batch))
@@ -64,9 +64,9 @@ def ray_train(shards: str, cfg: Config, workers: int, batch: int, steps: int, wa
               cpus: float, root: str) -> float:
     """Global images/s of ``ciae train`` with ``workers`` Ray Train workers, from rank 0's
     per-step MLflow metric (which includes waiting for data)."""
-    from workflows.jobs import TrainJob
-    from workflows.tracking import Tracking
-    from workflows.train import train
+    from workflows.jobs.specs import TrainJob
+    from workflows.jobs.train import train
+    from workflows.tracking.location import Tracking
 
     job = TrainJob(data=shards, config=cfg, workers=workers, batch_per_worker=batch, cpus_per_worker=cpus,
                    iterations=warmup + steps, storage=os.path.join(root, "ray_results"),
@@ -78,8 +78,8 @@ def ray_train(shards: str, cfg: Config, workers: int, batch: int, steps: int, wa
 
 def gpu_step(steps: int, warmup: int, batch: int, shorter: int) -> float:
     """Images/s of the training step of Config() (ResNet-50-FPN) on one GPU, synthetic inputs."""
-    from ciae.model import CIAEModel
-    from ciae.train import Trainer, to_device
+    from ciae.engine.train import Trainer, to_device
+    from ciae.modeling.model import CIAEModel
 
     cfg = Config()
     model = CIAEModel(cfg, list(range(53)), list(range(80))).cuda()

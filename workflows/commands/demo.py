@@ -34,14 +34,14 @@ def run(args) -> int:
     import time
 
     from ciae.config import Config
-    from pipeline.prepare import prepare
-    from pipeline.ray_runtime import connect
-    from pipeline.shards import Source
-    from pipeline.synth import SynthSpec, write_dataset
-    from workflows.jobs import LabelJob, TrainJob
-    from workflows.label import label
-    from workflows.tracking import Tracking
-    from workflows.train import train
+    from pipeline.cluster.ray_runtime import connect
+    from pipeline.data.prepare import prepare
+    from pipeline.data.shards import Source
+    from pipeline.data.synth import SynthSpec, write_dataset
+    from workflows.jobs.label import label
+    from workflows.jobs.specs import LabelJob, TrainJob
+    from workflows.jobs.train import train
+    from workflows.tracking.location import Tracking
 
     t0 = time.perf_counter()
     wd = os.path.abspath(args.workdir)

@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ciae.evaluation import format_table
-    from workflows.evaluate import evaluate, write_metrics
+    from pipeline.evaluation.files import evaluate, write_metrics
+    from pipeline.evaluation.pq import format_table
 
     if args.workers is not None and args.workers < 1:
         raise ValueError("--workers must be at least 1")

@@ -30,12 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ciae.panoptic import CategoryTable
-    from pipeline import label_exports as exports
-    from pipeline.image_sources import load_plan
-    from pipeline.label_store import LabelStore
-    from pipeline.storage import public_uri
-    from workflows.label import categories_of
+    from ciae.data.panoptic import CategoryTable
+    from pipeline.data.storage import public_uri
+    from pipeline.label import exports
+    from pipeline.label.sources import load_plan
+    from pipeline.label.store import LabelStore
+    from pipeline.label.sources import categories_of
 
     store = LabelStore(args.labels)
     plan = load_plan(store.plan_uri)

@@ -48,8 +48,8 @@ HELP = "label images with a registered model (Ray Data, streaming), Parquet and 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from workflows.cli import defaults
-    from workflows.jobs import LabelJob
+    from workflows.commands import defaults
+    from workflows.jobs.specs import LabelJob
 
     d = defaults(LabelJob)
     p.add_argument("--model", required=True,
@@ -94,11 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ciae.evaluation import format_table
-    from pipeline.label_store import LabelStore
-    from pipeline.storage import public_uri
-    from workflows.jobs import LabelJob
-    from workflows.label import label
+    from pipeline.data.storage import public_uri
+    from pipeline.evaluation.pq import format_table
+    from pipeline.label.store import LabelStore
+    from workflows.jobs.label import label
+    from workflows.jobs.specs import LabelJob
 
     job = LabelJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LabelJob)})
     s = label(job, address=args.address)

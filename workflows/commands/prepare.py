@@ -19,8 +19,8 @@ HELP = "convert COCO panoptic data to Parquet shards (Ray Data)"
 
 
 def add_arguments(p):
-    from pipeline.prepare import prepare
-    from workflows.cli import defaults
+    from pipeline.data.prepare import prepare
+    from workflows.commands import defaults
 
     d = defaults(prepare)
     p.add_argument("--images", required=True, help="folder of images (path or URI)")
@@ -33,9 +33,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from pipeline.prepare import prepare
-    from pipeline.shards import MANIFEST, Source
-    from pipeline.storage import join, public_uri
+    from pipeline.data.prepare import prepare
+    from pipeline.data.shards import MANIFEST, Source
+    from pipeline.data.storage import join, public_uri
 
     m = prepare(Source(args.images, args.panoptic_json, args.panoptic_dir), args.out,
                 rows_per_shard=args.rows_per_shard, address=args.address)

@@ -41,8 +41,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from workflows.cli import defaults
-    from workflows.review import push
+    from workflows.commands import defaults
+    from workflows.review.sync import push
 
     d = defaults(push)
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=type(p))
@@ -63,8 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from workflows import review
-
+    from workflows.review.sync import sync as review
     if args.workers is not None and args.workers < 1:
         raise ValueError("--workers must be at least 1")
     token = os.environ.get(review.TOKEN_ENV)

@@ -12,8 +12,8 @@ HELP = "write a synthetic COCO panoptic dataset"
 
 
 def add_arguments(p):
-    from pipeline.synth import DEFAULT_CATEGORIES, SynthSpec, write_dataset
-    from workflows.cli import defaults
+    from pipeline.data.synth import DEFAULT_CATEGORIES, SynthSpec, write_dataset
+    from workflows.commands import defaults
 
     d, spec = defaults(write_dataset), defaults(SynthSpec)
     p.add_argument("out", help="output folder")
@@ -27,7 +27,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from pipeline.synth import SynthSpec, select_categories, write_dataset
+    from pipeline.data.synth import SynthSpec, select_categories, write_dataset
 
     categories = select_categories(args.categories.split(",")) if args.categories else None
     doc = write_dataset(args.out, args.images, seed=args.seed, categories=categories,

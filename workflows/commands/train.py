@@ -35,8 +35,8 @@ HELP = "train with Ray Train, tracked and registered in MLflow"
 
 
 def add_arguments(p):
-    from workflows.cli import defaults
-    from workflows.jobs import TrainJob
+    from workflows.commands import defaults
+    from workflows.jobs.specs import TrainJob
 
     d = defaults(TrainJob)
     p.add_argument("--data", required=True, help="prepared training shards (folder or URI)")
@@ -80,8 +80,8 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ciae.config import Config
-    from workflows.jobs import TrainJob
-    from workflows.train import train
+    from workflows.jobs.specs import TrainJob
+    from workflows.jobs.train import train
 
     try:
         config = Config.load(args.config)
