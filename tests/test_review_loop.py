@@ -31,7 +31,7 @@ from pipeline.label import store as ls
 from workflows.jobs.label import label
 from workflows.jobs.specs import LabelJob, TrainJob
 from workflows.jobs.train import train
-from workflows.review.sync import sync as review
+from workflows.review import sync as review
 
 SIZE = 96
 N = 16                     # images pushed for review

@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from workflows.review.sync import sync as review
+    from workflows.review import sync as review
     if args.workers is not None and args.workers < 1:
         raise ValueError("--workers must be at least 1")
     token = os.environ.get(review.TOKEN_ENV)
