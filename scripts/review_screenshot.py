@@ -100,7 +100,8 @@ def make_labels(work: Path, args) -> Path:
 
 def push(labels: Path, server, args, work: Path) -> tuple[int, list[dict]]:
     """`ciae review push`, as a user runs it; returns (project id, its tasks, least confident first)."""
-    from workflows.review.sync import TOKEN_ENV, connect, find_project, open_output
+    from workflows.review.client import TOKEN_ENV, connect, find_project
+    from workflows.review.sync import open_output
 
     cmd = [str(Path(sys.executable).parent / "ciae"), "review", "push", "--labels", str(labels),
            "--url", server.url, "--project", PROJECT, "--n", str(args.n), "--model-version", MODEL,

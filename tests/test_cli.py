@@ -1,13 +1,18 @@
-"""The ``ciae`` command line: help everywhere, one-line errors with exit status 2, training configs
-and their scaling."""
+"""The ``ciae`` command line: help everywhere, with the defaults of what the commands call, one-line
+errors with exit status 2, training configs and their scaling."""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import re
+from pathlib import Path
 
 import pytest
 
-from workflows.cli import COMMANDS, main
+from workflows.cli import COMMANDS, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -16,6 +21,84 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     assert "usage: ciae " + command in capsys.readouterr().out
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser, and review's push and pull ("review push")."""
+    def sub(parser):
+        return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    found = {}
+    for command in COMMANDS:
+        found[command] = p = sub(build_parser(command))[command]
+        found.update({f"{command} {name}": q for name, q in sub(p).items()})
+    return found
+
+
+def _callees() -> dict[str, list]:
+    """What each command passes its options to (demo: its own defaults, but Ray's address)."""
+    from pipeline.cluster.ray_runtime import connect
+    from pipeline.data.prepare import prepare
+    from pipeline.data.synth import SynthSpec, write_dataset
+    from pipeline.evaluation.files import evaluate
+    from workflows.jobs.label import label
+    from workflows.jobs.specs import LabelJob, TrainJob
+    from workflows.jobs.train import train
+    from workflows.review.sync import pull, push
+
+    return {"synth": [write_dataset, SynthSpec], "prepare": [prepare], "train": [TrainJob, train],
+            "evaluate": [evaluate], "label": [LabelJob, label], "export": [], "review": [],
+            "review push": [push], "review pull": [pull], "demo": [connect]}
+
+
+def test_option_defaults_are_the_signatures():
+    """An option named as a parameter or field of what its command calls defaults as that does."""
+    from ciae.config import Config
+    from workflows.commands import defaults
+    from workflows.jobs.specs import TrainJob
+
+    parsers, callees = _parsers(), _callees()
+    assert sorted(parsers) == sorted(callees)
+    wrong = [(name, a.dest, a.default, d[a.dest]) for name, p in parsers.items() for callee in callees[name]
+             for d in [defaults(callee)] for a in p._actions if a.dest in d and a.default != d[a.dest]]
+    assert wrong == []
+    config = next(a.default for a in parsers["train"]._actions if a.dest == "config")
+    assert Config.load(config) == TrainJob(data="x").config
+
+
+def test_help_states_the_actual_defaults():
+    """A literal (number, quoted, path, choice) that a help text calls the default is the default."""
+    stated = re.compile(r"\bdefault:?\s+([^\s,;:)]+)|(\S+?),? \(default\)|\((\S+?), the default\)")
+    wrong = []
+    for name, p in _parsers().items():
+        for a in p._actions:
+            if not a.help or a.help == argparse.SUPPRESS:
+                continue
+            text = p._get_formatter()._expand_help(a)
+            shown = {str(a.default)} | ({f"{a.default:g}"} if isinstance(a.default, float) else set())
+            for m in stated.finditer(text):
+                token = next(g for g in m.groups() if g)
+                literal = (re.fullmatch(r"-?[\d.]+|'.*'|\".*\"", token) or ("/" in token and token[0] != "$")
+                           or token in (a.choices or ()))
+                if literal and token.strip("'\"") not in shown:
+                    wrong.append((name, a.option_strings, a.default, text))
+    assert wrong == []
+
+
+def test_help_texts_type_no_default():
+    """Defaults in help texts come from where they live (argparse's %(default)s, a formatted
+    value), never typed in: no "default 4", "default 'x'", "default a/b", "x (default)"."""
+    typed = re.compile(r"\bdefault:?\s*(?:[\d'\"]|[\w.-]*/)|\(default\)|\bthe default\b")
+    found = []
+    for path in sorted((ROOT / "workflows" / "commands").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                for kw in (k for k in node.keywords if k.arg == "help"):
+                    parts = kw.value.values if isinstance(kw.value, ast.JoinedStr) else [kw.value]
+                    text = "".join(p.value if isinstance(p, ast.Constant) else "{}" for p in parts)
+                    if typed.search(text.replace("%(default)s", "{}")):
+                        found.append(f"{path.name}:{node.lineno}: {text}")
+    assert found == []
 
 
 def test_train_config_presets_files_and_lr_scaling(tmp_path):

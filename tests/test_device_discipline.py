@@ -278,7 +278,8 @@ def test_labeling_actors_batch_function_keeps_to_the_inputs_device(registered_un
 def test_fine_tunings_weight_surgery_keeps_to_the_inputs_device():
     """``ciae.engine.finetune.transfer`` from a ciae checkpoint with other categories (rows carried by
     category) and from a torchvision ResNet."""
-    from ciae.engine.finetune import read_source, transfer
+    from ciae.checkpoint import read_source
+    from ciae.engine.finetune import transfer
     from ciae.engine.train import Trainer
     from ciae.modeling.backbone import ResNet
 

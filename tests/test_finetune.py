@@ -20,8 +20,9 @@ import torch
 from ray_callbacks import KillRankOneAfterFirstCheckpoint
 
 from ciae import checkpoint
+from ciae.checkpoint import read_source
 from ciae.config import Config
-from ciae.engine.finetune import memory_rows, read_source, transfer
+from ciae.engine.finetune import memory_rows, transfer
 from ciae.modeling.backbone import ResNet
 from ciae.modeling.model import CIAEModel
 from pipeline.evaluation.validation import evaluate

@@ -119,7 +119,7 @@ def test_push_sends_the_least_confident_with_their_segments_once(labeled, label_
         assert image.status_code == 200 and len(image.content) > 100
 
     out = push(labeled, label_studio, "push-test", capsys=capsys)
-    assert f"0 images pushed to project 'push-test' (id" in out and f"{N} already there" in out
+    assert "0 images pushed to project 'push-test' (id" in out and f"{N} already there" in out
     assert len(tasks_of(client, "push-test")) == N
     out = push(labeled, label_studio, "push-test", n=N + 1, capsys=capsys)        # one more: only it is added
     assert "1 images pushed" in out and len(tasks_of(client, "push-test")) == N + 1

@@ -32,6 +32,7 @@ from workflows.jobs.label import label
 from workflows.jobs.specs import LabelJob, TrainJob
 from workflows.jobs.train import train
 from workflows.review import sync as review
+from workflows.review.convert import prediction_of
 
 SIZE = 96
 N = 16                     # images pushed for review
@@ -119,7 +120,7 @@ def test_reviewed_corrections_fine_tune_the_model_and_the_lineage_names_them(
         png = open(os.path.join(pool["panoptic_dir"], ann["file_name"]), "rb").read()
         truth = {"png": png, "quality": 1.0, "segments": [s | {"score": 1.0} for s in ann["segments_info"]]}
         result = [{k: v for k, v in r.items() if k != "score"}
-                  for r in review.prediction_of(truth, names, "reviewer")["result"]]
+                  for r in prediction_of(truth, names, "reviewer")["result"]]
         client.annotations.create(id=t.id, result=result)
         reviewed_ids.add(t.data["ciae_image_id"])
 

@@ -46,11 +46,11 @@ sys.path.insert(0, str(ROOT / "tests"))          # label_studio_server: the test
 import label_studio_server  # noqa: E402
 
 from ciae.data.panoptic import CategoryTable  # noqa: E402
-from pipeline import label_store as ls  # noqa: E402
 from pipeline.data.panoptic_png import decode_id_png  # noqa: E402
 from pipeline.data.synth import SynthSpec, write_dataset  # noqa: E402
+from pipeline.label import store as ls  # noqa: E402
 from pipeline.label.sources import make_plan  # noqa: E402
-from workflows import review  # noqa: E402
+from workflows.review import sync as review  # noqa: E402
 
 
 def labeling_output(root: Path, n: int, size: int) -> tuple[str, dict[str, dict]]:

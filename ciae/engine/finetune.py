@@ -1,8 +1,8 @@
 """Start a model from another model's weights, whatever its categories (fine-tuning; detectron2's
 ``MODEL.WEIGHTS``, mmdetection's ``load_from``).
 
-A source is a checkpoint of this project (``ciae.checkpoint``) or a torchvision-format ResNet
-state dict (ImageNet weights), as ``ciae.checkpoint.load`` read it. ``transfer(model, source)``:
+A source (``ciae.checkpoint.Source``, from ``ciae.checkpoint.read_source``) is a checkpoint of
+this project or a torchvision-format ResNet state dict (ImageNet weights). ``transfer(model, source)``:
 
 * a ciae checkpoint: every parameter and buffer whose name and shape the model shares is
   carried. The category-dependent ones (the proposal head's class logits, one row per thing
@@ -21,47 +21,13 @@ run's record.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-import torch
-
-from ciae import checkpoint
-from ciae.modeling.backbone import load_torchvision_state, torchvision_state
+from ciae.checkpoint import Source
+from ciae.modeling.backbone import load_torchvision_state
 from ciae.modeling.model import CIAEModel
 
 CLASS_ROWS = ("head.cls_logits.weight", "head.cls_logits.bias")
 MEMORY_ROWS = ("memory.memory",)
-
-
-@dataclass(frozen=True)
-class Source:
-    """Weights to start from. ``kind``: "ciae" (a checkpoint of this project: its categories and
-    config known) or "torchvision" (a ResNet state dict)."""
-
-    name: str
-    kind: str
-    state: Mapping[str, torch.Tensor]
-    stuff_ids: tuple[int, ...] = ()
-    thing_ids: tuple[int, ...] = ()
-    category_names: Mapping[int, str] | None = None
-    config: Mapping | None = None
-
-
-def read_source(obj, name: str) -> Source:
-    """What ``ciae.checkpoint.load`` gave for ``name`` -> a Source; ValueError when it is
-    neither a ciae checkpoint nor a torchvision ResNet state dict."""
-    if not checkpoint.missing(obj):
-        return Source(name, "ciae", obj["model"], tuple(obj["stuff_ids"]), tuple(obj["thing_ids"]),
-                      obj.get("category_names"), obj["config"])
-    try:
-        state = torchvision_state(obj, name)
-    except ValueError:
-        state = None
-    if state is not None and "conv1.weight" in state and any(k.startswith("layer1.") for k in state):
-        return Source(name, "torchvision", state)
-    keys = sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
-    raise ValueError(f"{name}: neither a ciae checkpoint (model, config, stuff_ids, thing_ids) nor a "
-                     f"torchvision ResNet state dict (conv1, layer1..4); it holds {keys}")
 
 
 def _architecture(config: Mapping) -> str:

@@ -216,21 +216,10 @@ class ResNet(nn.Module):
         return out
 
 
-def torchvision_state(obj, name: str) -> Mapping[str, torch.Tensor]:
-    """The state dict of tensors in ``obj``, unwrapped from ``{"state_dict": ...}`` or
-    ``{"model": ...}``; ValueError naming ``name`` when there is none."""
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{name} does not hold a state dict of tensors")
-    return obj
-
-
 def load_torchvision_weights(model: ResNet, path: str) -> None:
     """Load a local torchvision-format ResNet state dict file into ``model``
     (``load_torchvision_state``)."""
-    load_torchvision_state(model, torchvision_state(checkpoint.load(path, path), path), path)
+    load_torchvision_state(model, checkpoint.torchvision_state(checkpoint.load(path, path), path), path)
 
 
 def load_torchvision_state(model: ResNet, state: Mapping[str, torch.Tensor], name: str) -> list[str]:

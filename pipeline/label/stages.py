@@ -85,7 +85,7 @@ def actor_rows(batch_size: int, todo: int, actors: int, task_images: int) -> int
 def chunks(item: dict, plan_dir: str, skip: dict[int, set[str]], credentials: dict[str, str] | None = None
            ) -> list[dict]:
     """Ray Data ``flat_map``: an item of ``input_items`` -> ``[{"task", "entries"}]``: its slice of the
-    task's plan rows (``image_sources.PLAN_SCHEMA`` dicts, with the plan's ``credentials``) whose
+    task's plan rows (``pipeline.label.sources.PLAN_SCHEMA`` dicts, with the plan's ``credentials``) whose
     keys are not in ``skip[task]`` (the images already in its parts), at most ``DECODE_BATCH`` per
     chunk. Reads the task's plan file once (once per slice for a split task)."""
     task, part, parts = int(item["task"]), int(item.get("part", 0)), int(item.get("parts", 1))

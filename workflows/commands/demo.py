@@ -18,15 +18,18 @@ HELP = "run the pipeline end to end on synthetic data"
 
 
 def add_arguments(p):
-    p.add_argument("--workdir", default="runs/demo", help="where everything is written (default runs/demo)")
-    p.add_argument("--train-images", type=int, default=256, help="synthetic training images (default 256)")
-    p.add_argument("--val-images", type=int, default=48, help="synthetic held-out images (default 48)")
+    p.add_argument("--workdir", default="runs/demo", help="where everything is written (default %(default)s)")
+    p.add_argument("--train-images", type=int, default=256,
+                   help="synthetic training images (default %(default)s)")
+    p.add_argument("--val-images", type=int, default=48,
+                   help="synthetic held-out images (default %(default)s)")
     p.add_argument("--iterations", type=int, default=600,
-                   help="training steps (default 600: held-out PQ ~0.72 in ~4 min on 2 cores; "
+                   help="training steps (default %(default)s: held-out PQ ~0.72 in ~4 min on 2 cores; "
                         "Config.small()'s warm-up and decay steps scale with it)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers and labeling actors (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="Ray Train workers and labeling actors (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
 
 
 def run(args) -> int:
@@ -41,11 +44,11 @@ def run(args) -> int:
     from workflows.jobs.label import label
     from workflows.jobs.specs import LabelJob, TrainJob
     from workflows.jobs.train import train
-    from workflows.tracking.location import Tracking
+    from workflows.tracking.location import DEFAULT_DB, SQLITE, Tracking
 
     t0 = time.perf_counter()
     wd = os.path.abspath(args.workdir)
-    uri = "sqlite:///" + os.path.join(wd, "mlruns", "mlflow.db")
+    uri = SQLITE + os.path.join(wd, DEFAULT_DB)
     cfg = Config.small()
     size = cfg.input.test_shorter_side
     splits = {"train": (args.train_images, args.seed), "val": (args.val_images, args.seed + 1000)}

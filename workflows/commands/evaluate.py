@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prediction JSON (only its 'annotations' list is read)")
     parser.add_argument("--pred-dir", required=True, help="folder of predicted panoptic PNGs")
     parser.add_argument("--output", help="write the metrics as JSON here (path or URI)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=int,
                         help="worker processes (default: one per available CPU core)")
 
 

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coco-panoptic", action="store_true",
                    help="write _coco/panoptic/*.png and _coco/predictions.json")
     p.add_argument("--coco-instances", action="store_true", help="write _coco/instances.json")
-    p.add_argument("--review", type=int, default=None, metavar="N", help="rewrite _review.csv with N images")
+    p.add_argument("--review", type=int, metavar="N", help="rewrite _review.csv with N images")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,33 +49,37 @@ HELP = "label images with a registered model (Ray Data, streaming), Parquet and 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from workflows.commands import defaults
-    from workflows.jobs.specs import LabelJob
+    from workflows.jobs.specs import LABEL_CPUS, LABEL_DATA_CPUS, LabelJob
+    from workflows.tracking.location import DEFAULT_DB, SQLITE
 
     d = defaults(LabelJob)
     p.add_argument("--model", required=True,
                    help="MLflow model URI (e.g. models:/ciae@champion) or a checkpoint file of ciae train")
     p.add_argument("--input", required=True, help="folder of images, list file, or shards folder (path or URI)")
     p.add_argument("--out", required=True, help="output folder (path or URI)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"],
                    help=f"images per model call (default {d['batch_size']})")
     p.add_argument("--workers", type=int, default=d["workers"], help=f"model actors (default {d['workers']})")
     p.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"],
                    help="GPUs per actor: 1 first (an actor queues its next batch while it finishes one), "
-                        "0.5 puts two actors on one GPU (default 0: CPU)")
+                        f"0.5 puts two actors on one GPU (default {d['gpus_per_worker']:g}: CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"],
-                   help="CPUs per actor, also its torch threads (default 1, or the share that leaves "
-                        "one CPU of the cluster to decoding and encoding)")
-    p.add_argument("--gt-json", default=None, help="ground-truth COCO panoptic JSON: PQ as batches finish")
-    p.add_argument("--gt-dir", default=None, help="folder of ground-truth panoptic PNGs (with --gt-json)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI or sqlite mlruns/mlflow.db)")
+                   help=f"CPUs per actor, also its torch threads (default: up to {LABEL_CPUS:g}, the most "
+                        f"that leaves {LABEL_DATA_CPUS:g} CPU of the cluster to decoding and encoding)")
+    p.add_argument("--gt-json", default=d["gt_json"],
+                   help="ground-truth COCO panoptic JSON: PQ as batches finish")
+    p.add_argument("--gt-dir", default=d["gt_dir"],
+                   help="folder of ground-truth panoptic PNGs (with --gt-json)")
+    p.add_argument("--tracking-uri", default=d["tracking_uri"],
+                   help=f"MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI or "
+                        f"{SQLITE}{DEFAULT_DB})")
     p.add_argument("--coco-panoptic", action="store_true",
                    help="also write OUT/_coco/panoptic/*.png and OUT/_coco/predictions.json")
     p.add_argument("--coco-instances", action="store_true",
                    help="also write OUT/_coco/instances.json (thing segments as RLE, for detector training)")
     p.add_argument("--overlays", type=int, default=d["overlays"], metavar="N",
-                   help="draw panels of the first N images into OUT/_overlays (default 0)")
+                   help="draw panels of the first N images into OUT/_overlays (default %(default)s)")
     p.add_argument("--review", type=int, default=d["review"], metavar="N",
                    help=f"list the N least confident images in OUT/_review.csv (default {d['review']})")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bfloat16 autocast on CUDA")

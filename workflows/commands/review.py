@@ -28,11 +28,11 @@ import argparse
 HELP = "push the least confident images of a labeling output to Label Studio, pull the reviews back"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, d: dict) -> None:
     p.add_argument("--labels", required=True, help="the output folder of `ciae label` (path or URI)")
     p.add_argument("--url", required=True, help="the Label Studio server, e.g. http://localhost:8080")
     p.add_argument("--project", required=True, help="the project's title (created by push when there is none)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=int, default=d["workers"],
                    help="processes for the brush masks: encoding (push) or decoding (pull) "
                         "(default: one per CPU; 1: in this process)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -42,31 +42,34 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from workflows.commands import defaults
-    from workflows.review.sync import push
+    from workflows.review.sync import pull, push
 
-    d = defaults(push)
+    d, pulled = defaults(push), defaults(pull)
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=type(p))
     push_p = sub.add_parser("push", help="send the N least confident images with their predictions",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(push_p)
-    push_p.add_argument("--n", type=int, default=16, help="how many images (default: 16)")
+    _common(push_p, d)
+    push_p.add_argument("--n", type=int, default=16, help="how many images (default: %(default)s)")
     push_p.add_argument("--model-version", default=d["model_version"],
                         help=f"the predictions' model_version in the tool (default: {d['model_version']})")
     pull_p = sub.add_parser("pull", help="write the reviewed images as COCO panoptic",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(pull_p)
+    _common(pull_p, pulled)
     pull_p.add_argument("--out", required=True, help="the folder for panoptic/, panoptic.json, skipped.json")
-    pull_p.add_argument("--from", dest="source", choices=("annotations", "predictions"), default="annotations",
-                        help="read the reviewers' annotations (default) or the pushed predictions")
+    pull_p.add_argument("--from", dest="source", choices=("annotations", "predictions"),
+                        default=pulled["source"],
+                        help="read the reviewers' annotations or the pushed predictions "
+                             "(default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
     from workflows.review import sync as review
+    from workflows.review.client import TOKEN_ENV
     if args.workers is not None and args.workers < 1:
         raise ValueError("--workers must be at least 1")
-    token = os.environ.get(review.TOKEN_ENV)
+    token = os.environ.get(TOKEN_ENV)
     if args.action == "push":
         result = review.push(args.labels, args.url, token, args.project, args.n,
                              model_version=args.model_version, progress=args.progress,

@@ -21,7 +21,7 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=d["seed"], help=f"random seed (default {d['seed']})")
     p.add_argument("--height", type=int, default=spec["height"], help=f"image height (default {spec['height']})")
     p.add_argument("--width", type=int, default=spec["width"], help=f"image width (default {spec['width']})")
-    p.add_argument("--categories", default=None,
+    p.add_argument("--categories",
                    help="comma-separated COCO panoptic category names or ids, at least one stuff and "
                         f"one thing (default: {','.join(DEFAULT_CATEGORIES)})")
 

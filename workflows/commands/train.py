@@ -16,7 +16,7 @@ name); the run records the source (tags ciae.init, ciae.init.run_id, ciae.init.m
 and what was carried, partly carried, re-initialised and dropped (artifact init.json), and with
 --val logs the validation PQ before the first step.
 
---config: 'small' (CPU-sized, the default), 'paper' (ResNet-50-FPN, 90k iterations; needs
+--config: 'small' (CPU-sized), 'paper' (ResNet-50-FPN, 90k iterations; needs
 ImageNet weights, see below) or a JSON file of overrides:
   {"base": "paper", "backbone": {"weights": "/data/resnet50.pth"}, "solver": {"iterations": 45000}}
 
@@ -35,39 +35,46 @@ HELP = "train with Ray Train, tracked and registered in MLflow"
 
 
 def add_arguments(p):
+    from ciae.config import PRESETS
     from workflows.commands import defaults
-    from workflows.jobs.specs import TrainJob
+    from workflows.jobs.specs import TRAIN_CPUS, TRAIN_CPUS_GPU, TrainJob
+    from workflows.tracking.location import ARTIFACTS, DEFAULT_DB, SQLITE
 
     d = defaults(TrainJob)
+    config = next(f.default_factory for f in dataclasses.fields(TrainJob) if f.name == "config")
+    preset = next(name for name, make in PRESETS.items() if make == config)     # TrainJob's, by name
     p.add_argument("--data", required=True, help="prepared training shards (folder or URI)")
     p.add_argument("--val", default=d["val"], help="prepared held-out shards for validation PQ")
-    p.add_argument("--config", default="small", help="'small' (default), 'paper', or a JSON file of overrides")
+    p.add_argument("--config", default=preset,
+                   help=f"a preset ({', '.join(PRESETS)}) or a JSON file of overrides (default %(default)s)")
     p.add_argument("--iterations", type=int, default=d["iterations"], help="training steps (default: the config's)")
     p.add_argument("--workers", type=int, default=d["workers"], help=f"Ray Train workers (default {d['workers']})")
     p.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"],
                    help=f"GPUs per worker (default {d['gpus_per_worker']:g}: CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"],
-                   help="CPUs per worker (default 0.5 on CPU, leaving room for the data tasks; 4 with GPUs)")
+                   help=f"CPUs per worker (default: on CPU {TRAIN_CPUS:g}, leaving room for the data tasks; "
+                        f"with GPUs {TRAIN_CPUS_GPU:g})")
     p.add_argument("--batch-per-worker", type=int, default=d["batch_per_worker"],
                    help="images per worker per step (default: the config's batch / workers)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p.add_argument("--storage", default=d["storage"],
                    help=f"Ray Train checkpoint storage, path or URI (default {d['storage']})")
     p.add_argument("--placement", default=d["placement"], choices=("pack", "spread"),
-                   help="workers on as few nodes as fit (pack, the default) or one per node where there "
-                        "is room (spread; either moves them to the nodes left when one is lost)")
+                   help="workers on as few nodes as fit (pack) or one per node where there is room (spread); "
+                        "either moves them to the nodes left when one is lost (default %(default)s)")
     p.add_argument("--name", default=d["name"], help="run name; an existing stopped run of that name resumes")
     p.add_argument("--tracking-uri", default=d["tracking_uri"],
-                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+                   help=f"MLflow tracking URI (default $MLFLOW_TRACKING_URI or {SQLITE}{DEFAULT_DB})")
     p.add_argument("--artifact-root", default=d["artifact_root"], metavar="URI",
                    help="where a new experiment keeps its MLflow artifacts, e.g. s3://bucket/mlflow "
-                        "(default: mlruns/artifacts beside a sqlite store, a server's own root)")
+                        f"(default: for a sqlite store, {ARTIFACTS}/ beside its database; a server's "
+                        "own root)")
     p.add_argument("--experiment", default=d["experiment"], help=f"MLflow experiment (default {d['experiment']})")
     p.add_argument("--register", default=d["register"], metavar="NAME", help="register the model under NAME")
     p.add_argument("--alias", default=d["alias"],
                    help=f"alias given when validation PQ beats its holder (default {d['alias']})")
     p.add_argument("--eval-every", type=int, default=d["eval_every"],
-                   help="validation PQ every N steps (default 0: at the end)")
+                   help="validation PQ every N steps (0: at the end only; default %(default)s)")
     p.add_argument("--max-failures", type=int, default=d["max_failures"],
                    help=f"worker-group restarts allowed (default {d['max_failures']})")
     p.add_argument("--pictures", type=int, default=d["pictures"],

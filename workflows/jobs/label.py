@@ -3,8 +3,8 @@ whose stages are ``pipeline.label.stages``'s, writing Parquet shards exactly onc
 
 1. The model is fetched once (``workflows.tracking.sources.fetch``: a registered model, a run's artifact,
    an MLflow model folder or a checkpoint file); the driver reads its test size from the
-   checkpoint's config and puts the checkpoint's bytes into Ray's object store once, for the
-   actors. No actor imports MLflow.
+   checkpoint's config (its weights not deserialized: ``ModelSource.config``) and puts the
+   checkpoint's bytes into Ray's object store once, for the actors. No actor imports MLflow.
 2. The input (folder, list file or shards; local or URI) is planned once into tasks of
    consecutive images (``pipeline.label.sources``; re-runs reuse the plan).
 3. Ray Data streams the unfinished images of the pending tasks through ``chunks`` -> ``decode``
@@ -32,41 +32,37 @@ from pipeline.label import exports
 from pipeline.label import store as ls
 from pipeline.label.sources import Plan, categories_of, load_plan, make_plan
 from pipeline.label.stages import Labeler, actor_rows, chunks, decode, decode_memory, encode, input_items
-from workflows.jobs.specs import LabelJob
+from workflows.jobs.specs import LABEL_CPUS, LABEL_DATA_CPUS, LabelJob
 
 
 def model_input(source):
     """The ``ciae.config.InputConfig`` (test size) of a fetched ``workflows.tracking.sources.ModelSource``'s
-    checkpoint; ValueError when it holds no trained ciae model."""
-    from ciae.config import Config
-
-    weights = source.source()
-    if weights.kind != "ciae":
-        raise ValueError(f"{source.spec}: a torchvision ResNet state dict, not a trained ciae model")
-    return Config.from_dict(weights.config).input
+    checkpoint, read without deserializing its weights (``ModelSource.config``); ValueError when
+    it holds no trained ciae model."""
+    return source.config().input
 
 
 def actor_cpus(job: LabelJob, cluster_cpus: float, workers: int | None = None) -> tuple[float, str | None]:
     """(CPUs per model actor, a line saying how they were chosen or None), for ``workers`` actors
-    (default: the job's). The actors leave at least one of the cluster's CPUs to the decode and
-    encode tasks. A share the job sets is checked (ValueError when it does not fit); without
-    one, 1 CPU each when that fits, else the largest share in 0.5 steps (or, below 0.5, in 0.05
-    steps) that does."""
+    (default: the job's). The actors leave at least ``LABEL_DATA_CPUS`` of the cluster's CPUs to
+    the decode and encode tasks. A share the job sets is checked (ValueError when it does not
+    fit); without one, ``LABEL_CPUS`` each when that fits, else the largest share in 0.5 steps
+    (or, below 0.5, in 0.05 steps) that does."""
     workers = workers or job.workers
-    free = cluster_cpus - 1
+    free = cluster_cpus - LABEL_DATA_CPUS
     if job.cpus_per_worker is not None:
         if workers * job.cpus_per_worker > free:
             raise ValueError(f"the model actors would hold {workers * job.cpus_per_worker:g} of the "
                              f"cluster's {cluster_cpus:g} CPUs, leaving less than one for decoding and "
                              "encoding; lower --workers or --cpus-per-worker (0.5 shares a CPU)")
         return job.cpus_per_worker, None
-    share = min(1.0, free / workers)
+    share = min(LABEL_CPUS, free / workers)
     step = 0.5 if share >= 0.5 else 0.05
     share = round(math.floor(share / step + 1e-9) * step, 2)
     if share <= 0:
         raise ValueError(f"the cluster has {cluster_cpus:g} CPUs: {workers} model actors and the "
                          "decoding and encoding tasks (one CPU) do not fit; lower --workers or add CPUs")
-    if share == 1.0:
+    if share == LABEL_CPUS:
         return share, None
     return share, (f"label: {workers} model actors x {share:g} CPU (the cluster has {cluster_cpus:g}; one "
                    "is left to decoding and encoding); --cpus-per-worker sets it")

@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from ciae.config import Config
 from workflows.tracking.location import refuse_credentials
 
+# CPUs per training worker when the job sets none (TrainJob.resolved): with GPUs, and without (room
+# for the data tasks); per labeling actor (workflows.jobs.label.actor_cpus): LABEL_CPUS where that
+# fits, else the largest share that leaves LABEL_DATA_CPUS of the cluster's to decoding and encoding
+TRAIN_CPUS_GPU, TRAIN_CPUS = 4.0, 0.5
+LABEL_CPUS, LABEL_DATA_CPUS = 1.0, 1.0
+
 
 @dataclass
 class TrainJob:
@@ -20,7 +26,7 @@ class TrainJob:
     config: Config = field(default_factory=Config.small)
     workers: int = 2
     gpus_per_worker: float = 0.0
-    cpus_per_worker: float | None = None   # default 0.5 without GPUs (room for the data tasks), else 4
+    cpus_per_worker: float | None = None   # default TRAIN_CPUS_GPU with GPUs, else TRAIN_CPUS
     batch_per_worker: int | None = None    # default solver.batch_size // workers
     iterations: int | None = None          # default solver.iterations (decay steps scale with it)
     storage: str = "runs/ray_results"      # Ray Train checkpoints (shared storage on a cluster)
@@ -84,7 +90,7 @@ class TrainJob:
         global_batch = per_worker * self.workers
         solver = dataclasses.replace(solver, lr=solver.lr * global_batch / solver.batch_size,
                                      batch_size=global_batch)
-        cpus = self.cpus_per_worker or (4.0 if self.gpus_per_worker else 0.5)
+        cpus = self.cpus_per_worker or (TRAIN_CPUS_GPU if self.gpus_per_worker else TRAIN_CPUS)
         return dataclasses.replace(self.config, solver=solver), per_worker, cpus
 
 
@@ -100,7 +106,7 @@ class LabelJob:
     workers: int = 1                    # model actors
     batch_size: int = 8                 # images per model call
     gpus_per_worker: float = 0.0
-    cpus_per_worker: float | None = None   # and torch threads of a CPU actor (default: 1, or a share that fits)
+    cpus_per_worker: float | None = None   # and torch threads of a CPU actor (default: LABEL_CPUS or a share)
     gt_json: str | None = None          # ground truth for PQ (folders and lists; shards carry theirs)
     gt_dir: str | None = None
     coco_panoptic: bool = False         # OUT/_coco/panoptic/*.png + _coco/predictions.json

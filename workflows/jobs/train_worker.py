@@ -292,10 +292,10 @@ def train_worker(loop_config: dict) -> None:
     model = CIAEModel(cfg, spec.stuff_ids, spec.thing_ids, spec.category_names)
     resumed = ray.train.get_checkpoint()
     if spec.init and not resumed:       # fine-tuning: the source's weights, loaded here too
-        from ciae.engine.finetune import read_source, transfer
+        from ciae.engine.finetune import transfer
 
         name, ref = spec.init
-        transfer(model, read_source(checkpoint.load(ray.get(ref), name), name))
+        transfer(model, checkpoint.read_source(checkpoint.load(ray.get(ref), name), name))
     trainer = distributed_trainer(model, device)
     if resumed:
         with resumed.as_directory() as d:

@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass
 
 DEFAULT_DIR = "mlruns"
+DEFAULT_DB = os.path.join(DEFAULT_DIR, "mlflow.db")   # the default store, under the current directory
+ARTIFACTS = "artifacts"                                # a sqlite store's artifacts: beside its database
 SQLITE = "sqlite:///"
 
 
@@ -33,7 +35,7 @@ def default_tracking_uri() -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return SQLITE + os.path.abspath(os.path.join(DEFAULT_DIR, "mlflow.db"))
+    return SQLITE + os.path.abspath(DEFAULT_DB)
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
@@ -41,7 +43,7 @@ def default_artifact_root(tracking_uri: str) -> str | None:
     (http, postgresql, ...) chooses its own (None)."""
     if tracking_uri.startswith(SQLITE):
         db = tracking_uri[len(SQLITE):]
-        return "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "artifacts")
+        return "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), ARTIFACTS)
     return None
 
 

@@ -127,17 +127,19 @@ def package_dirs() -> list[str]:
     return [os.path.dirname(importlib.import_module(p).__file__) for p in PACKAGES]
 
 
-def model_metadata(ckpt: dict) -> dict:
-    """The MLflow ``metadata`` of a logged checkpoint: its config and categories under ``ciae``."""
-    return {"ciae": {"config": ckpt["config"], "stuff_ids": ckpt["stuff_ids"], "thing_ids": ckpt["thing_ids"],
-                     "category_names": {str(k): v for k, v in (ckpt.get("category_names") or {}).items()}}}
+def model_metadata(meta: dict) -> dict:
+    """The MLflow ``metadata`` of a logged checkpoint: its config and categories under ``ciae``
+    (``meta``: ``ciae.checkpoint.read_meta``'s, or the loaded checkpoint)."""
+    return {"ciae": {"config": meta["config"], "stuff_ids": meta["stuff_ids"], "thing_ids": meta["thing_ids"],
+                     "category_names": {str(k): v for k, v in (meta.get("category_names") or {}).items()}}}
 
 
-def log_model(tracking, run_id: str, checkpoint_file: str, ckpt: dict, *, name: str = "model") -> str:
+def log_model(tracking, run_id: str, checkpoint_file: str, meta: dict, *, name: str = "model") -> str:
     """Log a checkpoint as the pyfunc model ``name`` of run ``run_id`` (``tracking``: a
     ``workflows.tracking.location.Tracking``). ``checkpoint_file``: the checkpoint's local file (stored
-    as the model's ``checkpoint`` artifact); ``ckpt``: its contents, as already loaded (the
-    metadata's source). Returns the model's artifact URI (a registry version's source).
+    as the model's ``checkpoint`` artifact); ``meta``: its config and categories
+    (``ciae.checkpoint.read_meta``, or the checkpoint as already loaded; the metadata's source).
+    Returns the model's artifact URI (a registry version's source).
 
     The model folder is made with ``mlflow.pyfunc.save_model`` (models-from-code) and uploaded
     with the client: no active run or process-global tracking URI is involved."""
@@ -151,6 +153,6 @@ def log_model(tracking, run_id: str, checkpoint_file: str, ckpt: dict, *, name: 
         mlflow.pyfunc.save_model(
             folder, python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
             artifacts={"checkpoint": checkpoint_file}, code_paths=package_dirs(), signature=signature(),
-            input_example=input_example(), pip_requirements=PIP_REQUIREMENTS, metadata=model_metadata(ckpt))
+            input_example=input_example(), pip_requirements=PIP_REQUIREMENTS, metadata=model_metadata(meta))
         client.log_artifacts(run_id, folder, name)
     return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{name}"

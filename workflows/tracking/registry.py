@@ -10,19 +10,20 @@ from __future__ import annotations
 PQ_TAG = "val_pq"
 
 
-def register(tracking, run_id: str, checkpoint_file: str, ckpt: dict, name: str, alias: str,
+def register(tracking, run_id: str, checkpoint_file: str, meta: dict, name: str, alias: str,
              pq: float | None, tags: dict[str, str] | None = None) -> tuple[str, bool]:
-    """Log the checkpoint (its local file, and its contents as loaded) as the pyfunc model of run
-    ``run_id`` and register it as a new version of ``name``, with ``tags`` (the run's lineage:
-    ``workflows.jobs.train._lineage``). Moves ``alias`` to the new version when no version holds it,
-    or when ``pq`` beats the holder's. Returns (version, whether the alias moved)."""
+    """Log the checkpoint (its local file, and its config and categories: ``ciae.checkpoint.read_meta``
+    or the loaded checkpoint) as the pyfunc model of run ``run_id`` and register it as a new
+    version of ``name``, with ``tags`` (the run's lineage: ``workflows.jobs.train._lineage``).
+    Moves ``alias`` to the new version when no version holds it, or when ``pq`` beats the
+    holder's. Returns (version, whether the alias moved)."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
     from workflows.tracking.pyfunc import log_model
 
     client = tracking.client()
-    source = log_model(tracking, run_id, checkpoint_file, ckpt)
+    source = log_model(tracking, run_id, checkpoint_file, meta)
     try:
         client.create_registered_model(name)
     except MlflowException as e:
@@ -55,8 +56,8 @@ def register_checkpoint(checkpoint_file: str, *, tracking_uri: str | None, model
     client = tracking.client()
     run_id = client.create_run(tracking.experiment_id(experiment), run_name="register-checkpoint").info.run_id
     try:
-        version, _ = register(tracking, run_id, checkpoint_file, checkpoint.load(checkpoint_file, checkpoint_file),
-                              model_name, alias, pq)
+        version, _ = register(tracking, run_id, checkpoint_file,
+                              checkpoint.read_meta(checkpoint_file, checkpoint_file), model_name, alias, pq)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

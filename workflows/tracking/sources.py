@@ -7,10 +7,12 @@ ResNet state dict.
 ``fetch`` reads the checkpoint file once, with its lineage (the run that made it, the model
 version), into a :class:`ModelSource`: its bytes travel to Ray workers through the object store
 (no shared file system needed), and ``checkpoint()`` / ``source()`` load them with
-``weights_only``. MLflow is read with its own API: the registry client resolves versions and
-aliases, ``mlflow.models.Model.load`` reads a model's ``MLmodel`` (where its ``checkpoint``
-artifact is), ``Tracking.download`` fetches only the files needed (``MLmodel``, then the
-checkpoint, not the model's code). A plain file or URI does not import MLflow.
+``weights_only`` (``ciae.checkpoint``); ``meta()`` / ``config()`` read the checkpoint's config and
+categories without deserializing its weights (a driver that needs only those). MLflow is read
+with its own API: the registry client resolves versions and aliases, ``mlflow.models.Model.load``
+reads a model's ``MLmodel`` (where its ``checkpoint`` artifact is), ``Tracking.download`` fetches
+only the files needed (``MLmodel``, then the checkpoint, not the model's code). A plain file or
+URI does not import MLflow.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 from dataclasses import dataclass
 
 from ciae import checkpoint
-from ciae.engine.finetune import Source, read_source
+from ciae.config import Config
 from pipeline.data import storage
 from workflows.tracking.location import Tracking
 
@@ -37,9 +39,18 @@ class ModelSource:
         """The file's contents (``ciae.checkpoint.load``: ``weights_only``)."""
         return checkpoint.load(self.data, self.spec)
 
-    def source(self) -> Source:
-        """The weights as a fine-tuning source (``ciae.engine.finetune.read_source``)."""
-        return read_source(self.checkpoint(), self.spec)
+    def source(self) -> checkpoint.Source:
+        """The weights as a fine-tuning source (``ciae.checkpoint.read_source``)."""
+        return checkpoint.read_source(self.checkpoint(), self.spec)
+
+    def meta(self) -> dict:
+        """The checkpoint's config, categories and step, its weights not deserialized
+        (``ciae.checkpoint.read_meta``); ValueError when it holds no trained ciae model."""
+        return checkpoint.read_meta(self.data, self.spec)
+
+    def config(self) -> Config:
+        """The checkpoint's ``Config`` (``meta()``)."""
+        return Config.from_dict(self.meta()["config"])
 
 
 def _checkpoint_of_model(root: str, spec: str, tracking: Tracking) -> str:
