@@ -230,3 +230,43 @@ def trained_small(synth_dataset, make_shards, tmp_path_factory, _empty_mlflow_db
     uri = register_checkpoint(ckpt, tracking_uri=tracking, model_name="ciae-trained")
     return {"shards": shards, "checkpoint": ckpt, "losses": losses, "untrained_pq": untrained,
             "trained_pq": trained, "uri": uri, "tracking": tracking}
+
+
+# Ray Train's preemption watcher, an actor per worker group (~1.5 s of CPU each on the 2-core
+# VM) that watches for nodes being drained: no test drains one (test_ray_nodes.py, which loses
+# nodes, keeps it as users have it)
+LEAN_RAY_TRAIN = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+@pytest.fixture(scope="module")
+def lean_ray_train():
+    """``LEAN_RAY_TRAIN`` in the environment for the module's tests: Ray Train runs in this
+    process and in the commands they start (which inherit it) start no preemption watcher."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in LEAN_RAY_TRAIN.items():
+            mp.setenv(k, v)
+        yield
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(synth_small, make_shards, tmp_path_factory, _empty_mlflow_db, ray_local) -> dict:
+    """test_train_distributed.py's ``two_worker_job`` trained by ``train`` once per session, on
+    local folders given as file:// URIs (``synth_small``'s shards of 3 rows, whose row groups
+    straddle the workers' parts), registered as ciae-local in a sqlite MLflow of its own:
+    {"job", "summary" (train's), "shards", "tracking"}. test_train_distributed.py compares it
+    with one process, test_s3.py with the same job on S3."""
+    from test_train_distributed import two_worker_job
+
+    from workflows.jobs.train import train
+
+    shards = make_shards(synth_small, 3)
+    root = tmp_path_factory.mktemp("two_worker_run")
+    shutil.copy(_empty_mlflow_db, root / "mlflow.db")
+    tracking = f"sqlite:///{root}/mlflow.db"
+    job = two_worker_job(data=f"file://{shards}", val=shards, storage=f"file://{root}/ray_results", name="local",
+                         experiment="local", register="ciae-local", tracking_uri=tracking)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in LEAN_RAY_TRAIN.items():
+            mp.setenv(k, v)
+        summary = train(job, progress=False)
+    return {"job": job, "summary": summary, "shards": shards, "tracking": tracking}

@@ -6,6 +6,7 @@ inference imports no data-stage code (no pyarrow, Ray or MLflow)."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,36 @@ def test_loading_a_model_for_inference_imports_no_data_stage():
             "loaded = [m for m in ('pyarrow', 'ray', 'mlflow', 'workflows') if m in sys.modules]\n"
             "assert not loaded, loaded\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=ROOT)
+
+
+def test_the_docs_name_only_what_exists():
+    """Every dotted name of ours in docs/ARCHITECTURE.md and README.md
+    (``pipeline.label.store.Summary``) is a module or an attribute of one, or a string the code writes (an MLflow tag such as
+    ``ciae.init.run_id``), and every path of ours they name exists: a moved or renamed piece fails
+    here until the docs follow it."""
+    import importlib.util
+
+    def is_module(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:       # a parent that is no package
+            return False
+
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text() + (ROOT / "README.md").read_text()
+    code = "".join(f.read_text() for p in OURS for f in (ROOT / p).rglob("*.py"))
+    missing = []
+    names = set(re.findall(r"(?<![\w./-])((?:ciae|pipeline|workflows|kernels)(?:\.[A-Za-z_]\w*)+)", text))
+    for name in sorted(names):
+        parts = name.split(".")
+        module = next(k for k in range(len(parts), 0, -1) if is_module(".".join(parts[:k])))
+        obj = importlib.import_module(".".join(parts[:module]))
+        for attr in parts[module:]:
+            obj = getattr(obj, attr, None)
+        # a tag the code writes, or the head of one it builds (f"ciae.review.{k}")
+        written = any(f'"{".".join(parts[:k])}' in code for k in range(2, len(parts) + 1))
+        if obj is None and not written:
+            missing.append(name)
+    folders = "ciae|pipeline|workflows|kernels|tests|benchmarks|scripts|docs"
+    paths = re.findall(rf"(?<![\w./-])((?:{folders})/[\w/.-]*\w)", text)
+    missing += sorted({p for p in paths if not (ROOT / p).exists()})
+    assert missing == []

@@ -1,7 +1,7 @@
 """Ray Train training: one model whatever the worker count; what DDP needs of the model (no
 unused parameter, synchronised BatchNorm) and of the hooks (validation that stalls no rank), the
 latter in two gloo processes. (MLflow tracking, registration and recovery from a killed worker:
-``test_s3.py``, on S3 and on local folders.)"""
+``test_s3.py``, on S3 against the same job on local folders.)"""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from ciae.config import Config
 from ciae.modeling.model import CIAEModel
 from pipeline.data.shards import read_manifest
 from workflows.jobs.specs import TrainJob
-from workflows.jobs.train import train
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Ray workers import nothing from tests
 
@@ -40,26 +39,56 @@ def tiny_config(**solver) -> Config:
     return cfg
 
 
-def test_two_workers_take_the_steps_of_one_worker_with_their_joint_batch(shards, mlflow_db, tmp_path):
-    """``ciae train`` end to end, 1 worker with batch 4 and 2 workers with batch 2: the plan gives
-    them the same images per step, so the memory is the same and the weights nearly so.
+def two_worker_job(**kw) -> TrainJob:
+    """The job of ``two_worker_run`` (conftest.py: on local folders, once per session) and of
+    test_s3.py's killed-worker run on S3: ``tiny_config`` without box embeddings (Table III's
+    ablation), lr 0.02 after one warm-up step, a checkpoint every 2 steps; 2 workers of batch 1,
+    6 steps, one restart allowed, one picture. ``kw``: the places (data, val, storage,
+    tracking, names)."""
+    cfg = tiny_config(warmup_iters=1, lr=0.02, iterations=6, checkpoint_every=2).merged(
+        {"embedding": {"box_embedding": False}})
+    return TrainJob(config=cfg, workers=2, batch_per_worker=1, iterations=6, pictures=1, max_failures=1, **kw)
+
+
+def train_here(job: TrainJob) -> tuple[dict, float | None]:
+    """What ``train(job)`` trains with one CPU worker, in this process without Ray: the final
+    weights and the validation PQ. The worker's model, trainer, batches (``batch_stream``: the
+    plan ``stream_batches`` splits between workers) and torch threads, so byte for byte its
+    weights (``test_s3_faults.py`` compares them with a ``ciae train`` run)."""
+    from pipeline.evaluation.validation import evaluate
+    from pipeline.feed.stream import batch_stream, model_for_shards
+    from workflows.jobs.train_worker import distributed_trainer
+
+    cfg, _, cpus = dataclasses.replace(job, workers=1).resolved()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cpus)))
+    try:
+        torch.manual_seed(cfg.solver.seed)
+        model = model_for_shards(cfg, job.data)
+        distributed_trainer(model, torch.device("cpu")).fit(batch_stream(job.data, cfg), cfg.solver.iterations)
+        pq = evaluate(model, job.val)["All"]["pq"] if job.val else None
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, pq
+
+
+def test_two_workers_take_the_steps_of_one_worker_with_their_joint_batch(two_worker_run):
+    """``ciae train`` end to end with 2 workers of batch 1 (``two_worker_run``, 6 steps) and one
+    process with batch 2 (``train_here``: what a 1-worker run trains, byte for byte): the plan
+    gives them the same images per step, so the memory is the same and the weights nearly so.
     Trained without box embeddings, Table III's ablation (a Ray Train run less than a test of its
-    own; the killed-worker test below trains two workers with them): the head computes none, so
-    DDP finds every parameter used (an unused one fails the second step: "Expected to have
-    finished reduction")."""
-    cfg = tiny_config(warmup_iters=1, lr=0.02, iterations=3).merged({"embedding": {"box_embedding": False}})
-    final = {}
-    for workers in (1, 2):
-        job = TrainJob(data=shards, config=cfg, workers=workers, batch_per_worker=4 // workers, iterations=3,
-                       storage=str(tmp_path / "rt"), name=f"equivalence-{workers}", tracking_uri=mlflow_db,
-                       experiment="equivalence", pictures=0)
-        summary = train(job, progress=False)
-        assert summary["step"] == 3
-        final[workers] = torch.load(summary["checkpoint"], weights_only=True)["model"]
-    one, two = final[1], final[2]
+    own; test_ray_nodes.py's and test_finetune.py's two workers train with them): the head
+    computes none, so DDP finds every parameter used (an unused one fails the second step:
+    "Expected to have finished reduction")."""
+    job, summary = two_worker_run["job"], two_worker_run["summary"]
+    assert summary["step"] == 6 and job.workers == 2 and job.batch_per_worker == 1
+    two = torch.load(summary["checkpoint"], weights_only=True)["model"]
+    one, _ = train_here(dataclasses.replace(job, data=two_worker_run["shards"], val=None, workers=1,
+                                            batch_per_worker=2))
     assert not [k for k in two if "box_embed" in k]
 
-    manifest = read_manifest(shards)
+    cfg = job.resolved()[0]
+    manifest = read_manifest(two_worker_run["shards"])
     torch.manual_seed(cfg.solver.seed)
     initial = CIAEModel(cfg, [0] * len(manifest["stuff_index"]), [0] * len(manifest["thing_index"])).state_dict()
     mem = "memory.memory"
@@ -171,8 +200,8 @@ def test_validation_parts_add_up_to_the_whole_set(synth_shards):
         assert merged.iou == pytest.approx(whole.iou, abs=1e-12)
 
 
-VALIDATION_S_PER_IMAGE = 2.0     # 6 held-out images: 12 s on one rank, 6 s on each of two
-GROUP_TIMEOUT_S = 8.0
+VALIDATION_S_PER_IMAGE = 1.5     # 6 held-out images: 9 s on one rank, 4.5 s on each of two
+GROUP_TIMEOUT_S = 5.0
 
 
 def _validation_setup(rank: int, shards: str, out: str, uri: str, run_id: str):
