@@ -96,9 +96,9 @@ def test_loading_a_model_for_inference_imports_no_data_stage():
 
 def test_the_docs_name_only_what_exists():
     """Every dotted name of ours in docs/ARCHITECTURE.md and README.md
-    (``pipeline.label.store.Summary``) is a module or an attribute of one, or a string the code writes (an MLflow tag such as
-    ``ciae.init.run_id``), and every path of ours they name exists: a moved or renamed piece fails
-    here until the docs follow it."""
+    (``pipeline.label.store.Summary``) is a module or an attribute of one, or a string the code
+    writes (an MLflow tag such as ``ciae.init.run_id``), and every path of ours they name exists:
+    a moved or renamed piece fails here until the docs follow it."""
     import importlib.util
 
     def is_module(name: str) -> bool:
