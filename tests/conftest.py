@@ -201,9 +201,11 @@ def registered_untrained(tmp_path_factory, _empty_mlflow_db) -> dict:
 
 @pytest.fixture(scope="session")
 def trained_small(synth_dataset, make_shards, tmp_path_factory, _empty_mlflow_db) -> dict:
-    """``Config.small()`` trained for 160 steps on 64 synthetic 192x192 images in one process,
-    once per session, registered in a sqlite MLflow of its own: {"shards" (train, val),
-    "checkpoint", "losses", "untrained_pq", "trained_pq", "uri", "tracking"}."""
+    """``Config.small()`` at a 112 px input size (``size``) trained for 120 steps on 64 synthetic
+    112x112 images in one process, once per session, registered in a sqlite MLflow of its own:
+    {"shards" (train, val), "size", "checkpoint", "losses", "untrained_pq", "trained_pq", "uri",
+    "tracking"}. It learns as much as the preset's 192 px did in 160 steps, at 40% of their cost:
+    held-out PQ 0 untrained, 0.31-0.41 trained (0.34 at 192 px; 2-core VM, 1 or 2 torch threads)."""
     import torch
 
     from ciae.config import Config
@@ -212,23 +214,25 @@ def trained_small(synth_dataset, make_shards, tmp_path_factory, _empty_mlflow_db
     from pipeline.feed.stream import batch_stream, model_for_shards
     from workflows.tracking.registry import register_checkpoint
 
-    shards = {split: make_shards(synth_dataset(n, seed, 192, 192), 128)
+    size, steps = 112, 120
+    shards = {split: make_shards(synth_dataset(n, seed, size, size), 128)
               for split, n, seed in (("train", 64, 0), ("val", 12, 1000))}
     root = tmp_path_factory.mktemp("trained_small")
     torch.manual_seed(0)
-    cfg = Config.small()
-    cfg.solver = scale_schedule(cfg.solver, 160)
+    cfg = Config.small().merged({"input": {"shorter_sides": (size,), "test_shorter_side": size,
+                                           "max_size": 2 * size}})
+    cfg.solver = scale_schedule(cfg.solver, steps)
     model = model_for_shards(cfg, shards["train"])
     untrained = evaluate(model, shards["val"])["All"]["pq"]
     losses = []
     trainer = Trainer(model)
-    trainer.fit(batch_stream(shards["train"], cfg), 160, on_step=lambda step, s: losses.append(s["loss"]))
+    trainer.fit(batch_stream(shards["train"], cfg), steps, on_step=lambda step, s: losses.append(s["loss"]))
     ckpt = write_checkpoint(trainer, root / "model.pt")
     trained = evaluate(model, shards["val"])["All"]["pq"]
     shutil.copy(_empty_mlflow_db, root / "mlflow.db")
     tracking = f"sqlite:///{root}/mlflow.db"
     uri = register_checkpoint(ckpt, tracking_uri=tracking, model_name="ciae-trained")
-    return {"shards": shards, "checkpoint": ckpt, "losses": losses, "untrained_pq": untrained,
+    return {"shards": shards, "size": size, "checkpoint": ckpt, "losses": losses, "untrained_pq": untrained,
             "trained_pq": trained, "uri": uri, "tracking": tracking}
 
 

@@ -84,7 +84,7 @@ def test_every_kind_of_model_source_gives_the_same_checkpoint(trained_small):
     assert version.data == alias.data == logged.data == folder.data == plain.data == data
     assert version.model_version == alias.model_version == "ciae-trained/1"
     assert logged.run_id == alias.run_id and plain.run_id is None and plain.model_version is None
-    assert version.checkpoint()["step"] == 160
+    assert version.checkpoint()["step"] == 120
 
 
 def test_same_names_are_required_where_both_know_them(trained_small, make_shards, synth_small):
@@ -134,7 +134,8 @@ def test_torchvision_weights_and_errors(trained_small, tmp_path, make_shards, sy
 
 
 def job(trained_small, tmp_path, **kw) -> TrainJob:
-    cfg = Config.small().merged({"input": {"shorter_sides": (96,), "test_shorter_side": 192, "flip_prob": 0.0}})
+    cfg = Config.small().merged({"input": {"shorter_sides": (96,), "test_shorter_side": trained_small["size"],
+                                           "flip_prob": 0.0}})
     return TrainJob(**{"data": trained_small["shards"]["train"], "val": trained_small["shards"]["val"],
                        "config": cfg, "workers": 1, "batch_per_worker": 2, "iterations": 2,
                        "storage": str(tmp_path / "rt"), "tracking_uri": trained_small["tracking"],
@@ -142,9 +143,9 @@ def job(trained_small, tmp_path, **kw) -> TrainJob:
 
 
 @pytest.fixture(scope="module")
-def finetuned(trained_small, tmp_path_factory) -> dict:
+def finetuned(trained_small, tmp_path_factory, ray_local, lean_ray_train) -> dict:
     """A fine-tuning run from the registered model onto the same categories, 2 workers, 6 steps,
-    rank 1 killed after the step-2 checkpoint; its summary."""
+    rank 1 killed after the step-2 checkpoint, on the session's Ray; its summary."""
     base = job(trained_small, tmp_path_factory.mktemp("finetuned"))
     cfg = dataclasses.replace(base.config, solver=dataclasses.replace(base.config.solver, checkpoint_every=2))
     return train(dataclasses.replace(base, name="killed-finetune", config=cfg, workers=2, batch_per_worker=1,
@@ -169,7 +170,8 @@ def test_fine_tuning_onto_the_same_categories_starts_from_the_source_pq(trained_
 
 
 def test_the_cli_fine_tunes_onto_the_coco_sample_from_a_run_artifact(trained_small, finetuned, coco_sample,
-                                                                     make_shards, tmp_path):
+                                                                     make_shards, tmp_path, ray_local,
+                                                                     lean_ray_train):
     from workflows.cli import main
 
     artifact = f"runs:/{finetuned['run_id']}/checkpoint/checkpoint.pt"

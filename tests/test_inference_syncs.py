@@ -4,8 +4,9 @@ without a host sync and takes its results in one copy, at most two host syncs pe
 the number of images and instances; a batch of 8 issues at most 1.5 times the operations of a
 batch of 1; the twins (``"torch"``) give the same outputs.
 
-The planted model detects everywhere: about 30 instances per image (fewer NMS candidates per
-level than the default, which the interpreter would take minutes over)."""
+The planted model detects everywhere, with boxes narrow enough that 34-48 instances per image
+survive NMS on inputs of 96 x 160 and smaller (fewer NMS candidates per level than the default,
+which the interpreter would take minutes over; its time goes with the padded input size)."""
 
 from __future__ import annotations
 
@@ -18,20 +19,22 @@ from ciae.utils.opcount import OpCounter
 
 pytest.importorskip("triton")
 
-TEST_SIZES = [(192, 256), (160, 256), (192, 224), (176, 240), (192, 256), (128, 192), (192, 200),
-              (150, 256)]
-OUT_SIZES = [(192, 256), (200, 320), (96, 128), (176, 240), (300, 400), (128, 192), (100, 104),
-             (150, 256)]
+TEST_SIZES = [(96, 160), (80, 128), (96, 112), (88, 120), (96, 128), (72, 108), (96, 100), (75, 128)]
+OUT_SIZES = [(96, 160), (100, 160), (48, 64), (88, 120), (150, 200), (72, 108), (50, 52), (75, 128)]
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict:
     """{(backend, B): (results, counter of submit, counter of result)}: triton for B = 1 and 8,
-    torch for B = 8, on the first B of 8 toy images (192 x 256, mixed test and output sizes)."""
+    torch for B = 8, on the first B of 8 toy images (96 x 160, mixed test and output sizes)."""
+    import torch
+
     model = planted_model()
     model.cfg.fcos.pre_nms_topk = 100
+    with torch.no_grad():
+        model.head.box_reg.bias.fill_(0.5)          # boxes a quarter as wide: more survive NMS
     predictor = Predictor(model)
-    images = toy_batch(b=8, h=192, w=256)["images"]
+    images = toy_batch(b=8, h=96, w=160)["images"]
     out = {}
     for backend, b in (("triton", 1), ("triton", 1), ("triton", 8), ("torch", 8)):   # 1st: warm-up
         model.kernel_backend = backend

@@ -306,9 +306,18 @@ def test_an_output_of_the_earlier_layout_resumes_and_exports_in_it(listed, model
 
 @pytest.fixture(scope="module")
 def folder_labeled(model, synth_small, tmp_path_factory, ray_local) -> dict:
-    """The synthetic images' folder labeled once with the registered model: {"out", "summary"}."""
+    """The synthetic images' folder labeled once with the registered model in batches of 3, 3
+    model actors asked for (``test_a_job_smaller_than_its_actors_...``'s job): {"out", "summary",
+    "printed" (the job's output), "warnings" (the messages of the warnings it gave)}."""
+    import warnings
+
     out = tmp_path_factory.mktemp("folder") / "out"
-    return {"out": out, "summary": label(job(model, synth_small["images"], out, batch_size=3), progress=False)}
+    printed = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
+        warnings.simplefilter("always")
+        summary = label(job(model, synth_small["images"], out, batch_size=3, workers=3), progress=False)
+    return {"out": out, "summary": summary, "printed": printed.getvalue(),
+            "warnings": [str(w.message) for w in caught]}
 
 
 def test_label_shards_scores_as_the_local_evaluation(model, synth_shards, tmp_path, ray_local, capsys):
@@ -474,7 +483,8 @@ def test_killed_driver_resumes_and_labels_every_image_exactly_once(model, tmp_pa
     import ray
 
     src = tmp_path / "src"
-    write_dataset(str(src), 48, seed=11, spec=SynthSpec(height=64, width=96))
+    total = 24                                  # the driver is killed at its first part: ample
+    write_dataset(str(src), total, seed=11, spec=SynthSpec(height=64, width=96))
     images, out = str(src / "images"), tmp_path / "out"
     cmd = [sys.executable, "-m", "workflows.cli", "label", "--model", model["checkpoint"], "--input", images,
            "--out", str(out), "--batch-size", "1", "--task-images", "4",        # the registered model's file:
@@ -489,12 +499,12 @@ def test_killed_driver_resumes_and_labels_every_image_exactly_once(model, tmp_pa
     sealed_before = {n: (out / "labels" / n).read_bytes() for n in os.listdir(out / "labels")} \
         if (out / "labels").is_dir() else {}
     (out / "_coco" / "panoptic").mkdir(parents=True, exist_ok=True)
-    (out / "_coco" / "panoptic" / ".synth_0011_000047.png.tmp-99-dead").write_bytes(b"\x89PNG half")   # a torn write
+    (out / "_coco" / "panoptic" / f".synth_0011_{total - 1:06d}.png.tmp-99-dead").write_bytes(b"\x89PNG half")  # torn
 
     s = label(job(model, images, out, batch_size=4, coco_panoptic=True), progress=False)
-    assert s["labeled"] == 48 and s["rejected"] == 0 and 0 < s["skipped"] < 48
-    assert s["skipped"] + s["processed"] == 48
-    keys = {f"synth_0011_{i:06d}": (64, 96) for i in range(48)}
+    assert s["labeled"] == total and s["rejected"] == 0 and 0 < s["skipped"] < total
+    assert s["skipped"] + s["processed"] == total
+    keys = {f"synth_0011_{i:06d}": (64, 96) for i in range(total)}
     check_outputs(str(out), keys)
     for n, data in sealed_before.items():                       # sealed shards untouched
         assert (out / "labels" / n).read_bytes() == data
@@ -547,15 +557,14 @@ def test_label_command_has_help(capsys):
     assert "--gpus-per-worker" in text and "example:" in text and "exactly once" in text
 
 
-def test_a_job_smaller_than_its_actors_gives_each_actor_input_and_no_warning(model, synth_small, tmp_path,
-                                                                            ray_local, capsys, recwarn):
-    """One task of 6 images in batches of 3 with 3 model actors asked for: the task is split so
-    that 2 actors get input of their own (a third would get none: the line says so), and Ray
-    Data's warning of an actor pool larger than its inputs ("The minimum number of concurrent
-    actors ... only received 1 input(s)", which a job of one task with 2 actors gave) is not
-    given."""
-    s = label(job(model, synth_small["images"], tmp_path / "out", batch_size=3, workers=3), progress=False)
+def test_a_job_smaller_than_its_actors_gives_each_actor_input_and_no_warning(folder_labeled):
+    """One task of 6 images in batches of 3 with 3 model actors asked for (``folder_labeled``'s
+    job): the task is split so that 2 actors get input of their own (a third would get none: the
+    line says so), and Ray Data's warning of an actor pool larger than its inputs ("The minimum
+    number of concurrent actors ... only received 1 input(s)", which a job of one task with 2
+    actors gave) is not given."""
+    s = folder_labeled["summary"]
     assert (s["labeled"], s["rejected"]) == (6, 0)
-    assert not [str(w.message) for w in recwarn if "concurrent" in str(w.message)]
+    assert not [w for w in folder_labeled["warnings"] if "concurrent" in w]
     assert "label: 2 of the 3 model actors asked for (6 images, a batch of 3 or more for each)" \
-        in capsys.readouterr().out
+        in folder_labeled["printed"]

@@ -133,9 +133,9 @@ def test_prepare_loses_the_second_node_mid_job_and_writes_the_same_shards(head, 
 def test_training_loses_the_second_node_and_resumes_from_its_checkpoint_on_s3(head, second, s3_server, synth_small,
                                                                               make_shards, mlflow_db, tmp_path):
     """``ciae train`` with its two workers spread over the nodes (``--placement spread``), data,
-    checkpoints and MLflow artifacts on S3; the second node lost after a checkpoint: Ray Train
-    restarts the workers on the head from the last checkpoint on S3, into the one MLflow run,
-    and the steps go on from there to the end."""
+    checkpoints (every 2 of its 16 steps) and MLflow artifacts on S3; the second node lost after
+    a checkpoint: Ray Train restarts the workers on the head from the last checkpoint on S3,
+    into the one MLflow run, and the steps go on from there to the end."""
     import mlflow
     from s3_server import upload
     from test_s3 import listing
@@ -143,10 +143,10 @@ def test_training_loses_the_second_node_and_resumes_from_its_checkpoint_on_s3(he
     root = f"s3://{s3_server['bucket']}/test_ray_nodes_train"
     upload(make_shards(synth_small, 3), f"{root}/shards")
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"solver": {"checkpoint_every": 4, "warmup_iters": 1},
+    config.write_text(json.dumps({"solver": {"checkpoint_every": 2, "warmup_iters": 1},
                                   "input": {"shorter_sides": [96], "test_shorter_side": 96, "flip_prob": 0.0}}))
     cmd = [sys.executable, "-m", "workflows.cli", "train", "--data", f"{root}/shards", "--val", f"{root}/shards",
-           "--config", str(config), "--iterations", "40", "--workers", "2", "--batch-per-worker", "1",
+           "--config", str(config), "--iterations", "16", "--workers", "2", "--batch-per-worker", "1",
            "--placement", "spread", "--storage", f"{root}/ray_results", "--artifact-root", f"{root}/mlflow",
            "--tracking-uri", mlflow_db, "--experiment", "two-nodes", "--name", "two-nodes", "--pictures", "0",
            "--address", head.gcs_address]
@@ -155,14 +155,14 @@ def test_training_loses_the_second_node_and_resumes_from_its_checkpoint_on_s3(he
     done, killed = run_and_lose(second, cmd, checkpoints)
     assert any("RayTrainWorker" in t for t in killed["tasks"]), killed      # a worker ran there
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "finished at step 40" in done.stdout, done.stdout
+    assert "finished at step 16" in done.stdout, done.stdout
     client = mlflow.MlflowClient(mlflow_db)
     runs = client.search_runs([client.get_experiment_by_name("two-nodes").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     resumed = [int(m.value) for m in client.get_metric_history(runs[0].info.run_id, "resumed_at_step")]
-    assert len(resumed) == 1 and resumed[0] in range(4, 40, 4), resumed     # from a checkpoint on S3
+    assert len(resumed) == 1 and resumed[0] in range(2, 16, 2), resumed     # from a checkpoint on S3
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
-    assert set(steps) == set(range(1, 41)) and max(steps) == 40
+    assert set(steps) == set(range(1, 17)) and max(steps) == 16
 
 
 def test_labeling_loses_the_node_of_every_model_actor_and_never_hangs(head, registered_untrained, tmp_path):
@@ -175,7 +175,7 @@ def test_labeling_loses_the_node_of_every_model_actor_and_never_hangs(head, regi
     write_dataset(str(src), 24, seed=23, spec=SynthSpec(height=64, width=96))
     out = tmp_path / "out"
     args = ["label", "--model", registered_untrained["checkpoint"], "--input", str(src / "images"), "--out", str(out),
-            "--batch-size", "1", "--task-images", "4", "--workers", "2", "--stall-timeout", "15", "--coco-panoptic",
+            "--batch-size", "1", "--task-images", "4", "--workers", "2", "--stall-timeout", "5", "--coco-panoptic",
             "--address", head.gcs_address]
     node = RayNode.start(head.gcs_address, num_cpus=3, resources={"second": 1})
     try:

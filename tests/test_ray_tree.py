@@ -1,6 +1,7 @@
 """The second GPU run's scripts (benchmarks/gpu/README.md): ``ray_tree.sh`` packs Ray and MLflow
 for the GPU machine from the pins of constraints.txt; ``jobs.sh --smoke`` runs the real jobs
-(prepare, train, label with a checkpoint file) on tiny inputs here and reports every figure.
+(prepare, train, label with a checkpoint file) on tiny inputs here, on the session's Ray, and
+reports every figure.
 The clean-Python check (``ray_tree.sh --check-clean``: downloads, a new venv) is a manual step."""
 
 from __future__ import annotations
@@ -41,10 +42,18 @@ def test_scripts_help_names_every_option():
         assert [o for o in sorted(options) if not re.search(re.escape(o) + r"\b", text)] == [], script
 
 
-def test_jobs_smoke_reports_every_figure(tmp_path):
+def test_jobs_smoke_reports_every_figure(tmp_path, ray_local):
+    """The commands run on the session's Ray (``--address``: no Ray of their own to start and
+    stop), without Ray Train's preemption watcher (conftest's ``LEAN_RAY_TRAIN``)."""
+    import os
+
+    import ray
+    from conftest import LEAN_RAY_TRAIN
+
     out = tmp_path / "out"
     done = subprocess.run(["bash", str(GPU / "jobs.sh"), str(out), "--smoke", "--python", sys.executable,
-                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
+                           "--work", str(tmp_path / "work"), "--address", ray.get_runtime_context().gcs_address],
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ, **LEAN_RAY_TRAIN))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     phases = json.loads((out / "jobs.json").read_text())["phases"]
     assert phases["end"]["problem"] is None

@@ -106,7 +106,7 @@ def test_plans_hold_uris_without_credentials(tmp_path):
 
 
 def test_no_secret_recorded_anywhere(s3_server, synth_small, registered_untrained, mlflow_db, tmp_path, ray_local,
-                                     capsys, monkeypatch):
+                                     capsys, monkeypatch, lean_ray_train):
     """``prepare``, ``train`` (``--init``, ``--storage`` and MLflow artifacts on S3), ``label``
     (a list file with a missing image, and shards), ``export`` and ``evaluate``, every URI with
     ``KEY:SECRET@``: they work, and no secret is in anything written."""

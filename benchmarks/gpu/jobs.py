@@ -16,7 +16,8 @@ left. OUT/jobs.json holds every figure (rewritten through a temporary name after
 phase), OUT/jobs.md the same as tables, OUT/commands.log the commands' output, OUT/gpu.csv the
 nvidia-smi samples (time, utilisation %, memory MiB). Work files go to --work. ``--smoke``: the
 same on the CPU with tiny sizes (Config.small() at 64 px, a few images), the three commands on
-one local Ray started for them; its times mean nothing.
+one local Ray started for them (or on the Ray ``--address`` names: tests/test_ray_tree.py's
+session's); its times mean nothing.
 """
 
 from __future__ import annotations
@@ -334,9 +335,12 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=None, help="training steps (default 300; smoke 3)")
     p.add_argument("--label-images", type=int, default=None, help="images to label (default 2048; smoke 24)")
     p.add_argument("--work", default=None, help="work folder, emptied first (default: $TMPDIR/ciae-jobs)")
+    p.add_argument("--address", default=None,
+                   help="a running Ray the commands use (default: each starts its own; smoke: one "
+                        "local Ray started for the three)")
     args = p.parse_args(argv)
-    if not args.smoke:
-        return run(args, None)
+    if args.address or not args.smoke:
+        return run(args, args.address)
     # the smoke's three commands share one local Ray, started here (--address): on 2 CPUs each
     # command's own start and stop of Ray take 3-4 s, most of a tiny job; on the GPU machine
     # each command starts its own, as a user's would, and its figures include that

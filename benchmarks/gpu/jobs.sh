@@ -11,7 +11,8 @@
 #                  must be the interpreter's)
 # --python PY      the interpreter (default .venv/bin/python when there is one, else python3)
 # Other options go to jobs.py: --smoke, --budget-s S (default 420), --train-steps N,
-# --label-images N, --work DIR. Output: OUT/jobs.json, jobs.md, commands.log, gpu.csv, jobs.log.
+# --label-images N, --work DIR, --address A (a running Ray for the commands: the tests' own).
+# Output: OUT/jobs.json, jobs.md, commands.log, gpu.csv, jobs.log.
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
