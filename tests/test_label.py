@@ -499,7 +499,8 @@ def test_killed_driver_resumes_and_labels_every_image_exactly_once(model, tmp_pa
     sealed_before = {n: (out / "labels" / n).read_bytes() for n in os.listdir(out / "labels")} \
         if (out / "labels").is_dir() else {}
     (out / "_coco" / "panoptic").mkdir(parents=True, exist_ok=True)
-    (out / "_coco" / "panoptic" / f".synth_0011_{total - 1:06d}.png.tmp-99-dead").write_bytes(b"\x89PNG half")  # torn
+    torn = f".synth_0011_{total - 1:06d}.png.tmp-99-dead"                 # a torn write
+    (out / "_coco" / "panoptic" / torn).write_bytes(b"\x89PNG half")
 
     s = label(job(model, images, out, batch_size=4, coco_panoptic=True), progress=False)
     assert s["labeled"] == total and s["rejected"] == 0 and 0 < s["skipped"] < total
