@@ -19,6 +19,15 @@ import pytest  # noqa: E402
 COCO_SAMPLE = Path(__file__).parent / "data" / "coco_sample"
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A test that builds a labeler in this process sets torch's thread count (``Labeler``): every
+    later test gets the process's own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def coco_sample() -> dict:
     """Paths of the real COCO panoptic sample (2 val2017 images, 133 categories)."""
@@ -203,8 +212,8 @@ def registered_untrained(tmp_path_factory, _empty_mlflow_db) -> dict:
 def trained_small(synth_dataset, make_shards, tmp_path_factory, _empty_mlflow_db) -> dict:
     """``Config.small()`` at a 112 px input size (``size``) trained for 140 steps on 64 synthetic
     112x112 images in one process, once per session, registered in a sqlite MLflow of its own:
-    {"shards" (train, val), "size", "checkpoint", "losses", "untrained_pq", "trained_pq", "uri",
-    "tracking"}. Held-out PQ 0 untrained, 0.43-0.48 trained (2-core VM, 1 or 2 torch threads): more
+    {"shards" (train, val), "size", "checkpoint", "weights" (the trained state dict), "losses",
+    "untrained_pq", "trained_pq", "uri", "tracking"}. Held-out PQ 0 untrained, 0.43-0.48 trained (2-core VM, 1 or 2 torch threads): more
     than the preset's 192 px gave in 160 steps (0.35-0.37), at 45% of their cost."""
     import torch
 
@@ -232,8 +241,9 @@ def trained_small(synth_dataset, make_shards, tmp_path_factory, _empty_mlflow_db
     shutil.copy(_empty_mlflow_db, root / "mlflow.db")
     tracking = f"sqlite:///{root}/mlflow.db"
     uri = register_checkpoint(ckpt, tracking_uri=tracking, model_name="ciae-trained")
-    return {"shards": shards, "size": size, "checkpoint": ckpt, "losses": losses, "untrained_pq": untrained,
-            "trained_pq": trained, "uri": uri, "tracking": tracking}
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"shards": shards, "size": size, "checkpoint": ckpt, "weights": weights, "losses": losses,
+            "untrained_pq": untrained, "trained_pq": trained, "uri": uri, "tracking": tracking}
 
 
 # Ray Train's preemption watcher, an actor per worker group (~1.5 s of CPU each on the 2-core

@@ -159,7 +159,8 @@ def test_fine_tuning_onto_the_same_categories_starts_from_the_source_pq(trained_
     first = min(client.get_metric_history(s["run_id"], "val_pq"), key=lambda m: m.step)
     ckpt = checkpoint.load(trained_small["checkpoint"], "model.pt")
     reference = evaluate(CIAEModel.from_checkpoint(ckpt), trained_small["shards"]["val"])
-    assert first.step == 0 and first.value == pytest.approx(reference["All"]["pq"], rel=1e-5)
+    # the same weights, to the few pixels at a tie that the worker's kernels may flip (test_learning)
+    assert first.step == 0 and first.value == pytest.approx(reference["All"]["pq"], abs=1e-3)
     assert first.value > 0.2                                     # not a model starting from zero
     run = client.get_run(s["run_id"])
     assert run.data.tags["ciae.init"] == trained_small["uri"]

@@ -4,6 +4,7 @@ synthetic images far better than the same model untrained; and the oracle is nea
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ciae import checkpoint
 from ciae.modeling.model import CIAEModel
@@ -17,6 +18,9 @@ def test_training_beats_the_untrained_model(trained_small):
     assert last < 0.7 * first
 
     model = CIAEModel.from_checkpoint(checkpoint.load(trained_small["checkpoint"], "model.pt"))
+    # the checkpoint is the model: every weight and buffer, bit for bit
+    state, weights = model.state_dict(), trained_small["weights"]
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], w) for k, w in weights.items())
     trained = evaluate(model, val)
     untrained = trained_small["untrained_pq"]
     print(f"PQ untrained {untrained:.3f} -> trained {trained['All']['pq']:.3f} after 140 steps; "
@@ -26,5 +30,6 @@ def test_training_beats_the_untrained_model(trained_small):
 
     # the oracle (GT boxes, mask-mean queries) on the same embeddings does better still
     assert evaluate(model, val, oracle=True)["All"]["pq"] > trained["All"]["pq"]
-    # the checkpoint is the model (to float noise: a pixel at a tie may flip on another CPU's kernels)
-    assert trained["All"]["pq"] == pytest.approx(trained_small["trained_pq"], rel=1e-5)
+    # and so its PQ, to the few pixels at a tie that another process's kernels may flip (a fresh
+    # CI machine gave 0.4274278 here and 0.4274359 in the fixture: 8e-6)
+    assert trained["All"]["pq"] == pytest.approx(trained_small["trained_pq"], abs=1e-3)
