@@ -72,6 +72,26 @@ LINKS_PER_FILE = 50_000        # a file system allows so many links to one file
 IMAGES_BUCKET, OUT_BUCKET = "ciae-bench-images", "ciae-bench-out"
 
 
+class CpuClock:
+    """CPU seconds spent on this machine (every process, from ``/proc/stat``) and by the S3
+    server's process alone (``/proc/PID/stat``): what the job costs with the server taken out,
+    as if the store were elsewhere (the machine otherwise idle)."""
+
+    def __init__(self, server_pid: int):
+        self.pid, self.tick = server_pid, os.sysconf("SC_CLK_TCK")
+
+    def read(self) -> tuple[float, float]:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        with open(f"/proc/{self.pid}/stat") as f:
+            utime, stime = map(int, f.read().rsplit(")", 1)[1].split()[11:13])
+        return (user + nice + system + irq + softirq + steal) / self.tick, (utime + stime) / self.tick
+
+    def since(self, start: tuple[float, float]) -> dict:
+        machine, server = (b - a for a, b in zip(start, self.read()))
+        return {"job_cpu_s": machine - server, "server_cpu_s": server}
+
+
 def median_min_max(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
@@ -133,9 +153,10 @@ def make_checkpoint(path: str) -> None:
 
 
 def throughput(name: str, images: dict, out: dict, job_kw: dict, repeats: int, requests: Requests,
-               labeler) -> dict:
+               labeler, cpu: CpuClock) -> dict:
     """Label ``images[where]`` into a fresh output under ``out[where]`` for where in disk, s3,
-    ``repeats`` rounds alternating the order; {where: [{"images_per_s", "seconds", "requests"}]}."""
+    ``repeats`` rounds alternating the order; {where: [{"images_per_s", "seconds", "requests",
+    "call_s", "job_cpu_s", "server_cpu_s"}]} (wall time and CPU of the whole ``label`` call)."""
     from workflows.jobs.label import label
     from workflows.jobs.specs import LabelJob
 
@@ -147,11 +168,12 @@ def throughput(name: str, images: dict, out: dict, job_kw: dict, repeats: int, r
     for r in range(repeats):
         for where in (("disk", "s3") if r % 2 == 0 else ("s3", "disk")):
             job = LabelJob(input=images[where], out=f"{out[where]}/{name}-{r}", **job_kw)
-            start = requests.mark()
+            start, clock, wall = requests.mark(), cpu.read(), time.perf_counter()
             s = label(job, progress=False, labeler=labeler)
             row = {"images_per_s": s["images_per_second"], "seconds": s["seconds"],
+                   "call_s": time.perf_counter() - wall,
                    "exports_s": s["timings"]["exports"], "labeled": s["labeled"],
-                   "requests": requests.since(start)}
+                   "requests": requests.since(start), **cpu.since(clock)}
             runs[where].append(row)
             print(f"[s3-bench] {name} round {r + 1} {where}: {json.dumps(row)}", flush=True)
     return runs
@@ -325,7 +347,7 @@ def run(args, work: str, server, moto_version: str) -> int:
     from pipeline.label.stages import Labeler
 
     ray.cloudpickle.register_pickle_by_value(scale)     # Ray's workers cannot import it
-    requests = Requests(server)
+    requests, cpu = Requests(server), CpuClock(server.proc.pid)
     for bucket in (IMAGES_BUCKET, OUT_BUCKET):
         create_bucket(bucket)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -355,14 +377,14 @@ def run(args, work: str, server, moto_version: str) -> int:
             images = {"disk": local_images, "s3": to_s3(local_images, "model/images")}
             kw = dict(model=checkpoint, workers=1, batch_size=args.batch_size, cpus_per_worker=max(0.5, cores - 1.0),
                       task_images=4 * args.batch_size)
-            results["model"] = throughput("model", images, out, kw, args.repeats, requests, Labeler)
+            results["model"] = throughput("model", images, out, kw, args.repeats, requests, Labeler, cpu)
         if args.trivial_images:
             folder = os.path.join(work, "trivial-images")
             sources = sorted(os.path.join(local_images, n) for n in os.listdir(local_images))
             link_folder(folder, args.trivial_images, sources)
             images = {"disk": folder, "s3": to_s3(folder, "trivial/images")}
             kw = dict(model=checkpoint, workers=1, batch_size=64)
-            results["trivial"] = throughput("trivial", images, out, kw, args.repeats, requests, scale.TrivialLabeler)
+            results["trivial"] = throughput("trivial", images, out, kw, args.repeats, requests, scale.TrivialLabeler, cpu)
         if args.prepare_images:
             folder = os.path.join(work, "prepare-data")
             link_dataset(os.path.join(work, "data"), folder, args.prepare_images)
@@ -399,6 +421,24 @@ def report(args, results: dict) -> None:
         counts = results[name]["s3"][0]["requests"]
         print(f"| {what} | {n} | {disk[0]:.1f} ({disk[1]:.1f}-{disk[2]:.1f}) | {s3[0]:.1f} ({s3[1]:.1f}-{s3[2]:.1f}) "
               f"| {s3[0] / disk[0]:.2f} | {fmt_requests(counts)} | {fmt_per_image(counts, n)} |")
+    rows = [(name, n) for name, n in (("model", args.images), ("trivial", args.trivial_images)) if name in results]
+    if rows:
+        print("\nCPU of the whole `label` call, median: the job's (every process on the machine but the S3 "
+              "server's) and the server's, ms per image, and the share of the cores busy. With the store "
+              "elsewhere the server's share leaves the machine: a CPU-bound job's S3 / disk rate is then "
+              "its disk / S3 job CPU.\n")
+        print("| run | disk: job CPU | cores busy | S3: job CPU | server CPU | cores busy | disk / S3 job CPU |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, n in rows:
+            def ms(where, key):
+                return 1e3 * statistics.median(r[key] for r in results[name][where]) / n
+
+            def busy(where):
+                return statistics.median((r["job_cpu_s"] + r["server_cpu_s"]) / (r["call_s"] * results["cores"])
+                                         for r in results[name][where])
+            print(f"| {name} | {ms('disk', 'job_cpu_s'):.2f} | {busy('disk'):.0%} | {ms('s3', 'job_cpu_s'):.2f} "
+                  f"| {ms('s3', 'server_cpu_s'):.2f} | {busy('s3'):.0%} "
+                  f"| {ms('disk', 'job_cpu_s') / ms('s3', 'job_cpu_s'):.2f} |")
     for u in results["uploads"]:
         print(f"\nupload of {u['files']} files: {u['seconds']:.1f} s ({u['files'] / u['seconds']:.0f} files/s), "
               f"{fmt_requests(u['requests'])}")
