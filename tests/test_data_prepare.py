@@ -168,3 +168,52 @@ def test_folders_of_the_old_layout_are_read_and_a_rerun_renames_their_manifest(s
 
     with pytest.raises(DatasetError, match=f"{tmp_path}: no {MANIFEST}; run `ciae prepare` first"):
         read_manifest(str(tmp_path))
+
+
+def test_records_on_s3_are_read_concurrently_with_the_shards_of_a_serial_run(s3_server, synth_copy, tmp_path,
+                                                                             monkeypatch):
+    """A shard's files behind URIs are read several at a time (each read made to wait as for a
+    distant store), giving the shards of one read at a time (``READ_THREADS`` = 1) byte for byte,
+    rejects included (a missing PNG, a truncated image); local files are read one at a time."""
+    import threading
+    import time
+
+    from s3_server import upload
+
+    from pipeline.data import coco
+    from pipeline.data import prepare as prepare_module
+
+    os.remove(os.path.join(synth_copy["panoptic_dir"], "synth_0007_000001.png"))
+    jpeg = Path(synth_copy["images"]) / "synth_0007_000003.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
+    root = upload(synth_copy["root"], f"s3://{s3_server['bucket']}/test_data_prepare_concurrent")
+    source = Source(f"{root}/images", f"{root}/panoptic.json", f"{root}/panoptic")
+    peak, active, lock = {}, {}, threading.Lock()
+    read = coco.read_bytes
+
+    def slow_read(fs, path):
+        kind = fs.type_name
+        with lock:
+            active[kind] = active.get(kind, 0) + 1
+            peak[kind] = max(peak.get(kind, 0), active[kind])
+        try:
+            time.sleep(0.05)
+            return read(fs, path)
+        finally:
+            with lock:
+                active[kind] -= 1
+
+    def run(where: Source, out: str) -> dict:
+        peak.clear()
+        m = prepare(where, str(tmp_path / out), rows_per_shard=3, progress=False, in_process=True)
+        return {"peak": dict(peak), "rejected": m["rejected"],
+                "shards": {s["file"]: (tmp_path / out / s["file"]).read_bytes() for s in m["shards"]}}
+
+    monkeypatch.setattr(coco, "read_bytes", slow_read)
+    assert run(_source(synth_copy), "local")["peak"] == {"local": 1}
+    concurrent = run(source, "concurrent")
+    monkeypatch.setattr(prepare_module, "READ_THREADS", 1)
+    serial = run(source, "serial")
+    assert serial["peak"] == {"s3": 1} and concurrent["peak"]["s3"] > 1, concurrent["peak"]
+    assert len(serial["shards"]) == 2 and len(serial["rejected"]) == 2
+    assert {k: v for k, v in concurrent.items() if k != "peak"} == {k: v for k, v in serial.items() if k != "peak"}

@@ -2,7 +2,8 @@
 reads the listing and ``job.json``, no shard, on a local folder and on S3; what the summaries give
 (counts, rejects, review list, PQ) is what the shards give, for a review list longer than the job
 kept too; an output without summaries (either layout) re-runs as before and gets them; a job
-killed between a seal and its summary loses and counts twice nothing."""
+killed between a seal and its summary loses and counts twice nothing; ``--retry-rejected`` and
+``ciae review push`` read only the shards they need."""
 
 from __future__ import annotations
 
@@ -276,3 +277,97 @@ def test_a_finished_jobs_rerun_on_s3_reads_no_shard_in_a_few_requests(finished, 
     fs, base = storage.resolve(out)
     assert {name: storage.read_bytes(fs, f"{base}/{getattr(ls.LAYOUT, name)}") for name in EXPORTS} == \
         finished["exports"]
+
+
+def shard_names(reads: Reads) -> list[str]:
+    """The shards read, once each, by name."""
+    return sorted({os.path.basename(p) for p in reads.shards()})
+
+
+def test_rejected_tasks_come_from_the_summaries(finished, tmp_path, reads):
+    """The tasks counting rejected images in their summaries (task 2), and those without a
+    summary (their shard read by ``unseal_rejected``); none, from job.json alone, when it counts
+    none. No shard read."""
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out)
+    store = ls.LabelStore(str(out))
+    assert store.rejected_tasks() == [2]
+    assert reads.summaries() == ["job.json"] + [f"task-00000{t}.json" for t in range(3)]
+    os.remove(out / "_summaries" / "task-000000.json")
+    assert store.rejected_tasks() == [0, 2]
+    for name in ("labels/task-000002.parquet", "_summaries/task-000002.json"):
+        os.remove(out / name)
+    assert store.summary(2, categories(out)).rejected == 0
+    reads.opened.clear()
+    assert store.rejected_tasks() == [] and reads.summaries() == ["job.json"]
+    assert shard_names(reads) == []
+
+
+@pytest.fixture
+def shard_reads(monkeypatch) -> list[str]:
+    """The names of the shards the driver reads from now on (``storage.read_parquet`` and
+    ``parquet_file``): ``reads``'s file system cannot travel to Ray's workers."""
+    opened = []
+
+    def recorded(read):
+        def recording(uri, *args, **kw):
+            if "/labels/" in uri:
+                opened.append(os.path.basename(uri))
+            return read(uri, *args, **kw)
+        return recording
+
+    for name in ("read_parquet", "parquet_file"):
+        monkeypatch.setattr(storage, name, recorded(getattr(storage, name)))
+    return opened
+
+
+@pytest.mark.parametrize("summary", ["present", "missing"])
+def test_retry_rejected_reads_only_the_shards_of_tasks_with_rejects(finished, tmp_path, shard_reads, summary):
+    """``--retry-rejected`` reads task 2's shard (its two images still unreadable: rejected
+    again), not those of tasks 0 and 1, whose summaries count no reject; task 0's shard too when
+    its summary is missing (an output written before summaries)."""
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out)
+    if summary == "missing":
+        os.remove(out / "_summaries" / "task-000000.json")
+    s = rerun(finished, out, retry_rejected=True)
+    assert (s["labeled"], s["rejected"], s["processed"]) == (6, 2, 2)
+    assert sorted(set(shard_reads)) == ["task-000000.parquet"] * (summary == "missing") + ["task-000002.parquet"]
+    assert exports_of(out, ls.LAYOUT) == finished["exports"]
+
+
+def test_the_least_confident_come_from_job_json_when_it_holds_them(finished, tmp_path, reads):
+    """``least_confident_indices``: the images ``least_confident``'s scan chooses, in its order;
+    from job.json (its 2 review rows) without a shard read for n <= 2, from the shards beyond."""
+    from pipeline.label.exports import least_confident, least_confident_indices
+
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out)
+    store = ls.LabelStore(str(out))
+    for n, shards in ((1, []), (2, []), (5, ["task-000000.parquet", "task-000001.parquet", "task-000002.parquet"])):
+        reads.opened.clear()
+        chosen = least_confident_indices(store, n)
+        assert shard_names(reads) == shards, n
+        assert chosen == [r["index"] for r in least_confident(store, n, ["index"])] and len(chosen) == n
+
+
+def test_push_reads_only_the_shards_of_the_chosen_images(finished, tmp_path, reads, monkeypatch):
+    """``ciae review push`` of the 2 least confident (job.json's review rows) reads the shards
+    holding them only (Label Studio stood in for: every image already in the project)."""
+    from types import SimpleNamespace
+
+    from workflows.review import sync
+
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out)
+    store = ls.LabelStore(str(out))
+    chosen = [r[1] for r in store.job_summary().review[:2]]
+    plan = load_plan(store.plan_uri)
+    keys = {r["key"] for r in pq.read_table(out / "labels").to_pylist()}
+    monkeypatch.setattr(sync, "connect", lambda url, token: None)
+    monkeypatch.setattr(sync, "ensure_project", lambda client, title, cats: SimpleNamespace(id=1))
+    monkeypatch.setattr(sync, "project_keys", lambda client, project_id: dict.fromkeys(keys, 0))
+    reads.opened.clear()
+    result = sync.push(str(out), "http://unused", None, "p", 2, progress=False, workers=1)
+    assert (result.selected, result.pushed, result.present) == (2, 0, 2)
+    assert shard_names(reads) == sorted({ls.task_name(plan.locate(i)[0]) + ".parquet" for i in chosen})

@@ -3,7 +3,8 @@ plain loop in one process).
 
 The driver reads and checks the JSON, plans shards of ``rows_per_shard`` images in image-id
 order and skips those already written (shard names digest their input). Ray Data runs one task
-per remaining shard: read each image and PNG, validate, encode, write the shard atomically.
+per remaining shard: read each image and PNG, validate, encode (records whose files are behind
+URIs ``READ_THREADS`` at a time, local ones one after the other), write the shard atomically.
 A bad record is rejected with its reason and the job goes on. Finally the driver removes stale
 shards and temporary files of earlier runs and writes the manifest (``_manifest.json``, hidden
 from dataset readers: ``pandas.read_parquet(out)`` gives one row per image; see
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.fs as pafs
 
@@ -21,6 +23,8 @@ from ciae.data.panoptic import RecordError
 from pipeline.data import coco, storage
 from pipeline.data.shards import (Source, convert_record, read_shard_summary, reject_entry, shard_name,
                                   write_manifest, write_shard)
+
+READ_THREADS = 8    # a shard's records converted at once when their files are behind URIs
 
 
 def _record_to_json(r: coco.PanopticRecord) -> dict:
@@ -33,20 +37,31 @@ def _record_from_json(d: dict) -> coco.PanopticRecord:
     return coco.PanopticRecord(**d, segments=segs)
 
 
+def _convert(rec: coco.PanopticRecord, images: tuple, panoptic: tuple) -> tuple[dict | None, dict | None]:
+    """(``convert_record``'s shard row, None), or (None, the record's reject entry)."""
+    try:
+        return convert_record(rec, images, panoptic), None
+    except RecordError as e:
+        return None, reject_entry(e)
+    except Exception as e:  # a record must never abort the job: report it instead
+        return None, {"image": rec.name, "reason": f"unexpected {type(e).__name__}: {e}"}
+
+
 def convert_shard(task: dict) -> dict:
     """Ray Data map function (or one step of the in-process loop): one planned shard in, its
-    summary out."""
+    summary out. Records whose files are behind URIs are converted ``READ_THREADS`` at a time (a
+    request to an object store waits for a round trip; each makes the requests it makes alone),
+    local ones one after the other; rows and rejects come in record order either way."""
     source = Source(**json.loads(task["source"]))
     images, panoptic = storage.resolve(source.images), storage.resolve(source.panoptic_dir)
-    rows, rejects = [], []
-    for d in json.loads(task["records"]):
-        rec = _record_from_json(d)
-        try:
-            rows.append(convert_record(rec, images, panoptic))
-        except RecordError as e:
-            rejects.append(reject_entry(e))
-        except Exception as e:  # a record must never abort the job: report it instead
-            rejects.append({"image": rec.name, "reason": f"unexpected {type(e).__name__}: {e}"})
+    records = [_record_from_json(d) for d in json.loads(task["records"])]
+    if "://" in source.images or "://" in source.panoptic_dir:
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            results = list(pool.map(lambda rec: _convert(rec, images, panoptic), records))
+    else:
+        results = [_convert(rec, images, panoptic) for rec in records]
+    rows = [row for row, _ in results if row is not None]
+    rejects = [reject for _, reject in results if reject is not None]
     fs, out = storage.resolve(task["out"])
     write_shard(fs, storage.join(out, task["file"]), rows, rejects)
     return {"file": task["file"], "rows": len(rows), "rejected": json.dumps(rejects)}

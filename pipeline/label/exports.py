@@ -157,6 +157,15 @@ def least_confident(store: LabelStore, n: int, columns: list[str]) -> list[dict]
     return heapq.nsmallest(n, labeled, key=lambda r: (r["quality"], r["index"]))
 
 
+def least_confident_indices(store: LabelStore, n: int) -> list[int]:
+    """The plan indices of ``least_confident``'s ``n`` rows, in its order: ``job.json``'s review
+    rows when it is current and serves ``n`` (no shard read), else a scan of the shards."""
+    summary = store.job_summary()
+    if summary is not None and summary.serves(n):
+        return [r[1] for r in summary.review[:n]]
+    return [r["index"] for r in least_confident(store, n, ["index"])]
+
+
 def export_review(store: LabelStore, summary: Summary, n: int) -> int:
     """``layout.review`` (CSV): the ``n`` labeled images of lowest quality, lowest first
     (``summary``'s review rows: it must serve ``n``), with their PQ when there was ground truth

@@ -43,9 +43,12 @@ same names and sizes) and holds enough review rows, else the tasks' summaries fo
 summary made again from its shard when it is missing, of another size or of too few review rows:
 an output written before summaries, or a job killed between a shard and its summary) and written
 as ``job.json``. So a finished job's re-run lists ``labels/`` and reads one small object, whatever
-its size. Before it first changes a shard (``seal``, ``unseal_rejected``) a store deletes
-``job.json``, and ``unseal_rejected`` deletes the task's summary before its shard: a summary is
-never read for a shard it was not made from. The COCO exports and panels read the shards.
+its size. A retry of the rejected images (``rejected_tasks``) reads only the shards of the tasks
+whose summaries count some, or that have none. Before it first changes a shard (``seal``,
+``unseal_rejected``) a store deletes ``job.json``, and ``unseal_rejected`` deletes the task's
+summary before its shard: a summary is never read for a shard it was not made from. The COCO
+exports and panels read the shards; ``ciae review push`` takes its images from ``job.json`` when it
+holds enough review rows.
 """
 
 from __future__ import annotations
@@ -189,6 +192,11 @@ def task_name(task: int) -> str:
     return f"task-{task:06d}"
 
 
+def _shard_names(sizes: dict[int, int]) -> dict[str, int]:
+    """{shard name: size} of ``shard_sizes``'s {task: size}, in task order (``job.json``'s "shards")."""
+    return {task_name(t): sizes[t] for t in sorted(sizes)}
+
+
 def layout_of(fs: pafs.FileSystem, base: str) -> Layout:
     """The layout of the output folder at ``base``: ``LEGACY_LAYOUT`` when it holds a whole plan
     in ``plan/`` and no ``_plan/``, else ``LAYOUT`` (new folders included)."""
@@ -313,6 +321,23 @@ class LabelStore:
     def remove_parts(self, task: int) -> None:
         storage.delete_folder(self.fs, self.path(self.layout.parts, task_name(task)))
 
+    def rejected_tasks(self) -> list[int]:
+        """The sealed tasks that may hold rejected images, in task order: none when ``job.json``
+        is current and counts none, else those whose summary (made from a shard of this size)
+        counts some and those without one (``unseal_rejected`` reads their shard). The summaries
+        are read one at a time."""
+        sizes = self.shard_sizes()
+        job = self.job_summary(sizes)
+        if job is not None and job.rejected == 0:
+            return []
+        stored = {i.base_name for i in storage.list_folder(self.fs, self.path(self.layout.summaries))}
+        tasks = []
+        for t in sorted(sizes):
+            found = self._stored_task_summary(t, sizes[t]) if task_name(t) + ".json" in stored else None
+            if found is None or found.rejected:
+                tasks.append(t)
+        return tasks
+
     def unseal_rejected(self, task: int) -> list[str]:
         """Turn a sealed task with rejected images back into parts holding its labeled rows, so
         that a run labels the rejected ones again; returns their keys."""
@@ -362,27 +387,35 @@ class LabelStore:
         else the tasks' summaries folded (each made again from its shard when missing, of another
         size or serving fewer) and written as ``job.json``."""
         sizes = self.shard_sizes()
-        shards = {task_name(t): sizes[t] for t in sorted(sizes)}
-        doc = self._read_json(self._job_summary_path())
-        found = Summary.from_json(doc) if doc is not None and doc.get("shards") == shards else None
+        found = self.job_summary(sizes)
         if found is not None and found.serves(review):
             return found
         stored = {i.base_name for i in storage.list_folder(self.fs, self.path(self.layout.summaries))}
         tasks = (self._task_summary(t, sizes[t], review, task_name(t) + ".json" in stored) for t in sorted(sizes))
         total = Summary.folded(tasks, categories, review)
-        self._write_json(self._job_summary_path(), total.to_json(shards=shards))
+        self._write_json(self._job_summary_path(), total.to_json(shards=_shard_names(sizes)))
         self._job_summary_current = True
         return total
+
+    def job_summary(self, sizes: dict[int, int] | None = None) -> Summary | None:
+        """``job.json``'s summary when it was made from the shards listed now (``sizes``, default:
+        ``shard_sizes()``), else None; nothing is written."""
+        sizes = self.shard_sizes() if sizes is None else sizes
+        doc = self._read_json(self._job_summary_path())
+        return Summary.from_json(doc) if doc is not None and doc.get("shards") == _shard_names(sizes) else None
+
+    def _stored_task_summary(self, task: int, shard_bytes: int) -> Summary | None:
+        """A sealed task's stored summary if made from a shard of this size, else None."""
+        doc = self._read_json(self._task_summary_path(task))
+        return Summary.from_json(doc) if doc is not None and doc.get("shard_bytes") == shard_bytes else None
 
     def _task_summary(self, task: int, shard_bytes: int, review: int, stored: bool) -> Summary:
         """A sealed task's summary serving ``review``: its stored one if made from a shard of
         this size, else one made from the shard (one read of ``SUMMARY_COLUMNS`` and the footer)
         and stored."""
-        doc = self._read_json(self._task_summary_path(task)) if stored else None
-        if doc is not None and doc.get("shard_bytes") == shard_bytes:
-            found = Summary.from_json(doc)
-            if found is not None and found.serves(review):
-                return found
+        found = self._stored_task_summary(task, shard_bytes) if stored else None
+        if found is not None and found.serves(review):
+            return found
         with storage.parquet_file(self.uri_of(self.layout.labels, task_name(task) + ".parquet")) as file:
             rows = file.read(columns=SUMMARY_COLUMNS).to_pylist()
             meta = file.schema_arrow.metadata or {}

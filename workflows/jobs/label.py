@@ -109,7 +109,7 @@ def label(job: LabelJob, address: str | None = None, progress: bool = True, labe
     table = CategoryTable.from_json(categories)
     store.remove_temporaries()
     if job.retry_rejected:
-        for task in sorted(store.sealed()):
+        for task in store.rejected_tasks():     # from the tasks' summaries: no shard read for the others
             store.unseal_rejected(task)
     sealed = store.sealed()
     partial = {}

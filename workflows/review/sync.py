@@ -44,7 +44,7 @@ import pyarrow as pa
 
 from pipeline.data import storage
 from pipeline.data.storage import public_uri
-from pipeline.label.exports import least_confident
+from pipeline.label.exports import least_confident_indices
 from pipeline.label.sources import Plan, load_plan
 from pipeline.label.store import LabelStore
 from workflows.review.client import (IMAGE, IMAGE_TYPES, KEY, ReviewError, connect, ensure_project,
@@ -167,7 +167,7 @@ def push(labels: str, url: str, token: str | None, project: str, n: int, model_v
         proj = ensure_project(client, project, categories)
         names = {int(c["id"]): c["name"] for c in categories}
         present = project_keys(client, proj.id)
-        chosen = [r["index"] for r in least_confident(store, n, ["index"])]
+        chosen = least_confident_indices(store, n)       # job.json's review rows when they suffice
         rows = {r["index"]: r for r in _rows(store, plan, chosen)}
         todo = [i for i in chosen if rows[i]["key"] not in present]
         entries = _entries(plan, todo)
