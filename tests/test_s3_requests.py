@@ -92,13 +92,29 @@ def test_label_s3_to_s3_reads_each_image_once_and_writes_each_object_once(s3_ser
     for k in range(n):
         os.link(os.path.join(synth_small["images"], sources[k % len(sources)]), folder / f"{k:08d}.jpg")
     images = upload(str(folder), f"s3://{bucket}/label/images")
-    job = LabelJob(model=registered_untrained["checkpoint"], input=images, out=f"s3://{bucket}/label/out",
-                   batch_size=4, task_images=8)
+    out = f"s3://{bucket}/label/out"
+    job = LabelJob(model=registered_untrained["checkpoint"], input=images, out=out, batch_size=4, task_images=8,
+                   coco_panoptic=True)
     summary = {}
     requests = requests_of(s3_server, lambda: summary.update(label(job, progress=False)))
-    assert summary["labeled"] + summary["rejected"] == n
+    assert (summary["labeled"], summary["rejected"]) == (n, 0)
     check_reads(requests, [f"/{bucket}/label/images/{k:08d}.jpg" for k in range(n)])
     check_writes(requests, "label/out")
+    png = f"/{bucket}/label/out/_coco/panoptic/"
+    assert sorted(p for k, p in requests if k == "PUT" and p.startswith(png)) == [f"{png}{k:08d}.png" for k in range(n)]
+    assert not [p for k, p in requests if k == "HEAD" and p.startswith(png)]
+    predictions = storage.read_uri(f"{out}/_coco/predictions.json")
+
+    # a re-run reads no shard and writes no PNG; an export cut short after the first task
+    # (its records gone but the first task's) writes the second task's PNGs only
+    again = requests_of(s3_server, lambda: label(job, progress=False))
+    assert not [p for k, p in again if k == "GET" and "/label/out/labels/" in p], again
+    assert not [p for k, p in again if k in ("PUT", "HEAD") and p.startswith(png)], again
+    for record in ("coco-panoptic", "task-000001.pngs"):
+        storage.write_uri(f"{out}/_summaries/{record}.json", b"{}")      # not made from these shards
+    cut = requests_of(s3_server, lambda: label(job, progress=False))
+    assert sorted(p for k, p in cut if k == "PUT" and p.startswith(png)) == [f"{png}{k:08d}.png" for k in range(8, n)]
+    assert storage.read_uri(f"{out}/_coco/predictions.json") == predictions
 
 
 def test_prepare_s3_to_s3_reads_each_image_and_png_once_and_writes_each_shard_once(s3_server, bucket,

@@ -25,7 +25,7 @@ from ciae.data.panoptic import CategoryTable
 from pipeline.data import storage
 from pipeline.evaluation.pq import PQAccumulator
 from pipeline.label.sources import Plan
-from pipeline.label.store import LabelStore, Summary
+from pipeline.label.store import PNGS_RECORD, LabelStore, Summary, task_name
 
 
 class JsonArrays:
@@ -88,28 +88,49 @@ def _write_images(doc: JsonArrays, store: LabelStore) -> None:
                      "width": r["width"]})
 
 
-def export_coco_panoptic(store: LabelStore, categories: list[dict], pngs: bool) -> int:
-    """The COCO panoptic JSON (``layout.predictions``) and, with ``pngs``, the PNG
-    (``layout.panoptic``/<key>.png) of each labeled image whose PNG is missing or of another
-    size. Returns the images."""
+COCO_PANOPTIC_RECORD = "coco-panoptic"
+
+
+def export_coco_panoptic(store: LabelStore, categories: list[dict], check: bool = False) -> int:
+    """The COCO panoptic JSON (``layout.predictions``) and the PNG (``layout.panoptic``/<key>.png)
+    of each labeled image. Returns the images.
+
+    Requests follow the work: a task's PNGs are written once, one PUT each, and recorded
+    (``task-KKKKKK.pngs.json`` with its shard's size; ``LabelStore.seal`` records those the job
+    wrote as it labeled), and the whole export is recorded with the shards it was made from
+    (``coco-panoptic.json``): an export started again writes only the PNGs of the tasks without a
+    record, and over the same shards reads none. ``check`` (``ciae export``) trusts no record:
+    it asks each PNG's size and writes those missing or of another size."""
+    sizes = store.shard_sizes()
+    made_from = {"shards": {task_name(t): sizes[t] for t in sorted(sizes)}}
+    done = None if check else store.export_record(COCO_PANOPTIC_RECORD, made_from)
+    if done is not None and store.file_size(store.layout.predictions) is not None:
+        return done["images"]
     count = 0
 
     def write(doc):
         nonlocal count
         _write_images(doc, store)
         doc.open("annotations")
-        columns = ["key", "image_id", "status", "segments"] + (["png"] if pngs else [])
-        for r in store.rows(columns):
-            if r["status"] != "labeled":
-                continue
-            if pngs and store.file_size(store.layout.panoptic, r["key"] + ".png") != len(r["png"]):
-                store.write_png(r["key"], r["png"])
-            doc.add({"image_id": r["image_id"], "file_name": r["key"] + ".png",
-                     "segments_info": [{k: s[k] for k in ("id", "category_id", "iscrowd", "area", "bbox")}
-                                       | {"score": round(float(s["score"]), 4)} for s in r["segments"]]})
-            count += 1
+        for task in sorted(sizes):
+            record = task_name(task) + PNGS_RECORD
+            written = not check and store.export_record(record, {"shard_bytes": sizes[task]}) is not None
+            columns = ["key", "image_id", "status", "segments"] + ([] if written else ["png"])
+            for r in store.task_rows(task, columns):
+                if r["status"] != "labeled":
+                    continue
+                if not written and (not check or store.file_size(store.layout.panoptic, r["key"] + ".png")
+                                    != len(r["png"])):
+                    store.write_png(r["key"], r["png"])
+                doc.add({"image_id": r["image_id"], "file_name": r["key"] + ".png",
+                         "segments_info": [{k: s[k] for k in ("id", "category_id", "iscrowd", "area", "bbox")}
+                                           | {"score": round(float(s["score"]), 4)} for s in r["segments"]]})
+                count += 1
+            if not written:
+                store.set_export_record(record, {"shard_bytes": sizes[task]})
         doc.value("categories", categories)
     stream_json(store, store.layout.predictions, write)
+    store.set_export_record(COCO_PANOPTIC_RECORD, made_from, images=count)
     return count
 
 

@@ -306,7 +306,7 @@ def encode(batch: dict, store: LabelStore, table: CategoryTable, coco_panoptic: 
                 store.write_png(row["key"], row["png"])
         by_task.setdefault(task, []).append(row)
     for task, rows in by_task.items():
-        store.write_part(task, rows)
+        store.write_part(task, rows, pngs=coco_panoptic)
     return {"task": np.array(list(by_task), np.int64),
             "keys": _column([[r["key"] for r in rows] for rows in by_task.values()]),
             "pq": _column([states[t].to_json() if t in states else None for t in by_task])}

@@ -72,6 +72,7 @@ from pipeline.evaluation.pq import PQAccumulator
 from pipeline.label.sources import PLAN_FILE
 
 PQ_KEY = b"ciae.pq"           # a sealed shard's footer: its PQ statistics (PQAccumulator.to_json), JSON
+PNGS_KEY = b"ciae.pngs"       # a part's footer: its rows' COCO panoptic PNGs were written with it
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ SCHEMA = pa.schema([
 ])
 
 SUMMARY_FORMAT = 1          # a summary of another format is made again from its shard
+PNGS_RECORD = ".pngs"       # task-KKKKKK.pngs.json: the task's COCO panoptic PNGs are written
 JOB_SUMMARY = "job.json"
 SUMMARY_COLUMNS = ["index", "key", "file_name", "image_id", "status", "reason", "quality", "pq", "segments"]
 # a review row: its rank (quality, then plan index), what _review.csv shows of the image, and its
@@ -257,12 +259,13 @@ class LabelStore:
             pq.write_table(table, f, compression="zstd", **options)
             return f.tell()
 
-    def write_part(self, task: int, rows: list[dict]) -> str:
-        """Write one batch's rows of a task (``SCHEMA``) as a part; returns its name."""
+    def write_part(self, task: int, rows: list[dict], pngs: bool = False) -> str:
+        """Write one batch's rows of a task (``SCHEMA``) as a part, noting whether their COCO
+        panoptic PNGs were written before it (``pngs``); returns its name."""
         keys = sorted(r["key"] for r in rows)
         name = hashlib.sha1(json.dumps(keys).encode()).hexdigest()[:16] + ".parquet"
-        self._write_table(self.path(self.layout.parts, task_name(task), name),
-                          pa.Table.from_pylist(rows, schema=SCHEMA))
+        schema = SCHEMA.with_metadata({PNGS_KEY: b"1"}) if pngs else SCHEMA
+        self._write_table(self.path(self.layout.parts, task_name(task), name), pa.Table.from_pylist(rows, schema=schema))
         return name
 
     def part_keys(self, task: int) -> set[str]:
@@ -298,9 +301,11 @@ class LabelStore:
 
     def seal(self, task: int, size: int, categories: CategoryTable, review: int) -> None:
         """Merge a task's parts into its shard (one row per key, plan order), write its summary
-        (its ``review`` least confident images kept), then remove the parts. Raises RuntimeError
-        when they do not hold ``size`` images."""
+        (its ``review`` least confident images kept) and, when every part's PNGs were written
+        with it, the record that the task's COCO panoptic PNGs are (``PNGS_RECORD``), then remove
+        the parts. Raises RuntimeError when they do not hold ``size`` images."""
         tables = [storage.read_parquet(uri) for uri in self._parts(task)]
+        pngs = bool(tables) and all((t.schema.metadata or {}).get(PNGS_KEY) for t in tables)
         table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
         _, first = np.unique(table["index"].to_numpy(), return_index=True)
         table = table.take(pa.array(first)).sort_by("index")
@@ -316,6 +321,8 @@ class LabelStore:
                                         row_group_size=256)
         summary = Summary.of_rows(table.select(SUMMARY_COLUMNS).to_pylist(), acc.to_json(), review)
         self._write_json(self._task_summary_path(task), summary.to_json(shard_bytes=shard_bytes))
+        if pngs:
+            self.set_export_record(task_name(task) + PNGS_RECORD, {"shard_bytes": shard_bytes})
         self.remove_parts(task)
 
     def remove_parts(self, task: int) -> None:
@@ -347,6 +354,7 @@ class LabelStore:
             return []
         self._forget_job_summary()
         self._delete(self._task_summary_path(task))
+        self._delete(self.path(self.layout.summaries, task_name(task) + PNGS_RECORD + ".json"))
         keep = table.filter(pc.invert(rejected))
         if keep.num_rows:
             self.write_part(task, keep.to_pylist())
@@ -369,17 +377,27 @@ class LabelStore:
 
     # ----------------------------------------------------------------------------- reading
 
-    def shards(self) -> list[str]:
-        """The URIs of the sealed shards, in task order."""
-        return [self.uri_of(self.layout.labels, task_name(t) + ".parquet") for t in sorted(self.sealed())]
-
     def rows(self, columns: list[str]) -> Iterator[dict]:
         """The rows of every shard, in plan order, holding only ``columns`` (one row group of
         one shard in memory at a time)."""
-        for uri in self.shards():
-            with storage.parquet_file(uri) as file:
-                for g in range(file.num_row_groups):
-                    yield from file.read_row_group(g, columns=columns).to_pylist()
+        for task in sorted(self.sealed()):
+            yield from self.task_rows(task, columns)
+
+    def task_rows(self, task: int, columns: list[str]) -> Iterator[dict]:
+        """The rows of a sealed task's shard, as ``rows``."""
+        with storage.parquet_file(self.uri_of(self.layout.labels, task_name(task) + ".parquet")) as file:
+            for g in range(file.num_row_groups):
+                yield from file.read_row_group(g, columns=columns).to_pylist()
+
+    def export_record(self, name: str, made_from: dict) -> dict | None:
+        """The record ``name`` (``set_export_record``) in the summaries' folder when it holds
+        ``made_from`` (what the export was made from: shard names and sizes), else None."""
+        doc = self._read_json(self.path(self.layout.summaries, name + ".json"))
+        return doc if doc is not None and doc.get("made_from") == made_from else None
+
+    def set_export_record(self, name: str, made_from: dict, **values) -> None:
+        """Record that an export ``name`` is whole and was made from ``made_from``, with ``values``."""
+        self._write_json(self.path(self.layout.summaries, name + ".json"), {"made_from": made_from, **values})
 
     def summary(self, review: int, categories: CategoryTable) -> Summary:
         """The summary of every sealed shard, with (at least) its ``review`` least confident

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return public_uri(store.uri_of(name))
 
     if args.coco_panoptic:
-        n = exports.export_coco_panoptic(store, categories, pngs=True)
+        n = exports.export_coco_panoptic(store, categories, check=True)
         print(f"{n} images -> {shown(layout.predictions)} and {shown(layout.panoptic)}/")
     if args.coco_instances:
         n = exports.export_coco_instances(store, categories)

@@ -141,7 +141,7 @@ def label(job: LabelJob, address: str | None = None, progress: bool = True, labe
                "images_per_second": todo / seconds if todo and seconds > 0 else None,
                "metrics": None, "overlays": 0, "stages": stages}
     if job.coco_panoptic:
-        exports.export_coco_panoptic(store, categories, pngs=True)
+        exports.export_coco_panoptic(store, categories)
     if job.coco_instances:
         exports.export_coco_instances(store, categories)
     exports.export_rejects(store, done, job.input)
