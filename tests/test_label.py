@@ -293,7 +293,7 @@ def test_an_output_of_the_earlier_layout_resumes_and_exports_in_it(listed, model
     s = label(job(model, listed["listing"], old, **listed["job"]), progress=False)
     assert (s["labeled"], s["rejected"], s["processed"], s["skipped"]) == (6, 2, 3, 5)
     assert not [n for n in os.listdir(old) if n.startswith("_")]
-    assert sorted(os.listdir(old / "summaries")) == ["coco-panoptic.json", "job.json"] + [
+    assert sorted(os.listdir(old / "summaries")) == ["coco-instances.json", "coco-panoptic.json", "job.json"] + [
         f"task-00000{t}{record}.json" for t in range(3) for record in ("", ".pngs")]
     check_outputs(str(old), listed["keys"], layout=ls.LEGACY_LAYOUT)
     assert load_json(old / "metrics.json")["images"] == {"evaluated": 6, "input": 8}

@@ -94,7 +94,7 @@ def test_label_s3_to_s3_reads_each_image_once_and_writes_each_object_once(s3_ser
     images = upload(str(folder), f"s3://{bucket}/label/images")
     out = f"s3://{bucket}/label/out"
     job = LabelJob(model=registered_untrained["checkpoint"], input=images, out=out, batch_size=4, task_images=8,
-                   coco_panoptic=True)
+                   coco_panoptic=True, coco_instances=True)
     summary = {}
     requests = requests_of(s3_server, lambda: summary.update(label(job, progress=False)))
     assert (summary["labeled"], summary["rejected"]) == (n, 0)
@@ -105,7 +105,8 @@ def test_label_s3_to_s3_reads_each_image_once_and_writes_each_object_once(s3_ser
     assert not [p for k, p in requests if k == "HEAD" and p.startswith(png)]
     predictions = storage.read_uri(f"{out}/_coco/predictions.json")
 
-    # a re-run reads no shard and writes no PNG; an export cut short after the first task
+    # a re-run reads no shard (the COCO exports are recorded with the shards they were made from)
+    # and writes no PNG; an export cut short after the first task
     # (its records gone but the first task's) writes the second task's PNGs only
     again = requests_of(s3_server, lambda: label(job, progress=False))
     assert not [p for k, p in again if k == "GET" and "/label/out/labels/" in p], again

@@ -25,7 +25,13 @@ from ciae.data.panoptic import CategoryTable
 from pipeline.data import storage
 from pipeline.evaluation.pq import PQAccumulator
 from pipeline.label.sources import Plan
-from pipeline.label.store import PNGS_RECORD, LabelStore, Summary, task_name
+from pipeline.label.store import (
+    PNGS_RECORD,
+    LabelStore,
+    Summary,
+    shard_names,
+    task_name,
+)
 
 
 class JsonArrays:
@@ -88,7 +94,13 @@ def _write_images(doc: JsonArrays, store: LabelStore) -> None:
                      "width": r["width"]})
 
 
-COCO_PANOPTIC_RECORD = "coco-panoptic"
+COCO_PANOPTIC_RECORD, COCO_INSTANCES_RECORD = "coco-panoptic", "coco-instances"
+
+
+def _recorded(store: LabelStore, record: str, made_from: dict, name: str) -> dict | None:
+    """The export ``record`` when it was made from ``made_from`` and its file ``name`` is there."""
+    done = store.export_record(record, made_from)
+    return done if done is not None and store.file_size(name) is not None else None
 
 
 def export_coco_panoptic(store: LabelStore, categories: list[dict], check: bool = False) -> int:
@@ -102,9 +114,9 @@ def export_coco_panoptic(store: LabelStore, categories: list[dict], check: bool 
     record, and over the same shards reads none. ``check`` (``ciae export``) trusts no record:
     it asks each PNG's size and writes those missing or of another size."""
     sizes = store.shard_sizes()
-    made_from = {"shards": {task_name(t): sizes[t] for t in sorted(sizes)}}
-    done = None if check else store.export_record(COCO_PANOPTIC_RECORD, made_from)
-    if done is not None and store.file_size(store.layout.predictions) is not None:
+    made_from = {"shards": shard_names(sizes)}
+    done = None if check else _recorded(store, COCO_PANOPTIC_RECORD, made_from, store.layout.predictions)
+    if done is not None:
         return done["images"]
     count = 0
 
@@ -134,10 +146,16 @@ def export_coco_panoptic(store: LabelStore, categories: list[dict], check: bool 
     return count
 
 
-def export_coco_instances(store: LabelStore, categories: list[dict]) -> int:
+def export_coco_instances(store: LabelStore, categories: list[dict], check: bool = False) -> int:
     """The COCO instances JSON (``layout.instances``) of the thing segments, masks as RLE
     (pycocotools' compressed counts), with their scores, so that detection frameworks can train
-    on them. Returns the instances."""
+    on them. Returns the instances. Recorded as ``export_coco_panoptic``'s JSON is (``check``:
+    made again whatever is recorded)."""
+    sizes = store.shard_sizes()
+    made_from = {"shards": shard_names(sizes)}
+    done = None if check else _recorded(store, COCO_INSTANCES_RECORD, made_from, store.layout.instances)
+    if done is not None:
+        return done["instances"]
     things = {int(c["id"]) for c in categories if c.get("isthing")}
     count = 0
 
@@ -156,6 +174,7 @@ def export_coco_instances(store: LabelStore, categories: list[dict]) -> int:
                          "score": round(float(s["score"]), 4)})
         doc.value("categories", [c for c in categories if int(c["id"]) in things])
     stream_json(store, store.layout.instances, write)
+    store.set_export_record(COCO_INSTANCES_RECORD, made_from, instances=count)
     return count
 
 

@@ -194,7 +194,7 @@ def task_name(task: int) -> str:
     return f"task-{task:06d}"
 
 
-def _shard_names(sizes: dict[int, int]) -> dict[str, int]:
+def shard_names(sizes: dict[int, int]) -> dict[str, int]:
     """{shard name: size} of ``shard_sizes``'s {task: size}, in task order (``job.json``'s "shards")."""
     return {task_name(t): sizes[t] for t in sorted(sizes)}
 
@@ -411,7 +411,7 @@ class LabelStore:
         stored = {i.base_name for i in storage.list_folder(self.fs, self.path(self.layout.summaries))}
         tasks = (self._task_summary(t, sizes[t], review, task_name(t) + ".json" in stored) for t in sorted(sizes))
         total = Summary.folded(tasks, categories, review)
-        self._write_json(self._job_summary_path(), total.to_json(shards=_shard_names(sizes)))
+        self._write_json(self._job_summary_path(), total.to_json(shards=shard_names(sizes)))
         self._job_summary_current = True
         return total
 
@@ -420,7 +420,7 @@ class LabelStore:
         ``shard_sizes()``), else None; nothing is written."""
         sizes = self.shard_sizes() if sizes is None else sizes
         doc = self._read_json(self._job_summary_path())
-        return Summary.from_json(doc) if doc is not None and doc.get("shards") == _shard_names(sizes) else None
+        return Summary.from_json(doc) if doc is not None and doc.get("shards") == shard_names(sizes) else None
 
     def _stored_task_summary(self, task: int, shard_bytes: int) -> Summary | None:
         """A sealed task's stored summary if made from a shard of this size, else None."""

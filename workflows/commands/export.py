@@ -33,9 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from ciae.data.panoptic import CategoryTable
     from pipeline.data.storage import public_uri
     from pipeline.label import exports
-    from pipeline.label.sources import load_plan
+    from pipeline.label.sources import categories_of, load_plan
     from pipeline.label.store import LabelStore
-    from pipeline.label.sources import categories_of
 
     store = LabelStore(args.labels)
     plan = load_plan(store.plan_uri)
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         n = exports.export_coco_panoptic(store, categories, check=True)
         print(f"{n} images -> {shown(layout.predictions)} and {shown(layout.panoptic)}/")
     if args.coco_instances:
-        n = exports.export_coco_instances(store, categories)
+        n = exports.export_coco_instances(store, categories, check=True)
         print(f"{n} instances -> {shown(layout.instances)}")
     if args.review is not None:
         summary = store.summary(args.review, CategoryTable.from_json(categories))
