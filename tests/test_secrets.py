@@ -3,8 +3,8 @@ which MLflow keeps where anyone who reads the tracking server sees them, are ref
 line; every other URI may carry ``KEY:SECRET@``, and after every command that takes one has run
 with such URIs, no file the run wrote holds a secret, neither the URIs' nor the environment's:
 the objects on S3, the local outputs, MLflow's database and artifacts, Ray Train's storage and
-Ray's session folder (logs, job files), and what the commands printed. (``ciae review`` needs a
-Label Studio server and is not run here.)"""
+Ray's session folder (logs, job files), Label Studio's folder (``ciae review``: its database and
+the uploaded images), and what the commands printed."""
 
 from __future__ import annotations
 
@@ -106,11 +106,13 @@ def test_plans_hold_uris_without_credentials(tmp_path):
 
 
 def test_no_secret_recorded_anywhere(s3_server, synth_small, registered_untrained, mlflow_db, tmp_path, ray_local,
-                                     capsys, monkeypatch, lean_ray_train):
+                                     label_studio, capsys, monkeypatch, lean_ray_train):
     """``prepare``, ``train`` (``--init``, ``--storage`` and MLflow artifacts on S3), ``label``
-    (a list file with a missing image, and shards), ``export`` and ``evaluate``, every URI with
-    ``KEY:SECRET@``: they work, and no secret is in anything written."""
+    (a list file with a missing image, and shards), ``export``, ``evaluate`` and ``review push``
+    and ``pull``, every URI with ``KEY:SECRET@``: they work, and no secret is in anything written."""
     import ray
+
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
 
     assert all(os.environ[k] == S3_ENV[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
     monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")     # the run state a dashboard shows
@@ -141,6 +143,10 @@ def test_no_secret_recorded_anywhere(s3_server, synth_small, registered_untraine
         ["export", "--labels", labels, "--coco-panoptic", "--coco-instances", "--review", "3"],
         ["evaluate", *gt, "--pred-json", f"{labels}/_coco/predictions.json", "--pred-dir", f"{labels}/_coco/panoptic",
          "--output", f"{labels}/_eval/pq.json", "--workers", "1"],
+        ["review", "push", "--labels", labels, "--url", label_studio.url, "--project", "secrets", "--n", "2",
+         "--no-progress"],
+        ["review", "pull", "--labels", labels, "--url", label_studio.url, "--project", "secrets",
+         "--out", creds(f"{root}/reviewed"), "--from", "predictions", "--no-progress"],
     ]
     printed = []
     for argv in runs:
@@ -152,10 +158,12 @@ def test_no_secret_recorded_anywhere(s3_server, synth_small, registered_untraine
     summary = json.loads(storage.read_uri(f"{labels}/_rejects.json"))
     assert [r["file"] for r in summary["rejected"]] == ["synth/images/missing.jpg"]   # its reason may name its URI
     assert json.loads(storage.read_uri(f"{labels}/_eval/pq.json"))["All"]["n"] > 0
+    assert len(json.loads(storage.read_uri(f"{root}/reviewed/panoptic.json"))["annotations"]) == 2
     objects, found = s3_leaks(root)
     assert objects > 40 and [n for n in storage.list_folder(fs, f"{base}/ray_results/secrets")]
     found += printed + local_leaks(str(tmp_path))
     found += local_leaks(ray._private.worker._global_node.get_session_dir_path())
+    found += local_leaks(str(label_studio.root))
     # Ray Train's run state (its export API writes it to files)
     from ray.train.v2._internal.state.state_actor import get_state_actor
 

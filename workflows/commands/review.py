@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from pipeline.data import storage
+    from pipeline.data.storage import public_uri
     from workflows.review import sync as review
     from workflows.review.client import TOKEN_ENV
     if args.workers is not None and args.workers < 1:
@@ -78,6 +80,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = review.pull(args.labels, args.url, token, args.project, args.out, source=args.source,
                              progress=args.progress, workers=args.workers)
-        print(f"{result['images']} images -> {result['json']}; {len(result['skipped'])} skipped "
-              f"(listed in {os.path.join(args.out, 'skipped.json')})")
+        print(f"{result['images']} images -> {public_uri(result['json'])}; {len(result['skipped'])} skipped "
+              f"(listed in {public_uri(storage.join(args.out, 'skipped.json'))})")     # no credentials shown
     return 0
