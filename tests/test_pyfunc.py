@@ -137,6 +137,27 @@ def test_logged_model_carries_signature_example_requirements_and_code(registered
     assert os.path.exists(os.path.join(local, "input_example.json"))
 
 
+def test_logging_a_model_prints_nothing_a_user_cannot_act_on(registered, capfd):
+    """``log_model`` (what ``ciae train`` does last) prints neither MLflow's "Validating input
+    example" line nor a download bar for copying the local checkpoint, and puts MLflow's logger
+    level and the progress-bar setting back as they were."""
+    import logging
+
+    from workflows.tracking.pyfunc import log_model
+
+    tracking = registered["tracking"]
+    run_id = tracking.client().create_run(tracking.experiment_id("quiet")).info.run_id
+    logger = logging.getLogger("mlflow.pyfunc")
+    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    capfd.readouterr()
+    source = log_model(tracking, run_id, registered["checkpoint"],
+                       checkpoint.read_meta(registered["checkpoint"], "model.pt"))
+    err = capfd.readouterr().err
+    assert "Validating input example" not in err and "Downloading artifacts" not in err, err
+    assert (logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")) == (level, bar)
+    assert source.endswith("/model") and Model.load(tracking.download(source)).signature is not None
+
+
 def test_unreadable_image_names_its_row(registered, plain_mlflow):
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     good = encode(registered["images"][0])

@@ -28,8 +28,10 @@ tracking URI.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 
 import mlflow.pyfunc
@@ -134,6 +136,27 @@ def model_metadata(meta: dict) -> dict:
                      "category_names": {str(k): v for k, v in (meta.get("category_names") or {}).items()}}}
 
 
+@contextlib.contextmanager
+def _quiet_save():
+    """``save_model`` without its console lines that tell a user nothing to act on: the INFO line
+    "Validating input example against model signature" (a mismatch still raises) and a
+    "Downloading artifacts" bar for the copy of the local checkpoint into the model folder."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    log, name = logging.getLogger("mlflow.pyfunc"), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name
+    level, bar = log.level, os.environ.get(name)
+    log.setLevel(logging.WARNING)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if bar is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = bar
+
+
 def log_model(tracking, run_id: str, checkpoint_file: str, meta: dict, *, name: str = "model") -> str:
     """Log a checkpoint as the pyfunc model ``name`` of run ``run_id`` (``tracking``: a
     ``workflows.tracking.location.Tracking``). ``checkpoint_file``: the checkpoint's local file (stored
@@ -148,7 +171,7 @@ def log_model(tracking, run_id: str, checkpoint_file: str, meta: dict, *, name: 
     if not os.path.isfile(checkpoint_file):
         raise FileNotFoundError(f"checkpoint {checkpoint_file} does not exist")
     client = tracking.client()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_save():
         folder = os.path.join(tmp, name)
         mlflow.pyfunc.save_model(
             folder, python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
