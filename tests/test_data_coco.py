@@ -272,3 +272,29 @@ def test_record_error_pickles():
     e = pickle.loads(pickle.dumps(RecordError("image 5 (x.jpg)", "panoptic PNG is missing")))
     assert isinstance(e, RecordError) and str(e) == "image 5 (x.jpg): panoptic PNG is missing"
     assert (e.image, e.problem) == ("image 5 (x.jpg)", "panoptic PNG is missing")
+
+
+def test_segment_rles_are_pycocotools_strings_from_one_pass():
+    """``segment_rles`` gives, for each id, the counts pycocotools encodes for its full-image
+    mask: on random and blocky maps (runs that go on past a column's end), segments at the
+    first and last pixel, one covering the whole map, 1-pixel maps, an id the map lacks, none."""
+    from pycocotools import mask
+
+    from pipeline.data.coco import segment_rles
+
+    def expected(ids, wanted):
+        return [mask.encode(np.asfortranarray(ids == k))["counts"].decode("ascii") for k in wanted]
+
+    rng = np.random.default_rng(0)
+    maps = [np.full((3, 4), 5, np.int32), np.array([[2]], np.int32), np.array([[0]], np.int32)]
+    for _ in range(60):
+        h, w = rng.integers(1, 30, 2)
+        maps.append(rng.integers(0, 6, (h, w)).astype(np.int32))
+        blocks = rng.integers(0, 6, ((h + 4) // 5, (w + 2) // 3))
+        maps.append(np.repeat(np.repeat(blocks, 5, 0), 3, 1)[:h, :w].astype(np.int32))
+    for ids in maps:
+        wanted = [1, 2, 3, 4, 5, 9]
+        assert segment_rles(ids, wanted) == expected(ids, wanted), ids
+    ids = maps[3]
+    assert segment_rles(ids, []) == []
+    assert segment_rles(ids, [int(ids[-1, -1]), int(ids[0, 0])]) == expected(ids, [ids[-1, -1], ids[0, 0]])

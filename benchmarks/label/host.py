@@ -19,7 +19,7 @@ CPU time (what a core spends, little moved by other load on the machine) and wal
   maps and segments) in batches of --batch-size, each batch's rows written as one part of a
   fresh ``LabelStore``: the COCO panoptic PNG, RLE of the thing segments, per-image PQ against
   the ground truth PNG (read and decoded) when given; once with ground truth, once without; and
-  its parts timed alone on the same rows (PNG, RLE, PQ, part write);
+  its parts timed alone on the same rows (PNG, RLE and its per-mask baseline, PQ, part write);
 * ``Transform.batch``: the model actor's host work before the device, padding a batch of
   --batch-size decoded images into one uint8 tensor.
 
@@ -234,11 +234,13 @@ def run_encode(batches: list[dict], out: str, table) -> tuple[float, float]:
 
 
 def encode_parts(batches: list[dict], table, out: str) -> dict[str, tuple[float, float]]:
-    """Seconds of encode's parts alone on the same rows: the PNG, the RLE of the things, the PQ
+    """Seconds of encode's parts alone on the same rows: the PNG, the RLE of the things (and, as
+    the baseline, pycocotools on a full-image mask per segment, as encode did before), the PQ
     against the ground-truth PNG (read and decoded), one part written per batch."""
     from pycocotools import mask as rle
 
     from pipeline.data import storage
+    from pipeline.data.coco import segment_rles
     from pipeline.data.panoptic_png import decode_id_png, encode_id_png
     from pipeline.evaluation.pq import PQAccumulator
     from pipeline.label.store import LabelStore
@@ -247,8 +249,10 @@ def encode_parts(batches: list[dict], table, out: str) -> dict[str, tuple[float,
     rows = [(b["ids"][k], list(b["segments"][k]), b["gt_png"][k], list(b["gt_segments"][k]))
             for b in batches for k in range(len(b["key"]))]
     png = timed(lambda: [encode_id_png(ids) for ids, *_ in rows])
-    runs = timed(lambda: [rle.encode(np.asfortranarray(ids == s["id"]))["counts"].decode("ascii")
-                          for ids, segs, *_ in rows for s in segs if s["category_id"] in things])
+    thing_ids = [[s["id"] for s in segs if s["category_id"] in things] for _, segs, *_ in rows]
+    runs = timed(lambda: [segment_rles(ids, wanted) for (ids, *_), wanted in zip(rows, thing_ids)])
+    per_mask = timed(lambda: [rle.encode(np.asfortranarray(ids == k))["counts"].decode("ascii")
+                              for (ids, *_), wanted in zip(rows, thing_ids) for k in wanted])
 
     def pq():
         for ids, segs, gt_png, gt_segs in rows:
@@ -259,7 +263,7 @@ def encode_parts(batches: list[dict], table, out: str) -> dict[str, tuple[float,
     part_rows = [[{"index": 0, "key": b["key"][k], "image_id": 0, "file_name": "", "height": 0, "width": 0,
                    "status": "labeled", "reason": "", "png": encode_id_png(b["ids"][k]), "segments": [],
                    "quality": 0.5, "pq": None, "pq_stats": None} for k in range(len(b["key"]))] for b in batches]
-    return {"png": png, "rle": runs, "pq": timed(pq),
+    return {"png": png, "rle": runs, "rle a mask per segment (before; not in encode)": per_mask, "pq": timed(pq),
             "write": timed(lambda: [store.write_part(0, r) for r in part_rows])}
 
 

@@ -1,4 +1,5 @@
-"""Reading and validating COCO panoptic datasets from a local path or a filesystem URI.
+"""Reading and validating COCO panoptic datasets from a local path or a filesystem URI, and
+the COCO RLE of an id map's segments (``segment_rles``).
 
 A dataset is ``panoptic.json`` (images, annotations with ``segments_info``, categories), a
 folder of images and a folder of panoptic PNGs. Problems with one image never stop the reader:
@@ -262,3 +263,32 @@ def index_runs(name: str, ids: np.ndarray, segment_ids: list[int]):
         absent = [segment_ids[i] for i in np.flatnonzero(~present)]
         raise RecordError(name, f"segments_info ids not in the panoptic PNG: {absent[:10]}")
     return starts, run_index, lengths
+
+
+def segment_rles(ids: np.ndarray, segment_ids) -> list[str]:
+    """COCO compressed RLE counts of each of ``segment_ids`` in an [H, W] id map: for id k the
+    string ``pycocotools.mask.encode(np.asfortranarray(ids == k))["counts"]`` gives, made from
+    one pass over the map's runs down its columns (COCO's order) instead of a full-image mask
+    per segment. An id the map lacks gets the empty mask's counts."""
+    from pycocotools import mask
+
+    h, w = ids.shape
+    starts, values, lengths = row_runs(ids.T)     # a run stops at each column's end
+    wanted = np.asarray(segment_ids, dtype=values.dtype)
+    keep = np.isin(values, wanted)
+    order = np.argsort(values[keep], kind="stable")   # per id, its runs in order
+    starts, values, lengths = starts[keep][order], values[keep][order], lengths[keep][order]
+    bounds = zip(np.searchsorted(values, wanted, "left").tolist(), np.searchsorted(values, wanted, "right").tolist())
+    out = []
+    for a, b in bounds:
+        counts = [h * w]
+        if b > a:
+            s, n = starts[a:b], lengths[a:b]
+            joined = np.flatnonzero(np.r_[True, s[1:] != s[:-1] + n[:-1]])   # runs going on past a column end
+            s, n = s[joined], np.add.reduceat(n, joined)
+            end = s + n
+            counts = np.stack([s - np.r_[0, end[:-1]], n], axis=1).ravel().tolist()
+            if end[-1] < h * w:
+                counts.append(h * w - int(end[-1]))
+        out.append(mask.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"].decode("ascii"))
+    return out

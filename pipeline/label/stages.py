@@ -267,8 +267,7 @@ def encode(batch: dict, store: LabelStore, table: CategoryTable, coco_panoptic: 
     each task's rows written as one part of ``store``. Returns per part: ``task`` [P] int64,
     ``keys`` [P] of lists of keys, ``pq`` [P] of ``PQAccumulator.to_json`` states (None without
     ground truth). ``table``: the categories, made once by the driver."""
-    from pycocotools import mask as rle
-
+    from pipeline.data.coco import segment_rles
     from pipeline.data.panoptic_png import decode_id_png, encode_id_png
     from pipeline.data.shards import decode_index_runs
     from pipeline.evaluation.pq import PQAccumulator
@@ -285,9 +284,10 @@ def encode(batch: dict, store: LabelStore, table: CategoryTable, coco_panoptic: 
         if batch["status"][k] == "ok":
             ids = batch["ids"][k]
             segments = [dict(s) for s in batch["segments"][k]]
+            thing_ids = [s["id"] for s in segments if s["category_id"] in things]
+            rles = dict(zip(thing_ids, segment_rles(ids, thing_ids)))
             for s in segments:
-                s["rle"] = (rle.encode(np.asfortranarray(ids == s["id"]))["counts"].decode("ascii")
-                            if s["category_id"] in things else None)
+                s["rle"] = rles.get(s["id"])
             row.update(status="labeled", reason="", png=encode_id_png(ids), segments=segments,
                        quality=float(batch["quality"][k]))
             if batch["gt_runs"][k] or batch["gt_png"][k]:
