@@ -11,7 +11,7 @@ Run as a script it is a ``ciae`` driver that prefers one node for its Ray Data w
     python tests/ray_nodes.py NODE_ID -- label --address ... ARGS
 
 sets ``DataContext.scheduling_strategy`` to a soft node affinity (spilling to other nodes when
-that one is busy, moving to them when it is gone) and runs ``workflows.cli.main(ARGS)``: the
+that one is busy, moving to them when it is gone) and runs ``workflows.cli.run(ARGS)``: the
 jobs' tasks and actors start on that node, so losing it matters, and nothing in the project
 needs to know.
 """
@@ -225,6 +225,6 @@ if __name__ == "__main__":
 
     ray.data.DataContext.get_current().scheduling_strategy = NodeAffinitySchedulingStrategy(
         node_id, soft=True, _spill_on_unavailable=True)
-    from workflows.cli import main
+    from workflows.cli import run
 
-    sys.exit(main(argv))
+    run(argv)

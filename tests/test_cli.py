@@ -201,3 +201,27 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_status_3_ends_the_process_without_the_exit_handlers():
+    """``run`` (the ``ciae`` process): a job given up with status 3 exits with it, its output
+    flushed, without the interpreter's exit handlers (pyarrow's S3 finalizer among them, which
+    once crashed a CLI after its line); any other status exits as usual."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys\n"
+            "import workflows.cli as cli\n"
+            "atexit.register(print, 'exit handlers ran')\n"
+            "def main(argv=None):\n"
+            "    sys.stdout.write('unflushed output')\n"
+            "    print('ciae label: the one line', file=sys.stderr)\n"
+            "    return int(argv[0])\n"
+            "cli.main = main\n"
+            "cli.run(sys.argv[1:])\n")
+    for status in (3, 2, 0):
+        done = subprocess.run([sys.executable, "-c", code, str(status)], capture_output=True, text=True, cwd=ROOT,
+                              timeout=120)
+        assert done.returncode == status, done.stderr
+        assert done.stdout.startswith("unflushed output") and done.stderr == "ciae label: the one line\n"
+        assert ("exit handlers ran" in done.stdout) == (status != 3), (status, done.stdout)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import re
 import sys
 
@@ -103,5 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The ``ciae`` process: ``main``, then exit with its status. A job given up on a failing store
+    or a shrunk cluster (status 3) can leave threads of Ray Data or pyarrow holding S3 clients,
+    and pyarrow's exit handler, finalizing S3 under them, can crash the process after its one
+    line (apache/arrow#38352; seen here as SIGSEGV, exit -11 for 3): that exit flushes the
+    output and skips the interpreter's exit handlers. Ray is shut down by then (``connect``)."""
+    status = main(argv)
+    if status == EXIT_CLUSTER:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
