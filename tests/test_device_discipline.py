@@ -257,7 +257,7 @@ def test_labeling_actors_batch_function_keeps_to_the_inputs_device(registered_un
     images = [render(select_categories(), i, seed=3, spec=SynthSpec(height=h, width=w))[0]
               for i, (h, w) in enumerate([(70, 90), (96, 128)])]
     batch = {"key": np.array(["a", "bad", "b"]), "task": np.zeros(3, np.int64),
-             "image": [transform.resize_for_test(images[0]), np.zeros((0, 0, 3), np.uint8),
+             "image": [transform.resize_for_test(images[0]), np.zeros((3, 0, 0), np.uint8),
                        transform.resize_for_test(images[1])],
              "height": np.array([70, 0, 96], np.int32), "width": np.array([90, 0, 128], np.int32),
              "status": np.array(["ok", "rejected", "ok"]), "reason": np.array(["", "not an image", ""])}

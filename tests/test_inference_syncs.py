@@ -68,3 +68,40 @@ def test_the_twins_give_the_same_outputs(runs):
         assert a["segments_info"] == b["segments_info"] and a["quality"] == b["quality"]
         for s in a["segments_info"]:
             assert s["area"] == int((a["panoptic"] == s["id"]).sum()) > 0
+
+
+def test_a_copy_from_pageable_memory_to_a_device_is_a_sync():
+    """The host waits for the queued kernels before such a copy: counted on any device but the
+    CPU (the meta device here); from page-locked memory (CUDA only) it is queued like a kernel."""
+    import torch
+
+    with OpCounter() as c:
+        torch.ones(3).to("meta", non_blocking=True)
+        torch.empty(3, device="meta").copy_(torch.ones(3))
+        torch.ones(3).to("cpu", non_blocking=True).clone()
+    assert c.num_syncs == 2 and {what for what, _ in c.syncs} == {"copy from pageable host memory"}
+    if torch.cuda.is_available():
+        with OpCounter() as c:
+            torch.ones(3, pin_memory=True).to("cuda", non_blocking=True)
+        assert c.num_syncs == 0, c.report()
+
+
+def test_the_predictors_batch_is_page_locked_on_cuda_only():
+    """``Predictor.collate`` pads the test-size images as ``Transform.batch`` does, into
+    page-locked memory when the model is on CUDA, so that the labeling actor's next batch is
+    copied behind the one in flight."""
+    import torch
+
+    from ciae.data.transform import Transform
+
+    images = [np.random.default_rng(k).integers(0, 256, (3, 40 + k, 56), dtype=np.uint8) for k in range(3)]
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        predictor = Predictor(planted_model().to(device))
+        batch, sizes = predictor.collate(images)
+        expected, expected_sizes = Transform.batch(images)
+        assert sizes == expected_sizes and torch.equal(batch, expected) and batch.device.type == "cpu"
+        assert batch.is_pinned() == (device == "cuda")
+        if device == "cuda":
+            with OpCounter() as c:
+                predictor.submit(batch, sizes, sizes)
+            assert c.num_syncs == 0, c.report()

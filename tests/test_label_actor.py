@@ -53,10 +53,14 @@ def test_actor_rows_are_whole_batches_within_each_actors_share():
 
 
 class _Recording:
-    """A predictor that logs its ``submit`` and ``result`` calls in order."""
+    """A predictor that logs its ``collate``, ``submit`` and ``result`` calls in order."""
 
     def __init__(self, predictor, log: list):
         self.predictor, self.log = predictor, log
+
+    def collate(self, images):
+        self.log.append(("collate", sum(event == "collate" for event, _ in self.log)))
+        return self.predictor.collate(images)
 
     def submit(self, *args, **kwargs):
         k = sum(event == "submit" for event, _ in self.log)
@@ -72,8 +76,9 @@ class _Recording:
 
 
 def test_labeler_submits_the_next_batch_before_it_takes_results_and_labels_as_predict(registered_untrained):
-    """Five readable images and a rejected one in batches of 2: three model batches, the second
-    submitted before the first's results are taken; each image's id map, segments and quality
+    """Five readable images and a rejected one in batches of 2: three model batches, each made
+    by the predictor's ``collate`` (page-locked on CUDA), the second submitted before the first's
+    results are taken; each image's id map, segments and quality
     are those of ``predict_resized`` on the same batch."""
     from ciae.data.transform import Transform
     from pipeline.data.synth import SynthSpec, render, select_categories
@@ -92,7 +97,7 @@ def test_labeler_submits_the_next_batch_before_it_takes_results_and_labels_as_pr
         for k, s in enumerate(sizes)]
     n = len(sizes)
     batch = {"key": np.array([f"k{k}" for k in range(n)]), "task": np.zeros(n, np.int64),
-             "image": [np.zeros((0, 0, 3), np.uint8) if im is None else im for im in images],
+             "image": [np.zeros((3, 0, 0), np.uint8) if im is None else im for im in images],
              "height": np.array([s[0] if s else 0 for s in sizes], np.int32),
              "width": np.array([s[1] if s else 0 for s in sizes], np.int32),
              "status": np.array(["rejected" if s is None else "ok" for s in sizes]),
@@ -101,7 +106,8 @@ def test_labeler_submits_the_next_batch_before_it_takes_results_and_labels_as_pr
     predictor = labeler.predictor
     labeler.predictor = _Recording(predictor, log)
     out = labeler(batch)
-    assert log == [("submit", 0), ("submit", 1), ("result", 0), ("submit", 2), ("result", 1), ("result", 2)]
+    assert log == [("collate", 0), ("submit", 0), ("collate", 1), ("submit", 1), ("result", 0),
+                   ("collate", 2), ("submit", 2), ("result", 1), ("result", 2)]
     assert "image" not in out and list(out["key"]) == list(batch["key"])
     assert out["ids"][2].shape == (0, 0) and out["segments"][2] == [] and out["quality"][2] == 0
 

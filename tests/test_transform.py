@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ciae.config import InputConfig
-from ciae.data.transform import Transform, output_size, pad_batch, resize_nearest
+from ciae.data.transform import Transform, decode_rgb, output_size, pad_batch, resize_chw, resize_nearest
 
 
 def test_sizes_follow_the_shorter_side_and_the_cap():
@@ -30,6 +30,57 @@ def test_resize_nearest_takes_the_source_pixel_under_each_centre():
         centre_x = (np.arange(ow) + 0.5) * w / ow
         assert (ys[:, 0] <= centre_y).all() and (centre_y < ys[:, 0] + 1).all()
         assert (xs[0] <= centre_x).all() and (centre_x < xs[0] + 1).all()
+
+
+def _pil_bilinear(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[H, W, 3] -> PIL's bilinear resize, as [3, h, w]."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.BILINEAR)).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("shape, size", [((480, 640), (800, 1067)), ((1000, 1500), (533, 800)),
+                                         ((37, 91), (800, 1333)), ((600, 600), (599, 601)),
+                                         ((5000, 20), (1333, 5)), ((7, 3), (1, 1)), ((1, 1), (3, 5)),
+                                         ((40, 60), (40, 60))])
+def test_resize_chw_is_pils_bilinear_within_one_level(shape, size):
+    rng = np.random.default_rng(sum(shape) + sum(size))
+    noise = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    smooth = np.stack([x * 255 // max(shape[1] - 1, 1), y * 255 // max(shape[0] - 1, 1), (x + y) % 256], -1)
+    for image in (noise, smooth.astype(np.uint8)):
+        before = image.copy()
+        out = resize_chw(image, size)
+        assert out.shape == (3, *size) and out.dtype == np.uint8 and out.flags.c_contiguous
+        assert np.abs(out.astype(int) - _pil_bilinear(image, size)).max() <= (0 if shape == size else 1)
+        assert (image == before).all() and not np.shares_memory(out, image)
+    flipped = noise[:, ::-1]                               # a strided view, as a flip gives
+    assert (resize_chw(flipped, size) == resize_chw(np.ascontiguousarray(flipped), size)).all()
+
+
+def test_resize_chw_of_a_photo_differs_from_pil_in_few_values():
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "data" / "coco_sample" / "input_images"
+    for path in sorted(folder.iterdir()):
+        photo = decode_rgb(path.read_bytes())              # read-only, as decode gives it
+        for size in (Transform(InputConfig()).test_size(*photo.shape[:2]), (200, 300)):
+            diff = np.abs(resize_chw(photo, size).astype(int) - _pil_bilinear(photo, size))
+            assert diff.max() <= 1 and (diff > 0).mean() < 5e-3
+
+
+def test_a_test_batch_pads_the_resized_images_as_they_are():
+    t = Transform(InputConfig(test_shorter_side=64, max_size=100))
+    images = [np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
+              for k, (h, w) in enumerate([(48, 64), (64, 40)])]
+    resized = [t.resize_for_test(im) for im in images]
+    for im in resized:
+        im.flags.writeable = False                         # as the object store gives them
+    batch, sizes = t.batch(resized)
+    assert sizes == [(64, 85), (100, 62)] and batch.shape == (2, 3, 128, 96)
+    for k, ((h, w), im) in enumerate(zip(sizes, resized)):
+        assert (batch[k, :, :h, :w].numpy() == im).all()
+        assert batch[k, :, h:].sum() == 0 and batch[k, :, :, w:].sum() == 0
 
 
 def test_pad_batch_fills_to_a_multiple_of_32():

@@ -569,7 +569,7 @@ def step_figures(ctx: Context, cfg, shards: str, batch: dict, backend: str, warm
 # ---- inference --------------------------------------------------------------------------------
 
 class JpegImages:
-    """A map-style dataset: JPEG path -> [h, w, 3] uint8 RGB at the test size, through
+    """A map-style dataset: JPEG path -> [3, h, w] uint8 RGB at the test size, through
     ``ciae.data.transform`` (``decode_rgb``, ``Transform.resize_for_test``) as the labeling job's CPU
     tasks preprocess; ``Transform.batch`` collates them."""
 

@@ -14,7 +14,8 @@ CPU time (what a core spends, little moved by other load on the machine) and wal
 
 * ``decode``: ``pipeline.label.stages.decode`` on chunks of ``DECODE_BATCH`` plan entries: the
   file read, JPEG decode, EXIF turn, resize to the test size of the paper's config (shorter side
-  800: 640x480 -> 1067x800);
+  800: 640x480 -> 1067x800) into [3, h, w]; and its parts timed alone on the same files (JPEG
+  decode, resize and its baseline, PIL's ``Image.resize`` into [h, w, 3], as decode did before);
 * ``encode``: ``pipeline.label.stages.encode`` on labeled rows (decode's columns, the synthetic id
   maps and segments) in batches of --batch-size, each batch's rows written as one part of a
   fresh ``LabelStore``: the COCO panoptic PNG, RLE of the thing segments, per-image PQ against
@@ -192,6 +193,24 @@ def run_decode(entries: list[dict], input_cfg) -> tuple[tuple[float, float], lis
     return took, out
 
 
+def decode_parts(entries: list[dict], input_cfg) -> dict[str, tuple[float, float]]:
+    """Seconds of decode's parts alone on the same files: the JPEG decode (``decode_rgb``), the
+    resize to the test size (``resize_chw``, into [3, h, w]) and, as the baseline, PIL's
+    ``Image.resize`` (BILINEAR) into [h, w, 3], as decode did before (``Transform.batch`` then
+    transposed it to [3, h, w], a cost now gone from the model actor)."""
+    from PIL import Image
+
+    from ciae.data.transform import Transform, decode_rgb, resize_chw
+
+    data = [open(e["uri"], "rb").read() for e in entries]
+    images = []
+    jpeg = timed(lambda: images.extend(decode_rgb(d) for d in data))
+    sizes = [Transform(input_cfg).test_size(*im.shape[:2]) for im in images]
+    return {"JPEG decode": jpeg, "resize": timed(lambda: [resize_chw(im, s) for im, s in zip(images, sizes)]),
+            "resize with PIL (before; not in decode)": timed(lambda: [
+                np.asarray(Image.fromarray(im).resize((s[1], s[0]), Image.BILINEAR)) for im, s in zip(images, sizes)])}
+
+
 def labeled_rows(decoded: list[dict], predicted: dict, ground_truth: bool) -> list[dict]:
     """Decode's rows as the model actor gives them: without ``image``, with ``ids``, ``segments``
     and ``quality``; ``ground_truth`` False blanks the ground-truth columns."""
@@ -318,6 +337,8 @@ def main(argv=None) -> int:
     for r in range(args.runs + 1):                  # run 0 warms up (imports, caches, page cache)
         took = {}
         took["decode"], decoded = run_decode(entries, input_cfg)
+        for part, v in decode_parts(entries, input_cfg).items():
+            took[f"  of which {part}"] = v
         with_gt = batches_of(labeled_rows(decoded, predicted, True), args.batch_size)
         without = batches_of(labeled_rows(decoded, predicted, False), args.batch_size)
         took["encode, ground truth (PQ)"] = run_encode(with_gt, os.path.join(root, f"out-gt-{r}"), table)

@@ -71,8 +71,9 @@ class Predictor:
     def predict_resized(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
                         return_embeddings: bool = False,
                         oracle: Sequence[dict] | None = None) -> list[dict]:
-        """One batch of images already at their test sizes (``Transform.resize_for_test``) and
-        the (H, W) each should be labeled at -> the results described in the class docstring.
+        """One batch of images already at their test sizes (``Transform.resize_for_test``: [3, h, w]
+        uint8) and the (H, W) each should be labeled at -> the results described in the class
+        docstring.
 
         ``oracle`` (Table IV, an evaluation protocol): per image its ground truth at the test
         size, ``pipeline.feed.targets.TargetMaker``'s ``seg`` [h, w] int16, ``boxes`` [N, 4] and
@@ -80,15 +81,22 @@ class Predictor:
         its mask's mean embedding, instead of the detections."""
         if not images:
             return []
-        batch, test_sizes = self.transform.batch(images)
+        batch, test_sizes = self.collate(images)
         return self.predict_batch(batch, test_sizes, sizes, return_embeddings, oracle)
+
+    def collate(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Images at their test sizes ([3, h, w] uint8) -> ``Transform.batch``'s (batch, test
+        sizes) for ``submit``; on CUDA in page-locked memory, so that the batch's copy to the GPU
+        is queued behind the batch in flight while the host goes on (from pageable memory the
+        copy would first wait for every kernel queued before it)."""
+        return self.transform.batch(images, pin_memory=self.device.type == "cuda")
 
     @torch.no_grad()
     def predict_batch(self, batch: torch.Tensor, test_sizes: Sequence[tuple[int, int]],
                       sizes: Sequence[tuple[int, int]], return_embeddings: bool = False,
                       oracle: Sequence[dict] | None = None) -> list[dict]:
-        """``predict_resized`` on a batch already made (``Transform.batch``: [B, 3, H, W] uint8,
-        padded, on any device, and the test size of each image): ``submit(...).result()``."""
+        """``predict_resized`` on a batch already made (``collate``: [B, 3, H, W] uint8, padded,
+        on any device, and the test size of each image): ``submit(...).result()``."""
         return self.submit(batch, test_sizes, sizes, return_embeddings, oracle).result()
 
     @torch.no_grad()

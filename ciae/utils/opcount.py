@@ -10,7 +10,10 @@ none of them is visible as time:
 * ``syncs``: the calls that make a CUDA host wait, each with the line of ours that made it:
   reads of a tensor's values on the host (``item``, ``tolist``, ``cpu``, ``bool()``,
   ``int()``, ``float()``), tensors built from Python data (``torch.tensor``, ``new_tensor``: a
-  copy from pageable host memory), and the operations whose output size depends on the data
+  copy from pageable host memory), copies of a CPU tensor that is not page-locked to another
+  device (``to``, ``copy_``: the host first waits for the kernels queued before them; seen on
+  any device but the CPU, the meta device's included), and the operations whose output size
+  depends on the data
   (``nonzero``, boolean-mask indexing and assignment, ``masked_select``, ``unique``,
   ``bincount``, ``repeat_interleave`` without ``output_size``) or that return a Python value
   (``equal``, ``is_nonzero``, ``_local_scalar_dense``).
@@ -64,6 +67,14 @@ def _bool_index(args) -> bool:
     return any(t is not None and torch.is_tensor(t) and t.dtype in (torch.bool, torch.uint8) for t in indices)
 
 
+def _from_pageable(name: str, args, kwargs) -> bool:
+    """Whether a ``_to_copy`` / ``copy_`` copies a CPU tensor that is not page-locked to another
+    device: the host first waits for every kernel queued before the copy."""
+    src, dst = (args[0], kwargs.get("device")) if name == "_to_copy" else (args[1], args[0].device)
+    return (torch.is_tensor(src) and src.device.type == "cpu" and dst is not None
+            and torch.device(dst).type != "cpu" and not src.is_pinned())
+
+
 class _Functions(TorchFunctionMode):
     def __init__(self, counter: "OpCounter"):
         super().__init__()
@@ -97,6 +108,8 @@ class _Dispatch(TorchDispatchMode):
                 c._record(name)
             elif name in ("index", "index_put", "index_put_", "_index_put_impl_") and _bool_index(args):
                 c._record(f"boolean mask: {name}")
+            elif name in ("_to_copy", "copy_") and _from_pageable(name, args, kwargs):
+                c._record("copy from pageable host memory")
             elif name == "repeat_interleave" and kwargs.get("output_size") is None and (
                     len(args) < 3 or args[2] is None) and torch.is_tensor(args[0]) and (
                     len(args) < 2 or torch.is_tensor(args[1])):

@@ -44,7 +44,7 @@ def accumulate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: b
         for chunk in _row_batches(shards_uri, manifest, batch_size, part):
             rows = [decode_row(r) for r in chunk]
             images = [predictor.transform.resize_for_test(image) for image, _, _ in rows]
-            truth = [maker.labels(resize_nearest(index, im.shape[:2]), segments)
+            truth = [maker.labels(resize_nearest(index, im.shape[1:]), segments)
                      for im, (_, index, segments) in zip(images, rows)] if oracle else None
             preds = predictor.predict_resized(images, [index.shape for _, index, _ in rows], oracle=truth)
             for row, (_, index, segments), pred in zip(chunk, rows, preds):

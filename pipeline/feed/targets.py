@@ -25,7 +25,7 @@ import numpy as np
 
 from ciae.config import InputConfig
 from ciae.data.panoptic import IGNORE_SEG, IGNORE_SEM, measure_segments
-from ciae.data.transform import Transform, decode_rgb, pad_batch, padded_size, resize_image, resize_nearest
+from ciae.data.transform import Transform, decode_rgb, pad_batch, padded_size, resize_chw, resize_nearest
 from pipeline.data.shards import decode_panoptic_row
 
 
@@ -68,13 +68,13 @@ class TargetMaker:
             size = self.transform.train_size(h0, w0, size_rng)
         else:
             size = self.transform.test_size(h0, w0)
-        image = resize_image(image, size)
+        image = resize_chw(image, size)                   # [3, h, w]
         index = resize_nearest(index, size)
         flipped = bool(self.train and rng.random() < self.transform.cfg.flip_prob)
         if flipped:
-            image, index = image[:, ::-1], index[:, ::-1]
+            image, index = image[:, :, ::-1], index[:, ::-1]
         out = self.labels(np.ascontiguousarray(index), segments)
-        out.update(image=np.ascontiguousarray(image.transpose(2, 0, 1)), image_id=int(row["image_id"]),
+        out.update(image=np.ascontiguousarray(image), image_id=int(row["image_id"]),
                    orig_size=(h0, w0), scale=size[0] / h0, flipped=flipped)
         return out
 

@@ -160,7 +160,7 @@ def decode(chunk: dict, input_cfg: InputConfig) -> dict:
     """Ray Data stage (CPU), ``batch_size=1``: one chunk -> its N images' rows:
 
     ``task``, ``index``, ``image_id`` [N] int64; ``key``, ``file_name`` [N] str; ``image`` [N]
-    of [h, w, 3] uint8 at the test size ([0, 0, 3] when rejected); ``height``, ``width`` [N]
+    of [3, h, w] uint8 at the test size ([3, 0, 0] when rejected); ``height``, ``width`` [N]
     int32 (the image's own size, 0 when rejected); ``status`` [N] "ok" or "rejected";
     ``reason`` [N] str; ground truth, when there is one: ``gt_runs`` [N] bytes (a shard's index
     runs) or ``gt_png`` [N] str (an id PNG's URI), ``gt_segments`` [N] of lists of segment dicts
@@ -190,7 +190,7 @@ def decode(chunk: dict, input_cfg: InputConfig) -> dict:
             status.append("ok")
             reason.append("")
         except (OSError, ValueError) as e:
-            images.append(np.zeros((0, 0, 3), np.uint8))
+            images.append(np.zeros((3, 0, 0), np.uint8))
             status.append("rejected")
             reason.append(storage.redact(str(e)))   # recorded: no credential of a URI
     return out | {"image": images, "status": np.array(status, dtype=object), "reason": np.array(reason, dtype=object),
@@ -210,7 +210,7 @@ class Labeler:
     ``ids`` [N] of [H, W] int32 id maps at the images' own sizes ([0, 0] when rejected),
     ``segments`` [N] of lists of {id, category_id, iscrowd, area, bbox, score} and ``quality``
     [N] float32. The readable rows go to the model in batches of ``batch_size`` (all at once
-    when None), each padded (``ciae.data.transform.Transform.batch``) and queued on the device
+    when None), each padded (``Predictor.collate``: in page-locked memory on CUDA) and queued on the device
     (``ciae.engine.predictor.Predictor.submit``: the network under bfloat16 autocast and channels-last
     on CUDA with ``amp``, ``compile`` optional, the assignment and the post-processing; only the
     final id maps leave it, in one non-blocking copy) before the previous batch's results are
@@ -236,8 +236,6 @@ class Labeler:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
-        from ciae.data.transform import Transform
-
         ok = [k for k, s in enumerate(batch["status"]) if s == "ok"]
         n = len(batch["key"])
         ids = [np.zeros((0, 0), np.int32)] * n
@@ -247,7 +245,7 @@ class Labeler:
         for start in range(0, len(ok) + step, step):    # a round past the last batch takes its results
             rows, submitted = ok[start:start + step], None
             if rows:
-                images, test_sizes = Transform.batch([batch["image"][k] for k in rows])
+                images, test_sizes = self.predictor.collate([batch["image"][k] for k in rows])
                 sizes = [(int(batch["height"][k]), int(batch["width"][k])) for k in rows]
                 submitted = rows, self.predictor.submit(images, test_sizes, sizes)
             if previous is not None:
