@@ -67,6 +67,25 @@ def test_rgb_id_roundtrip():
     assert id_to_rgb(np.array([[1 + 256 * 2 + 256 * 256 * 3]])).tolist() == [[[1, 2, 3]]]
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32, np.uint16])
+def test_id_to_rgb_splits_every_id_into_its_three_bytes(dtype):
+    rng = np.random.default_rng(1)
+    top = min(2**24 - 1, np.iinfo(dtype).max)
+    ids = rng.integers(0, top + 1, size=(37, 53)).astype(dtype)
+    ids[0, 0], ids[-1, -1] = top, 0
+    for a in (ids, ids.T, ids[::-1, ::2]):                 # contiguous, transposed, strided
+        rgb = id_to_rgb(a)
+        wide = a.astype(np.int64)
+        assert rgb.shape == (*a.shape, 3) and rgb.dtype == np.uint8 and rgb.flags.writeable
+        assert np.array_equal(rgb, np.stack([wide & 255, wide >> 8 & 255, wide >> 16 & 255], -1))
+        png = encode_id_png(a)                             # rows filtered "Up": read by libspng and PIL alike
+        assert np.array_equal(decode_id_png(png), wide)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), rgb)
+    assert id_to_rgb(np.zeros((0, 4), dtype)).shape == (0, 4, 3)
+    with pytest.raises(ValueError, match="segment ids must lie in"):
+        id_to_rgb(np.full((2, 2), -1 if np.issubdtype(dtype, np.signedinteger) else 2**24, np.int64))
+
+
 def test_png_decoding_without_pyspng_gives_the_same_ids(synth_small, monkeypatch):
     """Where pyspng is not installed (the GPU suite's machine), PIL decodes: same ids, and a
     damaged file is still one ValueError."""

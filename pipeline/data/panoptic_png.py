@@ -3,8 +3,10 @@
 
 Decoding goes through libspng (``pyspng``), about twice as fast as PIL on COCO's PNGs, or PIL
 where pyspng is not installed (the same ids); ids come from decoding to RGBA and reading each
-pixel's 4 bytes as one little-endian uint32, with no per-channel arithmetic. Encoding writes the PNG chunks directly with zlib (filter 0 rows), which
-suits these maps of long runs and is several times faster than PIL's encoder.
+pixel's 4 bytes as one little-endian uint32, with no per-channel arithmetic. Encoding writes
+the PNG chunks directly with zlib, several times faster than PIL's encoder, its rows filtered
+"Up" (each byte minus the one above): a map's rows mostly repeat the row above, so zlib at level
+6 goes through mostly zeros, 20-30% faster than on the unfiltered rows, for files as small.
 The shards store segment-index maps run-length encoded instead (see ``pipeline.data.shards``).
 """
 
@@ -15,6 +17,7 @@ import struct
 import zlib
 
 import numpy as np
+from PIL import Image
 
 try:
     import pyspng
@@ -27,12 +30,18 @@ _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """[H, W] integer segment ids (< 256**3) -> [H, W, 3] uint8."""
+    """[H, W] integer segment ids (< 256**3) -> [H, W, 3] uint8: each id's little-endian uint32
+    bytes are R, G, B and a zero, which PIL's RGBX unpacker drops (0.1 ms at 640x480, where
+    masking and stacking the channels in numpy took 3.5)."""
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() > MAX_SEGMENT_ID):
         raise ValueError(f"segment ids must lie in [0, {MAX_SEGMENT_ID}]")
-    ids = ids.astype(np.uint32, copy=False)
-    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
+    h, w = ids.shape
+    if not ids.size:
+        return np.zeros((h, w, 3), np.uint8)
+    words = np.ascontiguousarray(ids, dtype="<u4")
+    rgb = Image.frombuffer("RGBX", (w, h), words, "raw", "RGBX", 0, 1).tobytes("raw", "RGB")
+    return np.frombuffer(bytearray(rgb), np.uint8).reshape(h, w, 3)
 
 
 def _header(data: bytes) -> tuple[int, int, int, int]:
@@ -46,8 +55,6 @@ def _header(data: bytes) -> tuple[int, int, int, int]:
 def _decode(data: bytes, fmt: str) -> np.ndarray:
     """PNG bytes -> [H, W, C] uint8 in PIL mode ``fmt`` ("RGBA", "RGB")."""
     if pyspng is None:
-        from PIL import Image
-
         try:
             with Image.open(io.BytesIO(data)) as im:
                 return np.asarray(im.convert(fmt))
@@ -79,11 +86,12 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 
 def encode_id_png(ids: np.ndarray, level: int = 6) -> bytes:
     """[H, W] segment ids -> 8-bit RGB PNG bytes in COCO panoptic format."""
-    rgb = id_to_rgb(ids)
-    h, w = rgb.shape[:2]
+    h, w = np.shape(ids)
+    rows = id_to_rgb(ids).reshape(h, 3 * w)
     raw = np.empty((h, 3 * w + 1), np.uint8)
-    raw[:, 0] = 0  # filter type None on every row
-    raw[:, 1:] = rgb.reshape(h, 3 * w)
+    raw[:, 0] = 2                                  # filter type Up: each byte minus the one above
+    raw[:1, 0], raw[:1, 1:] = 0, rows[:1]          # (the first row as it is: filter type None)
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return (_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw.tobytes(), level))
             + _chunk(b"IEND", b""))
