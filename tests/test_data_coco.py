@@ -317,3 +317,19 @@ def test_segment_rles_are_pycocotools_strings_from_one_pass():
     ids = maps[3]
     assert segment_rles(ids, []) == []
     assert segment_rles(ids, [int(ids[-1, -1]), int(ids[0, 0])]) == expected(ids, [ids[-1, -1], ids[0, 0]])
+
+
+def test_png_encoding_without_zlib_ng_gives_the_same_ids(monkeypatch):
+    """zlib-ng deflates the PNGs where it is installed; zlib, the same format, where not."""
+    import zlib
+
+    from pipeline.data import panoptic_png
+
+    ids = np.random.default_rng(2).integers(0, 40, size=(60, 80)).repeat(3, axis=0).astype(np.int32)
+    fast = encode_id_png(ids)
+    monkeypatch.setattr(panoptic_png, "deflate", zlib)
+    slow = encode_id_png(ids)
+    assert panoptic_png.deflate is zlib and fast != slow
+    for png in (fast, slow):
+        assert np.array_equal(decode_id_png(png), ids)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), id_to_rgb(ids))

@@ -222,3 +222,71 @@ def test_a_png_without_exif_chunks_is_not_decoded_to_find_its_orientation():
     late = data[:-12] + tail + data[-12:]                            # eXIf after IDAT, before IEND
     with Image.open(_io.BytesIO(late)) as im:
         assert "exif" not in im.info and exif_orientation(im, late) == 8
+
+
+def _coco_photo(orientation: int | None = None, fmt: str = "JPEG", mode: str = "RGB", scale: int = 1) -> bytes:
+    """The COCO sample's first photo (640 wide, 427 high; ``scale`` times that, bicubic)
+    re-encoded, tagged with an EXIF ``orientation`` (none when None)."""
+    import io as _io
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = sorted((Path(__file__).parent / "data" / "coco_sample" / "input_images").iterdir())[0]
+    out = _io.BytesIO()
+    kw = {"quality": 90} if fmt == "JPEG" else {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kw["exif"] = exif
+    im = Image.open(path).convert(mode)
+    im.resize((im.width * scale, im.height * scale), Image.BICUBIC).save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def _drafted(data: bytes, target_wh: tuple[int, int]) -> np.ndarray:
+    """PIL's own scaled decode (``draft``) to at least ``target_wh`` on the stored axes, turned."""
+    import io as _io
+
+    from PIL import Image, ImageOps
+
+    with Image.open(_io.BytesIO(data)) as im:
+        im.draft(None, target_wh)
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_a_large_jpeg_decodes_at_a_reduced_scale_for_its_test_size(orientation):
+    """2560x1708 to be labeled at 400 px: libjpeg decodes it at half its size (1280x854, at least
+    1.5x the test size), which the resize takes to the test size; the image's own size is the
+    full one, as shown (turned by orientation 6), and the pixels are within a level of the
+    full decode's on average."""
+    t = Transform(InputConfig(test_shorter_side=400, max_size=2000))
+    data = _coco_photo(orientation, scale=4)
+    image, size = t.decode_for_test(data)
+    shown = (2560, 1708) if orientation == 6 else (1708, 2560)
+    test = t.test_size(*shown)
+    assert size == shown and image.shape == (3, *test)
+    least = [int(np.ceil(1.5 * v)) for v in test]             # (h, w) as shown
+    small = _drafted(data, tuple(least) if orientation == 6 else tuple(least[::-1]))
+    assert small.shape[:2] == ((1280, 854) if orientation == 6 else (854, 1280))
+    assert np.array_equal(image, resize_chw(small, test))
+    full = t.resize_for_test(decode_rgb(data))
+    assert np.abs(image.astype(int) - full).mean() < 1
+
+
+@pytest.mark.parametrize("fmt, mode, shorter", [("JPEG", "RGB", 300), ("JPEG", "L", 300), ("PNG", "RGB", 100),
+                                                ("JPEG", "RGB", 143), ("JPEG", "CMYK", 100)])
+def test_decoding_for_the_test_size_is_the_full_decode_where_no_scale_helps(fmt, mode, shorter):
+    """A JPEG less than twice 1.5x its test size on a side (shorter side 300 or 143 of 427), or
+    any PNG, decodes in full: the same bytes as ``resize_for_test(decode_rgb(...))``; a grey or
+    CMYK JPEG at a reduced scale is RGB like the full decode."""
+    t = Transform(InputConfig(test_shorter_side=shorter, max_size=2000))
+    data = _coco_photo(None, fmt, mode)
+    image, size = t.decode_for_test(data)
+    full = t.resize_for_test(decode_rgb(data))
+    assert size == (427, 640) and image.shape == full.shape
+    if mode == "CMYK":
+        assert np.abs(image.astype(int) - full).mean() < 3
+    else:
+        assert np.array_equal(image, full)

@@ -68,6 +68,7 @@ cffi                                cryptography
 pycparser                           cffi
 pycocotools                         labeling's RLE masks (workflows.jobs.label.encode)
 pyspng                              pipeline.data.panoptic_png
+zlib-ng                             pipeline.data.panoptic_png
 "
 # Declared by a package above but not imported by the jobs (the clean check shows it): the
 # tracking server (uvicorn), git lineage tags (gitpython; MLflow skips them without it),

@@ -570,8 +570,8 @@ def step_figures(ctx: Context, cfg, shards: str, batch: dict, backend: str, warm
 
 class JpegImages:
     """A map-style dataset: JPEG path -> [3, h, w] uint8 RGB at the test size, through
-    ``ciae.data.transform`` (``decode_rgb``, ``Transform.resize_for_test``) as the labeling job's CPU
-    tasks preprocess; ``Transform.batch`` collates them."""
+    ``ciae.data.transform`` (``Transform.decode_for_test``) as the labeling job's CPU tasks
+    preprocess; ``Transform.batch`` collates them."""
 
     def __init__(self, paths: list[str], transform):
         self.paths, self.transform = paths, transform
@@ -580,10 +580,8 @@ class JpegImages:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        from ciae.data.transform import decode_rgb
-
         with open(self.paths[i], "rb") as f:
-            return self.transform.resize_for_test(decode_rgb(f.read()))
+            return self.transform.decode_for_test(f.read())[0]
 
 
 def plant_detections(model, images, sizes, wanted: tuple[int, int]) -> dict:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download, here, the wheels that the GPU suite needs on the device machine and that its image
-# lacks, into .whl/ (ignored by git; the device call carries it): pyspng, which
+# lacks, into .whl/ (ignored by git; the device call carries it): pyspng and zlib-ng, which
 # pipeline/data/panoptic_png.py imports. The device runs CPython 3.12 on x86-64 with torch, triton,
 # numpy, pillow, pyarrow, pandas, fsspec and tqdm already there; a requirement of a wheel that
 # is neither there nor downloaded here is an error.
@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-WHEELS=(pyspng==0.1.4)
+WHEELS=(pyspng==0.1.4 zlib-ng==1.1.0)
 ON_DEVICE="numpy pillow pyarrow pandas fsspec tqdm torch triton"
 
 rm -rf .whl

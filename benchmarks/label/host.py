@@ -14,8 +14,9 @@ CPU time (what a core spends, little moved by other load on the machine) and wal
 
 * ``decode``: ``pipeline.label.stages.decode`` on chunks of ``DECODE_BATCH`` plan entries: the
   file read, JPEG decode, EXIF turn, resize to the test size of the paper's config (shorter side
-  800: 640x480 -> 1067x800) into [3, h, w]; and its parts timed alone on the same files (JPEG
-  decode, resize and its baseline, PIL's ``Image.resize`` into [h, w, 3], as decode did before);
+  800: 640x480 -> 1067x800) into [3, h, w]; and its parts timed alone on the same files (the
+  image decode, a JPEG at least 3x its test size at a reduced scale, and its baseline in full;
+  the resize and its baseline, PIL's ``Image.resize`` into [h, w, 3], as decode did before);
 * ``encode``: ``pipeline.label.stages.encode`` on labeled rows (decode's columns, the synthetic id
   maps and segments) in batches of --batch-size, each batch's rows written as one part of a
   fresh ``LabelStore``: the COCO panoptic PNG, RLE of the thing segments, per-image PQ against
@@ -194,19 +195,24 @@ def run_decode(entries: list[dict], input_cfg) -> tuple[tuple[float, float], lis
 
 
 def decode_parts(entries: list[dict], input_cfg) -> dict[str, tuple[float, float]]:
-    """Seconds of decode's parts alone on the same files: the JPEG decode (``decode_rgb``), the
-    resize to the test size (``resize_chw``, into [3, h, w]) and, as the baseline, PIL's
-    ``Image.resize`` (BILINEAR) into [h, w, 3], as decode did before (``Transform.batch`` then
-    transposed it to [3, h, w], a cost now gone from the model actor)."""
+    """Seconds of decode's parts alone on the same files: the image decode as decode does it
+    (``decode_rgb_scaled``: a JPEG at least 3x its test size at a reduced scale) and, as its
+    baseline, in full (``decode_rgb``); the resize to the test size (``resize_chw``, into
+    [3, h, w]) of the full decode and, as its baseline, PIL's ``Image.resize`` (BILINEAR) into
+    [h, w, 3], as decode did before (``Transform.batch`` then transposed it to [3, h, w], a cost
+    now gone from the model actor)."""
     from PIL import Image
 
-    from ciae.data.transform import Transform, decode_rgb, resize_chw
+    from ciae.data.transform import Transform, decode_rgb, decode_rgb_scaled, resize_chw
 
+    transform = Transform(input_cfg)
     data = [open(e["uri"], "rb").read() for e in entries]
     images = []
-    jpeg = timed(lambda: images.extend(decode_rgb(d) for d in data))
-    sizes = [Transform(input_cfg).test_size(*im.shape[:2]) for im in images]
-    return {"JPEG decode": jpeg, "resize": timed(lambda: [resize_chw(im, s) for im, s in zip(images, sizes)]),
+    scaled = timed(lambda: [decode_rgb_scaled(d, transform.test_size) for d in data])
+    full = timed(lambda: images.extend(decode_rgb(d) for d in data))
+    sizes = [transform.test_size(*im.shape[:2]) for im in images]
+    return {"image decode": scaled, "image decode in full (before; not in decode)": full,
+            "resize of the full decode": timed(lambda: [resize_chw(im, s) for im, s in zip(images, sizes)]),
             "resize with PIL (before; not in decode)": timed(lambda: [
                 np.asarray(Image.fromarray(im).resize((s[1], s[0]), Image.BILINEAR)) for im, s in zip(images, sizes)])}
 

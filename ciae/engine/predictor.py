@@ -3,9 +3,10 @@ panoptic output back to each image's own size, with ``ciae.data.transform``'s si
 (the same preprocessing as training and validation) and the post-processing on the model's
 device.
 
-The MLflow pyfunc (``workflows.tracking.pyfunc``), the labeling job (which resizes in CPU tasks and calls
-``predict_resized``), validation (``pipeline.evaluation.validation.accumulate``, with the oracle protocol's
-ground truth when asked), training pictures and the demo all go through :class:`Predictor`.
+The MLflow pyfunc (``workflows.tracking.pyfunc``) and the labeling job (both decode and resize with
+``Transform.decode_for_test``, the job in CPU tasks, and call ``predict_resized``), validation
+(``pipeline.evaluation.validation.accumulate``, with the oracle protocol's ground truth when
+asked), training pictures and the demo all go through :class:`Predictor`.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ as Arrow lists and structs, and gives lists back as object arrays).
 * ``chunks`` (``flat_map``): an item -> its plan entries not yet labeled, in chunks of at most
   ``DECODE_BATCH``; the task's plan file is read once per item, here.
 * ``decode``: a chunk -> one row per image: the image read (files behind URIs ``READ_THREADS``
-  at a time) and resized to the model's test size, or rejected with the reason, and its ground
-  truth when there is one.
+  at a time), decoded (a large JPEG at a reduced scale) and resized to the model's test size,
+  or rejected with the reason, and its ground truth when there is one.
 * ``Labeler``: the model, built once per actor from the checkpoint's bytes; decoded rows (a call
   of ``actor_rows``: several model batches) -> their id maps at the images' own sizes, segments
   (with scores) and quality, the next model batch submitted before the last one's results are
@@ -165,7 +165,7 @@ def decode(chunk: dict, input_cfg: InputConfig) -> dict:
     ``reason`` [N] str; ground truth, when there is one: ``gt_runs`` [N] bytes (a shard's index
     runs) or ``gt_png`` [N] str (an id PNG's URI), ``gt_segments`` [N] of lists of segment dicts
     (else b"", "" and [])."""
-    from ciae.data.transform import Transform, decode_rgb
+    from ciae.data.transform import Transform
 
     transform = Transform(input_cfg)
     task, entries = int(chunk["task"][0]), list(chunk["entries"][0])
@@ -184,9 +184,8 @@ def decode(chunk: dict, input_cfg: InputConfig) -> dict:
             data, gt = load_entry(entry, shard_rows, files)
             if gt is not None:
                 gt_runs[k], gt_png[k], gt_segments[k] = gt["runs"], gt["png"], gt["segments"]
-            image = decode_rgb(data)
-            images.append(transform.resize_for_test(image))
-            out["height"][k], out["width"][k] = image.shape[:2]
+            image, (out["height"][k], out["width"][k]) = transform.decode_for_test(data)
+            images.append(image)
             status.append("ok")
             reason.append("")
         except (OSError, ValueError) as e:

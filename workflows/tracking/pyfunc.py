@@ -70,7 +70,6 @@ class CIAEPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """model_input: DataFrame with ``image`` bytes and optional ``image_id``; params:
         {"batch_size": int}. Returns the DataFrame described in the module docstring."""
-        from ciae.data.transform import decode_rgb
         from pipeline.data.panoptic_png import encode_id_png
 
         if "image" not in model_input.columns:
@@ -82,14 +81,17 @@ class CIAEPyfunc(mlflow.pyfunc.PythonModel):
                else list(range(len(data))))
         rows = []
         for k in range(0, len(data), batch_size):
-            images = []
+            images, sizes = [], []
             for j in range(k, min(k + batch_size, len(data))):
-                try:
-                    images.append(decode_rgb(bytes(data[j])))
+                try:          # as the labeling job decodes (a large JPEG at a reduced scale)
+                    image, size = self.predictor.transform.decode_for_test(bytes(data[j]))
                 except (ValueError, TypeError) as e:
                     raise ValueError(f"row {j} (image_id {ids[j]}): {e}") from None
-            for j, image, pred in zip(range(k, len(data)), images, self.predictor(images, batch_size)):
-                rows.append({"image_id": int(ids[j]), "height": image.shape[0], "width": image.shape[1],
+                images.append(image)
+                sizes.append(size)
+            preds = self.predictor.predict_resized(images, sizes)
+            for j, (h, w), pred in zip(range(k, len(data)), sizes, preds):
+                rows.append({"image_id": int(ids[j]), "height": h, "width": w,
                              "panoptic_png": encode_id_png(pred["panoptic"]),
                              "segments_info": json.dumps(pred["segments_info"])})
         columns = ["image_id", "height", "width", "panoptic_png", "segments_info"]
