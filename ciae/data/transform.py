@@ -73,8 +73,8 @@ def decode_rgb_scaled(data: bytes, size_for: Callable[[int, int], tuple[int, int
     (PIL's ``draft``, as its ``thumbnail`` does), no smaller than ``REDUCING_GAP`` times the
     target, so that the resize after it still shrinks by 1.5x or more. Returns (the [h', w', 3]
     image; the image's own (H, W) as shown). A 12 MP photo (4032x3024) to be labeled at
-    1067x800 decodes at 2016x1512 in ~40 CPU ms instead of ~160, its resized pixels 0.3-0.5
-    levels from the full decode's on average. Other images (a COCO photo, any PNG) decode as
+    1067x800 decodes at 2016x1512 in 28 CPU ms instead of 96 (``benchmarks/label/host.py``), its
+    resized pixels 0.3-0.5 levels from the full decode's on average. Other images (a COCO photo, any PNG) decode as
     ``decode_rgb``."""
     return _decode(data, size_for)
 
@@ -156,12 +156,12 @@ def resize_chw(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     antialiased when shrinking: PIL's ``Image.resize(BILINEAR)`` filter, by torch's uint8 kernel,
     never more than one level from PIL's values (on photos fewer than 1 value in 200 off). The
     kernel writes [3, h, w]; giving that layout saves the transposition every consumer made
-    after it. 640x480 -> 1067x800: 2.7 CPU ms against PIL's 7.3 and a transposition's 2.3 (one
-    torch thread: the calling thread's, a Ray task's one)."""
+    after it. 640x480 -> 1067x800: 2.1-2.4 CPU ms against PIL's 7.1-7.4 and a transposition's
+    2.3 (one torch thread: the calling thread's, a Ray task's one)."""
     import torch
 
     plain = image.flags.c_contiguous and image.flags.writeable and min(image.strides) > 0
-    chw = torch.from_numpy(image if plain else image.copy()).permute(2, 0, 1)   # torch reads no read-only array
+    chw = torch.from_numpy(image if plain else image.copy()).permute(2, 0, 1)   # (torch: no read-only or flipped)
     if image.shape[:2] != tuple(size):
         chw = torch.nn.functional.interpolate(chw[None], size=tuple(size), mode="bilinear", align_corners=False,
                                               antialias=True)[0]
