@@ -93,9 +93,10 @@ def _decode(data: bytes, size_for: Callable[[int, int], tuple[int, int]] | None 
                                      "limit (a decompression bomb?)")
                 if w * h == 0:
                     raise ImageError(f"{w}x{h}: no pixels")
-                turned = exif_orientation(im, data) >= 5
-                shown = (w, h) if turned else (h, w)
+                shown = None                          # the size as shown, when a draft may change it
                 if size_for is not None and im.format == "JPEG":
+                    turned = exif_orientation(im, data) >= 5
+                    shown = (w, h) if turned else (h, w)
                     th, tw = (math.ceil(REDUCING_GAP * v) for v in size_for(*shown))
                     tw, th = (th, tw) if turned else (tw, th)         # on the stored axes
                     if w >= 2 * tw and h >= 2 * th:
@@ -104,8 +105,10 @@ def _decode(data: bytes, size_for: Callable[[int, int], tuple[int, int]] | None 
                 if im.mode.startswith("I") or im.mode == "F":    # 16/32-bit integers, floats: grey
                     wide = np.asarray(im, dtype=np.float64)
                     grey = np.clip(wide, 0, 255) if im.mode == "F" else np.clip(wide, 0, 65535) / 256
-                    return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2), shown
-                return np.asarray(im.convert("RGB")), shown
+                    image = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+                else:
+                    image = np.asarray(im.convert("RGB"))
+                return image, shown or image.shape[:2]
     except ImageError:
         raise
     except Image.DecompressionBombError as e:     # PIL's own guard, at twice its limit
