@@ -115,6 +115,25 @@ def test_predictor_and_assemble_keep_to_the_inputs_device():
     assert ids.device.type == "cpu" and table.device.type == "cpu" and tuple(ids.shape) == (45, 60)
 
 
+def test_predictor_batches_like_shapes_together_and_answers_in_order():
+    """Images of both orientations, two per batch: the portrait ones go together, the landscape
+    ones together, and each result is its own image's (as ``predict_resized`` of that batch)."""
+    from ciae.engine.predictor import Predictor
+
+    predictor = Predictor(planted_model(), batch_size=2)
+    images = [np.random.default_rng(k).integers(0, 255, size, dtype=np.uint8)
+              for k, size in enumerate([(60, 90, 3), (90, 60, 3), (64, 96, 3), (96, 66, 3)])]
+    out = predictor(images)
+    want = {}
+    for group in ([1, 3], [0, 2]):
+        preds = predictor.predict_resized([predictor.transform.resize_for_test(images[k]) for k in group],
+                                          [images[k].shape[:2] for k in group])
+        want.update(zip(group, preds))
+    for k, im in enumerate(images):
+        assert out[k]["panoptic"].shape == im.shape[:2] and np.array_equal(out[k]["panoptic"], want[k]["panoptic"])
+        assert out[k]["segments_info"] == want[k]["segments_info"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_backends_forward_and_backward_keep_to_the_inputs_device(backend):
     from kernel_cases import make_case

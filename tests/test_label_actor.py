@@ -56,16 +56,17 @@ class _Recording:
     """A predictor that logs its ``collate``, ``submit`` and ``result`` calls in order."""
 
     def __init__(self, predictor, log: list):
-        self.predictor, self.log = predictor, log
+        self.predictor, self.log, self.shapes = predictor, log, []
 
     def collate(self, images):
         self.log.append(("collate", sum(event == "collate" for event, _ in self.log)))
         return self.predictor.collate(images)
 
-    def submit(self, *args, **kwargs):
+    def submit(self, images, *args, **kwargs):
         k = sum(event == "submit" for event, _ in self.log)
         self.log.append(("submit", k))
-        pending, log = self.predictor.submit(*args, **kwargs), self.log
+        self.shapes.append(tuple(images.shape[-2:]))
+        pending, log = self.predictor.submit(images, *args, **kwargs), self.log
 
         class Pending:
             def result(self):
@@ -76,11 +77,12 @@ class _Recording:
 
 
 def test_labeler_submits_the_next_batch_before_it_takes_results_and_labels_as_predict(registered_untrained):
-    """Five readable images and a rejected one in batches of 2: three model batches, each made
-    by the predictor's ``collate`` (page-locked on CUDA), the second submitted before the first's
-    results are taken; each image's id map, segments and quality
-    are those of ``predict_resized`` on the same batch."""
-    from ciae.data.transform import Transform
+    """Five readable images and a rejected one in batches of 2: three model batches, by aspect
+    ratio (the portrait image with the square one, the two wide ones together), each made by
+    the predictor's ``collate`` (page-locked on CUDA), the second submitted before the first's
+    results are taken; each image's id map, segments and quality are those of
+    ``predict_resized`` on the same batch, and come back in the input's order."""
+    from ciae.data.transform import Transform, padded_size
     from pipeline.data.synth import SynthSpec, render, select_categories
 
     with open(registered_untrained["checkpoint"], "rb") as f:
@@ -104,16 +106,18 @@ def test_labeler_submits_the_next_batch_before_it_takes_results_and_labels_as_pr
              "reason": np.array(["not an image" if s is None else "" for s in sizes])}
     log: list = []
     predictor = labeler.predictor
-    labeler.predictor = _Recording(predictor, log)
+    labeler.predictor = recording = _Recording(predictor, log)
     out = labeler(batch)
     assert log == [("collate", 0), ("submit", 0), ("collate", 1), ("submit", 1), ("result", 0),
                    ("collate", 2), ("submit", 2), ("result", 1), ("result", 2)]
     assert "image" not in out and list(out["key"]) == list(batch["key"])
     assert out["ids"][2].shape == (0, 0) and out["segments"][2] == [] and out["quality"][2] == 0
 
+    groups = [[5, 3], [0, 1], [4]]                # 0.75, 1, 1.29, 1.33, 1.33 wide per high
+    assert recording.shapes == [padded_size([images[k].shape[1:] for k in g]) for g in groups]
     ok = [k for k, s in enumerate(sizes) if s]
     expected = {}
-    for group in (ok[0:2], ok[2:4], ok[4:]):
+    for group in groups:
         preds = predictor.predict_resized([images[k] for k in group], [sizes[k] for k in group])
         expected.update(zip(group, preds))
     things = set(predictor.model.thing_ids)

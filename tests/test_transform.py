@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ciae.config import InputConfig
-from ciae.data.transform import Transform, decode_rgb, output_size, pad_batch, resize_chw, resize_nearest
+from ciae.data.transform import (Transform, batch_order, decode_rgb, output_size, pad_batch, padded_size, resize_chw,
+                                 resize_nearest)
 
 
 def test_sizes_follow_the_shorter_side_and_the_cap():
@@ -90,6 +91,15 @@ def test_pad_batch_fills_to_a_multiple_of_32():
     assert (out[0, :, :40, :50] == 1).all() and out[0, :, 40:].sum() == 0 and out[0, :, :, 50:].sum() == 0
     seg = pad_batch([np.zeros((5, 6), np.int64)], -1, (32, 32))
     assert seg.dtype == torch.int64 and (seg[0, 5:] == -1).all() and (seg[0, :5, :6] == 0).all()
+
+
+def test_batch_order_puts_like_shapes_together():
+    sizes = [(800, 1067), (1067, 800), (800, 1200), (800, 800), (1067, 800), (800, 1067), (0, 5)]
+    order = batch_order(sizes)
+    assert order == [1, 4, 3, 0, 5, 2, 6] and batch_order([]) == []
+    padded = lambda batches: sum(np.prod(padded_size(b)) * len(b) for b in batches)  # noqa: E731
+    pairs = lambda ks: [[sizes[k] for k in ks[i:i + 2]] for i in range(0, 6, 2)]   # noqa: E731
+    assert padded(pairs(order[:6])) < 0.85 * padded(pairs(list(range(6))))       # 5.43 M against 6.68 M
 
 
 def test_decoding_takes_any_mode_and_refuses_bombs():

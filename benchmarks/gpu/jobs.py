@@ -7,9 +7,9 @@ beside this file).
     python benchmarks/gpu/jobs.py OUT [--smoke] [--budget-s 420] [--train-steps 300] [--label-images 2048]
 
 Phases: env (versions, the device), data (synthetic COCO-category training images at 480x640,
-trained at shorter side 800; labeling JPEGs at 800x1067, 64 distinct renders written many times
-with jitter; on every CPU), prepare, train, label, label_compile (the same ``ciae label`` with
-``--compile``, into its own output). The budget is checked between phases: training gets what
+trained at shorter side 800; labeling JPEGs at COCO's sizes and orientations, ``LABEL_SIZES``,
+64 distinct renders written many times with jitter; on every CPU), prepare, train, label,
+label_compile (the same ``ciae label`` with ``--compile``, into its own output). The budget is checked between phases: training gets what
 is left after a reserve for labeling, past its share its process group is stopped and labeling
 takes the newest checkpoint Ray Train stored; labeling takes fewer images when little time is
 left. OUT/jobs.json holds every figure (rewritten through a temporary name after each
@@ -44,14 +44,19 @@ sys.path.insert(0, str(ROOT))
 from pipeline.data.storage import write_uri  # noqa: E402
 
 RUN_NAME = "jobs"
-# per mode: (train images, h, w), (label distinct images, h, w), batch per worker, label batch and
+# the labeling images' (h, w), a COCO-like mix: of 8 renders, 4 at 480x640, 2 at 427x640 and one
+# portrait of each (in batches of mixed orientations, padding would cost the network ~1.5x the pixels
+# it labels; the model actor batches like shapes together, ciae.data.transform.batch_order)
+LABEL_SIZES = {False: [(480, 640)] * 4 + [(427, 640)] * 2 + [(640, 480), (640, 427)],
+               True: [(96, 128), (128, 96)]}
+# per mode: (train images, h, w), label distinct images, batch per worker, label batch and
 # task size, labeling reserve s (two runs: as it is and --compile), labeling overhead s per run,
 # compile s (a guess, sizing the input) and an assumed rate (img/s) to size its input, the least
 # time worth training for, Ray's object store
-SIZES = {False: {"train": (64, 480, 640), "label": (64, 800, 1067), "batch": 8, "label_batch": 16,
+SIZES = {False: {"train": (64, 480, 640), "label": 64, "batch": 8, "label_batch": 16,
                  "task_images": 256, "reserve_s": 220, "label_overhead_s": 45, "compile_s": 90,
                  "label_rate": 150, "min_train_s": 60, "object_store_mb": 8192},
-         True: {"train": (16, 64, 96), "label": (8, 96, 128), "batch": 2, "label_batch": 4, "task_images": 8,
+         True: {"train": (16, 64, 96), "label": 8, "batch": 2, "label_batch": 4, "task_images": 8,
                 "reserve_s": 300, "label_overhead_s": 120, "compile_s": 0, "label_rate": 2, "min_train_s": 60,
                 "object_store_mb": 300}}
 
@@ -220,7 +225,8 @@ def _label_copies(args) -> int:
 
     from pipeline.data.synth import SynthSpec, coco_categories, render
 
-    folder, k, step, total, h, w = args
+    folder, k, step, total, sizes = args
+    h, w = sizes[k % len(sizes)]
     rgb = render(coco_categories(), k, 7, SynthSpec(height=h, width=w, min_things=6, max_things=10))[0]
     written = 0
     for j in range(k, total, step):
@@ -233,11 +239,11 @@ def _label_copies(args) -> int:
     return written
 
 
-def label_images(folder: Path, total: int, distinct: int, h: int, w: int, procs: int) -> Path:
+def label_images(folder: Path, total: int, distinct: int, sizes: list[tuple[int, int]], procs: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     distinct = min(distinct, total)
     with multiprocessing.get_context("spawn").Pool(min(procs, distinct)) as pool:
-        pool.map(_label_copies, [(str(folder), k, distinct, total, h, w) for k in range(distinct)])
+        pool.map(_label_copies, [(str(folder), k, distinct, total, sizes) for k in range(distinct)])
     return folder
 
 
@@ -403,10 +409,11 @@ def run(args, ray_address: str | None) -> int:
     n, h, w = size["train"]
     synth = training_data(work / "synth", n, h, w, procs=cpus)
     made_train, t = time.time() - t, time.time()
-    distinct, lh, lw = size["label"]
-    images = label_images(work / "label_images", n_label, distinct, lh, lw, cpus)
+    distinct, label_sizes = size["label"], LABEL_SIZES[smoke]
+    images = label_images(work / "label_images", n_label, distinct, label_sizes, cpus)
     rec.set("data", train_images=n, train_size=f"{h}x{w}", train_seconds=made_train, label_images=n_label,
-            label_distinct=distinct, label_size=f"{lh}x{lw}", label_seconds=time.time() - t)
+            label_distinct=distinct, label_sizes=" ".join(sorted({f"{a}x{b}" for a, b in label_sizes})),
+            label_seconds=time.time() - t)
     say(f"data: {n} training images in {made_train:.1f} s, {n_label} JPEGs in {time.time() - t:.1f} s")
 
     # prepare

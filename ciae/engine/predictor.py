@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ciae.data.panoptic import IGNORE_SEG
-from ciae.data.transform import Transform, pad_batch
+from ciae.data.transform import Transform, batch_order, pad_batch
 from ciae.modeling.inference import HostCopy, image_quality, segments_info
 from ciae.modeling.model import CIAEModel
 from ciae.utils.allocator import retain_freed_memory
@@ -26,10 +26,11 @@ from ciae.utils.allocator import retain_freed_memory
 class Predictor:
     """A model wrapped for images of any size.
 
-    ``Predictor(model)(images)``: ``images`` a list of [H, W, 3] uint8 RGB arrays of any sizes;
-    returns per image {"panoptic": [H, W] int32 numpy segment ids (0 void) at the image's own
-    size, "segments_info": [{id, category_id, iscrowd, area, bbox, score}] with COCO category
-    ids, area and bbox measured at that size, "quality": the image's confidence
+    ``Predictor(model)(images)``: ``images`` a list of [H, W, 3] uint8 RGB arrays of any sizes,
+    batched by shape (``ciae.data.transform.batch_order``); returns in their order, per image
+    {"panoptic": [H, W] int32 numpy segment ids (0 void) at the image's own size,
+    "segments_info": [{id, category_id, iscrowd, area, bbox, score}] with COCO category ids,
+    area and bbox measured at that size, "quality": the image's confidence
     (``ciae.modeling.inference.image_quality``)} and, with ``return_embeddings``, "embedding":
     [D, h/4, w/4] float32 numpy, the stride-4 pixel embeddings (before normalisation) of the
     image resized to the test size (h, w).
@@ -61,11 +62,14 @@ class Predictor:
     def __call__(self, images: Sequence[np.ndarray], batch_size: int | None = None,
                  return_embeddings: bool = False) -> list[dict]:
         bs = batch_size or self.batch_size
-        results = []
+        results: list[dict] = [{}] * len(images)
+        order = batch_order([im.shape[:2] for im in images])        # like shapes batched together
         for k in range(0, len(images), bs):
-            chunk = images[k:k + bs]
-            results += self.predict_resized([self.transform.resize_for_test(im) for im in chunk],
-                                            [im.shape[:2] for im in chunk], return_embeddings)
+            chunk = order[k:k + bs]
+            preds = self.predict_resized([self.transform.resize_for_test(images[i]) for i in chunk],
+                                         [images[i].shape[:2] for i in chunk], return_embeddings)
+            for i, pred in zip(chunk, preds):
+                results[i] = pred
         return results
 
     @torch.no_grad()

@@ -20,9 +20,19 @@ from ciae.modeling.backbone import make_norm
 def add_coords(x: torch.Tensor) -> torch.Tensor:
     """CoordConv input: [B, C, H, W] -> [B, C + 2, H, W] with x and y in [-1, 1]."""
     b, _, h, w = x.shape
-    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
-    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    ys = _coords(h, x).view(1, 1, h, 1).expand(b, 1, h, w)
+    xs = _coords(w, x).view(1, 1, 1, w).expand(b, 1, h, w)
     return torch.cat([x, xs, ys], dim=1)
+
+
+def _coords(n: int, like: torch.Tensor) -> torch.Tensor:
+    """``linspace(-1, 1, n)`` in ``like``'s dtype, within 1e-7 of float32 ``linspace`` (the first
+    half counted from -1, the second from 1, as it does), from ``arange``: its size stays
+    symbolic under ``torch.compile(dynamic=True)``, where ``linspace`` would specialise the
+    graph to each input size."""
+    step = 2 / torch.sym_max(n - 1, 1)
+    i = torch.arange(n, device=like.device, dtype=torch.float32)
+    return torch.where(2 * i < n, i * step - 1, 1 - (n - 1 - i) * step).to(like.dtype)
 
 
 class _Stage(nn.Module):

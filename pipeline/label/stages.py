@@ -209,7 +209,8 @@ class Labeler:
     ``ids`` [N] of [H, W] int32 id maps at the images' own sizes ([0, 0] when rejected),
     ``segments`` [N] of lists of {id, category_id, iscrowd, area, bbox, score} and ``quality``
     [N] float32. The readable rows go to the model in batches of ``batch_size`` (all at once
-    when None), each padded (``Predictor.collate``: in page-locked memory on CUDA) and queued on the device
+    when None), by aspect ratio (``ciae.data.transform.batch_order``: a batch of like shapes
+    pads little), each padded (``Predictor.collate``: in page-locked memory on CUDA) and queued on the device
     (``ciae.engine.predictor.Predictor.submit``: the network under bfloat16 autocast and channels-last
     on CUDA with ``amp``, ``compile`` optional, the assignment and the post-processing; only the
     final id maps leave it, in one non-blocking copy) before the previous batch's results are
@@ -235,7 +236,10 @@ class Labeler:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
+        from ciae.data.transform import batch_order
+
         ok = [k for k, s in enumerate(batch["status"]) if s == "ok"]
+        ok = [ok[j] for j in batch_order([batch["image"][k].shape[1:] for k in ok])]    # like shapes together
         n = len(batch["key"])
         ids = [np.zeros((0, 0), np.int32)] * n
         segments, quality = [[]] * n, np.zeros(n, np.float32)
