@@ -107,6 +107,7 @@ class InputConfig:
     max_size: int = 1333
     test_shorter_side: int = 800
     flip_prob: float = 0.5
+    aspect_grouping: bool = True              # training batches of one orientation (pipeline.feed.stream)
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, ImageNet
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 

@@ -217,3 +217,36 @@ def test_records_on_s3_are_read_concurrently_with_the_shards_of_a_serial_run(s3_
     assert serial["peak"] == {"s3": 1} and concurrent["peak"]["s3"] > 1, concurrent["peak"]
     assert len(serial["shards"]) == 2 and len(serial["rejected"]) == 2
     assert {k: v for k, v in concurrent.items() if k != "peak"} == {k: v for k, v in serial.items() if k != "peak"}
+
+
+def test_the_manifest_keeps_each_shards_portrait_rows(synth_copy, tmp_path):
+    """Two of six images turned to portraits (image, PNG, sizes and boxes transposed): each
+    shard's footer and manifest entry list the rows taller than wide, which training groups by
+    (``pipeline.feed.stream.aspect_groups``); a re-run reads them back from the footers."""
+    from pipeline.data.shards import read_shard_summary
+
+    doc = json.load(open(synth_copy["panoptic_json"]))
+    turned = {doc["images"][k]["id"] for k in (1, 4)}
+    flip = Image.Transpose.TRANSPOSE
+    for im in doc["images"]:
+        if im["id"] in turned:
+            im["height"], im["width"] = im["width"], im["height"]
+            path = Path(synth_copy["images"]) / im["file_name"]
+            Image.open(path).transpose(flip).save(path, quality=95)
+    for ann in doc["annotations"]:
+        if ann["image_id"] in turned:
+            path = Path(synth_copy["panoptic_dir"]) / ann["file_name"]
+            Image.open(path).transpose(flip).save(path)
+            for s in ann["segments_info"]:
+                x, y, w, h = s["bbox"]
+                s["bbox"] = [y, x, h, w]
+    json.dump(doc, open(synth_copy["panoptic_json"], "w"))
+    out = str(tmp_path / "out")
+    m = prepare(_source(synth_copy), out, rows_per_shard=4, progress=False, in_process=True)
+    assert m["counts"]["images"] == 6 and m["counts"]["rejected"] == 0
+    want = [[k for k, r in enumerate(pq.read_table(p, columns=["height", "width"]).to_pylist())
+             if r["height"] > r["width"]] for p in shard_paths(out)]
+    assert [s["portrait"] for s in m["shards"]] == want and sum(map(len, want)) == 2
+    assert [read_shard_summary(p)["portrait"] for p in shard_paths(out)] == want
+    again = prepare(_source(synth_copy), out, rows_per_shard=4, progress=False, in_process=True)
+    assert again["skipped_shards"] == 2 and again["shards"] == m["shards"]

@@ -60,7 +60,7 @@ def registered(tmp_path_factory, _empty_mlflow_db) -> dict:
     assert version == f"models:/{NAME}/1"    # the first version takes @champion
     source = tracking.client().get_model_version_download_uri(NAME, "1")
     images = [render(cats, i, seed=5, spec=SynthSpec(height=h, width=w))[0]
-              for i, (h, w) in enumerate([(70, 90), (96, 128), (50, 61)])]
+              for i, (h, w) in enumerate([(70, 90), (128, 96), (50, 61)])]     # one portrait
     return {"uri": tracking.uri, "tracking": tracking, "model_uri": source, "checkpoint": ckpt,
             "categories": cats, "images": images}
 
@@ -99,7 +99,8 @@ def test_registered_model_predicts_through_plain_mlflow(registered, plain_mlflow
     direct = Predictor(from_checkpoint(registered["checkpoint"]))([decode_rgb(encode(images[0]))])[0]
     assert np.array_equal(ids, direct["panoptic"])
 
-    # several sizes in one call, ids passed through, batch_size as a param
+    # several sizes in one call (batched by shape, the portrait alone), ids passed through in
+    # order, batch_size as a param
     df = pd.DataFrame({"image": [encode(im, "PNG") for im in images], "image_id": [11, 12, 13]})
     out = model.predict(df, params={"batch_size": 2})
     assert out["image_id"].tolist() == [11, 12, 13]

@@ -13,8 +13,8 @@ import torch
 
 from ciae.config import Config
 from pipeline.data.shards import read_manifest, shard_paths
-from pipeline.feed.stream import (ShardTargets, data_window, fill_lost_steps, local_batches, numpy_batch,
-                                  plan_items, stream_batches, to_torch)
+from pipeline.feed.stream import (ShardTargets, aspect_groups, data_window, fill_lost_steps, local_batches,
+                                  numpy_batch, plan_items, steps_per_epoch, stream_batches, to_torch)
 from pipeline.feed.targets import collate
 
 
@@ -23,9 +23,51 @@ def stream_config(batch: int, seed: int = 5) -> Config:
                                   "solver": {"batch_size": batch, "seed": seed}})
 
 
-def plan_rows(n, batch, world, rank, start, end, seed=3, steps_per_item=8):
-    items = list(plan_items(n, batch, world, rank, start, end, seed, steps_per_item))
+def plan_rows(n, batch, world, rank, start, end, seed=3, steps_per_item=8, groups=None):
+    items = list(plan_items(n, batch, world, rank, start, end, seed, steps_per_item, groups=groups))
     return sum((i["row"] for i in items), []), sum((i["step"] for i in items), [])
+
+
+def _portraits(n: int, share: float = 0.3) -> np.ndarray:
+    return (np.random.default_rng(1).random(n) < share).astype(np.int8)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_aspect_grouped_steps_hold_one_orientation_and_add_up_over_workers(world):
+    """Each global batch is of one orientation; an epoch visits 37 // 4 + 13 // 4 = 12 steps'
+    rows (36 + 12), each at most once; W workers' rows add up to one process's; a resumed plan is the
+    rest of the plan; with a single group the plan is the ungrouped one."""
+    n, batch, steps = 50, 4, 36
+    groups = _portraits(n)
+    assert np.bincount(groups).tolist() == [37, 13] and steps_per_epoch(n, batch, groups) == 12
+    one, _ = plan_rows(n, batch, 1, 0, 0, steps, groups=groups)
+    for s in range(steps):
+        assert len(set(groups[one[batch * s:batch * (s + 1)]])) == 1
+    for e in range(3):
+        epoch = one[12 * batch * e:12 * batch * (e + 1)]
+        assert len(set(epoch)) == len(epoch) == 48
+        assert np.bincount(groups[epoch]).tolist() == [36, 12]
+    assert one[:48] != one[48:96]
+    b = batch // world
+    ranks = [plan_rows(n, batch, world, r, 0, steps, steps_per_item=5, groups=groups)[0] for r in range(world)]
+    for s in range(steps):
+        assert one[batch * s:batch * (s + 1)] == sum((rows[b * s:b * (s + 1)] for rows in ranks), [])
+    rest, _ = plan_rows(n, batch, world, world - 1, 17, steps, groups=groups)
+    assert rest == ranks[-1][b * 17:]
+    same = np.zeros(n, np.int8)
+    assert plan_rows(n, batch, 1, 0, 0, steps, groups=same) == plan_rows(n, batch, 1, 0, 0, steps)
+
+
+def test_aspect_groups_come_from_the_manifest_or_not_at_all():
+    cfg = stream_config(4)
+    manifest = {"shards": [{"rows": 3, "portrait": [1]}, {"rows": 6, "portrait": [0, 4, 5]}]}
+    assert aspect_groups(manifest, cfg, 2).tolist() == [0, 1, 0, 1, 0, 0, 0, 1, 1]
+    assert aspect_groups(manifest, cfg, 5) is not None             # 5 // 5 + 4 // 5 = 1 step
+    assert aspect_groups(manifest, cfg, 6) is None                  # 5 // 6 + 4 // 6 = 0: no grouping
+    off = cfg.merged({"input": {"aspect_grouping": False}})
+    assert aspect_groups(manifest, off, 2) is None
+    older = {"shards": [{"rows": 3, "portrait": [1]}, {"rows": 6}]}  # prepared before they were kept
+    assert aspect_groups(older, cfg, 2) is None
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -7,6 +7,9 @@ together (``ciae.data.transform.batch_order``, which ``Labeler`` and ``Predictor
    batched by ``--batch-size`` within calls of ``DECODE_BATCH`` images (the model actor's input)
    in arrival order and in ``batch_order``, each batch padded to its largest image (a multiple of
    32): the pixels the network computes per pixel labeled, and the distinct padded shapes.
+   The same for training steps: the plan of ``pipeline.feed.stream`` (one epoch, global batch
+   G, one worker) without and with aspect grouping (``epoch_order``'s groups), at shorter side
+   800.
 2. *Time*: the network's forward pass of a ``Config.small()`` model (untrained, one torch thread)
    on --images of the same mix at its own test size (192, longer side at most 320), batched both
    ways, alternated over --runs runs: CPU ms per image. (On the CPU the post-processing of this
@@ -72,6 +75,22 @@ def pixels(sizes: list[tuple[int, int]], batch: int, ordered: bool) -> tuple[flo
     return computed / sum(h * w for h, w in test), len(shapes)
 
 
+def training_pixels(sizes: list[tuple[int, int]], batch: int, grouped: bool) -> float:
+    """Pixels computed per pixel trained over one epoch of the training plan."""
+    from pipeline.feed.stream import epoch_order, steps_per_epoch
+
+    test = [output_size(h, w, 800, 1333) for h, w in sizes]
+    groups = np.array([h > w for h, w in sizes], np.int8) if grouped else None
+    order = epoch_order(len(sizes), 0, 0, groups, batch)
+    computed = real = 0
+    for s in range(steps_per_epoch(len(sizes), batch, groups)):
+        step = [test[k] for k in order[s * batch:(s + 1) * batch]]
+        hh, ww = padded_size(step)
+        computed += hh * ww * len(step)
+        real += sum(h * w for h, w in step)
+    return computed / real
+
+
 def timed(n: int, batch: int, portrait: float, runs: int) -> dict[str, list[float]]:
     """CPU seconds per image of the network's forward pass (``CIAEModel._forward_features``, what a
     GPU spends most of a batch on at 800 px) over the same images batched both ways."""
@@ -121,6 +140,10 @@ def main() -> None:
     for b in sorted({8, 16, args.batch_size}):
         (a, na), (o, no) = pixels(sizes, b, False), pixels(sizes, b, True)
         print(f"| {b} | {a:.3f} | {o:.3f} | {na} / {no} |")
+    print("\ntraining: pixels computed per pixel trained, one epoch of the same images, shorter side 800")
+    print("| global batch | ungrouped | aspect grouping |\n|---:|---:|---:|")
+    for b in (8, 16):
+        print(f"| {b} | {training_pixels(sizes, b, False):.3f} | {training_pixels(sizes, b, True):.3f} |")
     t = timed(args.images, args.batch_size, args.portrait, args.runs)
     print(f"\nthe network's forward, Config.small() at test size 192, {args.images} images, batch "
           f"{args.batch_size}, one thread: CPU ms per image, median (min-max) of {args.runs}")

@@ -23,11 +23,15 @@ from ciae.modeling.model import CIAEModel
 from ciae.utils.allocator import retain_freed_memory
 
 
+ORDER_WINDOW = 64      # images resized and ordered together by ``__call__``: its memory stays bounded
+
+
 class Predictor:
     """A model wrapped for images of any size.
 
     ``Predictor(model)(images)``: ``images`` a list of [H, W, 3] uint8 RGB arrays of any sizes,
-    batched by shape (``ciae.data.transform.batch_order``); returns in their order, per image
+    batched by shape within windows of ``ORDER_WINDOW`` (``predict_many``); returns in their
+    order, per image
     {"panoptic": [H, W] int32 numpy segment ids (0 void) at the image's own size,
     "segments_info": [{id, category_id, iscrowd, area, bbox, score}] with COCO category ids,
     area and bbox measured at that size, "quality": the image's confidence
@@ -61,13 +65,25 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray], batch_size: int | None = None,
                  return_embeddings: bool = False) -> list[dict]:
+        window = max(ORDER_WINDOW, batch_size or self.batch_size)
+        results = []
+        for k in range(0, len(images), window):
+            chunk = images[k:k + window]
+            results += self.predict_many([self.transform.resize_for_test(im) for im in chunk],
+                                         [im.shape[:2] for im in chunk], batch_size, return_embeddings)
+        return results
+
+    @torch.no_grad()
+    def predict_many(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
+                     batch_size: int | None = None, return_embeddings: bool = False) -> list[dict]:
+        """``predict_resized`` of any number of images, in batches of ``batch_size`` images of
+        like shape (``ciae.data.transform.batch_order``); the results in the images' order."""
         bs = batch_size or self.batch_size
+        order = batch_order([im.shape[1:] for im in images])
         results: list[dict] = [{}] * len(images)
-        order = batch_order([im.shape[:2] for im in images])        # like shapes batched together
         for k in range(0, len(images), bs):
             chunk = order[k:k + bs]
-            preds = self.predict_resized([self.transform.resize_for_test(images[i]) for i in chunk],
-                                         [images[i].shape[:2] for i in chunk], return_embeddings)
+            preds = self.predict_resized([images[i] for i in chunk], [sizes[i] for i in chunk], return_embeddings)
             for i, pred in zip(chunk, preds):
                 results[i] = pred
         return results

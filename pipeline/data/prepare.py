@@ -21,8 +21,8 @@ import pyarrow.fs as pafs
 
 from ciae.data.panoptic import RecordError
 from pipeline.data import coco, storage
-from pipeline.data.shards import (Source, convert_record, read_shard_summary, reject_entry, shard_name,
-                                  write_manifest, write_shard)
+from pipeline.data.shards import (Source, convert_record, portrait_rows, read_shard_summary, reject_entry,
+                                  shard_name, write_manifest, write_shard)
 
 READ_THREADS = 8    # a shard's records converted at once when their files are behind URIs
 
@@ -64,7 +64,8 @@ def convert_shard(task: dict) -> dict:
     rejects = [reject for _, reject in results if reject is not None]
     fs, out = storage.resolve(task["out"])
     write_shard(fs, storage.join(out, task["file"]), rows, rejects)
-    return {"file": task["file"], "rows": len(rows), "rejected": json.dumps(rejects)}
+    return {"file": task["file"], "rows": len(rows), "rejected": json.dumps(rejects),
+            "portrait": json.dumps(portrait_rows(rows))}
 
 
 def _clean_stale(fs: pafs.FileSystem, out: str, keep: set[str]) -> list[str]:
@@ -130,11 +131,12 @@ def prepare(source: Source, out: str, rows_per_shard: int = 128, address: str | 
         with tqdm(total=sum(len(c) for _, c in todo), unit="img", desc="prepare", disable=not progress) as bar:
             for r in _converted(tasks, address, in_process):
                 rejects = json.loads(r["rejected"])
-                done[r["file"]] = {"rows": r["rows"], "rejected": rejects}
+                done[r["file"]] = {"rows": r["rows"], "rejected": rejects, "portrait": json.loads(r["portrait"])}
                 bar.update(r["rows"] + len(rejects))
 
     _clean_stale(fs, out_base, {name for name, _ in plan})
-    shards = [{"file": name, "rows": done[name]["rows"]} for name, _ in plan]
+    shards = [{"file": name, "rows": done[name]["rows"]}
+              | ({} if done[name]["portrait"] is None else {"portrait": done[name]["portrait"]}) for name, _ in plan]
     rejected = [reject_entry(e) for e in dataset.rejects]
     rejected += [r for name, _ in plan for r in done[name]["rejected"]]
     manifest = write_manifest(fs, out_base, source, dataset.categories, shards, rejected,

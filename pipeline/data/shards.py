@@ -43,6 +43,7 @@ SCHEMA_VERSION = 1
 MANIFEST = storage.INTERNAL + "manifest.json"
 LEGACY_MANIFEST = "manifest.json"      # the name before MANIFEST; still read
 REJECTS_KEY = b"ciae.rejected"
+PORTRAIT_KEY = b"ciae.portrait"        # the rows whose image is taller than wide (aspect grouping)
 
 SEGMENT_TYPE = pa.struct([
     ("id", pa.int64()),
@@ -135,9 +136,16 @@ def shard_name(k: int, records: list[coco.PanopticRecord], categories: CategoryT
     return f"part-{k:05d}-{h.hexdigest()[:12]}.parquet"
 
 
+def portrait_rows(rows: list[dict]) -> list[int]:
+    """The indices of the shard rows whose image is taller than wide."""
+    return [k for k, r in enumerate(rows) if r["height"] > r["width"]]
+
+
 def write_shard(fs, path: str, rows: list[dict], rejects: list[dict]) -> None:
-    """Write rows to ``path`` atomically; the shard's rejects ride in the file metadata."""
-    schema = SCHEMA.with_metadata({**SCHEMA.metadata, REJECTS_KEY: json.dumps(rejects).encode()})
+    """Write rows to ``path`` atomically; the shard's rejects and ``portrait_rows`` ride in the
+    file metadata."""
+    schema = SCHEMA.with_metadata({**SCHEMA.metadata, REJECTS_KEY: json.dumps(rejects).encode(),
+                                   PORTRAIT_KEY: json.dumps(portrait_rows(rows)).encode()})
     table = pa.Table.from_pylist(rows, schema=schema)
     # images are compressed already: zstd would spend time for nothing
     compression = {name: "zstd" for name in SCHEMA.names} | {"image": "none"}
@@ -146,11 +154,13 @@ def write_shard(fs, path: str, rows: list[dict], rejects: list[dict]) -> None:
 
 
 def read_shard_summary(uri: str) -> dict:
-    """Rows and rejects of a shard already on disk (path or URI), from its footer only."""
+    """Rows, rejects and portrait rows (None in a shard written before they were kept) of a
+    shard already on disk (path or URI), from its footer only."""
     with storage.parquet_file(uri) as file:
         meta = file.metadata
     rejects = json.loads(meta.metadata.get(REJECTS_KEY, b"[]"))
-    return {"rows": meta.num_rows, "rejected": rejects}
+    portrait = meta.metadata.get(PORTRAIT_KEY)
+    return {"rows": meta.num_rows, "rejected": rejects, "portrait": None if portrait is None else json.loads(portrait)}
 
 
 def write_manifest(fs, out_dir: str, source: Source, categories: CategoryTable,

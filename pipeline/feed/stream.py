@@ -3,7 +3,12 @@
 Epoch e visits the rows in the order ``np.random.default_rng([seed, e]).permutation(n)``. Global
 step s of global batch G = W * B takes the next G rows (an epoch is n // G steps; the last
 n mod G rows of each permutation are left out), and rank r of W takes rows r*B .. r*B+B-1 of
-them. Augmentation draws from (seed, epoch, image id), the shorter side from (seed, step). So:
+them. With aspect grouping (``InputConfig.aspect_grouping``, on by default, as detectron2's
+``ASPECT_RATIO_GROUPING``), the permutation is first regrouped into whole global batches of
+images of one orientation, in the order they fill up as it is walked (``epoch_order``): a
+batch pads to its largest image, and one of both orientations would pad to a square, ~1.5x the
+pixels of its images on COCO. An epoch is then the sum over the two orientations of
+n_o // G steps. Augmentation draws from (seed, epoch, image id), the shorter side from (seed, step). So:
 
 * a step sees the images, and the jitter and flips, that one process with batch G sees,
   whatever W is (the jitter's shorter side is one per step, flips one per image);
@@ -43,32 +48,70 @@ from pipeline.feed.targets import TargetMaker
 log = logging.getLogger(__name__)
 
 
-def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
-    """The order in which epoch ``epoch`` visits the dataset's rows (global row indices)."""
-    return np.random.default_rng([seed, epoch]).permutation(num_images)
+def epoch_order(num_images: int, seed: int, epoch: int, groups: np.ndarray | None = None,
+                global_batch: int = 1) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits the dataset's rows (global row indices): a seeded
+    permutation; with ``groups`` ([n] per row its group, ``aspect_groups``), regrouped into whole
+    global batches of one group each, in the order in which walking the permutation fills them
+    (each group's last n_g mod ``global_batch`` rows of it left out)."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_images)
+    if groups is None:
+        return order
+    of = groups[order]
+    blocks, filled = [], []
+    for g in np.unique(of):
+        at = np.flatnonzero(of == g)                    # the group's positions in the permutation
+        k = len(at) // global_batch * global_batch
+        blocks.append(order[at[:k]].reshape(-1, global_batch))
+        filled.append(at[global_batch - 1:k:global_batch])
+    return np.concatenate(blocks)[np.argsort(np.concatenate(filled), kind="stable")].reshape(-1)
 
 
-def steps_per_epoch(num_images: int, global_batch: int) -> int:
+def steps_per_epoch(num_images: int, global_batch: int, groups: np.ndarray | None = None) -> int:
     if num_images < global_batch:
         raise ValueError(f"the training set holds {num_images} images, fewer than one global batch "
                          f"of {global_batch}")
-    return num_images // global_batch
+    if groups is None:
+        return num_images // global_batch
+    return int(sum(n // global_batch for n in np.bincount(groups)))
+
+
+def aspect_groups(manifest: dict, cfg: Config, global_batch: int) -> np.ndarray | None:
+    """The training plan's groups ([n] int8, 1 where an image is taller than wide, from the
+    manifest's ``portrait`` rows), or None (no grouping): ``cfg.input.aspect_grouping`` off, a
+    shard prepared before its portrait rows were kept, or too few images of each orientation for
+    one global batch."""
+    shards = manifest["shards"]
+    if not cfg.input.aspect_grouping:
+        return None
+    if any("portrait" not in s for s in shards):
+        log.info("training without aspect grouping: the shards were prepared before `ciae prepare` "
+                 "kept their images' orientations; prepare them again to group them")
+        return None
+    groups = np.zeros(sum(s["rows"] for s in shards), np.int8)
+    first = np.cumsum([0] + [s["rows"] for s in shards])
+    for f, s in zip(first, shards):
+        groups[f + np.asarray(s["portrait"], np.int64)] = 1
+    if len(groups) < global_batch or steps_per_epoch(len(groups), global_batch, groups) == 0:
+        return None
+    return groups
 
 
 def plan_items(num_images: int, global_batch: int, world: int, rank: int, start: int, end: int | None,
-               seed: int = 0, steps_per_item: int = 8) -> Iterator[dict]:
+               seed: int = 0, steps_per_item: int = 8, groups: np.ndarray | None = None) -> Iterator[dict]:
     """Rank ``rank``'s part of steps [start, end) (``end`` None: endless), ``steps_per_item``
-    steps per item: {"step": [B * k], "epoch": [B * k], "row": [B * k] global row indices}."""
+    steps per item: {"step": [B * k], "epoch": [B * k], "row": [B * k] global row indices};
+    ``groups``: ``aspect_groups``'s, or None."""
     if global_batch % world:
         raise ValueError(f"global batch {global_batch} does not split over {world} workers")
-    b, per_epoch = global_batch // world, steps_per_epoch(num_images, global_batch)
+    b, per_epoch = global_batch // world, steps_per_epoch(num_images, global_batch, groups)
     step, order, order_epoch = start, None, -1
     while end is None or step < end:
         item = {"step": [], "epoch": [], "row": []}
         for s in range(step, step + steps_per_item if end is None else min(step + steps_per_item, end)):
             epoch, k = divmod(s, per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = epoch_order(num_images, seed, epoch), epoch
+                order, order_epoch = epoch_order(num_images, seed, epoch, groups, global_batch), epoch
             first = k * global_batch + rank * b
             item["row"] += order[first:first + b].tolist()
             item["step"] += [s] * b
@@ -161,7 +204,7 @@ def stream_batches(shards_uri: str, cfg: Config, *, global_batch: int, world: in
     source = ray.put({"uri": shards_uri, "manifest": manifest, "cfg": cfg})
     task = ray.remote(num_cpus=1)(_step_task)
     items = plan_items(manifest["counts"]["images"], global_batch, world, rank, start, end,
-                       cfg.solver.seed, steps_per_item=1)
+                       cfg.solver.seed, steps_per_item=1, groups=aspect_groups(manifest, cfg, global_batch))
     pending: collections.deque = collections.deque()
 
     def take() -> tuple[int, dict | None]:
@@ -185,7 +228,8 @@ def local_batches(shards_uri: str, cfg: Config, start: int = 0) -> Iterator[tupl
     manifest = read_manifest(shards_uri)
     targets = ShardTargets(shards_uri, manifest, cfg)
     items = plan_items(manifest["counts"]["images"], cfg.solver.batch_size, 1, 0, start, None,
-                       cfg.solver.seed, steps_per_item=1)
+                       cfg.solver.seed, steps_per_item=1,
+                       groups=aspect_groups(manifest, cfg, cfg.solver.batch_size))
     steps = ((int(item["step"][0]), numpy_batch(list(targets(item)))) for item in items)
     yield from fill_lost_steps((s, None if b is None else to_torch(b)) for s, b in steps)
 

@@ -70,6 +70,7 @@ class CIAEPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """model_input: DataFrame with ``image`` bytes and optional ``image_id``; params:
         {"batch_size": int}. Returns the DataFrame described in the module docstring."""
+        from ciae.engine.predictor import ORDER_WINDOW
         from pipeline.data.panoptic_png import encode_id_png
 
         if "image" not in model_input.columns:
@@ -80,16 +81,17 @@ class CIAEPyfunc(mlflow.pyfunc.PythonModel):
         ids = (list(model_input["image_id"]) if "image_id" in model_input.columns
                else list(range(len(data))))
         rows = []
-        for k in range(0, len(data), batch_size):
+        window = max(ORDER_WINDOW, batch_size)      # decoded at once, batched by shape within
+        for k in range(0, len(data), window):
             images, sizes = [], []
-            for j in range(k, min(k + batch_size, len(data))):
+            for j in range(k, min(k + window, len(data))):
                 try:          # as the labeling job decodes (a large JPEG at a reduced scale)
                     image, size = self.predictor.transform.decode_for_test(bytes(data[j]))
                 except (ValueError, TypeError) as e:
                     raise ValueError(f"row {j} (image_id {ids[j]}): {e}") from None
                 images.append(image)
                 sizes.append(size)
-            preds = self.predictor.predict_resized(images, sizes)
+            preds = self.predictor.predict_many(images, sizes, batch_size)
             for j, (h, w), pred in zip(range(k, len(data)), sizes, preds):
                 rows.append({"image_id": int(ids[j]), "height": h, "width": w,
                              "panoptic_png": encode_id_png(pred["panoptic"]),
