@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from ciae.data.panoptic import CategoryTable
-from ciae.data.transform import resize_nearest
+from ciae.data.transform import batch_order, resize_nearest
 from ciae.engine.predictor import Predictor
 from ciae.modeling.model import CIAEModel
 from pipeline.data.shards import read_manifest, read_shard, shard_paths
@@ -58,7 +58,7 @@ def accumulate(model: CIAEModel, shards_uri: str, batch_size: int = 4, oracle: b
 def _row_batches(shards_uri: str, manifest: dict, batch_size: int,
                  part: tuple[int, int]) -> Iterator[list[dict]]:
     """The rows of ``part`` (see ``accumulate``), ``batch_size`` at a time, one shard in memory
-    at a time."""
+    at a time, each shard's batched by shape (``ciae.data.transform.batch_order``)."""
     rank, parts = part
     total = sum(s["rows"] for s in manifest["shards"])
     lo, hi = total * rank // parts, total * (rank + 1) // parts
@@ -66,7 +66,8 @@ def _row_batches(shards_uri: str, manifest: dict, batch_size: int,
     for path, shard in zip(shard_paths(shards_uri, manifest), manifest["shards"]):
         begin, end = max(lo, first), min(hi, first + shard["rows"])
         if begin < end:
-            table = read_shard(path).slice(begin - first, end - begin)
-            for k in range(0, table.num_rows, batch_size):
-                yield table.slice(k, batch_size).to_pylist()
+            rows = read_shard(path).slice(begin - first, end - begin).to_pylist()
+            order = batch_order([(r["height"], r["width"]) for r in rows])   # like shapes together
+            for k in range(0, len(rows), batch_size):
+                yield [rows[i] for i in order[k:k + batch_size]]
         first += shard["rows"]
