@@ -223,7 +223,7 @@ def test_the_manifest_keeps_each_shards_portrait_rows(synth_copy, tmp_path):
     """Two of six images turned to portraits (image, PNG, sizes and boxes transposed): each
     shard's footer and manifest entry list the rows taller than wide, which training groups by
     (``pipeline.feed.stream.aspect_groups``); a re-run reads them back from the footers."""
-    from pipeline.data.shards import read_shard_summary
+    from pipeline.data.shards import decode_portraits, read_shard_summary
 
     doc = json.load(open(synth_copy["panoptic_json"]))
     turned = {doc["images"][k]["id"] for k in (1, 4)}
@@ -244,9 +244,10 @@ def test_the_manifest_keeps_each_shards_portrait_rows(synth_copy, tmp_path):
     out = str(tmp_path / "out")
     m = prepare(_source(synth_copy), out, rows_per_shard=4, progress=False, in_process=True)
     assert m["counts"]["images"] == 6 and m["counts"]["rejected"] == 0
-    want = [[k for k, r in enumerate(pq.read_table(p, columns=["height", "width"]).to_pylist())
-             if r["height"] > r["width"]] for p in shard_paths(out)]
-    assert [s["portrait"] for s in m["shards"]] == want and sum(map(len, want)) == 2
-    assert [read_shard_summary(p)["portrait"] for p in shard_paths(out)] == want
+    want = [[r["height"] > r["width"] for r in pq.read_table(p, columns=["height", "width"]).to_pylist()]
+            for p in shard_paths(out)]
+    assert [decode_portraits(s["portrait"], s["rows"]).tolist() for s in m["shards"]] == want
+    assert sum(map(sum, want)) == 2
+    assert [read_shard_summary(p)["portrait"] for p in shard_paths(out)] == [s["portrait"] for s in m["shards"]]
     again = prepare(_source(synth_copy), out, rows_per_shard=4, progress=False, in_process=True)
     assert again["skipped_shards"] == 2 and again["shards"] == m["shards"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ciae.config import Config
-from pipeline.data.shards import read_manifest, shard_paths
+from pipeline.data.shards import decode_portraits, encode_portraits, read_manifest, shard_paths
 from pipeline.feed.stream import (ShardTargets, aspect_groups, data_window, fill_lost_steps, local_batches,
                                   numpy_batch, plan_items, steps_per_epoch, stream_batches, to_torch)
 from pipeline.feed.targets import collate
@@ -58,15 +58,28 @@ def test_aspect_grouped_steps_hold_one_orientation_and_add_up_over_workers(world
     assert plan_rows(n, batch, 1, 0, 0, steps, groups=same) == plan_rows(n, batch, 1, 0, 0, steps)
 
 
+def _hw(portrait: int) -> dict:
+    return {"height": 640, "width": 480} if portrait else {"height": 480, "width": 640}
+
+
+def test_portrait_masks_round_trip():
+    for n in [0, 1, 7, 8, 9, 128, 130]:
+        flags = np.random.default_rng(n).random(n) < 0.3
+        mask = encode_portraits([_hw(f) for f in flags])
+        assert len(mask) == 2 * -(-n // 8) and decode_portraits(mask, n).tolist() == flags.tolist()
+    assert encode_portraits([_hw(1)] + [_hw(0)] * 8 + [_hw(1)]) == "0102"   # row k: bit k % 8 of byte k // 8
+
+
 def test_aspect_groups_come_from_the_manifest_or_not_at_all():
     cfg = stream_config(4)
-    manifest = {"shards": [{"rows": 3, "portrait": [1]}, {"rows": 6, "portrait": [0, 4, 5]}]}
+    manifest = {"shards": [{"rows": 3, "portrait": encode_portraits([_hw(r) for r in [0, 1, 0]])},
+                           {"rows": 6, "portrait": encode_portraits([_hw(r) for r in [1, 0, 0, 0, 1, 1]])}]}
     assert aspect_groups(manifest, cfg, 2).tolist() == [0, 1, 0, 1, 0, 0, 0, 1, 1]
     assert aspect_groups(manifest, cfg, 5) is not None             # 5 // 5 + 4 // 5 = 1 step
     assert aspect_groups(manifest, cfg, 6) is None                  # 5 // 6 + 4 // 6 = 0: no grouping
     off = cfg.merged({"input": {"aspect_grouping": False}})
     assert aspect_groups(manifest, off, 2) is None
-    older = {"shards": [{"rows": 3, "portrait": [1]}, {"rows": 6}]}  # prepared before they were kept
+    older = {"shards": [manifest["shards"][0], {"rows": 6}]}         # prepared before they were kept
     assert aspect_groups(older, cfg, 2) is None
 
 

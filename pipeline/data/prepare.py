@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 
 from ciae.data.panoptic import RecordError
 from pipeline.data import coco, storage
-from pipeline.data.shards import (Source, convert_record, portrait_rows, read_shard_summary, reject_entry,
+from pipeline.data.shards import (Source, convert_record, encode_portraits, read_shard_summary, reject_entry,
                                   shard_name, write_manifest, write_shard)
 
 READ_THREADS = 8    # a shard's records converted at once when their files are behind URIs
@@ -65,7 +65,7 @@ def convert_shard(task: dict) -> dict:
     fs, out = storage.resolve(task["out"])
     write_shard(fs, storage.join(out, task["file"]), rows, rejects)
     return {"file": task["file"], "rows": len(rows), "rejected": json.dumps(rejects),
-            "portrait": json.dumps(portrait_rows(rows))}
+            "portrait": encode_portraits(rows)}
 
 
 def _clean_stale(fs: pafs.FileSystem, out: str, keep: set[str]) -> list[str]:
@@ -131,7 +131,7 @@ def prepare(source: Source, out: str, rows_per_shard: int = 128, address: str | 
         with tqdm(total=sum(len(c) for _, c in todo), unit="img", desc="prepare", disable=not progress) as bar:
             for r in _converted(tasks, address, in_process):
                 rejects = json.loads(r["rejected"])
-                done[r["file"]] = {"rows": r["rows"], "rejected": rejects, "portrait": json.loads(r["portrait"])}
+                done[r["file"]] = {"rows": r["rows"], "rejected": rejects, "portrait": r["portrait"]}
                 bar.update(r["rows"] + len(rejects))
 
     _clean_stale(fs, out_base, {name for name, _ in plan})

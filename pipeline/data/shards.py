@@ -43,7 +43,7 @@ SCHEMA_VERSION = 1
 MANIFEST = storage.INTERNAL + "manifest.json"
 LEGACY_MANIFEST = "manifest.json"      # the name before MANIFEST; still read
 REJECTS_KEY = b"ciae.rejected"
-PORTRAIT_KEY = b"ciae.portrait"        # the rows whose image is taller than wide (aspect grouping)
+PORTRAIT_KEY = b"ciae.portrait"        # ``encode_portraits``: rows taller than wide (aspect grouping)
 
 SEGMENT_TYPE = pa.struct([
     ("id", pa.int64()),
@@ -136,16 +136,24 @@ def shard_name(k: int, records: list[coco.PanopticRecord], categories: CategoryT
     return f"part-{k:05d}-{h.hexdigest()[:12]}.parquet"
 
 
-def portrait_rows(rows: list[dict]) -> list[int]:
-    """The indices of the shard rows whose image is taller than wide."""
-    return [k for k, r in enumerate(rows) if r["height"] > r["width"]]
+def encode_portraits(rows: list[dict]) -> str:
+    """Which shard rows hold an image taller than wide, as the hex of a little-endian bit mask
+    (row k: bit k % 8 of byte k // 8; 32 characters for 128 rows)."""
+    mask = np.array([r["height"] > r["width"] for r in rows], bool)
+    return np.packbits(mask, bitorder="little").tobytes().hex()
+
+
+def decode_portraits(mask: str, rows: int) -> np.ndarray:
+    """``encode_portraits``'s mask of a shard of ``rows`` rows -> [rows] bool."""
+    bits = np.frombuffer(bytes.fromhex(mask), np.uint8)
+    return np.unpackbits(bits, count=rows, bitorder="little").astype(bool)
 
 
 def write_shard(fs, path: str, rows: list[dict], rejects: list[dict]) -> None:
-    """Write rows to ``path`` atomically; the shard's rejects and ``portrait_rows`` ride in the
-    file metadata."""
+    """Write rows to ``path`` atomically; the shard's rejects and portrait rows
+    (``encode_portraits``) ride in the file metadata."""
     schema = SCHEMA.with_metadata({**SCHEMA.metadata, REJECTS_KEY: json.dumps(rejects).encode(),
-                                   PORTRAIT_KEY: json.dumps(portrait_rows(rows)).encode()})
+                                   PORTRAIT_KEY: encode_portraits(rows).encode()})
     table = pa.Table.from_pylist(rows, schema=schema)
     # images are compressed already: zstd would spend time for nothing
     compression = {name: "zstd" for name in SCHEMA.names} | {"image": "none"}
@@ -154,13 +162,13 @@ def write_shard(fs, path: str, rows: list[dict], rejects: list[dict]) -> None:
 
 
 def read_shard_summary(uri: str) -> dict:
-    """Rows, rejects and portrait rows (None in a shard written before they were kept) of a
-    shard already on disk (path or URI), from its footer only."""
+    """Rows, rejects and portrait rows (``encode_portraits``; None in a shard written before
+    they were kept) of a shard already on disk (path or URI), from its footer only."""
     with storage.parquet_file(uri) as file:
         meta = file.metadata
     rejects = json.loads(meta.metadata.get(REJECTS_KEY, b"[]"))
     portrait = meta.metadata.get(PORTRAIT_KEY)
-    return {"rows": meta.num_rows, "rejected": rejects, "portrait": None if portrait is None else json.loads(portrait)}
+    return {"rows": meta.num_rows, "rejected": rejects, "portrait": None if portrait is None else portrait.decode()}
 
 
 def write_manifest(fs, out_dir: str, source: Source, categories: CategoryTable,

@@ -42,7 +42,7 @@ from ciae.config import Config
 from ciae.data.panoptic import IGNORE_SEG, IGNORE_SEM
 from ciae.data.transform import padded_size
 from pipeline.data import storage
-from pipeline.data.shards import model_categories, read_manifest, shard_paths
+from pipeline.data.shards import decode_portraits, model_categories, read_manifest, shard_paths
 from pipeline.feed.targets import TargetMaker
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def steps_per_epoch(num_images: int, global_batch: int, groups: np.ndarray | Non
 
 def aspect_groups(manifest: dict, cfg: Config, global_batch: int) -> np.ndarray | None:
     """The training plan's groups ([n] int8, 1 where an image is taller than wide, from the
-    manifest's ``portrait`` rows), or None (no grouping): ``cfg.input.aspect_grouping`` off, a
+    manifest's ``portrait`` masks, ``pipeline.data.shards.encode_portraits``), or None (no grouping): ``cfg.input.aspect_grouping`` off, a
     shard prepared before its portrait rows were kept, or too few images of each orientation for
     one global batch."""
     shards = manifest["shards"]
@@ -88,10 +88,7 @@ def aspect_groups(manifest: dict, cfg: Config, global_batch: int) -> np.ndarray 
         log.info("training without aspect grouping: the shards were prepared before `ciae prepare` "
                  "kept their images' orientations; prepare them again to group them")
         return None
-    groups = np.zeros(sum(s["rows"] for s in shards), np.int8)
-    first = np.cumsum([0] + [s["rows"] for s in shards])
-    for f, s in zip(first, shards):
-        groups[f + np.asarray(s["portrait"], np.int64)] = 1
+    groups = np.concatenate([decode_portraits(s["portrait"], s["rows"]) for s in shards] or [[]]).astype(np.int8)
     if len(groups) < global_batch or steps_per_epoch(len(groups), global_batch, groups) == 0:
         return None
     return groups
@@ -201,10 +198,13 @@ def stream_batches(shards_uri: str, cfg: Config, *, global_batch: int, world: in
     import ray
 
     manifest = read_manifest(shards_uri)
-    source = ray.put({"uri": shards_uri, "manifest": manifest, "cfg": cfg})
+    groups = aspect_groups(manifest, cfg, global_batch)
+    # what the tasks read of the manifest, without the portrait rows (every task deserialises it)
+    slim = manifest | {"shards": [{"file": s["file"], "rows": s["rows"]} for s in manifest["shards"]]}
+    source = ray.put({"uri": shards_uri, "manifest": slim, "cfg": cfg})
     task = ray.remote(num_cpus=1)(_step_task)
     items = plan_items(manifest["counts"]["images"], global_batch, world, rank, start, end,
-                       cfg.solver.seed, steps_per_item=1, groups=aspect_groups(manifest, cfg, global_batch))
+                       cfg.solver.seed, steps_per_item=1, groups=groups)
     pending: collections.deque = collections.deque()
 
     def take() -> tuple[int, dict | None]:
