@@ -135,8 +135,9 @@ def prepare(source: Source, out: str, rows_per_shard: int = 128, address: str | 
                 bar.update(r["rows"] + len(rejects))
 
     _clean_stale(fs, out_base, {name for name, _ in plan})
-    shards = [{"file": name, "rows": done[name]["rows"]}
-              | ({} if done[name]["portrait"] is None else {"portrait": done[name]["portrait"]}) for name, _ in plan]
+    shards = [{"file": name, "rows": done[name]["rows"]}                 # no mask in an older shard
+              | ({} if done[name]["portrait"] is None else {"portrait": done[name]["portrait"]})
+              for name, _ in plan]
     rejected = [reject_entry(e) for e in dataset.rejects]
     rejected += [r for name, _ in plan for r in done[name]["rejected"]]
     manifest = write_manifest(fs, out_base, source, dataset.categories, shards, rejected,

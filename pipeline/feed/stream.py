@@ -8,7 +8,8 @@ them. With aspect grouping (``InputConfig.aspect_grouping``, on by default, as d
 images of one orientation, in the order they fill up as it is walked (``epoch_order``): a
 batch pads to its largest image, and one of both orientations would pad to a square, ~1.5x the
 pixels of its images on COCO. An epoch is then the sum over the two orientations of
-n_o // G steps. Augmentation draws from (seed, epoch, image id), the shorter side from (seed, step). So:
+n_o // G steps. Augmentation draws from (seed, epoch, image id), the shorter side from
+(seed, step). So:
 
 * a step sees the images, and the jitter and flips, that one process with batch G sees,
   whatever W is (the jitter's shorter side is one per step, flips one per image);
@@ -78,9 +79,9 @@ def steps_per_epoch(num_images: int, global_batch: int, groups: np.ndarray | Non
 
 def aspect_groups(manifest: dict, cfg: Config, global_batch: int) -> np.ndarray | None:
     """The training plan's groups ([n] int8, 1 where an image is taller than wide, from the
-    manifest's ``portrait`` masks, ``pipeline.data.shards.encode_portraits``), or None (no grouping): ``cfg.input.aspect_grouping`` off, a
-    shard prepared before its portrait rows were kept, or too few images of each orientation for
-    one global batch."""
+    manifest's ``portrait`` masks, ``pipeline.data.shards.encode_portraits``), or None (no
+    grouping): ``cfg.input.aspect_grouping`` off, a shard prepared before its masks were kept,
+    or too few images of each orientation for one global batch."""
     shards = manifest["shards"]
     if not cfg.input.aspect_grouping:
         return None
@@ -88,10 +89,10 @@ def aspect_groups(manifest: dict, cfg: Config, global_batch: int) -> np.ndarray 
         log.info("training without aspect grouping: the shards were prepared before `ciae prepare` "
                  "kept their images' orientations; prepare them again to group them")
         return None
-    groups = np.concatenate([decode_portraits(s["portrait"], s["rows"]) for s in shards] or [[]]).astype(np.int8)
-    if len(groups) < global_batch or steps_per_epoch(len(groups), global_batch, groups) == 0:
+    groups = np.concatenate([np.zeros(0, bool)] + [decode_portraits(s["portrait"], s["rows"]) for s in shards])
+    if len(groups) < global_batch or steps_per_epoch(len(groups), global_batch, groups.astype(np.int8)) == 0:
         return None
-    return groups
+    return groups.astype(np.int8)
 
 
 def plan_items(num_images: int, global_batch: int, world: int, rank: int, start: int, end: int | None,
@@ -248,8 +249,9 @@ def model_for_shards(cfg: Config, shards_uri: str):
 
 
 def fill_lost_steps(steps: Iterator[tuple[int, dict | None]]) -> Iterator[tuple[int, dict]]:
-    """(step, batch or None) for consecutive steps -> (step, batch). A step without a batch (all its images failed to decode) reuses the previous
-    batch; when it is the first, it takes the next one."""
+    """(step, batch or None) for consecutive steps -> (step, batch). A step without a batch (all
+    its images failed to decode) reuses the previous batch; when it is the first, it takes the
+    next one."""
     lost, last = [], None
     for step, batch in steps:
         if batch is None:
