@@ -7,12 +7,13 @@ beside this file).
     python benchmarks/gpu/jobs.py OUT [--smoke] [--budget-s 420] [--train-steps 300] [--label-images 2048]
 
 Phases: env (versions, the device), data (synthetic COCO-category training images at 480x640,
-trained at shorter side 800; labeling JPEGs at COCO's sizes and orientations, ``LABEL_SIZES``,
-64 distinct renders written many times with jitter; on every CPU), prepare, train, label,
-label_compile (the same ``ciae label`` with ``--compile``, into its own output). The budget is checked between phases: training gets what
-is left after a reserve for labeling, past its share its process group is stopped and labeling
-takes the newest checkpoint Ray Train stored; labeling takes fewer images when little time is
-left. OUT/jobs.json holds every figure (rewritten through a temporary name after each
+a quarter of them turned to 640x480, trained at shorter side 800 in steps of one orientation;
+labeling JPEGs at COCO's sizes and orientations, ``LABEL_SIZES``, 64 distinct renders written
+many times with jitter; on every CPU), prepare, train, label, label_compile (the same
+``ciae label`` with ``--compile``, into its own output). The budget is checked between phases:
+training gets what is left after a reserve for labeling, past its share its process group is
+stopped and labeling takes the newest checkpoint Ray Train stored; labeling takes fewer images
+when little time is left. OUT/jobs.json holds every figure (rewritten through a temporary name after each
 phase), OUT/jobs.md the same as tables, OUT/commands.log the commands' output, OUT/gpu.csv the
 nvidia-smi samples (time, utilisation %, memory MiB). Work files go to --work. ``--smoke``: the
 same on the CPU with tiny sizes (Config.small() at 64 px, a few images), the three commands on
@@ -195,9 +196,12 @@ def _synth_part(args) -> dict:
 
 def training_data(root: Path, n: int, h: int, w: int, procs: int) -> Path:
     """A synthetic dataset of ``n`` images in COCO's 133 categories (1-3 stuff bands, 6-10
-    things) made on ``procs`` processes: parts with their own seeds (so file names differ), merged
-    into one folder with image ids 1..n."""
-    parts = [(str(root / f"part{k}"), len(range(k, n, procs)), 100 + k, h, w) for k in range(min(procs, n))]
+    things) made on ``procs`` processes: parts with their own seeds (so file names differ), every
+    fourth part turned to w x h (portraits, as a quarter of COCO: with aspect grouping a step pads
+    no more than one of a single size, so its pixels stay the bare step's), merged into one
+    folder with image ids 1..n."""
+    parts = [(str(root / f"part{k}"), len(range(k, n, procs)), 100 + k, *((w, h) if k % 4 == 3 else (h, w)))
+             for k in range(min(procs, n))]
     with multiprocessing.get_context("spawn").Pool(len(parts)) as pool:
         docs = pool.map(_synth_part, parts)
     for sub in ("images", "panoptic"):
