@@ -65,4 +65,27 @@ def test_jobs_smoke_reports_every_figure(tmp_path, ray_local):
     assert {"MapBatches(decode)", "MapBatches(Labeler)", "MapBatches(encode)"} <= set(labels["stage_task_seconds"])
     assert labels["actor_capacity_images_per_s"] > 0 and labels["limited_by"]
     assert labels["checkpoint"].endswith("checkpoint.pt")
+    compiled = phases["label_compile"]        # --compile does nothing on the CPU: no recompile
+    assert compiled["rc"] == 0 and compiled["labeled"] == 24 and compiled["recompiles"] == 0, compiled
     assert {p.name for p in out.iterdir()} == {"jobs.json", "jobs.md", "jobs.log", "commands.log"}
+
+
+def test_recompiles_are_counted_in_the_newest_sessions_worker_logs(tmp_path, monkeypatch):
+    import importlib.util
+    import os
+    import time
+
+    spec = importlib.util.spec_from_file_location("gpu_jobs", GPU / "jobs.py")
+    jobs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jobs)
+    logs = tmp_path / "ray" / "session_latest" / "logs"
+    logs.mkdir(parents=True)
+    line = "V1207 [0/1] [__recompiles] Recompiling function _forward_features in ciae/modeling/model.py:82\n"
+    (logs / "worker-a.err").write_text(line + "other\n" + line)
+    (logs / "worker-b.out").write_text(line)
+    (logs / "raylet.err").write_text(line)                      # not a worker's
+    old = logs / "worker-c.err"
+    old.write_text(line)
+    os.utime(old, (1.0, 1.0))                                   # written before the command
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert jobs.recompiles(time.time() - 60) == 3

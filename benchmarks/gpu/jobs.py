@@ -475,11 +475,15 @@ def run(args, ray_address: str | None) -> int:
         if phase != "label" and left() < size["label_overhead_s"] + size["compile_s"]:
             rec.set(phase, skipped=f"out of time ({left():.0f} s left)")
             break
+        # torch.compile's recompiles, logged by the actor (TORCH_LOGS) into Ray's worker logs
         r = command(["label", *at, "--model", checkpoints[-1], "--input", str(source), "--out",
                      str(work / phase), "--workers", "1", "--gpus-per-worker", gpus, "--cpus-per-worker",
                      str(actor_cpus), "--batch-size", str(size["label_batch"]), "--task-images",
-                     str(size["task_images"]), "--stats", *extra], log, left() - 5, env)
+                     str(size["task_images"]), "--stats", *extra], log, left() - 5,
+                    env | ({"TORCH_LOGS": "recompiles"} if extra else {}))
         figs = label_figures(r, sampler, work / phase, k, size["task_images"], actor_cpus, cpus)
+        if extra:
+            figs["recompiles"] = attempt(recompiles, r["start"])
         rec.set(phase, command=" ".join(["ciae label", *extra]), checkpoint=os.path.relpath(checkpoints[-1], work),
                 **figs)
         say(f"{phase}: rc {r['rc']}, {figs['labeled']} images in {figs['labeling_seconds']} s: "
@@ -508,6 +512,19 @@ def label_figures(r: dict, sampler: GpuSampler, labels: Path, images: int, task_
                 gpu_busy_while_active=sum(s[1] for s in active) / (100 * len(active)) if active else None,
                 segments_per_image=attempt(segments_per_image, labels),
                 **attempt(stage_figures, stats, labeled, actor_cpus, cpus), ray_data_stats=stats)
+
+
+def recompiles(since: float) -> int:
+    """``torch._dynamo``'s "Recompiling function" lines in the worker logs of the newest local Ray
+    session written since ``since`` (a compiled actor's: one per graph after its first)."""
+    root = os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR", "/tmp"), "ray",
+                        "session_latest", "logs")
+    count = 0
+    for path in glob.glob(os.path.join(root, "worker-*")):
+        if os.path.getmtime(path) >= since:
+            with open(path, errors="replace") as f:
+                count += sum("Recompiling function" in line for line in f)
+    return count
 
 
 def _finish(rec: Record, sampler: GpuSampler, say, t0: float, problem: str | None) -> int:
