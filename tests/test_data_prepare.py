@@ -251,3 +251,13 @@ def test_the_manifest_keeps_each_shards_portrait_rows(synth_copy, tmp_path):
     assert [read_shard_summary(p)["portrait"] for p in shard_paths(out)] == [s["portrait"] for s in m["shards"]]
     again = prepare(_source(synth_copy), out, rows_per_shard=4, progress=False, in_process=True)
     assert again["skipped_shards"] == 2 and again["shards"] == m["shards"]
+
+    # training reads them: each step of 2 holds one orientation, 4 // 2 + 2 // 2 steps an epoch
+    from ciae.config import Config
+    from pipeline.feed.stream import local_batches
+
+    cfg = Config.small().merged({"input": {"shorter_sides": (64,), "max_size": 96}, "solver": {"batch_size": 2}})
+    steps = [b for _, (_, b) in zip(range(6), local_batches(out, cfg))]
+    tall = [{h > w for h, w in b["image_sizes"]} for b in steps]
+    assert all(len(t) == 1 for t in tall) and sum(t == {True} for t in tall) == 2
+    assert sorted(i for b in steps[:3] for i in b["image_ids"]) == [1, 2, 3, 4, 5, 6]
