@@ -36,18 +36,24 @@ _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """[H, W] integer segment ids (< 256**3) -> [H, W, 3] uint8: each id's little-endian uint32
-    bytes are R, G, B and a zero, which PIL's RGBX unpacker drops (0.1 ms at 640x480, where
-    masking and stacking the channels in numpy took 3.5)."""
+    """[H, W] integer segment ids (< 256**3) -> [H, W, 3] uint8 (``_rgb_bytes`` in an array of
+    its own)."""
+    h, w = np.shape(ids)
+    return np.frombuffer(bytearray(_rgb_bytes(ids)), np.uint8).reshape(h, w, 3)
+
+
+def _rgb_bytes(ids: np.ndarray) -> bytes:
+    """[H, W] integer segment ids (< 256**3) -> their RGB bytes, row-major: each id's
+    little-endian uint32 bytes are R, G, B and a zero, which PIL's RGBX unpacker drops (0.1 ms
+    at 640x480, where masking and stacking the channels in numpy took 3.5)."""
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() > MAX_SEGMENT_ID):
         raise ValueError(f"segment ids must lie in [0, {MAX_SEGMENT_ID}]")
     h, w = ids.shape
     if not ids.size:
-        return np.zeros((h, w, 3), np.uint8)
+        return b""
     words = np.ascontiguousarray(ids, dtype="<u4")
-    rgb = Image.frombuffer("RGBX", (w, h), words, "raw", "RGBX", 0, 1).tobytes("raw", "RGB")
-    return np.frombuffer(bytearray(rgb), np.uint8).reshape(h, w, 3)
+    return Image.frombuffer("RGBX", (w, h), words, "raw", "RGBX", 0, 1).tobytes("raw", "RGB")
 
 
 def _header(data: bytes) -> tuple[int, int, int, int]:
@@ -93,11 +99,12 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 def encode_id_png(ids: np.ndarray, level: int = 6) -> bytes:
     """[H, W] segment ids -> 8-bit RGB PNG bytes in COCO panoptic format."""
     h, w = np.shape(ids)
-    rows = id_to_rgb(ids).reshape(h, 3 * w)
+    rows = np.frombuffer(_rgb_bytes(ids), np.uint8).reshape(h, 3 * w)    # read only: no copy (22 ms at 12 MP)
     raw = np.empty((h, 3 * w + 1), np.uint8)
     raw[:, 0] = 2                                  # filter type Up: each byte minus the one above
     raw[:1, 0], raw[:1, 1:] = 0, rows[:1]          # (the first row as it is: filter type None)
     np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])
+    # deflated from the array itself (its bytes copied out cost another 22 ms at 12 MP)
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", deflate.compress(raw.tobytes(), level))
+    return (_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", deflate.compress(raw, level))
             + _chunk(b"IEND", b""))
