@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ciae.config import BackboneConfig, Config
-from ciae.modeling.backbone import (FrozenBatchNorm2d, ResNet, build_backbone, group_count,
+from ciae.modeling.backbone import (FrozenBatchNorm2d, ResNet, StridedConv1x1, build_backbone, group_count,
                                     load_torchvision_weights)
 from ciae.modeling.fpn import FPN
 
@@ -141,6 +144,80 @@ def test_frozen_batchnorm_matches_eval_batchnorm():
     assert not list(frozen.parameters())
     x = torch.randn(3, 24, 7, 5)
     torch.testing.assert_close(frozen(x), bn(x), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_batchnorm_is_one_pass_and_keeps_layout_dtype_and_gradient():
+    """One op over the activation (a GPU's memory traffic), channels-last in and out, bf16 stays
+    bf16, the gradient is eval BatchNorm's, and the backward keeps only the [C] scale."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.running_var.uniform_(0.1, 3.0)
+    frozen = FrozenBatchNorm2d(8)
+    frozen.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 8, 6, 5).to(memory_format=torch.channels_last).requires_grad_()
+    full = []
+
+    class FullSize(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if torch.is_tensor(out) and out.numel() == x.numel() and func._schema.name != "aten::detach":
+                full.append(func._schema.name)
+            return out
+
+    saved = []
+    with FullSize(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = frozen(x)
+    assert full == ["aten::addcmul"] and saved == [torch.Size([8, 1, 1])]
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(y)
+    xr = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(bn(xr), xr, g)[0])
+    xb = x.detach().bfloat16()
+    assert frozen(xb).dtype == torch.bfloat16
+    torch.testing.assert_close(frozen(xb).float(), bn(xb.float()), rtol=2e-2, atol=2e-2)
+
+
+STRIDED_1X1_TRAINING = """
+import torch
+from ciae.modeling.backbone import ResNet
+net = ResNet(18, width=8, norm="gn").to(memory_format=torch.channels_last)
+for i in range(4):
+    x = torch.randn(2, 3, 256, 320).to(memory_format=torch.channels_last)
+    sum(v.float().mean() for v in net(x).values()).backward()
+    held = [torch.randn(1000 + 37 * j) for j in range(50)]   # reuse the heap a kernel may have hurt
+print("trained")
+"""
+
+
+def test_a_narrow_backbone_trains_on_the_cpu_without_oneDNN_corrupting_the_heap():
+    """Width 8 (the tests' size) at 256 x 320, channels-last: the shortcuts' strided 1x1 convs
+    have 8 input channels. With a plain strided ``nn.Conv2d`` there, oneDNN's AVX-512 weight
+    gradient corrupts the heap and the process dies (``StridedConv1x1``), so it runs in a
+    process of its own, with glibc's heap checks on."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    run = subprocess.run([sys.executable, "-c", STRIDED_1X1_TRAINING], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": root, "MALLOC_CHECK_": "3"}, timeout=300)
+    assert run.returncode == 0 and "trained" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
+@pytest.mark.parametrize("cin,size", [(8, (2, 8, 12, 10)), (8, (1, 8, 7, 9)), (16, (2, 16, 12, 10))])
+def test_strided_conv1x1_is_the_plain_strided_conv(cin, size):
+    torch.manual_seed(0)
+    ours = StridedConv1x1(cin, 2 * cin, 2)
+    x = torch.randn(size, requires_grad=True)       # contiguous: oneDNN's other kernel, which is sound
+    y = ours(x)
+    want = F.conv2d(x, ours.weight, stride=2)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, (x, ours.weight), g),
+                               torch.autograd.grad(want, (x, ours.weight), g))
 
 
 def torchvision_state_dict(model: ResNet) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ciae import checkpoint
@@ -56,7 +57,8 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None]
+        # one pass over x (a multiply and an add would be two); saves only ``scale`` for the backward
+        return torch.addcmul(shift.to(x.dtype)[:, None, None], x, scale.to(x.dtype)[:, None, None])
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -81,15 +83,32 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
-def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+def conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+
+class StridedConv1x1(nn.Conv2d):
+    """A 1x1 conv with a stride (a shortcut's projection). On the CPU with fewer than 16 input
+    channels it subsamples its input and convolves at stride 1, the same function of the same
+    weights: there, oneDNN's AVX-512 strided 1x1 kernel (torch 2.13) writes past a buffer in its
+    weight gradient (channels-last, even input sizes from about 40 x 60), and the process crashes
+    some ops later. x [B, in, H, W] -> [B, out, ceil(H / stride), ceil(W / stride)]."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.in_channels >= 16:
+            return super().forward(x)
+        return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]], self.weight)
 
 
 def shortcut(in_channels: int, out_channels: int, stride: int, norm: str) -> nn.Module | None:
     """The projection shortcut (``downsample``) where the block changes shape, else None."""
     if stride == 1 and in_channels == out_channels:
         return None
-    return nn.Sequential(conv1x1(in_channels, out_channels, stride), make_norm(norm, out_channels))
+    conv = StridedConv1x1(in_channels, out_channels, stride) if stride > 1 else conv1x1(in_channels, out_channels)
+    return nn.Sequential(conv, make_norm(norm, out_channels))
 
 
 class BasicBlock(nn.Module):
