@@ -57,3 +57,50 @@ def test_coordconv_coordinates_are_linspace(dtype):
         assert got[0] == -1
         tol = 2e-7 if dtype == torch.float32 else 4e-3                # bfloat16: 8 bits
         assert torch.allclose(got.float(), want, atol=tol, rtol=0), n
+
+
+# training steps (B fixed, as a worker's): both orientations, shorter sides 160-256 (P7 at least 2 x 2)
+TRAIN_SHAPES = [(2, 160, 224), (2, 224, 160), (2, 192, 256), (2, 256, 192)]
+
+
+def test_a_training_step_traces_the_network_once_for_every_size_with_eager_numerics(monkeypatch):
+    """The network in train mode (the GPU suite's compiled training step): traced once for images
+    of every size and both orientations, no graph break, and each step's losses and weights those
+    of the eager step. (Inductor then specialises the convolutions' backward to one size; that
+    is measured on the GPU, benchmarks/gpu/README.md, train_step.)"""
+    from test_device_discipline import tiny_config, toy_batch
+
+    from ciae.engine.train import Trainer
+    from ciae.modeling.model import CIAEModel
+
+    traced = []
+
+    def backend(gm, example_inputs):       # runs the graph eagerly; a restarted trace comes empty
+        traced.append(len(gm.graph.nodes))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    torch._dynamo.reset()
+
+    def trainer(compiled: bool) -> Trainer:
+        torch.manual_seed(0)
+        model = CIAEModel(tiny_config(), stuff_ids=[184, 187], thing_ids=[1, 3])
+        model.kernel_backend = "torch"
+        if compiled:
+            model.compile_features()
+        return Trainer(model)
+
+    eager, compiled = trainer(False), trainer(True)
+    graphs = []
+    try:
+        for seed, (b, h, w) in enumerate(TRAIN_SHAPES):
+            batch = toy_batch(b, h, w, seed=seed)
+            want, got = eager.train_step(batch), compiled.train_step(batch)
+            graphs.append(sum(n > 0 for n in traced))
+            for term in set(want) - {"lr", "step_time"}:
+                assert got[term] == pytest.approx(want[term], rel=1e-5, abs=1e-6), (term, h, w)
+        for p, q in zip(eager.model.parameters(), compiled.model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+    assert graphs == [1] * len(TRAIN_SHAPES), list(zip(TRAIN_SHAPES, graphs))

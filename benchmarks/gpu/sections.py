@@ -479,16 +479,17 @@ def section_train_step(ctx: Context, sec) -> None:
     from pipeline.feed.stream import batch_stream
 
     cfg = ctx.paper_config()
-    cfg.solver = dataclasses.replace(cfg.solver, batch_size=2)
+    bs = 2 if ctx.smoke else 8             # the batch per worker benchmarks/gpu/jobs.py trains with
+    cfg.solver = dataclasses.replace(cfg.solver, batch_size=bs)
     h, w = (64, 96) if ctx.smoke else (800, 1216)
-    shards = ctx.shards("train_step", 2, 0, h, w, coco=True, things=(6, 10))
+    shards = ctx.shards("train_step", bs, 0, h, w, coco=True, things=(6, 10))
     batch = to_device(next(batch_stream(shards, cfg)), ctx.device)
     c_st = len(read_manifest(shards)["stuff_index"])
     per_image = [{"instances": len(bx), "stuff_classes": int(torch.unique(sem[sem < c_st]).numel())}
                  for bx, sem in zip(batch["boxes"], batch["sem"])]
     warmup, steps = (1, 1) if ctx.smoke else (3, 8)        # the warm-up step records the loss's shape
     amp = ctx.cuda and cfg.solver.amp
-    config = f"{cfg.backbone.name} FPN, input {tuple(batch['images'].shape[2:])}, batch 2"
+    config = f"{cfg.backbone.name} FPN, input {tuple(batch['images'].shape[2:])}, batch {bs}"
     sec.entry.setdefault("backends", {})
     sec.set(config=config, bf16_autocast=amp, images=per_image)
     sec.note("Targets: synthetic COCO-category images (pipeline.data.synth: 1-3 stuff bands, 6-10 "
@@ -498,33 +499,44 @@ def section_train_step(ctx: Context, sec) -> None:
     sec.note("CIAE loss ms: ciae.modeling.loss.ciae_loss forward + backward measured on its own, on "
              "a random embedding of the step's shape and dtype with the step's targets and "
              "memory; loss share = that time over the whole step's (which includes it).")
+    sec.note("triton+compile: the network compiled for training (CIAEModel.compile_features, "
+             "dynamic shapes, inductor; on the CPU, the smoke, the eager backend); its first step, "
+             "which compiles, is `first step s`, then one step of the other orientation (`other "
+             "orientation s`); `graphs` counts the graphs compiled (1: one for both orientations "
+             "and no recompile in the timed steps).")
     rows, b = [], sec.entry["backends"]
-    for backend in ("triton", "torch"):
-        if not sec.affords(5 if ctx.smoke else 15, f"{backend} backend"):
+    # (row, kernels, compiled, seconds it needs); the compiled row comes last: its first step compiles
+    # forward and backward, for as long as it takes, and past the budget only that row is lost
+    for row, backend, compiled, need in (("triton", "triton", False, 15), ("torch", "torch", False, 15),
+                                         ("triton+compile", "triton", True, 60)):
+        if not sec.affords(5 if ctx.smoke else need, f"{row} step"):
             continue
-        fig, _ = sec.unit(backend, f"{backend} backend", functools.partial(
-            step_figures, ctx, cfg, shards, batch, backend, warmup, steps, amp))
+        fig, _ = sec.unit(row, f"{row} step", functools.partial(
+            step_figures, ctx, cfg, shards, batch, backend, warmup, steps, amp, compiled))
         if ctx.cuda:
             torch.cuda.empty_cache()
         if fig is None:
             continue
-        b[backend] = fig
-        rows.append([backend, f"{fig['images_per_s']:.2f}", f"{fig['step_ms']:.1f}",
-                     fmt(fig["peak_gib"], ".2f"), f"{fig['loss_ms']:.1f}",
-                     f"{100 * fig['loss_share']:.1f}%"])
+        b[row] = fig
+        rows.append([row, f"{fig['images_per_s']:.2f}", f"{fig['step_ms']:.1f}", f"{fig['first_step_s']:.1f}",
+                     fmt(fig["other_orientation_step_s"], ".1f"), fmt(fig["compiled_graphs"]),
+                     fmt(fig["peak_gib"], ".2f"), f"{fig['loss_ms']:.1f}", f"{100 * fig['loss_share']:.1f}%"])
         sec.table(f"Training step: {config}, {'bf16 autocast' if amp else 'no autocast (CPU)'}, "
                   f"median of {steps} steps after {warmup}",
-                  ["kernels", "images/s", "step ms", "peak GiB", "CIAE loss ms", "loss share"],
-                  rows)
+                  ["kernels", "images/s", "step ms", "first step s", "other orientation s", "graphs",
+                   "peak GiB", "CIAE loss ms", "loss share"], rows)
         sec.set(summary=", ".join(f"{k} {v['images_per_s']:.2f} img/s" for k, v in b.items()))
     if {"triton", "torch"} <= set(b):
         sec.set(triton_speedup=b["triton"]["images_per_s"] / b["torch"]["images_per_s"])
+    if {"triton", "triton+compile"} <= set(b):
+        sec.set(compile_speedup=b["triton+compile"]["images_per_s"] / b["triton"]["images_per_s"])
 
 
 def step_figures(ctx: Context, cfg, shards: str, batch: dict, backend: str, warmup: int,
-                 steps: int, amp: bool) -> dict:
-    """Images/s, step ms and peak GiB of ``Trainer.train_step`` with ``backend`` kernels, and the
-    time of the CIAE loss alone (forward + backward) on an embedding like the step's."""
+                 steps: int, amp: bool, compiled: bool) -> dict:
+    """Images/s, step ms, first step s and peak GiB of ``Trainer.train_step`` with ``backend``
+    kernels (the network compiled if ``compiled``), and the time of the CIAE loss alone (forward
+    + backward) on an embedding like the step's."""
     from ciae.engine.train import Trainer
     from ciae.modeling.embedding import full_resolution
     from ciae.modeling.loss import ciae_loss
@@ -540,10 +552,28 @@ def step_figures(ctx: Context, cfg, shards: str, batch: dict, backend: str, warm
         emb = full_resolution(emb4.detach())
         seen.update(shape=tuple(emb.shape), dtype=emb.dtype)
 
+    # found by an eager forward before any compile: a hook added or removed later recompiles
     hook = model.embedding.register_forward_hook(keep_shape)
-    for _ in range(warmup):
-        trainer.train_step(batch)
+    with torch.no_grad(), torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+        model._forward_features(batch["images"])
     hook.remove()
+    if compiled:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model.compile_features(**({} if ctx.cuda else {"backend": "eager"}))
+    ctx.sync()
+    t = time.perf_counter()
+    trainer.train_step(batch)
+    ctx.sync()
+    first_s = time.perf_counter() - t
+    other_s = None
+    if compiled:        # a step of the other orientation: does another input size compile again?
+        t = time.perf_counter()
+        trainer.train_step(transposed(batch))
+        ctx.sync()
+        other_s = time.perf_counter() - t
+    for _ in range(warmup - 1):
+        trainer.train_step(batch)
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats()
     step_s = ctx.timed(lambda: trainer.train_step(batch), 0, steps)
@@ -561,9 +591,19 @@ def step_figures(ctx: Context, cfg, shards: str, batch: dict, backend: str, warm
         emb.grad = None
 
     loss_s = ctx.timed(loss_step, 1, steps)
-    return {"images_per_s": 2 / step_s, "step_ms": 1e3 * step_s, "peak_gib": peak,
+    b = batch["images"].shape[0]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] if compiled else None
+    return {"images_per_s": b / step_s, "step_ms": 1e3 * step_s, "first_step_s": first_s, "peak_gib": peak,
+            "compiled_graphs": graphs, "other_orientation_step_s": other_s,
             "loss_ms": 1e3 * loss_s, "loss_share": loss_s / step_s,
             "embedding": f"{list(seen['shape'])} {str(seen['dtype']).removeprefix('torch.')}"}
+
+
+def transposed(batch: dict) -> dict:
+    """A collate batch turned a quarter (H and W swapped): the same images in the other orientation."""
+    return {**batch, "images": batch["images"].transpose(2, 3).contiguous(), "sem": batch["sem"].transpose(1, 2),
+            "seg": batch["seg"].transpose(1, 2), "boxes": [bx[:, [1, 0, 3, 2]] for bx in batch["boxes"]],
+            "image_sizes": [(w, h) for h, w in batch["image_sizes"]]}
 
 
 # ---- inference --------------------------------------------------------------------------------

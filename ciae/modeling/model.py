@@ -74,10 +74,11 @@ class CIAEModel(nn.Module):
     def num_stuff(self) -> int:
         return len(self.stuff_ids)
 
-    def compile_features(self) -> None:
+    def compile_features(self, **options) -> None:
         """Compile the network (backbone to embedding map) with ``torch.compile``, dynamic
-        shapes; the loss and the post-processing stay eager."""
-        self._forward_features = torch.compile(self._forward_features, dynamic=True)
+        shapes (``options`` go to it, e.g. ``backend``); the loss and the post-processing stay
+        eager. In training its backward is compiled with it."""
+        self._forward_features = torch.compile(self._forward_features, dynamic=True, **options)
 
     def _forward_features(self, images: torch.Tensor):
         """images [B, 3, H, W] uint8 (H, W multiples of 32) -> (head outputs, FCOS locations,

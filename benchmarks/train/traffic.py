@@ -1,0 +1,137 @@
+"""What a training step asks of a GPU's memory and of its tensor cores, counted on the CPU.
+
+A GPU step's time is, roughly, its convolutions' and matmuls' FLOPs at the tensor cores' rate
+plus the bytes every other op reads and writes at the memory's rate (elementwise ops, norms,
+reductions, copies: each one a pass over its tensors), plus a launch per op where the kernels are
+too short to hide it. None of these is visible as time on a CPU, but all of them can be counted
+there, exactly, by running the real step under a ``TorchDispatchMode``:
+
+* ``flops``: ``torch.utils.flop_counter`` (convolutions and matmuls, forward and backward);
+* ``bytes``: the inputs and outputs of every other ATen op (views excluded: they move nothing),
+  by op and by the line of ours that issued it (the backward's ops by the op; the optimiser
+  step's under ``ciae/engine/train.py``);
+* ``ops``: how many ATen ops were dispatched.
+
+The bytes are the unfused eager traffic (what each op would move if it were its own kernel) at
+the dtypes of the run (float32 here; bf16 autocast on a GPU halves most activations); the
+CIAE loss runs as its PyTorch twin here (on a GPU it is the Triton kernels). Before-and-after
+counts of a change to the network show what it saves a GPU.
+
+Usage: ``python benchmarks/train/traffic.py [--config paper] [--size 400 608] [--batch 2] [--top 15]``;
+prints JSON (``--out FILE`` writes it too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+VIEWS = {"view", "_unsafe_view", "_reshape_alias", "unsqueeze", "squeeze", "detach", "alias", "select",
+         "slice", "transpose", "t", "permute", "expand", "as_strided", "split", "split_with_sizes",
+         "unbind", "chunk", "narrow", "diagonal", "unfold", "lift_fresh"}
+_OURS = tuple(os.path.join(ROOT, p) + os.sep for p in ("ciae", "kernels"))
+
+
+def _bytes(x) -> int:
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_bytes(y) for y in x)
+    return 0
+
+
+def _site() -> str:
+    f = sys._getframe(2)
+    while f is not None:
+        name = os.path.abspath(f.f_code.co_filename)
+        if name.startswith(_OURS):
+            return f"{os.path.relpath(name, ROOT)}:{f.f_lineno}"
+        f = f.f_back
+    return "backward"
+
+
+class Traffic(TorchDispatchMode):
+    """Bytes in and out of every non-view op, by op name and by our line that issued it."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_op, self.by_site, self.ops = collections.Counter(), collections.Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        name = func._schema.name.split("::")[-1]
+        if name not in VIEWS:
+            moved = _bytes(args) + _bytes(list((kwargs or {}).values())) + _bytes(out)
+            self.by_op[name] += moved
+            self.by_site[_site()] += moved
+        return out
+
+
+def batch_of(b: int, h: int, w: int) -> dict:
+    """Two stuff classes and two instances per image (``pipeline.feed.targets.collate``'s layout)."""
+    g = torch.Generator().manual_seed(0)
+    seg = torch.zeros(b, h, w, dtype=torch.int64)
+    seg[:, h // 2:] = 1
+    seg[:, h // 8:h // 2, w // 8:w // 2] = 2
+    seg[:, h // 4:3 * h // 4, w // 3:3 * w // 4] = 3
+    sem = torch.where(seg >= 2, torch.full_like(seg, 2), seg)
+    boxes = [torch.tensor([[w / 8, h / 8, w / 2, h / 2], [w / 3, h / 4, 3 * w / 4, 3 * h / 4]])] * b
+    return {"images": torch.randint(0, 255, (b, 3, h, w), dtype=torch.uint8, generator=g), "sem": sem,
+            "seg": seg, "boxes": boxes, "classes": [torch.tensor([0, 1])] * b,
+            "image_sizes": [(h, w)] * b, "image_ids": list(range(b))}
+
+
+def measure(config: str, h: int, w: int, b: int, top: int) -> dict:
+    from ciae.config import PRESETS
+    from ciae.engine.train import Trainer
+    from ciae.modeling.model import CIAEModel
+
+    torch.manual_seed(0)
+    model = CIAEModel(PRESETS[config](), stuff_ids=[184, 187], thing_ids=[1, 3])
+    model.kernel_backend = "torch"
+    trainer = Trainer(model)
+    batch = batch_of(b, h, w)
+    trainer.train_step(batch)               # warm-up: the optimiser's state, first-call paths
+    traffic, flops = Traffic(), FlopCounterMode(display=False)
+    with flops, traffic:
+        trainer.train_step(batch)
+    gb = lambda n: round(n / 1e9, 3)        # noqa: E731
+    return {"config": config, "size": [h, w], "batch": b, "ops": traffic.ops,
+            "conv_matmul_gflop": round(flops.get_total_flops() / 1e9, 1),
+            "gbytes": gb(sum(traffic.by_op.values())),
+            "by_op": {k: gb(v) for k, v in traffic.by_op.most_common(top)},
+            "by_site": {k: gb(v) for k, v in traffic.by_site.most_common(top)}}
+
+
+def main(argv=None) -> int:
+    from ciae.config import PRESETS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="paper", choices=sorted(PRESETS))
+    p.add_argument("--size", type=int, nargs=2, default=(400, 608), metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--top", type=int, default=15, help="ops and lines listed")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    result = measure(args.config, *args.size, args.batch, args.top)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
