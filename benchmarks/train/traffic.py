@@ -78,21 +78,8 @@ class Traffic(TorchDispatchMode):
         return out
 
 
-def batch_of(b: int, h: int, w: int) -> dict:
-    """Two stuff classes and two instances per image (``pipeline.feed.targets.collate``'s layout)."""
-    g = torch.Generator().manual_seed(0)
-    seg = torch.zeros(b, h, w, dtype=torch.int64)
-    seg[:, h // 2:] = 1
-    seg[:, h // 8:h // 2, w // 8:w // 2] = 2
-    seg[:, h // 4:3 * h // 4, w // 3:3 * w // 4] = 3
-    sem = torch.where(seg >= 2, torch.full_like(seg, 2), seg)
-    boxes = [torch.tensor([[w / 8, h / 8, w / 2, h / 2], [w / 3, h / 4, 3 * w / 4, 3 * h / 4]])] * b
-    return {"images": torch.randint(0, 255, (b, 3, h, w), dtype=torch.uint8, generator=g), "sem": sem,
-            "seg": seg, "boxes": boxes, "classes": [torch.tensor([0, 1])] * b,
-            "image_sizes": [(h, w)] * b, "image_ids": list(range(b))}
-
-
 def measure(config: str, h: int, w: int, b: int, top: int) -> dict:
+    from benchmarks.syncs.run import batch_of  # the op counter's batch: two stuff classes, two instances
     from ciae.config import PRESETS
     from ciae.engine.train import Trainer
     from ciae.modeling.model import CIAEModel
