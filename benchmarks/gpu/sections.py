@@ -601,8 +601,8 @@ def step_figures(ctx: Context, cfg, shards: str, batch: dict, backend: str, warm
 
 def transposed(batch: dict) -> dict:
     """A collate batch turned a quarter (H and W swapped): the same images in the other orientation."""
-    return {**batch, "images": batch["images"].transpose(2, 3).contiguous(), "sem": batch["sem"].transpose(1, 2),
-            "seg": batch["seg"].transpose(1, 2), "boxes": [bx[:, [1, 0, 3, 2]] for bx in batch["boxes"]],
+    turn = {k: batch[k].transpose(-2, -1).contiguous() for k in ("images", "sem", "seg")}
+    return {**batch, **turn, "boxes": [bx[:, [1, 0, 3, 2]] for bx in batch["boxes"]],
             "image_sizes": [(w, h) for h, w in batch["image_sizes"]]}
 
 
