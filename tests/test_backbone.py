@@ -181,6 +181,48 @@ def test_frozen_batchnorm_is_one_pass_and_keeps_layout_dtype_and_gradient():
     torch.testing.assert_close(frozen(xb).float(), bn(xb.float()), rtol=2e-2, atol=2e-2)
 
 
+def test_frozen_batchnorm_keeps_its_scale_and_shift_while_its_buffers_hold_still():
+    """After the first call a forward dispatches one op; changed, reloaded or moved buffers, another
+    dtype and inference mode each give a fresh scale and shift, so the output is always eval
+    BatchNorm's and a grad-mode forward after an inference-mode one can still backward."""
+    from ciae.utils.opcount import OpCounter
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6).eval()
+    frozen = FrozenBatchNorm2d(6)
+    x = torch.randn(2, 6, 5, 4)
+
+    def check(dtype=torch.float32, tol=1e-6):
+        torch.testing.assert_close(frozen(x.to(dtype)).float(), bn(x.to(dtype).float()), rtol=tol, atol=tol)
+
+    frozen.load_state_dict(bn.state_dict())
+    check()
+    with OpCounter() as c:
+        frozen(x)
+    assert c.num_ops == 1 and c.ops["addcmul"] == 1, dict(c.ops)
+    with torch.no_grad():
+        for b in (bn, frozen):                       # in place: the same tensors, new versions
+            b.running_var.mul_(3.0)
+            b.bias.add_(1.0)
+    check()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+    frozen.load_state_dict(bn.state_dict())          # copied into the buffers
+    check()
+    check(torch.bfloat16, 3e-2)
+    check()
+    frozen.to(torch.float64)                         # new buffer tensors
+    bn.to(torch.float64)
+    torch.testing.assert_close(frozen(x.double()), bn(x.double()))
+    frozen.float()
+    bn.float()
+    with torch.inference_mode():
+        frozen(x)
+    xg = x.clone().requires_grad_()
+    frozen(xg).sum().backward()                      # the inference-mode scale is not the one saved
+    assert xg.grad is not None
+
+
 STRIDED_1X1_TRAINING = """
 import torch
 from ciae.modeling.backbone import ResNet

@@ -37,6 +37,9 @@ class FrozenBatchNorm2d(nn.Module):
 
     Loads torchvision ``BatchNorm2d`` keys (``weight``, ``bias``, ``running_mean``,
     ``running_var``; ``num_batches_tracked`` is dropped). x [B, C, H, W] -> [B, C, H, W].
+    Its scale and shift are computed once per dtype and kept while the buffers hold still
+    (the same tensors, unmodified): in eager mode a forward is then one op, where computing
+    them costs a GPU seven small kernel launches per layer, 371 in a ResNet-50.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
@@ -47,6 +50,7 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self._affine = None     # (what it was computed from, scale [C, 1, 1], shift [C, 1, 1])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -54,14 +58,33 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _compute(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
+        return scale.to(dtype)[:, None, None], shift.to(dtype)[:, None, None]
+
+    def scale_shift(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each [C, 1, 1] in ``dtype``."""
+        if torch.compiler.is_compiling():       # traced into the graph, where the compiler folds them
+            return self._compute(dtype)
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        source = (dtype, torch.is_inference_mode_enabled(), buffers, [b._version for b in buffers])
+        if self._affine is None or not _same(self._affine[0], source):
+            self._affine = (source, *self._compute(dtype))
+        return self._affine[1], self._affine[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_shift(x.dtype)
         # one pass over x (a multiply and an add would be two); saves only ``scale`` for the backward
-        return torch.addcmul(shift.to(x.dtype)[:, None, None], x, scale.to(x.dtype)[:, None, None])
+        return torch.addcmul(shift, x, scale)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Whether two ``FrozenBatchNorm2d`` sources match: dtype, mode, the same buffer tensors, versions."""
+    return a[:2] == b[:2] and all(x is y for x, y in zip(a[2], b[2])) and a[3] == b[3]
 
 
 def group_count(channels: int) -> int:
