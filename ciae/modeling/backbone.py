@@ -39,7 +39,8 @@ class FrozenBatchNorm2d(nn.Module):
     ``running_var``; ``num_batches_tracked`` is dropped). x [B, C, H, W] -> [B, C, H, W].
     Its scale and shift are computed once per dtype and kept while the buffers hold still
     (the same tensors, unmodified): in eager mode a forward is then one op, where computing
-    them costs a GPU seven small kernel launches per layer, 371 in a ResNet-50.
+    them costs a GPU five small kernel launches per layer, seven under bf16 autocast (371 in a
+    ResNet-50).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
