@@ -1,7 +1,7 @@
 """The entry points the model calls: each fused operation, checked and routed to a backend.
 
-A backend is one entry of ``BACKENDS``: its functions (the four fused CIAE operations and the
-batched greedy NMS, ``nms`` and ``greedy_keep``) and ``accepts(tensor)``, whether
+A backend is one entry of ``BACKENDS``: its functions (the four fused CIAE operations, the
+batched greedy NMS, ``nms`` and ``greedy_keep``, and GroupNorm + ReLU) and ``accepts(tensor)``, whether
 "auto" may choose it for inputs like that tensor (device, dtype). ``backend="auto"`` takes the
 first entry, in table order, that accepts the operation's main input; the PyTorch twins accept
 everything and stay last. Adding a backend is one entry placed before "torch".
@@ -21,6 +21,7 @@ import torch
 
 from kernels import assign as _assign
 from kernels import ciae_loss as _ciae_loss
+from kernels import group_norm as _group_norm
 from kernels import nms as _nms
 from kernels import segment_sums as _segment_sums
 
@@ -36,6 +37,7 @@ class Backend:
     assign_upsampled: Callable
     nms: Callable
     greedy_keep: Callable
+    group_norm: Callable
     accepts: Callable[[torch.Tensor], bool]
 
 
@@ -49,6 +51,7 @@ except ImportError:     # no triton: the twins only
 if triton is not None:
     from kernels import assign_triton as _assign_triton
     from kernels import ciae_loss_triton as _ciae_loss_triton
+    from kernels import group_norm_triton as _group_norm_triton
     from kernels import nms_triton as _nms_triton
     from kernels import segment_sums_triton as _segment_sums_triton
 
@@ -57,14 +60,16 @@ if triton is not None:
                                  assign=_assign_triton.assign,
                                  assign_upsampled=_assign_triton.assign_upsampled,
                                  accepts=lambda tensor: tensor.is_cuda,
-                                 nms=_nms_triton.nms, greedy_keep=_nms_triton.greedy_keep)
+                                 nms=_nms_triton.nms, greedy_keep=_nms_triton.greedy_keep,
+                                 group_norm=_group_norm_triton.group_norm)
 
 BACKENDS["torch"] = Backend(segment_sums=_segment_sums.segment_sums,
                             embedding_loss=_ciae_loss.embedding_loss,
                             assign=_assign.assign,
                             assign_upsampled=_assign.assign_upsampled,
                             accepts=lambda tensor: True,
-                            nms=_nms.nms, greedy_keep=_nms.greedy_keep)
+                            nms=_nms.nms, greedy_keep=_nms.greedy_keep,
+                            group_norm=_group_norm.group_norm)
 
 
 def _pick(backend: str, tensor: torch.Tensor) -> Backend:
@@ -185,3 +190,16 @@ def greedy_keep(suppress: torch.Tensor, valid: torch.Tensor, *, backend: str = "
            f"valid must be [B, N] = {tuple(suppress.shape[:2])} bool, "
            f"got {tuple(valid.shape)} {valid.dtype}")
     return _pick(backend, suppress).greedy_keep(suppress, valid)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float = 1e-5, relu: bool = True, *, backend: str = "auto") -> torch.Tensor:
+    """x [N, C, H, W] float, num_groups dividing C, weight and bias [C] -> relu(group_norm(x)),
+    or without the ReLU, in x's dtype and memory layout (statistics in float32).
+    See ``kernels.group_norm``."""
+    _check(x.dim() == 4 and x.is_floating_point(), f"x must be [N, C, H, W] float, got {tuple(x.shape)} {x.dtype}")
+    _check(num_groups >= 1 and x.shape[1] % num_groups == 0,
+           f"num_groups must divide the {x.shape[1]} channels, got {num_groups}")
+    _check(weight.shape == bias.shape == (x.shape[1],),
+           f"weight and bias must be [C={x.shape[1]}], got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    return _pick(backend, x).group_norm(x, num_groups, weight, bias, eps, relu)

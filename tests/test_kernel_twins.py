@@ -336,7 +336,7 @@ def test_dispatch_calls_the_backend_it_is_given(monkeypatch):
             calls.append(name)
             return "result of " + name
         return dispatch.Backend(segment_sums=fn, embedding_loss=fn, assign=fn, assign_upsampled=fn, nms=fn,
-                                greedy_keep=fn, accepts=lambda t: name == "second")
+                                greedy_keep=fn, group_norm=fn, accepts=lambda t: name == "second")
     monkeypatch.setattr(dispatch, "BACKENDS", {"first": spy("first"), "second": spy("second")})
     for backend, expected in (("first", "first"), ("second", "second"), ("auto", "second")):
         calls.clear()
@@ -345,7 +345,9 @@ def test_dispatch_calls_the_backend_it_is_given(monkeypatch):
                                       backend=backend) == "result of " + expected
         assert kernels.assign(emb, queries, boxes, backend=backend) == "result of " + expected
         assert kernels.assign_upsampled(emb, (10, 8), queries, boxes, backend=backend) == "result of " + expected
-        assert calls == [expected] * 4
+        assert kernels.group_norm(emb[None], 3, emb.new_ones(3), emb.new_zeros(3),
+                                  backend=backend) == "result of " + expected
+        assert calls == [expected] * 5
 
 
 def test_dispatch_rejects_bad_input():

@@ -8,8 +8,10 @@ loss's backward, several blocks per persistent program).
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,10 +25,11 @@ from kernel_cases import degenerate_case, make_case  # noqa: E402
 import kernels  # noqa: E402
 from ciae.config import EmbeddingConfig  # noqa: E402
 from ciae.modeling.loss import category_sums, ciae_loss  # noqa: E402
-from kernels import assign_triton, ciae_loss_triton, dispatch, segment_sums_triton  # noqa: E402
+from kernels import assign_triton, ciae_loss_triton, dispatch, group_norm_triton, segment_sums_triton  # noqa: E402
 from kernels.assign import assign as twin_assign  # noqa: E402
 from kernels.assign import assign_upsampled as twin_assign_upsampled  # noqa: E402
 from kernels.ciae_loss import embedding_loss as twin_loss  # noqa: E402
+from kernels.group_norm import group_norm as twin_group_norm  # noqa: E402
 from kernels.segment_sums import segment_sums as twin_segment_sums  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -299,6 +302,147 @@ def test_assign_upsampled_matches_twin(lowres, out, dtype, block):
     ref = twin_assign_upsampled(emb, out, queries, boxes)
     full = F.interpolate(emb[None].float(), size=out, mode="bilinear", align_corners=False)[0]
     assert_assignment_matches(res, ref, reference_similarity(full, queries, boxes))
+
+
+# ---- group_norm ---------------------------------------------------------------------------------
+
+def run_group_norm(fn, x, groups, weight, bias, relu, probe, **kw):
+    x, weight, bias = (t.clone().requires_grad_() for t in (x, weight, bias))
+    y = fn(x, groups, weight, bias, relu=relu, **kw)
+    grads = torch.autograd.grad((y.float() * probe).sum(), (x, weight, bias))
+    return (y.detach(), *grads)
+
+
+@pytest.mark.parametrize("n,c,h,w,groups,channels_last,relu,block", [
+    (2, 16, 5, 7, 4, True, True, None),
+    (2, 16, 5, 7, 4, False, True, 2),         # contiguous; several chunks and tiles per image
+    (3, 24, 9, 4, 24, True, False, 4),        # one channel per group, no ReLU
+    (1, 12, 6, 6, 1, True, True, 8),          # one group; C not a power of two
+    (2, 8, 1, 1, 2, True, True, None),        # one pixel (P7 of a small image)
+])
+def test_group_norm_matches_twin(n, c, h, w, groups, channels_last, relu, block):
+    g = torch.Generator().manual_seed(n * c + h)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(2, c, generator=g, dtype=torch.float64)
+    probe = torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(DEV)
+    args = [t.to(DEV) for t in (x, weight, bias)]
+    got = run_group_norm(group_norm_triton.group_norm, *args[:1], groups, *args[1:], relu, probe, block=block)
+    ref = run_group_norm(twin_group_norm, *args[:1], groups, *args[1:], relu, probe)
+    for a, b in zip(got, ref):
+        close(a, b, 1e-9)
+    assert got[0].stride() == args[0].stride() and got[1].stride() == args[0].stride()
+
+
+def test_group_norm_float32_statistics_survive_a_large_mean():
+    """Float32 sums of x and x^2 over a group whose mean is 1000 times its spread would lose the
+    variance (E[x^2] - E[x]^2 cancels); shifted by the group's first value they keep it: the
+    output is within float32 rounding of a two-pass float64 GroupNorm."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 16, 12, 10, generator=g, dtype=torch.float64) + 1000).contiguous(
+        memory_format=torch.channels_last)
+    weight, bias = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    v = x.reshape(2, 4, -1)
+    exact = ((v - v.mean(-1, keepdim=True)) / (v.var(-1, correction=0, keepdim=True) + 1e-5).sqrt())
+    exact = exact.view_as(x) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    got = group_norm_triton.group_norm(x.float().to(DEV), 4, weight.float().to(DEV), bias.float().to(DEV),
+                                       relu=False, block=8)
+    close(got, exact, 2e-3)
+
+
+def test_group_norm_of_a_constant_group_is_its_bias():
+    """Zero variance: the output is relu(bias) and the gradient finite, as the twin's."""
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    x[:, :4] = 3.0                                   # group 0 of both images is constant
+    weight, bias = torch.randn(2, 8, dtype=torch.float64)
+    probe = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    got = run_group_norm(group_norm_triton.group_norm, x.to(DEV), 2, weight.to(DEV), bias.to(DEV), True,
+                         probe.to(DEV))
+    ref = run_group_norm(twin_group_norm, x, 2, weight, bias, True, probe)
+    close(got[0][:, :4], bias[:4].relu().view(1, 4, 1, 1).expand(2, 4, 4, 4), 1e-9)
+    for a, b in zip(got, ref):
+        assert torch.isfinite(a).all()
+        close(a, b, 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 4, 4), (2, 8, 0, 5)], ids=["no image", "no pixel"])
+def test_group_norm_of_an_empty_map(shape):
+    x = torch.randn(shape, dtype=torch.float64).to(DEV)
+    weight, bias = torch.randn(2, 8, dtype=torch.float64).to(DEV)
+    probe = torch.randn(shape, dtype=torch.float64).to(DEV)
+    got = run_group_norm(group_norm_triton.group_norm, x, 2, weight, bias, True, probe)
+    assert got[0].shape == got[1].shape == shape and not got[2].any() and not got[3].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_group_norm_keeps_the_maps_dtype(dtype):
+    """A half-precision map stays in its dtype and layout, within a rounding of the twin's output
+    (which normalises in float32 too; the interpreter truncates float32 to bfloat16 where a GPU
+    rounds to nearest); the gradients of weight and bias stay float32."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 32, 6, 10, generator=g) * 4 + 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(2, 32, generator=g)
+    probe = torch.randn(2, 32, 6, 10, generator=g).to(DEV)
+    got = run_group_norm(group_norm_triton.group_norm, x.to(DEV), 8, weight.to(DEV), bias.to(DEV), True, probe)
+    ref = run_group_norm(twin_group_norm, x.to(DEV), 8, weight.to(DEV), bias.to(DEV), True, probe)
+    assert got[0].dtype == got[1].dtype == dtype and got[2].dtype == got[3].dtype == torch.float32
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    tol = tol_for(dtype)
+    for a, b in zip(got, ref):
+        close(a, b, tol)
+
+
+def test_the_models_group_norms_run_the_kernels_and_train_as_the_twins(monkeypatch):
+    """Every GroupNorm + ReLU of the head's towers and the embedding branch goes through the
+    backend the model is given: with "triton", a training forward and backward of a channels-last
+    model equals the twins' (losses and every parameter's gradient)."""
+    from test_device_discipline import tiny_config, toy_batch
+
+    from ciae.modeling.model import CIAEModel
+
+    calls = []
+    kernel = group_norm_triton.group_norm
+    monkeypatch.setitem(dispatch.BACKENDS, "triton", dataclasses.replace(
+        dispatch.BACKENDS["triton"], group_norm=lambda *a: calls.append(1) or kernel(*a)))
+    batch = {k: v.to(DEV) if torch.is_tensor(v) else [t.to(DEV) for t in v] if isinstance(v, list) and v
+             and torch.is_tensor(v[0]) else v for k, v in toy_batch(2, 64, 96).items()}
+    results = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        model = CIAEModel(tiny_config(), stuff_ids=[184, 187], thing_ids=[1, 3]).to(DEV)
+        model = model.to(memory_format=torch.channels_last)
+        # GroupNorm biases off zero: on a 1x1 P7 with one channel per group the normalised value
+        # is 0, and a zero bias would put the ReLU on its kink, where rounding picks the gradient
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.bias") or ("_tower." in name and name.endswith("bias")):
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        model.kernel_backend = backend
+        out = model(batch, memory_step=(0, 10))
+        out["loss"].backward()
+        results[backend] = out, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    cfg = tiny_config()
+    assert len(calls) == 2 * cfg.fcos.num_convs * len(cfg.fcos.strides) + 7    # towers per level, branch
+    (out, grads), (ref, ref_grads) = results["triton"], results["torch"]
+    for key in ("loss", "loss_cls", "loss_ciae"):
+        close(out[key].detach(), ref[key].detach(), 1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        close(grads[name], ref_grads[name], 1e-3)
+
+
+def test_group_norm_benchmark_runs():
+    """``benchmarks/kernels/group_norm.py --smoke``: every implementation and pass of both maps,
+    each within bfloat16 rounding of float64 (its times mean nothing on the CPU)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "group_norm.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and " ms " not in line
+            and "---" not in line]
+    assert [(r[1].strip(), r[2].strip()) for r in rows[:6]] == [
+        (impl, what) for impl in ("autocast", "twin", "triton") for what in ("forward", "forward + backward")]
+    assert len(rows) == 12 and all(float(r[-1]) < 0.05 for r in rows)
 
 
 # ---- dispatch ----------------------------------------------------------------------------------

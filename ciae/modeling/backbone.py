@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from ciae import checkpoint
 from ciae.config import BackboneConfig
 
@@ -101,6 +102,23 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     if kind == "gn":
         return nn.GroupNorm(group_count(channels), channels)
     raise ValueError(f"unknown norm {kind!r}: expected 'frozen_bn', 'bn' or 'gn'")
+
+
+class GroupNormReLU(nn.GroupNorm):
+    """GroupNorm (``group_count`` groups) then ReLU, in one call of ``kernels.group_norm``: on
+    CUDA the Triton kernels keep a bfloat16 channels-last map as it is, where PyTorch's
+    ``group_norm`` under autocast converts it to float32 NCHW and back (six kernels, seven times
+    the memory traffic). nn.GroupNorm's parameters and state-dict keys; ``backend`` is the model's
+    ``kernel_backend``. Compiled (``torch.compile``), it traces the PyTorch twin, which the
+    compiler fuses itself."""
+
+    def __init__(self, channels: int):
+        super().__init__(group_count(channels), channels)
+        self.backend = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = "torch" if torch.compiler.is_compiling() else self.backend
+        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, backend=backend)
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciae.modeling.backbone import make_norm
+from ciae.modeling.backbone import GroupNormReLU
 
 
 def add_coords(x: torch.Tensor) -> torch.Tensor:
@@ -40,10 +40,10 @@ class _Stage(nn.Module):
         super().__init__()
         self.coord, self.upsample = coord, upsample
         self.conv = nn.Conv2d(cin + 2 * coord, cout, 3, padding=1, bias=False)
-        self.norm = make_norm("gn", cout)
+        self.norm = GroupNormReLU(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.norm(self.conv(add_coords(x) if self.coord else x)))
+        x = self.norm(self.conv(add_coords(x) if self.coord else x))
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False) if self.upsample else x
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ciae import checkpoint
 from ciae.config import Config
-from ciae.modeling.backbone import build_backbone
+from ciae.modeling.backbone import GroupNormReLU, build_backbone
 from ciae.modeling.embedding import EmbeddingBranch, full_resolution
 from ciae.modeling.fcos import (FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_normalisers,
                                 fcos_targets)
@@ -73,6 +73,19 @@ class CIAEModel(nn.Module):
     @property
     def num_stuff(self) -> int:
         return len(self.stuff_ids)
+
+    @property
+    def kernel_backend(self) -> str:
+        """The backend of the fused kernels (``kernels.dispatch``: "auto", "triton" or "torch"),
+        for the loss, the post-processing and every GroupNorm + ReLU."""
+        return self._kernel_backend
+
+    @kernel_backend.setter
+    def kernel_backend(self, name: str) -> None:
+        self._kernel_backend = name
+        for m in self.modules():
+            if isinstance(m, GroupNormReLU):
+                m.backend = name
 
     def compile_features(self, **options) -> None:
         """Compile the network (backbone to embedding map) with ``torch.compile``, dynamic

@@ -6,7 +6,11 @@ A CUDA kernel launch costs the host a few microseconds whatever the kernel does,
 follows these two numbers. :class:`OpCounter` counts them in any run, the CPU's included, where
 none of them is visible as time:
 
-* ``ops``: every ATen operation dispatched (views and in-place ones included), by name;
+* ``ops``: every ATen operation dispatched (views and in-place ones included), by name, and
+  every Triton kernel launched (``triton:<kernel>``, one op each: on a GPU a launch costs the
+  host as much as an ATen kernel's; counted where triton was imported before the counter was
+  entered). The ATen operations the Triton interpreter makes to run a kernel on the CPU are
+  not counted: a GPU does not make them;
 * ``syncs``: the calls that make a CUDA host wait, each with the line of ours that made it:
   reads of a tensor's values on the host (``item``, ``tolist``, ``cpu``, ``bool()``,
   ``int()``, ``float()``), tensors built from Python data (``torch.tensor``, ``new_tensor``: a
@@ -102,6 +106,8 @@ class _Dispatch(TorchDispatchMode):
         kwargs = kwargs or {}
         name = _aten_name(func)
         c = self.counter
+        if c._kernel:                   # the Triton interpreter's own work
+            return func(*args, **kwargs)
         c.ops[name] += 1
         if not c._inside:
             if name in DATA_DEPENDENT:
@@ -126,6 +132,7 @@ class OpCounter:
         self.ops: collections.Counter = collections.Counter()
         self.syncs: list[tuple[str, str]] = []
         self._inside = 0
+        self._kernel = 0
         self._modes = (_Functions(self), _Dispatch(self))
 
     def _record(self, what: str) -> None:
@@ -152,8 +159,41 @@ class OpCounter:
     def __enter__(self) -> "OpCounter":
         for m in self._modes:
             m.__enter__()
+        self._launches = _TritonLaunches(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._launches.close()
         for m in reversed(self._modes):
             m.__exit__(*exc)
+
+
+class _TritonLaunches:
+    """Counts ``kernel[grid](...)`` launches into ``ops`` while open: triton's ``KernelInterface``
+    (compiled and interpreted kernels alike) is wrapped, and restored by ``close``."""
+
+    def __init__(self, counter: OpCounter):
+        jit = sys.modules.get("triton.runtime.jit")
+        self._cls = getattr(jit, "KernelInterface", None)
+        if self._cls is None:
+            return
+        self._getitem = original = self._cls.__getitem__
+
+        def counted(kernel, grid):
+            launch = original(kernel, grid)
+            name = getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+
+            def run(*args, **kwargs):
+                counter.ops[f"triton:{name}"] += 1
+                counter._kernel += 1
+                try:
+                    return launch(*args, **kwargs)
+                finally:
+                    counter._kernel -= 1
+            return run
+
+        self._cls.__getitem__ = counted
+
+    def close(self) -> None:
+        if self._cls is not None:
+            self._cls.__getitem__ = self._getitem
