@@ -15,6 +15,7 @@ import pytest
 from test_device_discipline import planted_model, toy_batch
 
 from ciae.engine.predictor import Predictor
+from ciae.modeling.backbone import GroupNorm2d
 from ciae.utils.opcount import OpCounter
 
 pytest.importorskip("triton")
@@ -38,6 +39,9 @@ def runs() -> dict:
     out = {}
     for backend, b in (("triton", 1), ("triton", 1), ("triton", 8), ("torch", 8)):   # 1st: warm-up
         model.kernel_backend = backend
+        for m in model.modules():   # one network for both: the post-processing's twins are exact,
+            if isinstance(m, GroupNorm2d):      # the GroupNorm kernel's sums differ in rounding
+                m.backend = "torch"
         with OpCounter() as queued:
             pending = predictor.submit(images[:b], TEST_SIZES[:b], OUT_SIZES[:b])
         with OpCounter() as waited:

@@ -394,11 +394,12 @@ def test_group_norm_keeps_the_maps_dtype(dtype):
 
 
 def test_the_models_group_norms_run_the_kernels_and_train_as_the_twins(monkeypatch):
-    """Every GroupNorm + ReLU of the head's towers and the embedding branch goes through the
-    backend the model is given: with "triton", a training forward and backward of a channels-last
-    model equals the twins' (losses and every parameter's gradient)."""
+    """Every GroupNorm (the backbone's, and with its ReLU the head's towers' and the embedding
+    branch's) goes through the backend the model is given: with "triton", a training forward and
+    backward of a channels-last model equals the twins' (losses and every parameter's gradient)."""
     from test_device_discipline import tiny_config, toy_batch
 
+    from ciae.modeling.backbone import GroupNorm2d
     from ciae.modeling.model import CIAEModel
 
     calls = []
@@ -423,7 +424,8 @@ def test_the_models_group_norms_run_the_kernels_and_train_as_the_twins(monkeypat
         out["loss"].backward()
         results[backend] = out, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     cfg = tiny_config()
-    assert len(calls) == 2 * cfg.fcos.num_convs * len(cfg.fcos.strides) + 7    # towers per level, branch
+    backbone = sum(isinstance(m, GroupNorm2d) for m in model.backbone.modules())     # "gn" here
+    assert backbone and len(calls) == 2 * cfg.fcos.num_convs * len(cfg.fcos.strides) + 7 + backbone
     (out, grads), (ref, ref_grads) = results["triton"], results["torch"]
     for key in ("loss", "loss_cls", "loss_ciae"):
         close(out[key].detach(), ref[key].detach(), 1e-4)

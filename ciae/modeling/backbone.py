@@ -100,25 +100,30 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm2d(channels)
     if kind == "gn":
-        return nn.GroupNorm(group_count(channels), channels)
+        return GroupNorm2d(channels)
     raise ValueError(f"unknown norm {kind!r}: expected 'frozen_bn', 'bn' or 'gn'")
 
 
-class GroupNormReLU(nn.GroupNorm):
-    """GroupNorm (``group_count`` groups) then ReLU, in one call of ``kernels.group_norm``: on
-    CUDA the Triton kernels keep a bfloat16 channels-last map as it is, where PyTorch's
-    ``group_norm`` under autocast converts it to float32 NCHW and back (six kernels, seven times
-    the memory traffic). nn.GroupNorm's parameters and state-dict keys; ``backend`` is the model's
-    ``kernel_backend``. Compiled (``torch.compile``), it traces the PyTorch twin, which the
-    compiler fuses itself."""
+class GroupNorm2d(nn.GroupNorm):
+    """GroupNorm with ``group_count`` groups, and with ``relu`` the ReLU after it, in one call of
+    ``kernels.group_norm``: on CUDA the Triton kernels keep a bfloat16 channels-last map as it is,
+    where PyTorch's ``group_norm`` under autocast converts it to float32 NCHW and back (about
+    seven times the memory traffic). nn.GroupNorm's parameters and state-dict keys; ``backend`` is
+    the model's ``kernel_backend``. Compiled (``torch.compile``), it traces the PyTorch twin,
+    which the compiler fuses itself."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, relu: bool = False):
         super().__init__(group_count(channels), channels)
+        self.relu = relu
         self.backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = "torch" if torch.compiler.is_compiling() else self.backend
-        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, backend=backend)
+        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.relu,
+                                  backend=backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu" if self.relu else "")
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciae.modeling.backbone import GroupNormReLU
+from ciae.modeling.backbone import GroupNorm2d
 
 
 def add_coords(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ class _Stage(nn.Module):
         super().__init__()
         self.coord, self.upsample = coord, upsample
         self.conv = nn.Conv2d(cin + 2 * coord, cout, 3, padding=1, bias=False)
-        self.norm = GroupNormReLU(cout)
+        self.norm = GroupNorm2d(cout, relu=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.conv(add_coords(x) if self.coord else x))

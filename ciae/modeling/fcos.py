@@ -20,7 +20,7 @@ from torch import nn
 
 from ciae.config import FCOSConfig
 from ciae.data.transform import sizes_on
-from ciae.modeling.backbone import GroupNormReLU
+from ciae.modeling.backbone import GroupNorm2d
 from ciae.modeling.box_ops import giou_loss, iou_loss, sigmoid_focal_loss
 from kernels import dispatch
 
@@ -80,12 +80,12 @@ class FCOSHead(nn.Module):
 
 def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
     """num_convs x (3x3 conv, GroupNorm + ReLU in one module); without a norm, 3x3 conv and
-    ReLU. The identity after each GroupNormReLU keeps the layers' indices (state-dict keys) as
+    ReLU. The identity after each GroupNorm2d keeps the layers' indices (state-dict keys) as
     they were with a separate ReLU."""
     layers: list[nn.Module] = []
     for _ in range(num_convs):
         layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=norm == "none"))
-        layers += [GroupNormReLU(channels), nn.Identity()] if norm == "gn" else [nn.ReLU(inplace=True)]
+        layers += [GroupNorm2d(channels, relu=True), nn.Identity()] if norm == "gn" else [nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ciae import checkpoint
 from ciae.config import Config
-from ciae.modeling.backbone import GroupNormReLU, build_backbone
+from ciae.modeling.backbone import GroupNorm2d, build_backbone
 from ciae.modeling.embedding import EmbeddingBranch, full_resolution
 from ciae.modeling.fcos import (FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_normalisers,
                                 fcos_targets)
@@ -84,7 +84,7 @@ class CIAEModel(nn.Module):
     def kernel_backend(self, name: str) -> None:
         self._kernel_backend = name
         for m in self.modules():
-            if isinstance(m, GroupNormReLU):
+            if isinstance(m, GroupNorm2d):
                 m.backend = name
 
     def compile_features(self, **options) -> None:
