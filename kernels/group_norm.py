@@ -3,11 +3,11 @@
 The proposal head's towers and the embedding branch apply GroupNorm + ReLU after each 3x3 conv
 (40 times per forward of the paper's head on P3-P7, 7 in the branch). On CUDA, PyTorch's
 ``group_norm`` runs NCHW only and autocast runs it in float32, so under bfloat16 autocast with
-channels-last activations each call costs a float32 upcast, a transposing copy to NCHW, the
-norm, a float32 ReLU and, at the next conv, a cast back and a copy back to NHWC: about 42 bytes
-moved per element in six kernels. The Triton kernels (``kernels.group_norm_triton``) read the
-bfloat16 NHWC map twice and write it once (6 bytes per element, three kernels with the zeroed
-statistics).
+channels-last activations each call costs a float32 copy, a transposing copy to NCHW, the norm
+(three kernels), a float32 ReLU and, at the next conv, a cast back and a copy back to NHWC:
+eight kernels and about 44 bytes moved per element. The Triton kernels
+(``kernels.group_norm_triton``) read the bfloat16 NHWC map twice and write it once: three
+kernels with the zeroed statistics, 6 bytes per element.
 
 This module is their twin: the statistics and the affine map in float32 (float64 for float64
 input), then the ReLU, returned in the input's dtype and layout. Differentiable w.r.t. ``x``,
