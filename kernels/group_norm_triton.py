@@ -30,7 +30,7 @@ import triton.language as tl
 from kernels.group_norm import layout
 from kernels.triton_blocks import persistent_programs
 
-ELEMENTS = 8192          # elements of a [BLOCK_P, C_PAD] tile on a GPU
+ELEMENTS = 4096          # elements of a [BLOCK_P, C_PAD] tile on a GPU
 MAX_CHANNELS = 1024
 
 

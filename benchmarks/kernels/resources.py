@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=32, help="embedding dimension D (default 32)")
     p.add_argument("--queries", type=int, default=113,
                    help="queries Q, also the segments of segment_sums (default 113)")
+    p.add_argument("--channels", type=int, default=256,
+                   help="channels of the GroupNorm map (the map in --dtype; default 256, the head's)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)       # compile, do not interpret
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -43,8 +45,9 @@ def main(argv=None) -> int:
 
     from kernels import assign_triton as A
     from kernels import ciae_loss_triton as L
+    from kernels import group_norm_triton as G
     from kernels import segment_sums_triton as S
-    from kernels.triton_blocks import pad16, tile_for
+    from kernels.triton_blocks import Tile, pad16, tile_for
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     target = GPUTarget("cuda", args.arch, 32)
@@ -66,6 +69,11 @@ def main(argv=None) -> int:
     taps = {f"{a}_ptr": (i32 if a[0] == "r" else f32)
             for a in ("ry0", "ry1", "wy0", "wy1", "rx0", "rx1", "wx0", "wx1")}
     sums = dict(lab_ptr=i64, n="i32", S="i32", D="i32")
+    c_pad = triton.next_power_of_2(args.channels)
+    gn_tile = Tile(max(1, G.ELEMENTS // c_pad), 8)
+    gn = dict(x_ptr=e, st_ptr=f32, w_ptr=f32, b_ptr=f32, HW="i32", C="i32", G="i32", CG="i32", sN="i32",
+              sC="i32", sP="i32", count="fp32", eps="fp32", chunk="i32")
+    gn_consts = dict(C_PAD=c_pad, BLOCK_P=gn_tile.block)
     specs = [
         ("loss forward", L._loss_fwd_kernel, dict(loss, loss_ptr=f32, count_ptr=i32),
          dict(tiles, BLOCK=fwd.block), fwd),
@@ -82,6 +90,12 @@ def main(argv=None) -> int:
          dict(D_PAD=d_pad, S_BLOCK=s_block, BLOCK=seg.block, DOT="tf32x3"), seg),
         ("segment_sums backward", S._segment_sums_bwd_kernel, dict(sums, gs_ptr=f32, ge_ptr=e),
          dict(D_PAD=d_pad, BLOCK=seg_bwd.block), seg_bwd),
+        ("group_norm statistics", G._stats_kernel, gn, gn_consts, gn_tile),
+        ("group_norm apply", G._apply_kernel, dict(gn, y_ptr=e), dict(gn_consts, RELU=True), gn_tile),
+        ("group_norm backward sums", G._bwd_sums_kernel, dict(gn, y_ptr=e, dy_ptr=e, gs_ptr=f32, cs_ptr=f32),
+         dict(gn_consts, RELU=True), gn_tile),
+        ("group_norm backward dx", G._bwd_dx_kernel, dict(gn, y_ptr=e, dy_ptr=e, dx_ptr=e, gs_ptr=f32),
+         dict(gn_consts, RELU=True), gn_tile),
     ]
     print(f"sm_{args.arch}, emb {args.dtype}, D = {args.dim}, Q = {args.queries}, "
           f"triton {triton.__version__} ({Path(triton.__file__).parent})\n")
@@ -102,7 +116,7 @@ def main(argv=None) -> int:
                                    capture_output=True, text=True, check=True).stdout
         reg = re.search(r"REG:(\d+)", usage).group(1)
         stack = re.search(r"STACK:(\d+)", usage).group(1)
-        print(f"| {name} | {consts['BLOCK']} | {tile.num_warps} | {tile.num_stages or 'default'} | "
+        print(f"| {name} | {consts.get('BLOCK', consts.get('BLOCK_P'))} | {tile.num_warps} | {tile.num_stages or 'default'} | "
               f"{reg} | {stack} |")
     return 0
 
