@@ -53,6 +53,22 @@ def _channels(x_ptr, st_ptr, w_ptr, b_ptr, n, C, G, CG, sN, sC, count, eps, C_PA
 
 
 @triton.jit
+def _tile(p, limit, c, cm, n, sN, sC, sP):
+    """The pixels p [BLOCK_P] (below ``limit``) of image n -> offsets and mask [BLOCK_P, C_PAD]."""
+    return n * sN + p[:, None] * sP + c[None, :] * sC, (p < limit)[:, None] & cm[None, :]
+
+
+@triton.jit
+def _dz_xhat(x_ptr, y_ptr, dy_ptr, offs, m, mean, rstd, RELU: tl.constexpr, ACC: tl.constexpr):
+    """The gradient at the norm's output (dy, 0 where the ReLU cut) and the normalised x."""
+    dz = tl.load(dy_ptr + offs, mask=m, other=0).to(ACC)
+    if RELU:
+        dz = tl.where(tl.load(y_ptr + offs, mask=m, other=0) > 0, dz, 0)
+    xhat = (tl.load(x_ptr + offs, mask=m, other=0).to(ACC) - mean[None, :]) * rstd[None, :]
+    return dz, xhat
+
+
+@triton.jit
 def _stats_kernel(x_ptr, st_ptr, HW, C, G, CG, sN, sC, sP, chunk, C_PAD: tl.constexpr,
                   BLOCK_P: tl.constexpr):
     """x [N, C, HW] -> st [N, 2, G] (zeroed) += per group sum(x - k), sum((x - k)^2)."""
@@ -67,9 +83,8 @@ def _stats_kernel(x_ptr, st_ptr, HW, C, G, CG, sN, sC, sP, chunk, C_PAD: tl.cons
     p0 = tl.program_id(0) * chunk
     p_end = tl.minimum(p0 + chunk, HW)
     for start in range(p0, p_end, BLOCK_P):
-        p = start + tl.arange(0, BLOCK_P)
-        m = (p < p_end)[:, None] & cm[None, :]
-        v = tl.load(x_ptr + n * sN + p[:, None] * sP + c[None, :] * sC, mask=m, other=0).to(ACC)
+        offs, m = _tile(start + tl.arange(0, BLOCK_P), p_end, c, cm, n, sN, sC, sP)
+        v = tl.load(x_ptr + offs, mask=m, other=0).to(ACC)
         v = tl.where(m, v - k[None, :], 0)
         acc1 += v
         acc2 += v * v
@@ -87,9 +102,7 @@ def _apply_kernel(x_ptr, y_ptr, st_ptr, w_ptr, b_ptr, HW, C, G, CG, sN, sC, sP, 
                                                 sC, count, eps, C_PAD, ACC)
     scale = rstd * w
     shift = b - mean * scale
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    m = (p < HW)[:, None] & cm[None, :]
-    offs = n * sN + p[:, None] * sP + c[None, :] * sC
+    offs, m = _tile(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), HW, c, cm, n, sN, sC, sP)
     y = tl.load(x_ptr + offs, mask=m, other=0).to(ACC) * scale[None, :] + shift[None, :]
     if RELU:
         y = tl.maximum(y, 0)
@@ -111,13 +124,8 @@ def _bwd_sums_kernel(x_ptr, y_ptr, dy_ptr, st_ptr, w_ptr, b_ptr, gs_ptr, cs_ptr,
     p0 = tl.program_id(0) * chunk
     p_end = tl.minimum(p0 + chunk, HW)
     for start in range(p0, p_end, BLOCK_P):
-        p = start + tl.arange(0, BLOCK_P)
-        m = (p < p_end)[:, None] & cm[None, :]
-        offs = n * sN + p[:, None] * sP + c[None, :] * sC
-        dz = tl.load(dy_ptr + offs, mask=m, other=0).to(ACC)
-        if RELU:
-            dz = tl.where(tl.load(y_ptr + offs, mask=m, other=0) > 0, dz, 0)
-        xhat = (tl.load(x_ptr + offs, mask=m, other=0).to(ACC) - mean[None, :]) * rstd[None, :]
+        offs, m = _tile(start + tl.arange(0, BLOCK_P), p_end, c, cm, n, sN, sC, sP)
+        dz, xhat = _dz_xhat(x_ptr, y_ptr, dy_ptr, offs, m, mean, rstd, RELU, ACC)
         acc1 += dz
         acc2 += dz * xhat
     a = tl.sum(acc1, axis=0)
@@ -138,13 +146,8 @@ def _bwd_dx_kernel(x_ptr, y_ptr, dy_ptr, dx_ptr, st_ptr, w_ptr, b_ptr, gs_ptr, H
                                                 sC, count, eps, C_PAD, ACC)
     ga = tl.load(gs_ptr + n * 2 * G + grp, mask=cm, other=0) / count
     gb = tl.load(gs_ptr + (n * 2 + 1) * G + grp, mask=cm, other=0) / count
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    m = (p < HW)[:, None] & cm[None, :]
-    offs = n * sN + p[:, None] * sP + c[None, :] * sC
-    dz = tl.load(dy_ptr + offs, mask=m, other=0).to(ACC)
-    if RELU:
-        dz = tl.where(tl.load(y_ptr + offs, mask=m, other=0) > 0, dz, 0)
-    xhat = (tl.load(x_ptr + offs, mask=m, other=0).to(ACC) - mean[None, :]) * rstd[None, :]
+    offs, m = _tile(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), HW, c, cm, n, sN, sC, sP)
+    dz, xhat = _dz_xhat(x_ptr, y_ptr, dy_ptr, offs, m, mean, rstd, RELU, ACC)
     dx = (w[None, :] * dz - ga[None, :] - xhat * gb[None, :]) * rstd[None, :]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
 

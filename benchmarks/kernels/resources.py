@@ -1,8 +1,9 @@
 """Registers and stack (spill) bytes per thread of each Triton kernel, compiled ahead of time for
 an NVIDIA architecture at the GPU launch configuration the launchers read from their autotune
-tables (COCO sizes by default: D = 32, Q = 113 -> Q_PAD 128, 113 segments). Needs no GPU: Triton compiles to a cubin with its
-bundled ptxas and ``cuobjdump --dump-resource-usage`` reads it. This is how the tile sizes were
-chosen without a GPU; timings still need ``run.py`` on one.
+tables (COCO sizes by default: D = 32, Q = 113 -> Q_PAD 128, 113 segments; GroupNorm maps of
+256 channels). Needs no GPU: Triton compiles to a cubin with its bundled ptxas and
+``cuobjdump --dump-resource-usage`` reads it. This is how the tile sizes were chosen without a
+GPU; timings still need ``run.py`` on one.
 
 The figures depend on the Triton version (its code generation and bundled ptxas): run it through
 ``resources.sh``, which runs it with the GPU machine's Triton; the header names the version used.
@@ -116,8 +117,8 @@ def main(argv=None) -> int:
                                    capture_output=True, text=True, check=True).stdout
         reg = re.search(r"REG:(\d+)", usage).group(1)
         stack = re.search(r"STACK:(\d+)", usage).group(1)
-        print(f"| {name} | {consts.get('BLOCK', consts.get('BLOCK_P'))} | {tile.num_warps} | {tile.num_stages or 'default'} | "
-              f"{reg} | {stack} |")
+        block = consts.get("BLOCK", consts.get("BLOCK_P"))
+        print(f"| {name} | {block} | {tile.num_warps} | {tile.num_stages or 'default'} | {reg} | {stack} |")
     return 0
 
 
