@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from kernels.assign import _linear_taps, _outputs
-from kernels.triton_blocks import (Tile, box_cosine, dot_precision, load_pixels, load_queries_t, pad16,
-                                   pixel_block, tile_for)
+from kernels.triton_blocks import (Tile, box_cosine, dot_precision, load_pixels, load_queries_t,
+                                   map_strides, pad16, pixel_block, tile_for)
 
 # Autotune tables, (Q_PAD, dtype class of the embedding) -> Tile
 # (``triton_blocks.tile_for``): the classes timed on an NVIDIA H200 by the GPU suite's `tiles`
@@ -75,13 +75,14 @@ def _argmax_store(s, valid_ptr, pix, n, Q, lab_ptr, best_ptr, second_ptr, Q_PAD:
 
 @triton.jit
 def _assign_kernel(e_ptr, qt_ptr, box_ptr, valid_ptr, lab_ptr, best_ptr, second_ptr, n, width,
-                   Q, D, D_PAD: tl.constexpr, Q_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                   Q, D, s_d, s_p, D_PAD: tl.constexpr, Q_PAD: tl.constexpr, BLOCK: tl.constexpr,
                    DOT: tl.constexpr):
-    """e [B, D, n] (any float dtype), qt [B, D_PAD, Q_PAD] float32, boxes [B, Q, 4],
-    valid [B, Q] bool -> labels [B, n] int64, best [B, n] float32, second [B, n] float32."""
+    """e [B, D, n] (any float dtype; image b at b * D * n, then strides s_d, s_p),
+    qt [B, D_PAD, Q_PAD] float32, boxes [B, Q, 4], valid [B, Q] bool -> labels [B, n] int64,
+    best [B, n] float32, second [B, n] float32."""
     img = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    e = load_pixels(e_ptr + img * D * n, pix, n, D, D_PAD, tl.float32)
+    e = load_pixels(e_ptr + img * D * n, pix, n, D, s_d, s_p, D_PAD, tl.float32)
     qt = load_queries_t(qt_ptr + img * D_PAD * Q_PAD, D_PAD, Q_PAD)
     _, _, s, _ = box_cosine(e, qt, box_ptr + img * Q * 4, pix, width, Q, Q_PAD, DOT)
     _argmax_store(s, valid_ptr + img * Q, pix, n, Q, lab_ptr + img * n, best_ptr + img * n,
@@ -91,12 +92,12 @@ def _assign_kernel(e_ptr, qt_ptr, box_ptr, valid_ptr, lab_ptr, best_ptr, second_
 @triton.jit
 def _assign_upsampled_kernel(e_ptr, qt_ptr, box_ptr, valid_ptr, lab_ptr, best_ptr, second_ptr,
                              ry0_ptr, ry1_ptr, wy0_ptr, wy1_ptr, rx0_ptr, rx1_ptr, wx0_ptr, wx1_ptr,
-                             n, width, lo_n, lo_w, Q, D, D_PAD: tl.constexpr,
+                             n, width, lo_n, lo_w, Q, D, s_d, s_p, D_PAD: tl.constexpr,
                              Q_PAD: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr):
-    """e [B, D, lo_h * lo_w] the stride-4 maps, qt, boxes, valid as ``_assign_kernel``; the taps
-    [H] (rows) and [W] (columns): source indices int32 and weights float32
-    -> labels [B, n] int64, best [B, n] float32, second [B, n] float32 of the n = H * W output
-    pixels."""
+    """e [B, D, lo_h * lo_w] the stride-4 maps (strides as ``_assign_kernel``'s), qt, boxes,
+    valid as ``_assign_kernel``; the taps [H] (rows) and [W] (columns): source indices int32
+    and weights float32 -> labels [B, n] int64, best [B, n] float32, second [B, n] float32 of
+    the n = H * W output pixels."""
     img = tl.program_id(1).to(tl.int64)
     e_ptr += img * D * lo_n
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -112,12 +113,12 @@ def _assign_upsampled_kernel(e_ptr, qt_ptr, box_ptr, valid_ptr, lab_ptr, best_pt
     wx0 = tl.load(wx0_ptr + x, mask=in_map, other=0)[:, None]
     wx1 = tl.load(wx1_ptr + x, mask=in_map, other=0)[:, None]
     d = tl.arange(0, D_PAD)
-    col = d[None, :] * lo_n
+    col = d[None, :] * s_d
     mask = in_map[:, None] & (d < D)[None, :]
-    a = tl.load(e_ptr + col + (ry0 * lo_w + rx0)[:, None], mask=mask, other=0).to(tl.float32)
-    b = tl.load(e_ptr + col + (ry0 * lo_w + rx1)[:, None], mask=mask, other=0).to(tl.float32)
-    c = tl.load(e_ptr + col + (ry1 * lo_w + rx0)[:, None], mask=mask, other=0).to(tl.float32)
-    f = tl.load(e_ptr + col + (ry1 * lo_w + rx1)[:, None], mask=mask, other=0).to(tl.float32)
+    a = tl.load(e_ptr + col + ((ry0 * lo_w + rx0) * s_p)[:, None], mask=mask, other=0).to(tl.float32)
+    b = tl.load(e_ptr + col + ((ry0 * lo_w + rx1) * s_p)[:, None], mask=mask, other=0).to(tl.float32)
+    c = tl.load(e_ptr + col + ((ry1 * lo_w + rx0) * s_p)[:, None], mask=mask, other=0).to(tl.float32)
+    f = tl.load(e_ptr + col + ((ry1 * lo_w + rx1) * s_p)[:, None], mask=mask, other=0).to(tl.float32)
     e = (wx0 * a + wx1 * b) * wy0 + (wx0 * c + wx1 * f) * wy1
     qt = load_queries_t(qt_ptr + img * D_PAD * Q_PAD, D_PAD, Q_PAD)
     _, _, s, _ = box_cosine(e, qt, box_ptr + img * Q * 4, pix, width, Q, Q_PAD, DOT)
@@ -127,8 +128,9 @@ def _assign_upsampled_kernel(e_ptr, qt_ptr, box_ptr, valid_ptr, lab_ptr, best_pt
 
 def _batch(emb: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor,
            valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One image's or a batch's inputs -> emb [B, D, h, w], the transposed zero-padded queries
-    [B, D_PAD, Q_PAD] float32, boxes [B, Q, 4] float32 and valid [B, Q] bool, contiguous."""
+    """One image's or a batch's inputs -> (emb [B, D, h, w], its strides: ``map_strides``), the
+    transposed zero-padded queries [B, D_PAD, Q_PAD] float32, boxes [B, Q, 4] float32 and
+    valid [B, Q] bool, contiguous."""
     if emb.dim() == 3:
         emb, queries, boxes = emb[None], queries[None], boxes[None]
         valid = None if valid is None else valid[None]
@@ -136,7 +138,7 @@ def _batch(emb: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor,
     qt = queries.new_zeros(b, pad16(d), pad16(q), dtype=torch.float32)
     qt[:, :d, :q] = queries.detach().transpose(1, 2)
     valid = torch.ones(b, q, dtype=torch.bool, device=emb.device) if valid is None else valid
-    return emb.contiguous(), qt, boxes.float().contiguous(), valid.contiguous()
+    return map_strides(emb), qt, boxes.float().contiguous(), valid.contiguous()
 
 
 @torch.no_grad()
@@ -148,14 +150,14 @@ def assign(emb: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor,
     -> labels [H, W] int64, best, second [H, W] float32; or a batch of them ([B, D, H, W],
     [B, Q, D], [B, Q, 4], [B, Q] -> [B, H, W] each). ``chunk`` is accepted for the signature
     and unused; ``block`` overrides the pixels per program (a power of two >= 16)."""
-    e, qt, bx, ok = _batch(emb, queries, boxes, valid)
+    (e, s_d, s_p), qt, bx, ok = _batch(emb, queries, boxes, valid)
     b, d, h, w = e.shape
     q = bx.shape[1]
     labels, best, second = _outputs((b, h, w), e.device)
     tile = tile_for(ASSIGN_TILES, pad16(q), e.dtype)
     bs = pixel_block(h * w, e.device, tile.block, block)
     _assign_kernel[(triton.cdiv(h * w, bs), b)](
-        e, qt, bx, ok, labels, best, second, h * w, w, q, d,
+        e, qt, bx, ok, labels, best, second, h * w, w, q, d, s_d, s_p,
         D_PAD=pad16(d), Q_PAD=pad16(q), BLOCK=bs, DOT=dot_precision(torch.float32),
         **tile.options())
     return (labels, best, second) if emb.dim() == 4 else (labels[0], best[0], second[0])
@@ -171,7 +173,7 @@ def assign_upsampled(emb_lowres: torch.Tensor, out_size: tuple[int, int], querie
     (None: all) -> labels [H, W] int64, best, second [H, W] float32 of the bilinear upsampling
     to (H, W); or a batch of them as ``assign``'s. ``chunk`` is accepted for the signature and
     unused; ``block`` as in ``assign``."""
-    e, qt, bx, ok = _batch(emb_lowres, queries, boxes, valid)
+    (e, s_d, s_p), qt, bx, ok = _batch(emb_lowres, queries, boxes, valid)
     b, d, lo_h, lo_w = e.shape
     hh, ww = out_size
     q = bx.shape[1]
@@ -184,7 +186,7 @@ def assign_upsampled(emb_lowres: torch.Tensor, out_size: tuple[int, int], querie
     _assign_upsampled_kernel[(triton.cdiv(hh * ww, bs), b)](
         e, qt, bx, ok, labels, best, second,
         ry0.int(), ry1.int(), wy0, wy1, rx0.int(), rx1.int(), wx0, wx1,
-        hh * ww, ww, lo_h * lo_w, lo_w, q, d,
+        hh * ww, ww, lo_h * lo_w, lo_w, q, d, s_d, s_p,
         D_PAD=pad16(d), Q_PAD=pad16(q), BLOCK=bs, DOT=dot_precision(torch.float32),
         **tile.options())
     return (labels, best, second) if emb_lowres.dim() == 4 else (labels[0], best[0], second[0])

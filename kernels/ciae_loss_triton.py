@@ -1,7 +1,8 @@
 """The CIAE loss of one image (``kernels.ciae_loss``, the twin, has the formulas) as two fused
 Triton kernels behind a torch.autograd.Function. No [pixels, Q] matrix ever reaches global memory.
 
-Forward, one program per block of BLOCK pixels: load e [BLOCK, D], normalise, s = p Q^T on the
+Forward, one program per block of BLOCK pixels: load e [BLOCK, D] (from planes or pixel-major
+maps as they are: ``triton_blocks.map_strides``), normalise, s = p Q^T on the
 padded queries, box filter, z, the top-K of z by K rounds of row max + mask (the lowest index
 among equal values), l of each kept term, times the pixel weight; it writes the block's loss sum
 and valid-pixel count, and the launcher sums those [blocks] partials.
@@ -9,7 +10,7 @@ and valid-pixel count, and the launcher sums those [blocks] partials.
 Backward, a persistent grid of P programs, each over blocks pid, pid + P, ...: recomputes the
 block's forward, builds G = dL/ds [BLOCK, Q_PAD] in registers (the twin's formulas: g at the kept
 terms, -sum g at the target, 0 outside the boxes) and writes dL/de [D, BLOCK] (through the
-normalisation, EPS as in the twin) and dL/dw [BLOCK]; dL/dq = G^T p accumulates in a
+normalisation, EPS as in the twin; in emb's layout) and dL/dw [BLOCK]; dL/dq = G^T p accumulates in a
 [Q_PAD, D_PAD] register tile written once per program, and the launcher sums the P partials
 (deterministic, no atomics).
 
@@ -39,8 +40,8 @@ import triton.language as tl
 
 from kernels.ciae_loss import TINY
 from kernels.triton_blocks import (EPS_C, Tile, box_cosine, dot_precision, load_pixels,
-                                   load_queries_t, pad16, padded_queries_t, persistent_programs,
-                                   pixel_block, tile_for)
+                                   load_queries_t, map_strides, pad16, padded_queries_t,
+                                   persistent_programs, pixel_block, tile_for)
 
 TINY_C = tl.constexpr(TINY)
 
@@ -108,16 +109,16 @@ def _top_k(z, top_k, two_m, wg, Q_PAD: tl.constexpr, WITH_GRAD: tl.constexpr):
 
 @triton.jit
 def _loss_fwd_kernel(e_ptr, qt_ptr, box_ptr, t_ptr, w_ptr, c_ptr, loss_ptr, count_ptr,
-                     n, width, Q, D, top_k, D_PAD: tl.constexpr, Q_PAD: tl.constexpr,
+                     n, width, Q, D, s_d, s_p, top_k, D_PAD: tl.constexpr, Q_PAD: tl.constexpr,
                      BLOCK: tl.constexpr, DOT: tl.constexpr):
-    """e [D, n], qt [D_PAD, Q_PAD], boxes [Q, 4], target [n], weight [n], c = (margin, 2 + margin)
+    """e [D, n] at strides (s_d, s_p), qt [D_PAD, Q_PAD], boxes [Q, 4], target [n], weight [n], c = (margin, 2 + margin)
     -> loss [blocks] (sum of w * top-K l), count [blocks] int32 (valid pixels)."""
     ACC: tl.constexpr = qt_ptr.dtype.element_ty
     pid = tl.program_id(0)
     pix = pid * BLOCK + tl.arange(0, BLOCK)
     margin = tl.load(c_ptr)
     two_m = tl.load(c_ptr + 1)
-    e = load_pixels(e_ptr, pix, n, D, D_PAD, ACC)
+    e = load_pixels(e_ptr, pix, n, D, s_d, s_p, D_PAD, ACC)
     qt = load_queries_t(qt_ptr, D_PAD, Q_PAD)
     _, _, s, _ = box_cosine(e, qt, box_ptr, pix, width, Q, Q_PAD, DOT)
     valid, w, _, z = _hinge(s, t_ptr, w_ptr, pix, n, Q, margin, Q_PAD)
@@ -128,11 +129,11 @@ def _loss_fwd_kernel(e_ptr, qt_ptr, box_ptr, t_ptr, w_ptr, c_ptr, loss_ptr, coun
 
 @triton.jit
 def _loss_bwd_kernel(e_ptr, qt_ptr, box_ptr, t_ptr, w_ptr, c_ptr, gl_ptr, ge_ptr, gw_ptr, gq_ptr,
-                     n, width, Q, D, top_k, num_blocks,
+                     n, width, Q, D, s_d, s_p, top_k, num_blocks,
                      NEED_E: tl.constexpr, NEED_Q: tl.constexpr, NEED_W: tl.constexpr,
                      D_PAD: tl.constexpr, Q_PAD: tl.constexpr, BLOCK: tl.constexpr,
                      DOT: tl.constexpr):
-    """The forward's inputs and gl [] = dL/dloss -> ge [D, n] dL/de (in emb's dtype),
+    """The forward's inputs and gl [] = dL/dloss -> ge [D, n] dL/de (emb's dtype and strides),
     gw [n] dL/dw, gq [programs, Q_PAD, D_PAD] per-program partials of dL/dq; each if NEED_*."""
     ACC: tl.constexpr = qt_ptr.dtype.element_ty
     margin = tl.load(c_ptr)
@@ -145,7 +146,7 @@ def _loss_bwd_kernel(e_ptr, qt_ptr, box_ptr, t_ptr, w_ptr, c_ptr, gl_ptr, ge_ptr
     for blk in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
         pix = blk * BLOCK + tl.arange(0, BLOCK)
         in_map = pix < n
-        e = load_pixels(e_ptr, pix, n, D, D_PAD, ACC)
+        e = load_pixels(e_ptr, pix, n, D, s_d, s_p, D_PAD, ACC)
         p, norm, s, inside = box_cosine(e, qt, box_ptr, pix, width, Q, Q_PAD, DOT)
         valid, w, is_t, z = _hinge(s, t_ptr, w_ptr, pix, n, Q, margin, Q_PAD)
         lsum, gk = _top_k(z, top_k, two_m, w * gl, Q_PAD, NEED_E or NEED_Q)
@@ -160,19 +161,19 @@ def _loss_bwd_kernel(e_ptr, qt_ptr, box_ptr, t_ptr, w_ptr, c_ptr, gl_ptr, ge_ptr
                 dp = tl.dot(grad_s, tl.trans(qt), input_precision=DOT)
                 radial = tl.where(norm >= EPS_C, tl.sum(p * dp, axis=1), 0.0)
                 ge = (dp - p * radial[:, None]) / tl.maximum(norm, EPS_C)[:, None]
-                tl.store(ge_ptr + d[None, :] * n + pix[:, None], ge.to(ge_ptr.dtype.element_ty),
+                tl.store(ge_ptr + d[None, :] * s_d + pix[:, None] * s_p, ge.to(ge_ptr.dtype.element_ty),
                          mask=in_map[:, None] & (d < D)[None, :])
     if NEED_Q:
         tl.store(gq_ptr + tl.program_id(0) * Q_PAD * D_PAD + k[:, None] * D_PAD + d[None, :], gq)
 
 
 def _prepare(emb, queries, boxes, target, weight, margin):
-    """Flattened contiguous kernel inputs and the accumulation dtype."""
-    d, h, w = emb.shape
+    """The kernel inputs (the map in its own layout, with its strides) and the accumulation
+    dtype."""
     acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
     consts = torch.full((2,), 2 + margin, dtype=acc, device=emb.device)
     consts[0].fill_(margin)   # a fill kernel: ``consts[0] = margin`` copies a host scalar (a sync)
-    return (acc, emb.reshape(d, h * w).contiguous(), padded_queries_t(queries, acc),
+    return (acc, map_strides(emb), padded_queries_t(queries, acc),
             boxes.detach().float().contiguous(), target.reshape(-1).contiguous(),
             weight.detach().reshape(-1).contiguous(), consts)
 
@@ -182,14 +183,15 @@ class _EmbeddingLoss(torch.autograd.Function):
     def forward(ctx, emb, queries, boxes, target, weight, margin, top_k, block):
         d, h, w = emb.shape
         n, q = h * w, queries.shape[0]
-        acc, e, qt, bx, t, wt, consts = _prepare(emb, queries, boxes, target, weight, margin)
+        acc, (e, s_d, s_p), qt, bx, t, wt, consts = _prepare(emb, queries, boxes, target, weight,
+                                                             margin)
         tile = tile_for(LOSS_FWD_TILES, pad16(q), emb.dtype)
         bs = pixel_block(n, emb.device, tile.block, block)
         blocks = triton.cdiv(n, bs)
         loss = torch.empty(blocks, dtype=acc, device=emb.device)
         count = torch.empty(blocks, dtype=torch.int32, device=emb.device)
         k = min(top_k, q)
-        _loss_fwd_kernel[(blocks,)](e, qt, bx, t, wt, consts, loss, count, n, w, q, d, k,
+        _loss_fwd_kernel[(blocks,)](e, qt, bx, t, wt, consts, loss, count, n, w, q, d, s_d, s_p, k,
                                     D_PAD=pad16(d), Q_PAD=pad16(q), BLOCK=bs,
                                     DOT=dot_precision(acc), **tile.options())
         ctx.save_for_backward(emb, queries, boxes, target, weight)
@@ -205,7 +207,8 @@ class _EmbeddingLoss(torch.autograd.Function):
         need_e, need_q, _, _, need_w = ctx.needs_input_grad[:5]
         d, h, w = emb.shape
         n, q = h * w, queries.shape[0]
-        acc, e, qt, bx, t, wt, consts = _prepare(emb, queries, boxes, target, weight, ctx.margin)
+        acc, (e, s_d, s_p), qt, bx, t, wt, consts = _prepare(emb, queries, boxes, target, weight,
+                                                             ctx.margin)
         tile = tile_for(LOSS_BWD_TILES, pad16(q), emb.dtype)
         bs = pixel_block(n, emb.device, tile.block, ctx.block)
         blocks = triton.cdiv(n, bs)
@@ -215,11 +218,11 @@ class _EmbeddingLoss(torch.autograd.Function):
         gq = torch.empty(programs, pad16(q), pad16(d), dtype=acc, device=emb.device) if need_q \
             else consts
         _loss_bwd_kernel[(programs,)](e, qt, bx, t, wt, consts, grad_loss.to(acc).contiguous(),
-                                      ge, gw, gq, n, w, q, d, ctx.k, blocks,
+                                      ge, gw, gq, n, w, q, d, s_d, s_p, ctx.k, blocks,
                                       NEED_E=need_e, NEED_Q=need_q, NEED_W=need_w,
                                       D_PAD=pad16(d), Q_PAD=pad16(q), BLOCK=bs,
                                       DOT=dot_precision(acc), **tile.options())
-        return (ge.view_as(emb) if need_e else None,
+        return (ge if need_e else None,
                 gq.sum(0)[:q, :d].to(queries.dtype) if need_q else None,
                 None, None,
                 gw.view_as(weight).to(weight.dtype) if need_w else None,

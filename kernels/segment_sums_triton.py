@@ -1,7 +1,8 @@
 """Per-image segment sums and pixel counts (``kernels.segment_sums``, the twin) in one Triton pass.
 
 Forward, one program per (block of BLOCK pixels, image): load the block's labels and its
-[BLOCK, D_PAD] embeddings once, then for each tile of S_BLOCK segment ids reduce the block with a
+[BLOCK, D_PAD] embeddings once (planes or pixel-major maps as they are:
+``triton_blocks.map_strides``), then for each tile of S_BLOCK segment ids reduce the block with a
 one-hot matmul, onehot^T e -> [S_BLOCK, D_PAD] (``tl.dot``, float32 accumulation; with tf32x3 on
 NVIDIA each embedding enters with ~22 significant bits), and ``atomic_add`` only the rows of
 segments present in the block into sums [B, S, D] and counts [B, S]. Labels are spatially
@@ -9,7 +10,7 @@ coherent, so a block touches a few segments and the atomics are ~D per segment p
 of D per pixel. Atomics make the summation order, hence the last bits, vary from run to run.
 
 Backward, one program per (block, image): each pixel gathers the gradient row of its segment,
-dL/de[b, :, i] = dL/dsums[b, label_i, :] (0 for label -1), written in emb's dtype.
+dL/de[b, :, i] = dL/dsums[b, label_i, :] (0 for label -1), written in emb's dtype and layout.
 
 Cost, B images of N pixels, D dims, S segments, b_e bytes per emb element:
   forward   reads B N (D b_e + 8) bytes (emb, int64 labels), atomics on B S (D + 1) values per
@@ -25,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_blocks import Tile, dot_precision, pad16, pixel_block, tile_for
+from kernels.triton_blocks import (Tile, dot_precision, load_pixels, map_strides, pad16, pixel_block,
+                                   tile_for)
 
 # Autotune tables, forward (S_BLOCK, dtype class), backward (D_PAD, dtype class) -> Tile
 # (``triton_blocks.tile_for``): the classes timed on an NVIDIA H200 by the GPU suite's `tiles`
@@ -45,18 +47,18 @@ SEGMENT_SUMS_BWD_TILES = {
 
 
 @triton.jit
-def _segment_sums_kernel(e_ptr, lab_ptr, sums_ptr, counts_ptr, n, S, D, D_PAD: tl.constexpr,
-                         S_BLOCK: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr):
-    """e [B, D, n], labels [B, n] int64 -> sums [B, S, D] and counts [B, S] (zero-initialised,
-    added to atomically)."""
+def _segment_sums_kernel(e_ptr, lab_ptr, sums_ptr, counts_ptr, n, S, D, s_d, s_p,
+                         D_PAD: tl.constexpr, S_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                         DOT: tl.constexpr):
+    """e [B, D, n] (image b at b * D * n, then strides s_d, s_p), labels [B, n] int64
+    -> sums [B, S, D] and counts [B, S] (zero-initialised, added to atomically)."""
     ACC: tl.constexpr = sums_ptr.dtype.element_ty
     b = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, D_PAD)
     in_map = pix < n
     lab = tl.load(lab_ptr + b * n + pix, mask=in_map, other=-1)
-    e = tl.load(e_ptr + b * D * n + d[None, :] * n + pix[:, None],
-                mask=in_map[:, None] & (d < D)[None, :], other=0).to(ACC)
+    e = load_pixels(e_ptr + b * D * n, pix, n, D, s_d, s_p, D_PAD, ACC)
     for s0 in range(0, S, S_BLOCK):
         seg = s0 + tl.arange(0, S_BLOCK)
         onehot = (lab[:, None] == seg[None, :]).to(ACC)                     # [BLOCK, S_BLOCK]
@@ -69,9 +71,10 @@ def _segment_sums_kernel(e_ptr, lab_ptr, sums_ptr, counts_ptr, n, S, D, D_PAD: t
 
 
 @triton.jit
-def _segment_sums_bwd_kernel(gs_ptr, lab_ptr, ge_ptr, n, S, D,
+def _segment_sums_bwd_kernel(gs_ptr, lab_ptr, ge_ptr, n, S, D, s_d, s_p,
                              D_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """gs [B, S, D] dL/dsums, labels [B, n] -> ge [B, D, n] dL/de in ge's dtype."""
+    """gs [B, S, D] dL/dsums, labels [B, n] -> ge [B, D, n] dL/de in ge's dtype, laid out as
+    the forward's e."""
     b = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, D_PAD)
@@ -81,8 +84,8 @@ def _segment_sums_bwd_kernel(gs_ptr, lab_ptr, ge_ptr, n, S, D,
     cols = (d < D)[None, :]
     g = tl.load(gs_ptr + (b * S + lab[:, None]) * D + d[None, :], mask=keep[:, None] & cols,
                 other=0)
-    tl.store(ge_ptr + b * D * n + d[None, :] * n + pix[:, None], g.to(ge_ptr.dtype.element_ty),
-             mask=in_map[:, None] & cols)
+    tl.store(ge_ptr + b * D * n + d[None, :] * s_d + pix[:, None] * s_p,
+             g.to(ge_ptr.dtype.element_ty), mask=in_map[:, None] & cols)
 
 
 class _SegmentSums(torch.autograd.Function):
@@ -97,11 +100,12 @@ class _SegmentSums(torch.autograd.Function):
         s_block = min(64, pad16(num_segments))
         tile = tile_for(SEGMENT_SUMS_TILES, s_block, emb.dtype)
         bs = pixel_block(n, emb.device, tile.block, block)
+        e, s_d, s_p = map_strides(emb)
         _segment_sums_kernel[(triton.cdiv(n, bs), b)](
-            emb.reshape(b, d, n).contiguous(), lab, sums, counts, n, num_segments, d,
-            D_PAD=pad16(d), S_BLOCK=s_block, BLOCK=bs, DOT=dot_precision(acc), **tile.options())
+            e, lab, sums, counts, n, num_segments, d, s_d, s_p, D_PAD=pad16(d), S_BLOCK=s_block,
+            BLOCK=bs, DOT=dot_precision(acc), **tile.options())
         ctx.save_for_backward(lab)
-        ctx.shape, ctx.dtype, ctx.block = emb.shape, emb.dtype, block
+        ctx.like, ctx.strides, ctx.block = torch.empty_like(e, device="meta"), (s_d, s_p), block
         ctx.mark_non_differentiable(counts)
         return sums, counts
 
@@ -109,14 +113,16 @@ class _SegmentSums(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums, _grad_counts):
         (lab,) = ctx.saved_tensors
-        b, d = ctx.shape[:2]
+        like = ctx.like
+        b, d = like.shape[:2]
         n, s = lab.shape[1], grad_sums.shape[1]
-        grad = torch.empty(b, d, n, dtype=ctx.dtype, device=lab.device)
-        tile = tile_for(SEGMENT_SUMS_BWD_TILES, pad16(d), ctx.dtype)
+        grad = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=lab.device)
+        tile = tile_for(SEGMENT_SUMS_BWD_TILES, pad16(d), like.dtype)
         bs = pixel_block(n, lab.device, tile.block, ctx.block)
         _segment_sums_bwd_kernel[(triton.cdiv(n, bs), b)](
-            grad_sums.contiguous(), lab, grad, n, s, d, D_PAD=pad16(d), BLOCK=bs, **tile.options())
-        return grad.view(ctx.shape), None, None, None
+            grad_sums.contiguous(), lab, grad, n, s, d, *ctx.strides, D_PAD=pad16(d), BLOCK=bs,
+            **tile.options())
+        return grad, None, None, None
 
 
 def segment_sums(emb: torch.Tensor, labels: torch.Tensor, num_segments: int, *,

@@ -2,9 +2,11 @@
 side) and the padding, launch sizes and autotune-table lookup (host side).
 
 A block is BLOCK consecutive pixels of the row-major [H * W] map; its embeddings are a
-[BLOCK, D_PAD] register tile loaded column by column from the [D, H * W] layout (coalesced along
-pixels). Queries are passed transposed and zero-padded, [D_PAD, Q_PAD] in the accumulation dtype,
-so that s = p Q^T is one ``tl.dot`` (see ``dot_precision``).
+[BLOCK, D_PAD] register tile loaded from the map in its own layout (``map_strides``): planes
+[D, H * W] (contiguous; coalesced along pixels) or pixel-major [H * W, D] (channels-last, as
+channels-last training makes the full-resolution embeddings; coalesced along D), with no copy.
+Queries are passed transposed and zero-padded, [D_PAD, Q_PAD] in the accumulation dtype, so that
+s = p Q^T is one ``tl.dot`` (see ``dot_precision``).
 D_PAD and Q_PAD are powers of two >= 16 (``tl.arange`` and ``tl.dot`` need them); the padded
 columns are masked by the callers.
 
@@ -34,11 +36,12 @@ EPS_C = tl.constexpr(EPS)
 
 
 @triton.jit
-def load_pixels(e_ptr, pix, n, D, D_PAD: tl.constexpr, ACC: tl.constexpr):
-    """The pixels ``pix`` [BLOCK] of a [D, n] map -> [BLOCK, D_PAD] in ACC, 0 past n and D."""
+def load_pixels(e_ptr, pix, n, D, s_d, s_p, D_PAD: tl.constexpr, ACC: tl.constexpr):
+    """The pixels ``pix`` [BLOCK] of a map of n pixels and D dims whose element (d, i) is at
+    d * s_d + i * s_p (``map_strides``) -> [BLOCK, D_PAD] in ACC, 0 past n and D."""
     d = tl.arange(0, D_PAD)
     mask = (pix < n)[:, None] & (d < D)[None, :]
-    return tl.load(e_ptr + d[None, :] * n + pix[:, None], mask=mask, other=0).to(ACC)
+    return tl.load(e_ptr + d[None, :] * s_d + pix[:, None] * s_p, mask=mask, other=0).to(ACC)
 
 
 @triton.jit
@@ -77,6 +80,24 @@ def box_cosine(e, qt, box_ptr, pix, width, Q, Q_PAD: tl.constexpr, DOT: tl.const
 def pad16(n: int) -> int:
     """The tile size for n columns: the next power of two, at least 16."""
     return max(16, triton.next_power_of_2(n))
+
+
+def map_strides(emb: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """emb [..., D, H, W] -> (the map, the stride of D, the stride of a pixel), for kernels that
+    address element (d, i) of a map of N = H W pixels at d * s_d + i * s_p, and image b of a
+    batch at b * D * N: planes (contiguous) as they are, (N, 1); pixel-major (channels-last)
+    as they are, (1, D); any other layout copied to planes. A stride of 1 compiles as a
+    constant (Triton specialises integer arguments equal to 1), so each layout gets its own
+    kernel, coalesced along its contiguous axis."""
+    d, h, w = emb.shape[-3:]
+    if emb.is_contiguous():
+        return emb, h * w, 1
+    step = 1                          # pixel-major: D innermost, then W, H and the batch dims
+    for dim in (-3, -1, -2, *range(emb.dim() - 4, -1, -1)):
+        if emb.shape[dim] != 1 and emb.stride(dim) != step:
+            return emb.contiguous(), h * w, 1
+        step *= emb.shape[dim]
+    return emb, 1, d
 
 
 def padded_queries_t(queries: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

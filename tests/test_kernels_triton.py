@@ -25,6 +25,7 @@ from kernel_cases import degenerate_case, make_case  # noqa: E402
 import kernels  # noqa: E402
 from ciae.config import EmbeddingConfig  # noqa: E402
 from ciae.modeling.loss import category_sums, ciae_loss  # noqa: E402
+from ciae.utils.opcount import OpCounter  # noqa: E402
 from kernels import assign_triton, ciae_loss_triton, dispatch, group_norm_triton, segment_sums_triton  # noqa: E402
 from kernels.assign import assign as twin_assign  # noqa: E402
 from kernels.assign import assign_upsampled as twin_assign_upsampled  # noqa: E402
@@ -302,6 +303,84 @@ def test_assign_upsampled_matches_twin(lowres, out, dtype, block):
     ref = twin_assign_upsampled(emb, out, queries, boxes)
     full = F.interpolate(emb[None].float(), size=out, mode="bilinear", align_corners=False)[0]
     assert_assignment_matches(res, ref, reference_similarity(full, queries, boxes))
+
+
+# ---- layouts: planes, pixel-major, other strides --------------------------------------------------
+
+def pixel_major(x):
+    """x [..., D, H, W] with the same values laid out pixel by pixel (channels-last)."""
+    return x.movedim(-3, -1).contiguous().movedim(-1, -3)
+
+
+def strided(x):
+    """x [..., D, H, W] with the same values as every other column of a wider map (neither
+    planes nor pixel-major)."""
+    wide = x.new_zeros(*x.shape[:-1], 2 * x.shape[-1])
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+def _loss_run(emb):
+    _, queries, boxes, target, weight = make_case(21, d=6, h=9, w=13, q=5, dtype=torch.float32)
+    e, q, wt = (t.to(DEV).requires_grad_() for t in (emb, queries, weight))
+    loss, n = ciae_loss_triton.embedding_loss(e, q, boxes.to(DEV), target.to(DEV), wt, MARGIN, 2,
+                                              block=16)
+    return [loss, n], [e, q, wt], loss
+
+
+def _segment_sums_run(emb):
+    labels = torch.randint(-1, 4, (emb.shape[0], *emb.shape[2:]), generator=torch.Generator().manual_seed(2))
+    e = emb.requires_grad_()
+    sums, counts = segment_sums_triton.segment_sums(e, labels.to(DEV), 4, block=16)
+    return [sums, counts], [e], (sums * torch.arange(sums.numel(), device=DEV).view_as(sums)).sum()
+
+
+def _assign_run(emb):
+    _, queries, boxes, _, _ = make_case(22, d=6, h=9, w=13, q=5, dtype=torch.float32)
+    queries, boxes = (t.to(DEV).expand(emb.shape[0], -1, -1) for t in (queries, boxes))
+    out = assign_triton.assign(emb, queries, boxes, block=16)
+    return list(out), [], None
+
+
+def _assign_upsampled_run(emb):
+    _, queries, boxes, _, _ = make_case(23, d=6, h=18, w=26, q=5, dtype=torch.float32)
+    queries, boxes = (t.to(DEV).expand(emb.shape[0], -1, -1) for t in (queries, boxes))
+    out = assign_triton.assign_upsampled(emb, (18, 26), queries, boxes, block=32)
+    return list(out), [], None
+
+
+LAYOUT_RUNS = {"loss": (_loss_run, (6, 9, 13)), "segment_sums": (_segment_sums_run, (2, 6, 9, 13)),
+               "assign": (_assign_run, (2, 6, 9, 13)), "assign_upsampled": (_assign_upsampled_run, (2, 6, 9, 13))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", sorted(LAYOUT_RUNS))
+def test_kernels_read_pixel_major_maps_without_a_copy(kernel, dtype):
+    """A channels-last (pixel-major) embedding map, as channels-last training and inference make
+    them, gives the planar map's outputs and gradients bit for bit, its gradient keeps the map's
+    layout, and the launcher issues no more ops than for planes (no copy of the map); any other
+    strides are copied to planes first."""
+    run, shape = LAYOUT_RUNS[kernel]
+    planes = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEV)
+    results = {}
+    for name, emb in (("planes", planes), ("pixels", pixel_major(planes)), ("strided", strided(planes))):
+        assert torch.equal(emb, planes)
+        emb = emb.detach()                                             # a leaf of its own
+        with OpCounter() as counter:
+            outs, inputs, objective = run(emb)
+            grads = torch.autograd.grad(objective, inputs) if inputs else ()
+        results[name] = outs, grads, inputs, counter.ops
+    outs, grads, _, ops = results["planes"]
+    for name in ("pixels", "strided"):
+        other_outs, other_grads, inputs, other_ops = results[name]
+        for a, b in zip(outs, other_outs):
+            assert torch.equal(a, b), name
+        for a, b, x in zip(grads, other_grads, inputs):
+            assert torch.equal(a, b), name
+            if x.dim() == len(shape):                                  # the map's gradient
+                assert b.stride() == (x.stride() if name == "pixels" else planes.stride()), name
+    assert results["pixels"][3] == ops, (results["pixels"][3] - ops, ops - results["pixels"][3])
+    assert results["strided"][3]["clone"] > ops["clone"]
 
 
 # ---- group_norm ---------------------------------------------------------------------------------

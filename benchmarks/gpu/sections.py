@@ -212,13 +212,16 @@ def correctness_cases(smoke: bool) -> list[tuple]:
                 for op in ops),
               ("Q = 150", "loss", bf16, edge(32, 53, 97), {}),
               *(("D = 48", op, f32, edge(48, 5, 8, 2 if op == "segment_sums" else 1), {})
-                for op in ops)]
+                for op in ops),
+              *(("channels-last", op, dt, edge(32, 5, 8, 2), {"layout": "pixels"})
+                for dt in (bf16, f32) for op in ops)]
     return cases
 
 
 def case_inputs(ctx: Context, shape, dtype, edits: dict, seed: int):
     kb = kernel_bench()
-    emb, lowres, queries, boxes, target, weight = kb.make_inputs(shape, dtype, ctx.device, seed)
+    emb, lowres, queries, boxes, target, weight = kb.make_inputs(shape, dtype, ctx.device, seed,
+                                                                 edits.get("layout", "planes"))
     if "empty" in edits:
         target[target == edits["empty"]] = edits["empty"] - 1
     if "ignore_image" in edits:

@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=32, help="embedding dimension D (default 32)")
     p.add_argument("--queries", type=int, default=113,
                    help="queries Q, also the segments of segment_sums (default 113)")
+    p.add_argument("--layout", default="pixels", choices=["pixels", "planes"],
+                   help="the embedding map's layout: pixel-major (channels-last, as training and "
+                        "labeling make it; default) or planes (contiguous)")
     p.add_argument("--channels", type=int, default=256,
                    help="channels of the GroupNorm map (the map in --dtype; default 256, the head's)")
     args = p.parse_args(argv)
@@ -63,13 +66,17 @@ def main(argv=None) -> int:
     ups = tile_for(A.ASSIGN_UPSAMPLED_TILES, q_pad, dtype)
     seg = tile_for(S.SEGMENT_SUMS_TILES, s_block, dtype)
     seg_bwd = tile_for(S.SEGMENT_SUMS_BWD_TILES, d_pad, dtype)
+    # the map's unit stride compiles as a constant, as the launch specialises it (map_strides)
+    unit, other = ("s_d", "s_p") if args.layout == "pixels" else ("s_p", "s_d")
+    strides = {other: "i32"}
+    tiles[unit] = 1
     loss = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, t_ptr=i64, w_ptr=e, c_ptr=f32, n="i32",
-                width="i32", Q="i32", D="i32", top_k="i32")
+                width="i32", Q="i32", D="i32", top_k="i32", **strides)
     assign = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, valid_ptr="*i1", lab_ptr=i64, best_ptr=f32, second_ptr=f32,
-                  n="i32", width="i32", Q="i32", D="i32")
+                  n="i32", width="i32", Q="i32", D="i32", **strides)
     taps = {f"{a}_ptr": (i32 if a[0] == "r" else f32)
             for a in ("ry0", "ry1", "wy0", "wy1", "rx0", "rx1", "wx0", "wx1")}
-    sums = dict(lab_ptr=i64, n="i32", S="i32", D="i32")
+    sums = dict(lab_ptr=i64, n="i32", S="i32", D="i32", **strides)
     c_pad = triton.next_power_of_2(args.channels)
     gn_tile = Tile(max(1, G.ELEMENTS // c_pad), 8)
     gn = dict(x_ptr=e, st_ptr=f32, w_ptr=f32, b_ptr=f32, HW="i32", C="i32", G="i32", CG="i32", sN="i32",
@@ -88,9 +95,9 @@ def main(argv=None) -> int:
          dict(assign, **taps, lo_n="i32", lo_w="i32"), dict(tiles, BLOCK=ups.block), ups),
         ("segment_sums forward", S._segment_sums_kernel,
          dict(sums, e_ptr=e, sums_ptr=f32, counts_ptr=f32),
-         dict(D_PAD=d_pad, S_BLOCK=s_block, BLOCK=seg.block, DOT="tf32x3"), seg),
+         dict(D_PAD=d_pad, S_BLOCK=s_block, BLOCK=seg.block, DOT="tf32x3", **{unit: 1}), seg),
         ("segment_sums backward", S._segment_sums_bwd_kernel, dict(sums, gs_ptr=f32, ge_ptr=e),
-         dict(D_PAD=d_pad, BLOCK=seg_bwd.block), seg_bwd),
+         dict(D_PAD=d_pad, BLOCK=seg_bwd.block, **{unit: 1}), seg_bwd),
         ("group_norm statistics", G._stats_kernel, gn, gn_consts, gn_tile),
         ("group_norm apply", G._apply_kernel, dict(gn, y_ptr=e), dict(gn_consts, RELU=True), gn_tile),
         ("group_norm backward sums", G._bwd_sums_kernel, dict(gn, y_ptr=e, dy_ptr=e, gs_ptr=f32, cs_ptr=f32),
@@ -98,7 +105,7 @@ def main(argv=None) -> int:
         ("group_norm backward dx", G._bwd_dx_kernel, dict(gn, y_ptr=e, dy_ptr=e, dx_ptr=e, gs_ptr=f32),
          dict(gn_consts, RELU=True), gn_tile),
     ]
-    print(f"sm_{args.arch}, emb {args.dtype}, D = {args.dim}, Q = {args.queries}, "
+    print(f"sm_{args.arch}, emb {args.dtype} {args.layout}, D = {args.dim}, Q = {args.queries}, "
           f"triton {triton.__version__} ({Path(triton.__file__).parent})\n")
     print("| kernel | pixels/program | warps | stages | registers | stack bytes |")
     print("|---|---:|---:|---:|---:|---:|")

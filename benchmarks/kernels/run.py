@@ -69,9 +69,10 @@ COCO = Shape(2, 800, 1216, 32, 53, 60)
 SMOKE = Shape(2, 24, 40, 8, 5, 4)
 
 
-def make_inputs(shape: Shape, dtype, device, seed: int = 0):
+def make_inputs(shape: Shape, dtype, device, seed: int = 0, layout: str = "planes"):
     """emb [B, D, H, W], the stride-4 map [B, D, H/4, W/4], queries [B, Q, D], boxes [B, Q, 4],
-    target [B, H, W] int64, weight [B, H, W]; random, drawn from ``seed``."""
+    target [B, H, W] int64, weight [B, H, W]; random, drawn from ``seed``. ``layout``: the two
+    maps as planes (contiguous) or "pixels" (channels-last, as the jobs make them)."""
     import torch
     import torch.nn.functional as F
 
@@ -89,6 +90,8 @@ def make_inputs(shape: Shape, dtype, device, seed: int = 0):
     target = F.interpolate(cells, scale_factor=32, mode="nearest")[:, 0, :h, :w].long()
     target[torch.rand(b, h, w, generator=g) < 0.05] = -1
     weight = torch.where(target >= shape.stuff, 5.0, 1.0).to(dtype)
+    if layout == "pixels":
+        emb, lowres = (x.contiguous(memory_format=torch.channels_last) for x in (emb, lowres))
     return emb, lowres, queries, boxes, target.to(device), weight.to(device)
 
 
@@ -210,12 +213,13 @@ def hbm_tbps(device_name: str) -> float | None:
 
 def run_table(shape: Shape, dtype, device, tbps: float, warmup: int, repeats: int,
               compile_twins: bool = True, compile_budget_s: float | None = None,
-              compile_backend: str = "inductor", ops: Sequence[str] | None = None) -> list[dict]:
+              compile_backend: str = "inductor", ops: Sequence[str] | None = None,
+              layout: str = "planes") -> list[dict]:
     """Time every operation (or those named in ``ops``, keys of ``operations``) with each
     implementation: the Triton kernels, the eager twins and,
     with ``compile_twins``, ``torch.compile(backend=compile_backend)`` of the twins, whose
     compilation and timing together get ``compile_budget_s`` seconds (None: no limit; an
-    operation past it, or after it, is recorded as skipped).
+    operation past it, or after it, is recorded as skipped); ``layout`` as ``make_inputs``.
 
     Returns one row per (operation, implementation): op, impl, ms (median), peak_mib (None off
     CUDA), floor_ms (bytes moved at ``tbps`` TB/s), pct_floor, agreement (text, vs the eager
@@ -237,7 +241,7 @@ def run_table(shape: Shape, dtype, device, tbps: float, warmup: int, repeats: in
     if compile_twins:
         impls["compiled twin"] = {k: torch.compile(f, backend=compile_backend)
                                   for k, f in twins.items()}
-    inputs = make_inputs(shape, dtype, device)
+    inputs = make_inputs(shape, dtype, device, layout=layout)
     elem = torch.tensor([], dtype=dtype).element_size()
     floors = {op: n for op, n in floor_bytes(shape, elem).items() if ops is None or op in ops}
     grad_bytes = shape.images * shape.dim * shape.height * shape.width * elem
@@ -313,6 +317,9 @@ def main(argv=None) -> int:
                    help="tiny inputs on CPU, Triton under its interpreter: checks the script runs")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="embedding dtype (default float32)")
+    p.add_argument("--layout", default="planes", choices=["planes", "pixels"],
+                   help="the embedding maps' layout: planes (contiguous; default) or pixels "
+                        "(channels-last, as training and labeling make them)")
     p.add_argument("--hbm-tbps", type=float, default=None,
                    help="HBM bandwidth in TB/s (default: from the device name)")
     p.add_argument("--warmup", type=int, default=None,
@@ -350,8 +357,9 @@ def main(argv=None) -> int:
             print(f"HBM bandwidth of {name!r} unknown: assuming 3.35 TB/s (set --hbm-tbps)",
                   file=sys.stderr)
     rows = run_table(shape, getattr(torch, args.dtype), device, tbps, warmup, repeats,
-                     compile_twins=not args.no_compile, compile_budget_s=args.compile_budget)
-    print(f"# Fused CIAE operations, {name}, {args.dtype}\n")
+                     compile_twins=not args.no_compile, compile_budget_s=args.compile_budget,
+                     layout=args.layout)
+    print(f"# Fused CIAE operations, {name}, {args.dtype}, {args.layout}\n")
     print(f"{shape.images} images {shape.height}x{shape.width}, D = {shape.dim}, "
           f"Q = {shape.stuff} stuff + {shape.instances} instances; HBM {tbps} TB/s; median of "
           f"{repeats} after {warmup} warm-up; peak = max allocated above the inputs; x eager = "
