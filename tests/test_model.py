@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ciae import checkpoint
 from ciae.config import Config
@@ -105,6 +106,31 @@ def test_the_loss_takes_the_memory_updated_by_its_own_batch():
     with torch.no_grad():
         again = trainer.model(batch)                        # the same weights, memory M_1
     assert stats["loss_cae"] == pytest.approx(float(again["loss_cae"]), rel=1e-6)
+
+
+def test_every_convolution_of_a_channels_last_step_takes_its_input_as_it_is():
+    """cudnn runs a convolution in one layout: an NCHW input to channels-last weights is copied
+    first (and its gradient back), a pass a CPU run does not show as time. Every convolution of
+    a channels-last training step gets a channels-last input (CoordConv's concatenation
+    included)."""
+    torch.manual_seed(0)
+    model = CIAEModel(tiny_config().merged({"backbone": {"width": 16}}), stuff_ids=[184, 187],
+                      thing_ids=[1, 3])
+    trainer = Trainer(model)
+    assert trainer.model.cfg.solver.channels_last
+    inputs = []
+
+    class Convolutions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.convolution:
+                x = args[0]
+                inputs.append((x.is_contiguous(memory_format=torch.channels_last), x.shape))
+            return func(*args, **(kwargs or {}))
+
+    with Convolutions():
+        trainer.train_step(toy_batch())
+    assert len(inputs) > 50
+    assert not [shape for channels_last, shape in inputs if not channels_last]
 
 
 def test_predict_returns_consistent_coco_panoptic(model):

@@ -18,10 +18,15 @@ from ciae.modeling.backbone import GroupNorm2d
 
 
 def add_coords(x: torch.Tensor) -> torch.Tensor:
-    """CoordConv input: [B, C, H, W] -> [B, C + 2, H, W] with x and y in [-1, 1]."""
+    """CoordConv input: [B, C, H, W] -> [B, C + 2, H, W] with x and y in [-1, 1], in x's layout
+    (a channels-last x gives a channels-last map, which the next convolution takes as it is)."""
     b, _, h, w = x.shape
     ys = _coords(h, x).view(1, 1, h, 1).expand(b, 1, h, w)
     xs = _coords(w, x).view(1, 1, 1, w).expand(b, 1, h, w)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # joined along C of [B, C, H, W] the result would be NCHW (the coordinates are
+        # expanded, not channels-last): join the NHWC views along their last dim instead
+        return torch.cat([t.permute(0, 2, 3, 1) for t in (x, xs, ys)], dim=3).permute(0, 3, 1, 2)
     return torch.cat([x, xs, ys], dim=1)
 
 
