@@ -1,9 +1,13 @@
 """Registers and stack (spill) bytes per thread of each Triton kernel, compiled ahead of time for
 an NVIDIA architecture at the GPU launch configuration the launchers read from their autotune
 tables (COCO sizes by default: D = 32, Q = 113 -> Q_PAD 128, 113 segments; GroupNorm maps of
-256 channels). Needs no GPU: Triton compiles to a cubin with its bundled ptxas and
-``cuobjdump --dump-resource-usage`` reads it. This is how the tile sizes were chosen without a
-GPU; timings still need ``run.py`` on one.
+256 channels), and its global memory accesses: how many of the PTX's loads and stores move 16
+bytes at once (``ld/st.global.v4.b32``) and how many move less (coalescing and vector width,
+per layout: ``--layout``). Each kernel is compiled as Triton's JIT specialises a launch at COCO
+sizes: an integer argument equal to 1 (a unit stride) becomes a constant, one divisible by 16 is
+marked so, and every pointer is 16-byte aligned. Needs no GPU: Triton compiles to a cubin with its
+bundled ptxas and ``cuobjdump --dump-resource-usage`` reads it. This is how the tile sizes were
+chosen without a GPU; timings still need ``run.py`` on one.
 
 The figures depend on the Triton version (its code generation and bundled ptxas): run it through
 ``resources.sh``, which runs it with the GPU machine's Triton; the header names the version used.
@@ -51,6 +55,7 @@ def main(argv=None) -> int:
     from kernels import ciae_loss_triton as L
     from kernels import group_norm_triton as G
     from kernels import segment_sums_triton as S
+    from ciae.modeling.backbone import group_count
     from kernels.triton_blocks import Tile, pad16, tile_for
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -66,10 +71,7 @@ def main(argv=None) -> int:
     ups = tile_for(A.ASSIGN_UPSAMPLED_TILES, q_pad, dtype)
     seg = tile_for(S.SEGMENT_SUMS_TILES, s_block, dtype)
     seg_bwd = tile_for(S.SEGMENT_SUMS_BWD_TILES, d_pad, dtype)
-    # the map's unit stride compiles as a constant, as the launch specialises it (map_strides)
-    unit, other = ("s_d", "s_p") if args.layout == "pixels" else ("s_p", "s_d")
-    strides = {other: "i32"}
-    tiles[unit] = 1
+    strides = dict(s_d="i32", s_p="i32")
     loss = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, t_ptr=i64, w_ptr=e, c_ptr=f32, n="i32",
                 width="i32", Q="i32", D="i32", top_k="i32", **strides)
     assign = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, valid_ptr="*i1", lab_ptr=i64, best_ptr=f32, second_ptr=f32,
@@ -82,6 +84,17 @@ def main(argv=None) -> int:
     gn = dict(x_ptr=e, st_ptr=f32, w_ptr=f32, b_ptr=f32, HW="i32", C="i32", G="i32", CG="i32", sN="i32",
               sC="i32", sP="i32", count="fp32", eps="fp32", chunk="i32")
     gn_consts = dict(C_PAD=c_pad, BLOCK_P=gn_tile.block)
+    # The integer arguments at COCO sizes (800 x 1216, its stride-4 map 200 x 304; GroupNorm on the
+    # head's P3, 100 x 152, channels-last), which the launch specialises as Triton's JIT does:
+    # a 1 compiles as a constant, a multiple of 16 as known divisible by 16 (alignment, vector
+    # widths); every pointer is 16-byte aligned (PyTorch's allocations).
+    n, hw = 800 * 1216, 100 * 152
+    groups = group_count(args.channels)
+    values = dict(n=n, width=1216, Q=args.queries, D=args.dim, top_k=5, S=args.queries,
+                  num_blocks=triton.cdiv(n, bwd.block), lo_n=200 * 304, lo_w=304,
+                  s_d=1 if args.layout == "pixels" else n, s_p=args.dim if args.layout == "pixels" else 1,
+                  HW=hw, C=args.channels, G=groups, CG=args.channels // groups, sN=args.channels * hw,
+                  sC=1, sP=args.channels, chunk=gn_tile.block * triton.cdiv(triton.cdiv(hw, gn_tile.block), 33))
     specs = [
         ("loss forward", L._loss_fwd_kernel, dict(loss, loss_ptr=f32, count_ptr=i32),
          dict(tiles, BLOCK=fwd.block), fwd),
@@ -95,9 +108,9 @@ def main(argv=None) -> int:
          dict(assign, **taps, lo_n="i32", lo_w="i32"), dict(tiles, BLOCK=ups.block), ups),
         ("segment_sums forward", S._segment_sums_kernel,
          dict(sums, e_ptr=e, sums_ptr=f32, counts_ptr=f32),
-         dict(D_PAD=d_pad, S_BLOCK=s_block, BLOCK=seg.block, DOT="tf32x3", **{unit: 1}), seg),
+         dict(D_PAD=d_pad, S_BLOCK=s_block, BLOCK=seg.block, DOT="tf32x3"), seg),
         ("segment_sums backward", S._segment_sums_bwd_kernel, dict(sums, gs_ptr=f32, ge_ptr=e),
-         dict(D_PAD=d_pad, BLOCK=seg_bwd.block, **{unit: 1}), seg_bwd),
+         dict(D_PAD=d_pad, BLOCK=seg_bwd.block), seg_bwd),
         ("group_norm statistics", G._stats_kernel, gn, gn_consts, gn_tile),
         ("group_norm apply", G._apply_kernel, dict(gn, y_ptr=e), dict(gn_consts, RELU=True), gn_tile),
         ("group_norm backward sums", G._bwd_sums_kernel, dict(gn, y_ptr=e, dy_ptr=e, gs_ptr=f32, cs_ptr=f32),
@@ -107,16 +120,25 @@ def main(argv=None) -> int:
     ]
     print(f"sm_{args.arch}, emb {args.dtype} {args.layout}, D = {args.dim}, Q = {args.queries}, "
           f"triton {triton.__version__} ({Path(triton.__file__).parent})\n")
-    print("| kernel | pixels/program | warps | stages | registers | stack bytes |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| kernel | pixels/program | warps | stages | registers | stack bytes "
+          "| global loads: 16-byte / other | stores: 16-byte / other |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, fn, sig, consts, tile in specs:
         names = fn.arg_names
         unset = [a for a in names if a not in sig and a not in consts]
         if unset:       # an argument added to the kernel since: it would compile as a constexpr
             raise SystemExit(f"{name}: no type or value for {', '.join(unset)} in resources.py")
-        src = ASTSource(fn, {a: sig.get(a, "constexpr") for a in names},
-                        constexprs={(names.index(k),): v for k, v in consts.items()})
-        cubin = triton.compile(src, target=target, options=tile.options()).asm["cubin"]
+        consts, attrs = dict(consts), {}
+        for a in names:
+            kind = sig.get(a, "")
+            if kind == "i32" and values.get(a) == 1:
+                consts[a] = 1
+            elif kind.startswith("*") or (kind == "i32" and values.get(a, 1) % 16 == 0):
+                attrs[(names.index(a),)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn, {a: "constexpr" if a in consts else sig[a] for a in names},
+                        constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+        compiled = triton.compile(src, target=target, options=tile.options())
+        cubin, ptx = compiled.asm["cubin"], compiled.asm["ptx"]
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
@@ -125,7 +147,11 @@ def main(argv=None) -> int:
         reg = re.search(r"REG:(\d+)", usage).group(1)
         stack = re.search(r"STACK:(\d+)", usage).group(1)
         block = consts.get("BLOCK", consts.get("BLOCK_P"))
-        print(f"| {name} | {block} | {tile.num_warps} | {tile.num_stages or 'default'} | {reg} | {stack} |")
+        access = {op: [len(re.findall(rf"\b{op}\.global\.v4\.b32", ptx)),
+                       len(re.findall(rf"\b{op}\.global(?!\.v4\.b32)[.a-z0-9]*", ptx))]
+                  for op in ("ld", "st")}
+        print(f"| {name} | {block} | {tile.num_warps} | {tile.num_stages or 'default'} | {reg} | {stack} "
+              f"| {access['ld'][0]} / {access['ld'][1]} | {access['st'][0]} / {access['st'][1]} |")
     return 0
 
 
