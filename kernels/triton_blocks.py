@@ -58,8 +58,7 @@ def box_cosine(e, qt, box_ptr, pix, width, Q, Q_PAD: tl.constexpr, DOT: tl.const
     ``width`` wide, qt [D_PAD, Q_PAD] padded transposed queries, boxes [Q, 4] float32 xyxy,
     DOT the dot's input precision -> p [BLOCK, D_PAD] = e / max(||e||, EPS), norm [BLOCK],
     s [BLOCK, Q_PAD] = p . q_k, 0 outside box k and for k >= Q, inside [BLOCK, Q_PAD] bool."""
-    norm = tl.sqrt(tl.sum(e * e, axis=1))
-    p = e / tl.maximum(norm, EPS_C)[:, None]
+    p, norm = normalise(e)
     s = tl.dot(p, qt, input_precision=DOT)
     k = tl.arange(0, Q_PAD)
     real = k < Q
@@ -67,12 +66,25 @@ def box_cosine(e, qt, box_ptr, pix, width, Q, Q_PAD: tl.constexpr, DOT: tl.const
     y0 = tl.load(box_ptr + 4 * k + 1, mask=real, other=0)
     x1 = tl.load(box_ptr + 4 * k + 2, mask=real, other=0)
     y1 = tl.load(box_ptr + 4 * k + 3, mask=real, other=0)
+    inside = inside_boxes(pix, width, x0, y0, x1, y1) & real[None, :]
+    return p, norm, tl.where(inside, s, 0.0), inside
+
+
+@triton.jit
+def normalise(e):
+    """e [BLOCK, D_PAD] -> p = e / max(||e||, EPS) by rows, norm [BLOCK]."""
+    norm = tl.sqrt(tl.sum(e * e, axis=1))
+    return e / tl.maximum(norm, EPS_C)[:, None], norm
+
+
+@triton.jit
+def inside_boxes(pix, width, x0, y0, x1, y1):
+    """The flat pixels ``pix`` [BLOCK] of a map ``width`` wide, boxes' corners [K] each ->
+    [BLOCK, K] bool: pixel inside box (x0 <= x < x1 and y0 <= y < y1)."""
     y = (pix // width).to(tl.float32)[:, None]
     x = (pix % width).to(tl.float32)[:, None]
     # the twin's test, written as "outside" so that NaN boxes behave the same
-    outside = (y < y0[None, :]) | (y >= y1[None, :]) | (x < x0[None, :]) | (x >= x1[None, :])
-    inside = (~outside) & real[None, :]
-    return p, norm, tl.where(inside, s, 0.0), inside
+    return ~((y < y0[None, :]) | (y >= y1[None, :]) | (x < x0[None, :]) | (x >= x1[None, :]))
 
 
 # ---- host side ---------------------------------------------------------------------------------

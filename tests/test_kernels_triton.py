@@ -305,6 +305,47 @@ def test_assign_upsampled_matches_twin(lowres, out, dtype, block):
     assert_assignment_matches(res, ref, reference_similarity(full, queries, boxes))
 
 
+@pytest.mark.parametrize("upsampled", [False, True], ids=["assign", "assign_upsampled"])
+def test_assign_loops_over_query_tiles_up_to_each_images_last_valid_query(upsampled):
+    """150 queries, three tiles of 64, in one batch of three images: every query valid; a sparse
+    set ending in the second tile (the third tile is never computed); none (label 0, best -inf,
+    second -1). Query 140 equals query 3 (box included): where they win, the tie across tiles
+    goes to 3 and the second best equals the best."""
+    g = torch.Generator().manual_seed(5)
+    b, d, q = 3, 6, 150
+    size, out = ((5, 7), (20, 28)) if upsampled else ((9, 13), (9, 13))
+    emb = torch.randn(b, d, *size, generator=g)
+    queries = F.normalize(torch.randn(b, q, d, generator=g), dim=-1)
+    xy = torch.rand(b, q, 2, generator=g) * torch.tensor([out[1], out[0]])
+    boxes = torch.cat([xy, xy + torch.rand(b, q, 2, generator=g) * 20 + 2], -1)
+    boxes[:, :10] = torch.tensor([0.0, 0.0, out[1], out[0]])
+    queries[:, 3] = F.normalize(emb[:, :, 0, 0], dim=-1)       # pixel (0, 0)'s own direction
+    queries[:, 140], boxes[:, 140] = queries[:, 3], boxes[:, 3]
+    valid = torch.ones(b, q, dtype=torch.bool)
+    valid[1] = torch.rand(q, generator=g) < 0.3
+    valid[1, 100:] = False
+    valid[2] = False
+    if upsampled:
+        res = assign_triton.assign_upsampled(emb.to(DEV), out, queries.to(DEV), boxes.to(DEV),
+                                             valid=valid.to(DEV), block=32)
+    else:
+        res = assign_triton.assign(emb.to(DEV), queries.to(DEV), boxes.to(DEV), valid=valid.to(DEV),
+                                   block=16)
+    for i in range(2):
+        twin = (twin_assign_upsampled(emb[i], out, queries[i], boxes[i], valid=valid[i]) if upsampled
+                else twin_assign(emb[i], queries[i], boxes[i], valid=valid[i]))
+        full = F.interpolate(emb[i][None], size=out, mode="bilinear", align_corners=False)[0] \
+            if upsampled else emb[i]
+        sim = reference_similarity(full, queries[i], boxes[i]).masked_fill(~valid[i], float("-inf"))
+        assert_assignment_matches([x[i] for x in res], twin, sim)
+    end = assign_triton._batch(emb, queries, boxes, valid)[-1]             # where each loop stops
+    assert end.tolist() == [q, int(valid[1].nonzero().max()) + 1, 0] and end[1] <= 128
+    tie = res[0][0] == 3
+    assert tie.any() and (res[1][0][tie] == res[2][0][tie]).all()
+    assert (res[0][1] < 100).all() and valid[1][res[0][1]].all()
+    assert (res[0][2] == 0).all() and (res[1][2] == float("-inf")).all() and (res[2][2] == -1).all()
+
+
 # ---- layouts: planes, pixel-major, other strides --------------------------------------------------
 
 def pixel_major(x):

@@ -4,14 +4,16 @@ Triton kernel per shape class, and propose its autotune table.
 The launchers read their ``Tile`` (pixels per program, warps, pipeline stages) from a table
 beside each kernel, keyed by (size class, dtype class) (``kernels.triton_blocks.tile_for``). For
 each group (kernel, class, dtype), in order of importance, this sets the table entry to each
-candidate in turn, times the kernel on one COCO-sized image (800 x 1216, D = 32; Q = 60, 113 or
-153 queries for Q_PAD 64, 128, 256) and checks that its outputs agree with the current tile's:
-within 1e-3 (labels: 99.99% equal), or within 4x of how far the eager twin's outputs lie from
-the current tile's (top-K near-ties in the loss: another summation order may keep the other
-term). The best agreeing candidate replaces the entry in the proposal when it is at least 3%
-faster. Each group is one unit of the suite: a CUDA fault ends its kernel's groups only.
-Groups left when the time runs out are listed as skipped; the proposal keeps their entries.
-OUT/tiles.json holds every timing and the proposed tables as Python, ready to paste.
+candidate in turn, times the kernel on one COCO-sized image (800 x 1216, D = 32; the loss:
+Q = 60, 113 or 153 queries for Q_PAD 64, 128, 256; the assignment, whose class is its query
+tile: labeling's 153 slots, 83 of them valid, 53 stuff and 30 instances) and checks that its
+outputs agree with the current tile's: within 1e-3 (labels: 99.99% equal), or within 4x of
+how far the eager twin's outputs lie from the current tile's (top-K near-ties in the loss:
+another summation order may keep the other term). The best agreeing candidate replaces the
+entry in the proposal when it is at least 3% faster. Each group is one unit of the suite: a
+CUDA fault ends its kernel's groups only. Groups left when the time runs out are listed as
+skipped; the proposal keeps their entries. OUT/tiles.json holds every timing and the proposed
+tables as Python, ready to paste.
 """
 
 from __future__ import annotations
@@ -40,25 +42,27 @@ CANDIDATES = {"loss fwd": SIMILARITY, "assign": SIMILARITY, "assign_upsampled": 
               "segment_sums bwd": [Tile(256, 4), Tile(64, 4), Tile(256, 8), Tile(128, 8)]}
 BF16, FP32 = torch.bfloat16, torch.float32
 # Training runs the loss under bf16 autocast at Q_PAD 64 (CAE: 54 categories; IAE: 53 stuff + a
-# few instances) or 128; inference assigns 53 stuff + up to 100 instance queries.
+# few instances) or 128; inference assigns 53 stuff + up to 100 instance queries, in tiles of 64.
 GPU_GROUPS = [("loss bwd", 64, BF16), ("loss bwd", 128, BF16), ("loss fwd", 64, BF16),
               ("loss fwd", 128, BF16), ("segment_sums", 64, BF16),
-              ("segment_sums bwd", 32, BF16), ("assign_upsampled", 128, BF16),
-              ("assign_upsampled", 64, BF16), ("loss bwd", 128, FP32), ("loss fwd", 128, FP32),
-              ("assign_upsampled", 128, FP32), ("assign", 128, FP32), ("segment_sums", 64, FP32),
-              ("segment_sums bwd", 32, FP32), ("loss bwd", 256, BF16), ("loss fwd", 256, BF16),
-              ("assign_upsampled", 256, BF16), ("assign", 128, BF16)]
+              ("segment_sums bwd", 32, BF16), ("assign_upsampled", 64, BF16),
+              ("loss bwd", 128, FP32), ("loss fwd", 128, FP32), ("assign_upsampled", 64, FP32),
+              ("assign", 64, FP32), ("segment_sums", 64, FP32), ("segment_sums bwd", 32, FP32),
+              ("loss bwd", 256, BF16), ("loss fwd", 256, BF16), ("assign", 64, BF16)]
 SMOKE_GROUPS = [(kernel, 32 if kernel == "segment_sums bwd" else 16, FP32) for kernel in TABLES]
 QUERIES = {16: 9, 64: 60, 128: 113, 256: 153}      # Q_PAD class -> queries (53 stuff + the rest)
+SLOTS, KEPT = 153, 83      # the assignment: labeling's query slots, and the valid ones among them
 FASTER = 0.97              # a candidate replaces the entry when it takes < 97% of the time
 AGREE = 1e-3               # outputs of another tile: relative error below this, labels 99.99%
 
 
 def make_run(kernel: str, cls: int, dtype, device, smoke: bool, backend: str = "triton"):
     """() -> outputs of one launch of ``kernel`` by ``backend`` (a backward alone, dL/demb and
-    dL/dqueries: its forward ran once). Segment sums: 113 segments (53 stuff + 60 instances)."""
+    dL/dqueries: its forward ran once). Segment sums: 113 segments (53 stuff + 60 instances);
+    the assignment: ``SLOTS`` queries, the first ``KEPT`` valid."""
     kb = kernel_bench()
-    q = 9 if smoke else QUERIES[128 if kernel.startswith("segment") else cls]
+    q = 9 if smoke else SLOTS if kernel.startswith("assign") else QUERIES[
+        128 if kernel.startswith("segment") else cls]
     stuff = 5 if smoke else 53
     h, w = (24, 40) if smoke else (800, 1216)
     shape = kb.Shape(1, h, w, 32, stuff, q - stuff)
@@ -73,10 +77,11 @@ def make_run(kernel: str, cls: int, dtype, device, smoke: bool, backend: str = "
         e, qs = e.clone().requires_grad_(), qs.clone().requires_grad_()
         total, _ = loss(e, qs, bx, t, w, kb.MARGIN, kb.TOP_K)
         return lambda: torch.autograd.grad(total, (e, qs), retain_graph=True)
+    valid = torch.arange(q, device=device) < (q - 2 if smoke else KEPT)
     if kernel == "assign":
-        return lambda: dispatch.assign(e, qs, bx, backend=backend)
+        return lambda: dispatch.assign(e, qs, bx, valid=valid, backend=backend)
     if kernel == "assign_upsampled":
-        return lambda: dispatch.assign_upsampled(lowres[0], size, qs, bx, backend=backend)
+        return lambda: dispatch.assign_upsampled(lowres[0], size, qs, bx, valid=valid, backend=backend)
     if kernel == "segment_sums":
         return lambda: dispatch.segment_sums(emb, target, q, backend=backend)
     e4 = emb.clone().requires_grad_()
@@ -119,8 +124,8 @@ def section_tiles(ctx, sec) -> None:
     per_candidate = 1 if ctx.smoke else 8         # seconds: a compile and the timing
     proposal = {k: dict(getattr(*v)) for k, v in TABLES.items()}
     measured, rows = [], []
-    sec.note("Tile(pixels per program, warps[, pipeline stages]); class = Q_PAD (loss, "
-             "assignment), S_BLOCK (segment sums) or D_PAD (segment sums backward). A "
+    sec.note("Tile(pixels per program, warps[, pipeline stages]); class = Q_PAD (loss), the "
+             "query tile (assignment), S_BLOCK (segment sums) or D_PAD (segment sums backward). A "
              "candidate replaces an entry when it takes under 97% of the current time and its "
              "outputs agree."
              + (" Smoke: under the interpreter tiles do not apply and times mean nothing."

@@ -67,15 +67,17 @@ def main(argv=None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     s_block = min(64, pad16(args.queries))
     fwd, bwd = tile_for(L.LOSS_FWD_TILES, q_pad, dtype), tile_for(L.LOSS_BWD_TILES, q_pad, dtype)
-    asg = tile_for(A.ASSIGN_TILES, q_pad, dtype)
-    ups = tile_for(A.ASSIGN_UPSAMPLED_TILES, q_pad, dtype)
+    q_tile = A.query_tile(args.queries)
+    asg = tile_for(A.ASSIGN_TILES, q_tile, dtype)
+    ups = tile_for(A.ASSIGN_UPSAMPLED_TILES, q_tile, dtype)
+    assign_consts = dict(D_PAD=d_pad, Q_TILE=q_tile, DOT="tf32x3")
     seg = tile_for(S.SEGMENT_SUMS_TILES, s_block, dtype)
     seg_bwd = tile_for(S.SEGMENT_SUMS_BWD_TILES, d_pad, dtype)
     strides = dict(s_d="i32", s_p="i32")
     loss = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, t_ptr=i64, w_ptr=e, c_ptr=f32, n="i32",
                 width="i32", Q="i32", D="i32", top_k="i32", **strides)
-    assign = dict(e_ptr=e, qt_ptr=f32, box_ptr=f32, valid_ptr="*i1", lab_ptr=i64, best_ptr=f32, second_ptr=f32,
-                  n="i32", width="i32", Q="i32", D="i32", **strides)
+    assign = dict(e_ptr=e, qt_ptr=f32, bt_ptr=f32, valid_ptr="*i1", end_ptr=i32, lab_ptr=i64, best_ptr=f32,
+                  second_ptr=f32, n="i32", width="i32", QA="i32", D="i32", **strides)
     taps = {f"{a}_ptr": (i32 if a[0] == "r" else f32)
             for a in ("ry0", "ry1", "wy0", "wy1", "rx0", "rx1", "wx0", "wx1")}
     sums = dict(lab_ptr=i64, n="i32", S="i32", D="i32", **strides)
@@ -90,7 +92,8 @@ def main(argv=None) -> int:
     # widths); every pointer is 16-byte aligned (PyTorch's allocations).
     n, hw = 800 * 1216, 100 * 152
     groups = group_count(args.channels)
-    values = dict(n=n, width=1216, Q=args.queries, D=args.dim, top_k=5, S=args.queries,
+    values = dict(n=n, width=1216, Q=args.queries, QA=triton.cdiv(args.queries, q_tile) * q_tile,
+                  D=args.dim, top_k=5, S=args.queries,
                   num_blocks=triton.cdiv(n, bwd.block), lo_n=200 * 304, lo_w=304,
                   s_d=1 if args.layout == "pixels" else n, s_p=args.dim if args.layout == "pixels" else 1,
                   HW=hw, C=args.channels, G=groups, CG=args.channels // groups, sN=args.channels * hw,
@@ -103,9 +106,9 @@ def main(argv=None) -> int:
            dict(tiles, BLOCK=bwd.block, NEED_E=ne, NEED_Q=nq, NEED_W=nw), bwd)
           for tag, (ne, nq, nw) in (("de", (True, False, False)), ("de+dq", (True, True, False)),
                                     ("de+dq+dw", (True, True, True)))),
-        ("assign", A._assign_kernel, assign, dict(tiles, BLOCK=asg.block), asg),
+        ("assign", A._assign_kernel, assign, dict(assign_consts, BLOCK=asg.block), asg),
         ("assign_upsampled", A._assign_upsampled_kernel,
-         dict(assign, **taps, lo_n="i32", lo_w="i32"), dict(tiles, BLOCK=ups.block), ups),
+         dict(assign, **taps, lo_n="i32", lo_w="i32"), dict(assign_consts, BLOCK=ups.block), ups),
         ("segment_sums forward", S._segment_sums_kernel,
          dict(sums, e_ptr=e, sums_ptr=f32, counts_ptr=f32),
          dict(D_PAD=d_pad, S_BLOCK=s_block, BLOCK=seg.block, DOT="tf32x3"), seg),
