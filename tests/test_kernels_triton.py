@@ -567,6 +567,26 @@ def test_group_norm_benchmark_runs():
     assert len(rows) == 12 and all(float(r[-1]) < 0.05 for r in rows)
 
 
+@pytest.mark.parametrize("dtype,layout", [("bf16", "pixels"), ("fp32", "planes")])
+def test_every_kernel_compiles_for_a_gpu(dtype, layout):
+    """``benchmarks/kernels/resources.py``: every kernel compiled for sm_90 as the JIT compiles a
+    COCO-sized launch, with Triton's bundled ptxas, no GPU needed. The interpreter runs code a GPU
+    compile rejects (a loop-carried value whose type changes in the loop did), so the device
+    path is compiled here too."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "resources.py"
+    run = subprocess.run([sys.executable, str(script), "--dtype", dtype, "--layout", layout],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line and "kernel" not in line]
+    assert {r[0].strip() for r in rows} == {
+        "loss forward", "loss backward de", "loss backward de+dq", "loss backward de+dq+dw",
+        "assign", "assign_upsampled", "segment_sums forward", "segment_sums backward",
+        "group_norm statistics", "group_norm apply", "group_norm backward sums",
+        "group_norm backward dx"}
+    assert all(0 < int(r[4]) <= 255 for r in rows)                            # registers
+
+
 # ---- dispatch ----------------------------------------------------------------------------------
 
 def test_dispatch_lists_triton_first_and_auto_keeps_cpu_on_the_twin():
