@@ -67,8 +67,8 @@ def _assign_store(e, qt_ptr, bt_ptr, valid_ptr, end_ptr, pix, n, width, QA, lab_
     valid [QA] (False past Q), end [] one past the last valid query -> labels[pix] (first
     maximum), best[pix], second[pix] (the largest of the others, at least -1) over the valid
     queries: Q_TILE queries at a time up to ``end``, each tile's maximum merged into the running
-    one (an equal maximum keeps the lower index). The padding makes every load whole (no mask):
-    16-byte loads along the queries."""
+    one (an equal maximum keeps the lower index). The padding makes every load whole (no mask),
+    so the loads along the queries are vectors."""
     p = normalise(e)[0]
     d = tl.arange(0, D_PAD)
     k = tl.arange(0, Q_TILE)
