@@ -1,7 +1,8 @@
 """The entry points the model calls: each fused operation, checked and routed to a backend.
 
 A backend is one entry of ``BACKENDS``: its functions (the four fused CIAE operations, the
-batched greedy NMS, ``nms`` and ``greedy_keep``, and GroupNorm + ReLU) and ``accepts(tensor)``, whether
+batched greedy NMS, ``nms`` and ``greedy_keep``, GroupNorm + ReLU, and a frozen BatchNorm's affine
+map with its residual and ReLU) and ``accepts(tensor)``, whether
 "auto" may choose it for inputs like that tensor (device, dtype). ``backend="auto"`` takes the
 first entry, in table order, that accepts the operation's main input; the PyTorch twins accept
 everything and stay last. Adding a backend is one entry placed before "torch".
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import assign as _assign
+from kernels import channel_affine as _channel_affine
 from kernels import ciae_loss as _ciae_loss
 from kernels import group_norm as _group_norm
 from kernels import nms as _nms
@@ -38,6 +40,7 @@ class Backend:
     nms: Callable
     greedy_keep: Callable
     group_norm: Callable
+    channel_affine: Callable
     accepts: Callable[[torch.Tensor], bool]
 
 
@@ -50,6 +53,7 @@ except ImportError:     # no triton: the twins only
 
 if triton is not None:
     from kernels import assign_triton as _assign_triton
+    from kernels import channel_affine_triton as _channel_affine_triton
     from kernels import ciae_loss_triton as _ciae_loss_triton
     from kernels import group_norm_triton as _group_norm_triton
     from kernels import nms_triton as _nms_triton
@@ -61,7 +65,8 @@ if triton is not None:
                                  assign_upsampled=_assign_triton.assign_upsampled,
                                  accepts=lambda tensor: tensor.is_cuda,
                                  nms=_nms_triton.nms, greedy_keep=_nms_triton.greedy_keep,
-                                 group_norm=_group_norm_triton.group_norm)
+                                 group_norm=_group_norm_triton.group_norm,
+                                 channel_affine=_channel_affine_triton.channel_affine)
 
 BACKENDS["torch"] = Backend(segment_sums=_segment_sums.segment_sums,
                             embedding_loss=_ciae_loss.embedding_loss,
@@ -69,7 +74,8 @@ BACKENDS["torch"] = Backend(segment_sums=_segment_sums.segment_sums,
                             assign_upsampled=_assign.assign_upsampled,
                             accepts=lambda tensor: True,
                             nms=_nms.nms, greedy_keep=_nms.greedy_keep,
-                            group_norm=_group_norm.group_norm)
+                            group_norm=_group_norm.group_norm,
+                            channel_affine=_channel_affine.channel_affine)
 
 
 def _pick(backend: str, tensor: torch.Tensor) -> Backend:
@@ -203,3 +209,31 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     _check(weight.shape == bias.shape == (x.shape[1],),
            f"weight and bias must be [C={x.shape[1]}], got {tuple(weight.shape)} and {tuple(bias.shape)}")
     return _pick(backend, x).group_norm(x, num_groups, weight, bias, eps, relu)
+
+
+def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                   residual: torch.Tensor | None = None, residual_scale: torch.Tensor | None = None,
+                   residual_shift: torch.Tensor | None = None, relu: bool = False, *,
+                   backend: str = "auto") -> torch.Tensor:
+    """x [N, C, H, W] float, scale and shift [C, 1, 1] in x's dtype, residual [N, C, H, W] or None
+    (residual_scale and residual_shift [C, 1, 1] in its dtype, or None) -> relu(x * scale + shift +
+    residual * residual_scale + residual_shift) in x's dtype and layout, each term and the ReLU
+    where given. Differentiable w.r.t. x and residual. See ``kernels.channel_affine``."""
+    _check(x.dim() == 4 and x.is_floating_point(), f"x must be [N, C, H, W] float, got {tuple(x.shape)} {x.dtype}")
+    c = x.shape[1]
+    _check(scale.shape == shift.shape == (c, 1, 1) and scale.dtype == shift.dtype == x.dtype,
+           f"scale and shift must be [C={c}, 1, 1] {x.dtype}, got {tuple(scale.shape)} {scale.dtype} and "
+           f"{tuple(shift.shape)} {shift.dtype}")
+    _check(not (scale.requires_grad or shift.requires_grad),
+           "scale and shift are constants: they must not require grad")
+    _check((residual_scale is None) == (residual_shift is None) and (residual is not None or residual_scale is None),
+           "residual_scale and residual_shift come together, and only with a residual")
+    if residual is not None:
+        _check(residual.shape == x.shape and residual.is_floating_point(),
+               f"residual must be {tuple(x.shape)} float, got {tuple(residual.shape)} {residual.dtype}")
+    if residual_scale is not None:
+        _check(residual_scale.shape == residual_shift.shape == (c, 1, 1)
+               and residual_scale.dtype == residual_shift.dtype == residual.dtype
+               and not (residual_scale.requires_grad or residual_shift.requires_grad),
+               f"residual_scale and residual_shift must be constant [C={c}, 1, 1] {residual.dtype}")
+    return _pick(backend, x).channel_affine(x, scale, shift, residual, residual_scale, residual_shift, relu)

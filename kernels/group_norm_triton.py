@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels.group_norm import layout
-from kernels.triton_blocks import persistent_programs
+from kernels.triton_blocks import channel_launch, channel_tile, persistent_programs
 
 ELEMENTS = 4096          # elements of a [BLOCK_P, C_PAD] tile on a GPU
 MAX_CHANNELS = 1024
@@ -50,12 +50,6 @@ def _channels(x_ptr, st_ptr, w_ptr, b_ptr, n, C, G, CG, sN, sC, count, eps, C_PA
     w = tl.load(w_ptr + c, mask=cm, other=0).to(ACC)
     b = tl.load(b_ptr + c, mask=cm, other=0).to(ACC)
     return c, cm, grp, k, k + d, rstd, w, b
-
-
-@triton.jit
-def _tile(p, limit, c, cm, n, sN, sC, sP):
-    """The pixels p [BLOCK_P] (below ``limit``) of image n -> offsets and mask [BLOCK_P, C_PAD]."""
-    return n * sN + p[:, None] * sP + c[None, :] * sC, (p < limit)[:, None] & cm[None, :]
 
 
 @triton.jit
@@ -83,7 +77,7 @@ def _stats_kernel(x_ptr, st_ptr, HW, C, G, CG, sN, sC, sP, chunk, C_PAD: tl.cons
     p0 = tl.program_id(0) * chunk
     p_end = tl.minimum(p0 + chunk, HW)
     for start in range(p0, p_end, BLOCK_P):
-        offs, m = _tile(start + tl.arange(0, BLOCK_P), p_end, c, cm, n, sN, sC, sP)
+        offs, m = channel_tile(start + tl.arange(0, BLOCK_P), p_end, c, cm, n, sN, sC, sP)
         v = tl.load(x_ptr + offs, mask=m, other=0).to(ACC)
         v = tl.where(m, v - k[None, :], 0)
         acc1 += v
@@ -102,7 +96,7 @@ def _apply_kernel(x_ptr, y_ptr, st_ptr, w_ptr, b_ptr, HW, C, G, CG, sN, sC, sP, 
                                                 sC, count, eps, C_PAD, ACC)
     scale = rstd * w
     shift = b - mean * scale
-    offs, m = _tile(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), HW, c, cm, n, sN, sC, sP)
+    offs, m = channel_tile(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), HW, c, cm, n, sN, sC, sP)
     y = tl.load(x_ptr + offs, mask=m, other=0).to(ACC) * scale[None, :] + shift[None, :]
     if RELU:
         y = tl.maximum(y, 0)
@@ -124,7 +118,7 @@ def _bwd_sums_kernel(x_ptr, y_ptr, dy_ptr, st_ptr, w_ptr, b_ptr, gs_ptr, cs_ptr,
     p0 = tl.program_id(0) * chunk
     p_end = tl.minimum(p0 + chunk, HW)
     for start in range(p0, p_end, BLOCK_P):
-        offs, m = _tile(start + tl.arange(0, BLOCK_P), p_end, c, cm, n, sN, sC, sP)
+        offs, m = channel_tile(start + tl.arange(0, BLOCK_P), p_end, c, cm, n, sN, sC, sP)
         dz, xhat = _dz_xhat(x_ptr, y_ptr, dy_ptr, offs, m, mean, rstd, RELU, ACC)
         acc1 += dz
         acc2 += dz * xhat
@@ -146,7 +140,7 @@ def _bwd_dx_kernel(x_ptr, y_ptr, dy_ptr, dx_ptr, st_ptr, w_ptr, b_ptr, gs_ptr, H
                                                 sC, count, eps, C_PAD, ACC)
     ga = tl.load(gs_ptr + n * 2 * G + grp, mask=cm, other=0) / count
     gb = tl.load(gs_ptr + (n * 2 + 1) * G + grp, mask=cm, other=0) / count
-    offs, m = _tile(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), HW, c, cm, n, sN, sC, sP)
+    offs, m = channel_tile(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), HW, c, cm, n, sN, sC, sP)
     dz, xhat = _dz_xhat(x_ptr, y_ptr, dy_ptr, offs, m, mean, rstd, RELU, ACC)
     dx = (w[None, :] * dz - ga[None, :] - xhat * gb[None, :]) * rstd[None, :]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
@@ -158,11 +152,7 @@ class _Launch:
     def __init__(self, x: torch.Tensor, num_groups: int, block: int | None):
         n, c, h, w = x.shape
         self.hw = h * w
-        self.c_pad = triton.next_power_of_2(c)
-        cuda = x.device.type == "cuda"
-        self.block = block or (max(1, ELEMENTS // self.c_pad) if cuda
-                               else min(triton.next_power_of_2(max(self.hw, 1)), 1024))
-        self.s_c, self.s_p = (1, c) if layout(x) == torch.channels_last else (self.hw, 1)
+        self.c_pad, self.block, self.s_c, self.s_p = channel_launch(x, ELEMENTS, block)
         blocks = triton.cdiv(self.hw, self.block)
         split = triton.cdiv(persistent_programs(blocks * n, x.device), max(n, 1))   # programs per image
         self.chunk = max(1, triton.cdiv(blocks, split)) * self.block
@@ -170,7 +160,7 @@ class _Launch:
         self.apply_grid = (blocks, n)
         self.dims = (self.hw, c, num_groups, c // num_groups, c * self.hw, self.s_c, self.s_p)
         self.count = float(c // num_groups * self.hw)      # elements per group
-        self.options = {"num_warps": 8} if cuda else {}
+        self.options = {"num_warps": 8} if x.is_cuda else {}
 
 
 class _GroupNorm(torch.autograd.Function):

@@ -87,6 +87,14 @@ def inside_boxes(pix, width, x0, y0, x1, y1):
     return ~((y < y0[None, :]) | (y >= y1[None, :]) | (x < x0[None, :]) | (x >= x1[None, :]))
 
 
+@triton.jit
+def channel_tile(p, limit, c, cm, n, sN, sC, sP):
+    """Pixels p [BLOCK_P] (those below ``limit``) and channels c [C_PAD] (``cm``: those below C)
+    of image n of a [N, C, H, W] map with image, channel and pixel strides (sN, sC, sP) ->
+    offsets and mask [BLOCK_P, C_PAD]."""
+    return n * sN + p[:, None] * sP + c[None, :] * sC, (p < limit)[:, None] & cm[None, :]
+
+
 # ---- host side ---------------------------------------------------------------------------------
 
 def pad16(n: int) -> int:
@@ -164,6 +172,20 @@ def pixel_block(n: int, device: torch.device, gpu_block: int, block: int | None)
     if block is not None:
         return block
     return gpu_block if device.type == "cuda" else min(1024, pad16(n))
+
+
+def channel_launch(x: torch.Tensor, elements: int, block: int | None) -> tuple[int, int, int, int]:
+    """x [N, C, H, W], contiguous or channels-last -> (C_PAD, BLOCK_P, sC, sP) of kernels that
+    tile it [BLOCK_P pixels, C_PAD channels] (``channel_tile``): sC, sP = (1, C) channels-last,
+    (H W, 1) contiguous; BLOCK_P = ``block`` if given, else ``elements`` // C_PAD on a GPU and
+    under the interpreter the whole map up to 1024 pixels."""
+    c, h, w = x.shape[1:]
+    c_pad = triton.next_power_of_2(c)
+    if block is None:
+        block = max(1, elements // c_pad) if x.is_cuda else min(triton.next_power_of_2(max(h * w, 1)), 1024)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return c_pad, block, 1, c
+    return c_pad, block, h * w, 1
 
 
 @functools.lru_cache(maxsize=None)

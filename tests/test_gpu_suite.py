@@ -103,8 +103,9 @@ def test_train_step_and_inference(smoke):
     assert all(im["instances"] >= 1 and im["stuff_classes"] >= 1
                for im in sections["train_step"]["images"])
     inf = sections["inference"]
-    assert {(r["batch"], r["bf16_autocast"]) for r in inf["gpu_resident"]} == {
-        (1, True), (8, True), (1, False), (8, False)}
+    assert sorted((r["batch"], r["bf16_autocast"], r["variant"]) for r in inf["gpu_resident"]) == [
+        (1, False, "channels-last"), (1, True, "channels-last"), (8, False, "channels-last"),
+        (8, True, "NCHW"), (8, True, "channels-last"), (8, True, "cudnn.benchmark")]
     assert all(finite(r["images_per_s"]) and r["images_per_s"] > 0 for r in inf["gpu_resident"])
     assert inf["planted"]["in_range"] and inf["planted"]["instances_per_image"] > 0
     for run in (inf["loader"], inf["end_to_end"]):

@@ -336,7 +336,8 @@ def test_dispatch_calls_the_backend_it_is_given(monkeypatch):
             calls.append(name)
             return "result of " + name
         return dispatch.Backend(segment_sums=fn, embedding_loss=fn, assign=fn, assign_upsampled=fn, nms=fn,
-                                greedy_keep=fn, group_norm=fn, accepts=lambda t: name == "second")
+                                greedy_keep=fn, group_norm=fn, channel_affine=fn,
+                                accepts=lambda t: name == "second")
     monkeypatch.setattr(dispatch, "BACKENDS", {"first": spy("first"), "second": spy("second")})
     for backend, expected in (("first", "first"), ("second", "second"), ("auto", "second")):
         calls.clear()
@@ -347,7 +348,9 @@ def test_dispatch_calls_the_backend_it_is_given(monkeypatch):
         assert kernels.assign_upsampled(emb, (10, 8), queries, boxes, backend=backend) == "result of " + expected
         assert kernels.group_norm(emb[None], 3, emb.new_ones(3), emb.new_zeros(3),
                                   backend=backend) == "result of " + expected
-        assert calls == [expected] * 5
+        assert kernels.channel_affine(emb[None], emb.new_ones(3, 1, 1), emb.new_zeros(3, 1, 1), emb[None],
+                                      backend=backend) == "result of " + expected
+        assert calls == [expected] * 6
 
 
 def test_dispatch_rejects_bad_input():
@@ -362,3 +365,12 @@ def test_dispatch_rejects_bad_input():
         kernels.embedding_loss(emb, queries, boxes, target[:2], weight, MARGIN, 5)
     with pytest.raises(ValueError, match="labels"):
         kernels.segment_sums(emb[None], target, 4)
+    x, c = emb[None], emb.new_ones(3, 1, 1)
+    with pytest.raises(ValueError, match="scale and shift must be"):
+        kernels.channel_affine(x, c[:2], c[:2])
+    with pytest.raises(ValueError, match="constants"):
+        kernels.channel_affine(x, c.clone().requires_grad_(), c)
+    with pytest.raises(ValueError, match="come together"):
+        kernels.channel_affine(x, c, c, x, c)
+    with pytest.raises(ValueError, match="residual must be"):
+        kernels.channel_affine(x, c, c, x[..., :2])

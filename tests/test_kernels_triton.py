@@ -26,9 +26,11 @@ import kernels  # noqa: E402
 from ciae.config import EmbeddingConfig  # noqa: E402
 from ciae.modeling.loss import category_sums, ciae_loss  # noqa: E402
 from ciae.utils.opcount import OpCounter  # noqa: E402
-from kernels import assign_triton, ciae_loss_triton, dispatch, group_norm_triton, segment_sums_triton  # noqa: E402
+from kernels import (assign_triton, channel_affine_triton, ciae_loss_triton, dispatch,  # noqa: E402
+                     group_norm_triton, segment_sums_triton)
 from kernels.assign import assign as twin_assign  # noqa: E402
 from kernels.assign import assign_upsampled as twin_assign_upsampled  # noqa: E402
+from kernels.channel_affine import channel_affine as twin_channel_affine  # noqa: E402
 from kernels.ciae_loss import embedding_loss as twin_loss  # noqa: E402
 from kernels.group_norm import group_norm as twin_group_norm  # noqa: E402
 from kernels.segment_sums import segment_sums as twin_segment_sums  # noqa: E402
@@ -554,6 +556,131 @@ def test_the_models_group_norms_run_the_kernels_and_train_as_the_twins(monkeypat
         close(grads[name], ref_grads[name], 1e-3)
 
 
+# ---- channel_affine -----------------------------------------------------------------------------
+
+def run_channel_affine(fn, x, scale, shift, residual, residual_scale, residual_shift, relu, probe, **kw):
+    """The output and the gradients of x and the residual (None where there is none)."""
+    x = x.clone().requires_grad_()
+    r = None if residual is None else residual.clone().requires_grad_()
+    y = fn(x, scale, shift, r, residual_scale, residual_shift, relu, **kw)
+    inputs = (x,) if r is None else (x, r)
+    grads = torch.autograd.grad((y.float() * probe).sum(), inputs)
+    return y.detach(), *grads, *([None] if r is None else [])
+
+
+def affine_case(seed, shape, dtype=torch.float64, channels_last=True, residual="affine"):
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, r, probe = (torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=fmt) for _ in range(3))
+    c = shape[1]
+    scale, shift, r_scale, r_shift = (torch.randn(c, 1, 1, generator=g).to(dtype) for _ in range(4))
+    res = {"none": (None, None, None), "plain": (r, None, None), "affine": (r, r_scale, r_shift)}[residual]
+    return [t if t is None else t.to(DEV) for t in (x, scale, shift, *res)], probe.float().to(DEV)
+
+
+@pytest.mark.parametrize("shape,channels_last,residual,relu,block", [
+    ((2, 16, 5, 7), True, "affine", True, None),      # a bottleneck's end with its projection
+    ((2, 16, 5, 7), False, "affine", True, 4),        # contiguous; several tiles per image
+    ((3, 24, 9, 4), True, "plain", True, 8),          # the identity shortcut; C not a power of two
+    ((1, 12, 6, 6), True, "none", True, 16),          # norm + ReLU
+    ((2, 8, 3, 5), False, "none", False, None),       # the norm alone
+    ((2, 8, 1, 1), True, "plain", False, None),       # one pixel, no ReLU
+])
+def test_channel_affine_matches_twin(shape, channels_last, residual, relu, block):
+    """Output and the gradients of x and the residual, float64, every residual kind and layout;
+    the output and the gradients keep the map's layout."""
+    args, probe = affine_case(sum(shape), shape, channels_last=channels_last, residual=residual)
+    got = run_channel_affine(channel_affine_triton.channel_affine, *args, relu, probe, block=block)
+    ref = run_channel_affine(twin_channel_affine, *args, relu, probe)
+    for a, b in zip(got, ref):
+        if b is None:
+            assert a is None
+            continue
+        close(a, b, 1e-12)
+        assert a.stride() == args[0].stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_channel_affine_keeps_the_maps_dtype_and_rounds_once(dtype):
+    """A half-precision map and its residual stay in their dtype; the kernel computes in float32
+    and rounds once, so it is within a rounding of the float64 result (the twin, in the map's
+    dtype, rounds after each of its four operations: within a few)."""
+    args, probe = affine_case(7, (2, 32, 6, 10), dtype=dtype)
+    got = run_channel_affine(channel_affine_triton.channel_affine, *args, True, probe)
+    exact = run_channel_affine(twin_channel_affine, *[t.double() for t in args], True, probe.double())
+    assert got[0].dtype == got[1].dtype == got[2].dtype == dtype
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, exact):
+        close(a.float(), b.float(), {torch.float32: 1e-5}.get(dtype, 1e-2))
+
+
+def test_channel_affine_keeps_nan_and_cuts_at_zero_as_relu():
+    """relu(NaN) is NaN, as PyTorch's; a zero or negative output passes no gradient, a NaN one
+    passes it (``threshold_backward``'s rule), as the twin."""
+    x = torch.tensor([[[[float("nan"), -1.0, 0.0, 2.0]]]], dtype=torch.float64).to(DEV)
+    one, zero = x.new_ones(1, 1, 1), x.new_zeros(1, 1, 1)
+    probe = torch.ones_like(x).float()
+    got = run_channel_affine(channel_affine_triton.channel_affine, x, one, zero, None, None, None, True, probe)
+    ref = run_channel_affine(twin_channel_affine, x, one, zero, None, None, None, True, probe)
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert got[0][0, 0, 0, 0].isnan() and got[1].flatten().tolist()[1:] == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 4, 4), (2, 8, 0, 5)], ids=["no image", "no pixel"])
+def test_channel_affine_of_an_empty_map(shape):
+    args, probe = affine_case(1, shape)
+    got = run_channel_affine(channel_affine_triton.channel_affine, *args, True, probe)
+    assert got[0].shape == got[1].shape == got[2].shape == shape
+
+
+def test_channel_affine_copies_a_residual_to_the_maps_layout():
+    """A contiguous residual beside a channels-last map (and the reverse) gives the twin's values."""
+    args, probe = affine_case(3, (2, 16, 4, 6))
+    args[3] = args[3].contiguous()
+    got = run_channel_affine(channel_affine_triton.channel_affine, *args, True, probe)
+    ref = run_channel_affine(twin_channel_affine, *args, True, probe)
+    for a, b in zip(got, ref):
+        close(a, b, 1e-12)
+
+
+def test_the_models_frozen_batchnorms_run_one_kernel_each_and_train_as_the_twins():
+    """The paper's backbone (frozen BatchNorm, ``freeze_at`` 2), channels-last: with "triton",
+    each norm and what follows it is one kernel launch (a bottleneck's end takes its shortcut's
+    norm along), no ``addcmul``, ``add_`` or ``relu_`` is left, and a forward and backward give
+    the twins' features and gradients."""
+    from ciae.modeling.backbone import FrozenBatchNorm2d, ResNet
+
+    results = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        net = ResNet(50, width=4, norm="frozen_bn", freeze_at=2).to(DEV).double()
+        for m in net.modules():
+            if isinstance(m, FrozenBatchNorm2d):     # statistics off 0 / 1, so every term counts
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.normal_(0, 0.1)
+                m.backend = backend
+        net = net.to(memory_format=torch.channels_last)
+        x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        x = x.to(DEV).contiguous(memory_format=torch.channels_last)
+        with OpCounter() as counter:
+            out = net(x)
+            sum((v * v).sum() for v in out.values()).backward()
+        grads = [p.grad for p in net.parameters() if p.requires_grad]
+        results[backend] = out, grads, counter.ops
+    (out, grads, ops), (ref_out, ref_grads, ref_ops) = results["triton"], results["torch"]
+    for level in out:
+        close(out[level], ref_out[level], 1e-9)
+        assert out[level].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(grads, ref_grads):
+        close(a, b, 1e-9)
+    norms = sum(isinstance(m, FrozenBatchNorm2d) for m in net.modules())
+    assert ops["triton:_forward_kernel"] == norms - 4      # the four projections' norms ride along
+    assert not (ops["addcmul"] or ops["add_"] or ops["relu_"]), ops
+    assert ref_ops["addcmul"] == norms
+
+
 def test_group_norm_benchmark_runs():
     """``benchmarks/kernels/group_norm.py --smoke``: every implementation and pass of both maps,
     each within bfloat16 rounding of float64 (its times mean nothing on the CPU)."""
@@ -565,6 +692,19 @@ def test_group_norm_benchmark_runs():
     assert [(r[1].strip(), r[2].strip()) for r in rows[:6]] == [
         (impl, what) for impl in ("autocast", "twin", "triton") for what in ("forward", "forward + backward")]
     assert len(rows) == 12 and all(float(r[-1]) < 0.05 for r in rows)
+
+
+def test_channel_affine_benchmark_runs():
+    """``benchmarks/kernels/channel_affine.py --smoke``: both implementations and passes of the
+    three maps, each within bfloat16 rounding of float64 (its times mean nothing on the CPU)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "channel_affine.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and " ms " not in line
+            and "---" not in line]
+    assert [(r[1].strip(), r[2].strip()) for r in rows[:4]] == [
+        (impl, what) for impl in ("twin", "triton") for what in ("forward", "forward + backward")]
+    assert len(rows) == 12 and all(float(r[-1]) < 0.1 for r in rows)
 
 
 @pytest.mark.parametrize("dtype,layout", [("bf16", "pixels"), ("fp32", "planes")])
@@ -583,7 +723,7 @@ def test_every_kernel_compiles_for_a_gpu(dtype, layout):
         "loss forward", "loss backward de", "loss backward de+dq", "loss backward de+dq+dw",
         "assign", "assign_upsampled", "segment_sums forward", "segment_sums backward",
         "group_norm statistics", "group_norm apply", "group_norm backward sums",
-        "group_norm backward dx"}
+        "group_norm backward dx", "channel_affine forward", "channel_affine backward"}
     assert all(0 < int(r[4]) <= 255 for r in rows)                            # registers
 
 

@@ -6,6 +6,7 @@ each figure is.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -679,8 +680,10 @@ def section_inference(ctx: Context, sec) -> None:
     data = JpegImages(paths, transform)
     images, sizes = transform.batch([data[i] for i in range(8)])
     images = images.to(ctx.device)
-    # ciae.engine.predictor.Predictor without and with bf16 autocast, the model's layout left as it is
-    predictors = {amp: Predictor(model, amp=amp, channels_last=False) for amp in (False, True)}
+    # ciae.engine.predictor.Predictor as the labeling job makes it (channels-last), without and
+    # with bf16 autocast; and at batch 8 in bf16 a copy of the model left NCHW (the layout this
+    # section measured until 2026-12-08), and cuDNN's autotuner on (torch.backends.cudnn.benchmark)
+    predictors = {amp: Predictor(model, amp=amp) for amp in (False, True)}
     config = (f"{cfg.backbone.name} FPN, {n_files} synthetic {w}x{h} JPEGs at test size "
               f"{tuple(images.shape[2:])} (padded)")
     sec.set(config=config)
@@ -695,9 +698,15 @@ def section_inference(ctx: Context, sec) -> None:
                  f"{planted['wanted'][0]}-{planted['wanted'][1]} instance segments per image: "
                  f"{planted['instances_per_image']:.1f}; the duplicate-query test is off "
                  f"(untrained embeddings are alike everywhere).")
+    predictors["nchw"] = Predictor(copy.deepcopy(model).to(memory_format=torch.contiguous_format),
+                                   amp=True, channels_last=False)       # after the planting: the same weights
     sec.note("predict = forward + detection + query selection + assign_upsampled + COCO panoptic "
              "assembly (ciae/modeling/inference.py), the id maps on the host. Steady = after the first "
-             "batch (worker start-up excluded).")
+             "batch (worker start-up excluded). Resident rows: the labeling job's Predictor "
+             "(channels-last); NCHW: a copy of the model left in NCHW (this section's layout "
+             "before 2026-12-08); cudnn.benchmark: cuDNN times its algorithms for each conv "
+             "shape in the warm-up batches, then runs the fastest (off elsewhere, as PyTorch's "
+             "default).")
     rows = []
 
     def add_row(*cells):
@@ -708,21 +717,28 @@ def section_inference(ctx: Context, sec) -> None:
         return predictors[autocast].predict_batch(batch, size, size)
 
     resident = []
-    for autocast in (False, True):
-        for bs in (1, 8):
-            what = f"batch {bs}, autocast {'on' if autocast else 'off'}"
-            if not sec.affords(2 if ctx.smoke else 5, what):
-                continue
+    runs = [(autocast, bs, "") for autocast in (False, True) for bs in (1, 8)]
+    runs += [("nchw", 8, "NCHW"), (True, 8, "cudnn.benchmark")]
+    for autocast, bs, variant in runs:
+        what = f"batch {bs}, autocast {'off' if autocast is False else 'on'}{', ' + variant if variant else ''}"
+        if not sec.affords(2 if ctx.smoke else 5, what):
+            continue
+        torch.backends.cudnn.benchmark = variant == "cudnn.benchmark"
+        try:
             t = sec.attempt(what, functools.partial(
                 ctx.timed, functools.partial(predict, images[:bs], sizes[:bs], autocast), 2,
                 2 if ctx.smoke else (10 if bs == 1 else 5)))
-            if t is None:
-                continue
-            resident.append({"batch": bs, "bf16_autocast": autocast, "images_per_s": bs / t})
-            sec.set(gpu_resident=resident)
-            add_row(f"images on the {ctx.device.type}", bs, "on" if autocast else "off",
-                    f"{bs / t:.1f}")
-    b8 = {r["bf16_autocast"]: r["images_per_s"] for r in resident if r["batch"] == 8}
+        finally:
+            torch.backends.cudnn.benchmark = False
+        if t is None:
+            continue
+        resident.append({"batch": bs, "bf16_autocast": autocast is not False, "variant": variant or "channels-last",
+                         "images_per_s": bs / t})
+        sec.set(gpu_resident=resident)
+        add_row(f"images on the {ctx.device.type}, {variant or 'channels-last'}", bs,
+                "off" if autocast is False else "on", f"{bs / t:.1f}")
+    b8 = {r["bf16_autocast"]: r["images_per_s"] for r in resident
+          if r["batch"] == 8 and r["variant"] == "channels-last"}
     autocast = max(b8, key=b8.get) if b8 else False
 
     workers = os.cpu_count() or 1

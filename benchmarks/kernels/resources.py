@@ -1,7 +1,7 @@
 """Registers and stack (spill) bytes per thread of each Triton kernel, compiled ahead of time for
 an NVIDIA architecture at the GPU launch configuration the launchers read from their autotune
-tables (COCO sizes by default: D = 32, Q = 113 -> Q_PAD 128, 113 segments; GroupNorm maps of
-256 channels), and its global memory accesses: how many of the PTX's loads and stores move 16
+tables (COCO sizes by default: D = 32, Q = 113 -> Q_PAD 128, 113 segments; GroupNorm and
+channel_affine maps of 256 channels), and its global memory accesses: how many of the PTX's loads and stores move 16
 bytes at once (``ld/st.global.v4.b32``) and how many move less (coalescing and vector width,
 per layout: ``--layout``). Each kernel is compiled as Triton's JIT specialises a launch at COCO
 sizes: an integer argument equal to 1 (a unit stride) becomes a constant, one divisible by 16 is
@@ -42,16 +42,18 @@ def main(argv=None) -> int:
                    help="the embedding map's layout: pixel-major (channels-last, as training and "
                         "labeling make it; default) or planes (contiguous)")
     p.add_argument("--channels", type=int, default=256,
-                   help="channels of the GroupNorm map (the map in --dtype; default 256, the head's)")
+                   help="channels of the GroupNorm and channel_affine maps (in --dtype; default 256, the head's)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)       # compile, do not interpret
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import torch
     import triton
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from kernels import assign_triton as A
+    from kernels import channel_affine_triton as CA
     from kernels import ciae_loss_triton as L
     from kernels import group_norm_triton as G
     from kernels import segment_sums_triton as S
@@ -86,6 +88,9 @@ def main(argv=None) -> int:
     gn = dict(x_ptr=e, st_ptr=f32, w_ptr=f32, b_ptr=f32, HW="i32", C="i32", G="i32", CG="i32", sN="i32",
               sC="i32", sP="i32", count="fp32", eps="fp32", chunk="i32")
     gn_consts = dict(C_PAD=c_pad, BLOCK_P=gn_tile.block)
+    ca_tile = Tile(max(1, CA.ELEMENTS // c_pad), 8)
+    ca = dict(s_ptr=e, HW="i32", C="i32", sN="i32", sC="i32", sP="i32")
+    ca_consts = dict(C_PAD=c_pad, BLOCK_P=ca_tile.block, RES=2, RELU=True, ACC=tl.float32)
     # The integer arguments at COCO sizes (800 x 1216, its stride-4 map 200 x 304; GroupNorm on the
     # head's P3, 100 x 152, channels-last), which the launch specialises as Triton's JIT does:
     # a 1 compiles as a constant, a multiple of 16 as known divisible by 16 (alignment, vector
@@ -120,6 +125,10 @@ def main(argv=None) -> int:
          dict(gn_consts, RELU=True), gn_tile),
         ("group_norm backward dx", G._bwd_dx_kernel, dict(gn, y_ptr=e, dy_ptr=e, dx_ptr=e, gs_ptr=f32),
          dict(gn_consts, RELU=True), gn_tile),
+        ("channel_affine forward", CA._forward_kernel,
+         dict(ca, x_ptr=e, b_ptr=e, r_ptr=e, rs_ptr=e, rb_ptr=e, y_ptr=e), ca_consts, ca_tile),
+        ("channel_affine backward", CA._backward_kernel,
+         dict(ca, dy_ptr=e, y_ptr=e, rs_ptr=e, dx_ptr=e, dr_ptr=e), ca_consts, ca_tile),
     ]
     print(f"sm_{args.arch}, emb {args.dtype} {args.layout}, D = {args.dim}, Q = {args.queries}, "
           f"triton {triton.__version__} ({Path(triton.__file__).parent})\n")

@@ -41,7 +41,10 @@ class FrozenBatchNorm2d(nn.Module):
     Its scale and shift are computed once per dtype and kept while the buffers hold still
     (the same tensors, unmodified): in eager mode a forward is then one op, where computing
     them costs a GPU five small kernel launches per layer, seven under bf16 autocast (371 in a
-    ResNet-50).
+    ResNet-50). ``forward`` takes what follows it in a ResNet too (``norm_act``): the ReLU and a
+    residual, itself through another frozen BatchNorm or not, all in one call of
+    ``kernels.channel_affine`` (on CUDA one Triton kernel; ``backend`` is the model's
+    ``kernel_backend``; compiled, it traces the PyTorch twin, which the compiler fuses itself).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
@@ -53,6 +56,7 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self._affine = None     # (what it was computed from, scale [C, 1, 1], shift [C, 1, 1])
+        self.backend = "auto"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -75,10 +79,15 @@ class FrozenBatchNorm2d(nn.Module):
             self._affine = (source, *self._compute(dtype))
         return self._affine[1], self._affine[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
+                residual_norm: FrozenBatchNorm2d | None = None) -> torch.Tensor:
+        """x * scale + shift, plus ``residual`` (through ``residual_norm`` where given), then the
+        ReLU with ``relu``: one pass over x; the backward keeps only the [C] scales, and the
+        output for the ReLU."""
         scale, shift = self.scale_shift(x.dtype)
-        # one pass over x (a multiply and an add would be two); saves only ``scale`` for the backward
-        return torch.addcmul(shift, x, scale)
+        rs, rb = (None, None) if residual_norm is None else residual_norm.scale_shift(residual.dtype)
+        backend = "torch" if torch.compiler.is_compiling() else self.backend
+        return kernels.channel_affine(x, scale, shift, residual, rs, rb, relu, backend=backend)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -117,13 +126,30 @@ class GroupNorm2d(nn.GroupNorm):
         self.relu = relu
         self.backend = "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool | None = None) -> torch.Tensor:
+        """The norm, then the ReLU with ``relu`` (None: the module's ``relu``)."""
         backend = "torch" if torch.compiler.is_compiling() else self.backend
-        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.relu,
-                                  backend=backend)
+        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                                  self.relu if relu is None else relu, backend=backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu" if self.relu else "")
+
+
+def norm_act(norm: nn.Module, x: torch.Tensor, relu: bool = True, residual: torch.Tensor | None = None,
+             residual_norm: nn.Module | None = None) -> torch.Tensor:
+    """relu(norm(x) + residual_norm(residual)): a ResNet's norm and what follows it (the residual
+    term where given, through ``residual_norm`` where given; the ReLU with ``relu``), in one
+    call where the norms allow: ``FrozenBatchNorm2d`` all of it, ``GroupNorm2d`` the norm and
+    ReLU of a term without a residual; otherwise the norm, then the sum and the ReLU in place."""
+    if isinstance(norm, FrozenBatchNorm2d) and (residual_norm is None or isinstance(residual_norm, FrozenBatchNorm2d)):
+        return norm(x, relu, residual, residual_norm)
+    if isinstance(norm, GroupNorm2d) and residual is None:
+        return norm(x, relu)
+    y = norm(x)
+    if residual is not None:
+        y += residual if residual_norm is None else residual_norm(residual)
+    return torch.relu_(y) if relu else y
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -158,6 +184,12 @@ def shortcut(in_channels: int, out_channels: int, stride: int, norm: str) -> nn.
     return nn.Sequential(conv, make_norm(norm, out_channels))
 
 
+def residual(x: torch.Tensor, downsample: nn.Sequential | None) -> tuple[torch.Tensor, nn.Module | None]:
+    """A block's shortcut as ``norm_act``'s (residual, residual_norm): the input itself, or the
+    projection's conv output and its norm."""
+    return (x, None) if downsample is None else (downsample[0](x), downsample[1])
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs (ResNet-18/34). x [B, in, H, W] -> [B, channels, H/stride, W/stride]."""
 
@@ -176,10 +208,8 @@ class BasicBlock(nn.Module):
         return self.bn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu_(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += x if self.downsample is None else self.downsample(x)
-        return torch.relu_(out)
+        out = norm_act(self.bn1, self.conv1(x))
+        return norm_act(self.bn2, self.conv2(out), True, *residual(x, self.downsample))
 
 
 class Bottleneck(nn.Module):
@@ -205,11 +235,9 @@ class Bottleneck(nn.Module):
         return self.bn3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu_(self.bn1(self.conv1(x)))
-        out = torch.relu_(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += x if self.downsample is None else self.downsample(x)
-        return torch.relu_(out)
+        out = norm_act(self.bn1, self.conv1(x))
+        out = norm_act(self.bn2, self.conv2(out))
+        return norm_act(self.bn3, self.conv3(out), True, *residual(x, self.downsample))
 
 
 ARCHITECTURES: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
@@ -274,7 +302,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x [B, 3, H, W] -> {"c2": [B, out_channels["c2"], H/4, W/4], ..., "c5": [.., H/32, W/32]}."""
-        x = self.maxpool(torch.relu_(self.bn1(self.conv1(x))))
+        x = self.maxpool(norm_act(self.bn1, self.conv1(x)))
         out = {}
         for level, layer in zip(LEVELS, (self.layer1, self.layer2, self.layer3, self.layer4)):
             x = layer(x)

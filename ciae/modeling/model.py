@@ -17,7 +17,7 @@ from torch import nn
 
 from ciae import checkpoint
 from ciae.config import Config
-from ciae.modeling.backbone import GroupNorm2d, build_backbone
+from ciae.modeling.backbone import FrozenBatchNorm2d, GroupNorm2d, build_backbone
 from ciae.modeling.embedding import EmbeddingBranch, full_resolution
 from ciae.modeling.fcos import (FCOSHead, compute_locations, fcos_detect, fcos_losses, fcos_normalisers,
                                 fcos_targets)
@@ -77,14 +77,15 @@ class CIAEModel(nn.Module):
     @property
     def kernel_backend(self) -> str:
         """The backend of the fused kernels (``kernels.dispatch``: "auto", "triton" or "torch"),
-        for the loss, the post-processing and every GroupNorm + ReLU."""
+        for the loss, the post-processing, every GroupNorm + ReLU and every frozen BatchNorm with
+        what follows it."""
         return self._kernel_backend
 
     @kernel_backend.setter
     def kernel_backend(self, name: str) -> None:
         self._kernel_backend = name
         for m in self.modules():
-            if isinstance(m, GroupNorm2d):
+            if isinstance(m, (GroupNorm2d, FrozenBatchNorm2d)):
                 m.backend = name
 
     def compile_features(self, **options) -> None:
