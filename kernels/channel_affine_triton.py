@@ -3,8 +3,10 @@ map, in its own dtype and layout.
 
 A map x [N, C, H, W] is read as rows of pixels (``triton_blocks.channel_tile``), element
 (n, c, p) at ``n C HW + c sC + p sP``: (sC, sP) = (1, C) channels-last, (HW, 1) contiguous. Each
-program takes a [BLOCK_P pixels, C_PAD channels] tile of one image, loads the channels' scale and
-shift once, and computes in float32 (float64 for float64 x), rounding once into x's dtype.
+program takes a [BLOCK_P pixels, BLOCK_C channels] tile of one image: every channel of a
+channels-last map (whole pixel rows), a run of pixels of a few channels of a contiguous one, so
+that either reads contiguous memory. It loads its channels' scale and shift once and computes in
+float32 (float64 for float64 x), rounding once into x's dtype.
 
 Forward, one kernel: y = relu(x * scale + shift + r) with r the residual as it is (RES = 1) or
     residual * residual_scale + residual_shift (RES = 2), or none (RES = 0).
@@ -28,14 +30,21 @@ ELEMENTS = 4096          # elements of a [BLOCK_P, C_PAD] tile on a GPU
 
 
 @triton.jit
-def _forward_kernel(x_ptr, s_ptr, b_ptr, r_ptr, rs_ptr, rb_ptr, y_ptr, HW, C, sN, sC, sP,
-                    RES: tl.constexpr, RELU: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-                    ACC: tl.constexpr):
-    """x, r [N, C, HW] (the same strides), scale, shift [C] (contiguous) -> y [N, C, HW]."""
-    n = tl.program_id(1).to(tl.int64)
-    c = tl.arange(0, C_PAD)
+def _tile(HW, C, C_BLOCKS, sN, sC, sP, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's tile: channels c [BLOCK_C], their mask, offsets and mask [BLOCK_P, BLOCK_C]."""
+    n = (tl.program_id(1) // C_BLOCKS).to(tl.int64)
+    c = (tl.program_id(1) % C_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     offs, m = channel_tile(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), HW, c, cm, n, sN, sC, sP)
+    return c, cm, offs, m
+
+
+@triton.jit
+def _forward_kernel(x_ptr, s_ptr, b_ptr, r_ptr, rs_ptr, rb_ptr, y_ptr, HW, C, C_BLOCKS, sN, sC, sP,
+                    RES: tl.constexpr, RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                    ACC: tl.constexpr):
+    """x, r [N, C, HW] (the same strides), scale, shift [C] (contiguous) -> y [N, C, HW]."""
+    c, cm, offs, m = _tile(HW, C, C_BLOCKS, sN, sC, sP, BLOCK_C, BLOCK_P)
     scale = tl.load(s_ptr + c, mask=cm, other=0).to(ACC)
     shift = tl.load(b_ptr + c, mask=cm, other=0).to(ACC)
     z = tl.load(x_ptr + offs, mask=m, other=0).to(ACC) * scale[None, :] + shift[None, :]
@@ -51,14 +60,11 @@ def _forward_kernel(x_ptr, s_ptr, b_ptr, r_ptr, rs_ptr, rb_ptr, y_ptr, HW, C, sN
 
 
 @triton.jit
-def _backward_kernel(dy_ptr, y_ptr, s_ptr, rs_ptr, dx_ptr, dr_ptr, HW, C, sN, sC, sP,
-                     RES: tl.constexpr, RELU: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+def _backward_kernel(dy_ptr, y_ptr, s_ptr, rs_ptr, dx_ptr, dr_ptr, HW, C, C_BLOCKS, sN, sC, sP,
+                     RES: tl.constexpr, RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                      ACC: tl.constexpr):
     """dy, y [N, C, HW] -> dx and, with a residual, dr [N, C, HW] (the same strides)."""
-    n = tl.program_id(1).to(tl.int64)
-    c = tl.arange(0, C_PAD)
-    cm = c < C
-    offs, m = channel_tile(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), HW, c, cm, n, sN, sC, sP)
+    c, cm, offs, m = _tile(HW, C, C_BLOCKS, sN, sC, sP, BLOCK_C, BLOCK_P)
     dz = tl.load(dy_ptr + offs, mask=m, other=0).to(ACC)
     if RELU:
         dz = tl.where(tl.load(y_ptr + offs, mask=m, other=0) <= 0, 0, dz)
@@ -71,13 +77,21 @@ def _backward_kernel(dy_ptr, y_ptr, s_ptr, rs_ptr, dx_ptr, dr_ptr, HW, C, sN, sC
 
 
 def _launch(x: torch.Tensor, block: int | None) -> tuple[tuple, tuple, dict]:
-    """x [N, C, H, W] -> (grid, the kernels' sizes and strides, constexprs and options)."""
+    """x [N, C, H, W] -> (grid, the kernels' sizes and strides, constexprs and options). A
+    contiguous map's tile takes as many channels as fit beside its run of pixels."""
     n, c, h, w = x.shape
-    c_pad, block, s_c, s_p = channel_launch(x, ELEMENTS, block)
-    options = {"C_PAD": c_pad, "BLOCK_P": block, "ACC": tl.float64 if x.dtype == torch.float64 else tl.float32}
+    c_pad, block_p, s_c, s_p = channel_launch(x, ELEMENTS, block)
+    block_c = c_pad
+    if s_p == 1:
+        elements = ELEMENTS if x.is_cuda else 1024
+        block_p = block or min(elements, triton.next_power_of_2(max(h * w, 1)))
+        block_c = min(c_pad, max(1, elements // block_p))
+    c_blocks = triton.cdiv(c, block_c)
+    options = {"BLOCK_C": block_c, "BLOCK_P": block_p,
+               "ACC": tl.float64 if x.dtype == torch.float64 else tl.float32}
     if x.is_cuda:
         options["num_warps"] = 8
-    return (triton.cdiv(h * w, block), n), (h * w, c, c * h * w, s_c, s_p), options
+    return (triton.cdiv(h * w, block_p), n * c_blocks), (h * w, c, c_blocks, c * h * w, s_c, s_p), options
 
 
 class _ChannelAffine(torch.autograd.Function):

@@ -581,6 +581,7 @@ def affine_case(seed, shape, dtype=torch.float64, channels_last=True, residual="
 @pytest.mark.parametrize("shape,channels_last,residual,relu,block", [
     ((2, 16, 5, 7), True, "affine", True, None),      # a bottleneck's end with its projection
     ((2, 16, 5, 7), False, "affine", True, 4),        # contiguous; several tiles per image
+    ((2, 24, 9, 16), False, "plain", True, 128),      # contiguous, 8 channels per tile (3 blocks)
     ((3, 24, 9, 4), True, "plain", True, 8),          # the identity shortcut; C not a power of two
     ((1, 12, 6, 6), True, "none", True, 16),          # norm + ReLU
     ((2, 8, 3, 5), False, "none", False, None),       # the norm alone

@@ -89,8 +89,8 @@ def main(argv=None) -> int:
               sC="i32", sP="i32", count="fp32", eps="fp32", chunk="i32")
     gn_consts = dict(C_PAD=c_pad, BLOCK_P=gn_tile.block)
     ca_tile = Tile(max(1, CA.ELEMENTS // c_pad), 8)
-    ca = dict(s_ptr=e, HW="i32", C="i32", sN="i32", sC="i32", sP="i32")
-    ca_consts = dict(C_PAD=c_pad, BLOCK_P=ca_tile.block, RES=2, RELU=True, ACC=tl.float32)
+    ca = dict(s_ptr=e, HW="i32", C="i32", C_BLOCKS="i32", sN="i32", sC="i32", sP="i32")
+    ca_consts = dict(BLOCK_C=c_pad, BLOCK_P=ca_tile.block, RES=2, RELU=True, ACC=tl.float32)
     # The integer arguments at COCO sizes (800 x 1216, its stride-4 map 200 x 304; GroupNorm on the
     # head's P3, 100 x 152, channels-last), which the launch specialises as Triton's JIT does:
     # a 1 compiles as a constant, a multiple of 16 as known divisible by 16 (alignment, vector
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                   D=args.dim, top_k=5, S=args.queries,
                   num_blocks=triton.cdiv(n, bwd.block), lo_n=200 * 304, lo_w=304,
                   s_d=1 if args.layout == "pixels" else n, s_p=args.dim if args.layout == "pixels" else 1,
-                  HW=hw, C=args.channels, G=groups, CG=args.channels // groups, sN=args.channels * hw,
+                  HW=hw, C=args.channels, C_BLOCKS=1, G=groups, CG=args.channels // groups, sN=args.channels * hw,
                   sC=1, sP=args.channels, chunk=gn_tile.block * triton.cdiv(triton.cdiv(hw, gn_tile.block), 33))
     specs = [
         ("loss forward", L._loss_fwd_kernel, dict(loss, loss_ptr=f32, count_ptr=i32),
