@@ -682,30 +682,21 @@ def test_the_models_frozen_batchnorms_run_one_kernel_each_and_train_as_the_twins
     assert ref_ops["addcmul"] == norms
 
 
-def test_group_norm_benchmark_runs():
-    """``benchmarks/kernels/group_norm.py --smoke``: every implementation and pass of both maps,
-    each within bfloat16 rounding of float64 (its times mean nothing on the CPU)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "group_norm.py"
-    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, check=True,
+@pytest.mark.parametrize("script,impls,tol", [("group_norm", ("autocast", "twin", "triton"), 0.05),
+                                               ("channel_affine", ("twin", "triton"), 0.1)])
+def test_norm_benchmarks_run(script, impls, tol):
+    """``benchmarks/kernels/{group_norm,channel_affine}.py --smoke``: every implementation and
+    pass of each map, each within bfloat16 rounding of float64 (the interpreter truncates where a
+    GPU rounds; its times mean nothing on the CPU)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / f"{script}.py"
+    out = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, check=True,
                          timeout=300).stdout
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and " ms " not in line
             and "---" not in line]
-    assert [(r[1].strip(), r[2].strip()) for r in rows[:6]] == [
-        (impl, what) for impl in ("autocast", "twin", "triton") for what in ("forward", "forward + backward")]
-    assert len(rows) == 12 and all(float(r[-1]) < 0.05 for r in rows)
-
-
-def test_channel_affine_benchmark_runs():
-    """``benchmarks/kernels/channel_affine.py --smoke``: both implementations and passes of the
-    three maps, each within bfloat16 rounding of float64 (its times mean nothing on the CPU)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "channel_affine.py"
-    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, check=True,
-                         timeout=300).stdout
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and " ms " not in line
-            and "---" not in line]
-    assert [(r[1].strip(), r[2].strip()) for r in rows[:4]] == [
-        (impl, what) for impl in ("twin", "triton") for what in ("forward", "forward + backward")]
-    assert len(rows) == 12 and all(float(r[-1]) < 0.1 for r in rows)
+    passes = ("forward", "forward + backward")
+    assert [(r[1].strip(), r[2].strip()) for r in rows[:2 * len(impls)]] == [
+        (impl, what) for impl in impls for what in passes]
+    assert len(rows) == 12 and all(float(r[-1]) < tol for r in rows)
 
 
 @pytest.mark.parametrize("dtype,layout", [("bf16", "pixels"), ("fp32", "planes")])

@@ -21,8 +21,6 @@ float64 GroupNorm of the same input. Prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -79,35 +77,16 @@ def rows_for(shape, device, warmup: int, repeats: int) -> list[dict]:
             base.setdefault(what, seconds)
             moved = BYTES_PER_ELEMENT[what] * x.numel()
             rows.append({"impl": impl, "pass": what, "ms": 1e3 * seconds, "gbps": moved / seconds / 1e9,
-                         "x_autocast": base[what] / seconds,
+                         "x_base": base[what] / seconds,
                          "max_diff": (out[0].double() - exact).abs().max().item()})
     return rows
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny maps on CPU, Triton under its interpreter")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 20, smoke 1)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")    # before triton is imported
-    import torch
+    from benchmarks.kernels.run import maps_main
 
-    cuda = torch.cuda.is_available() and not args.smoke
-    if not cuda and not args.smoke:
-        print("No CUDA device: this benchmark times GPU kernels; --smoke checks it on CPU.", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if cuda else "cpu")
-    repeats = args.repeats or (20 if cuda else 1)
-    name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter), smoke: times mean nothing"
-    print(f"# GroupNorm + ReLU, bfloat16 channels-last, {name}\n")
-    print("| map | implementation | pass | median ms | GB/s of the kernels' bytes | x autocast | max diff vs float64 |")
-    print("|---|---|---|---:|---:|---:|---:|")
-    for label, shape in (MAPS if cuda else SMOKE_MAPS).items():
-        for r in rows_for(shape, device, 3 if cuda else 0, repeats):
-            print(f"| {label} {list(shape)} | {r['impl']} | {r['pass']} | {r['ms']:.3f} | {r['gbps']:.0f} | "
-                  f"{r['x_autocast']:.2f} | {r['max_diff']:.3g} |")
-    return 0
+    return maps_main(argv, __doc__, "GroupNorm + ReLU, bfloat16 channels-last", "autocast",
+                     {k: (v,) for k, v in MAPS.items()}, {k: (v,) for k, v in SMOKE_MAPS.items()}, rows_for)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,37 @@ def measure(run, sync, cuda: bool, warmup: int, repeats: int):
     return statistics.median(times), peak, out
 
 
+def maps_main(argv, doc: str, title: str, baseline: str, maps: dict, smoke_maps: dict, rows_for) -> int:
+    """The command of a benchmark over a few maps (``group_norm.py``, ``channel_affine.py``): on
+    one CUDA GPU ``maps``, with ``--smoke`` ``smoke_maps`` on the CPU (Triton interpreted);
+    {label: arguments} and ``rows_for(*arguments, device, warmup, repeats)`` -> rows {impl, pass,
+    ms, gbps, x_base (``baseline``'s time over this one), max_diff}, printed as a markdown table."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny maps on CPU, Triton under its interpreter")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 20, smoke 1)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")    # before triton is imported
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        print("No CUDA device: this benchmark times GPU kernels; --smoke checks it on CPU.", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    repeats = args.repeats or (20 if cuda else 1)
+    name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter), smoke: times mean nothing"
+    print(f"# {title}, {name}\n")
+    print(f"| map | implementation | pass | median ms | GB/s of the kernels' bytes | x {baseline} | "
+          f"max diff vs float64 |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for label, arguments in (maps if cuda else smoke_maps).items():
+        for r in rows_for(*arguments, device, 3 if cuda else 0, repeats):
+            print(f"| {label} {list(arguments[0])} | {r['impl']} | {r['pass']} | {r['ms']:.3f} | {r['gbps']:.0f} | "
+                  f"{r['x_base']:.2f} | {r['max_diff']:.3g} |")
+    return 0
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float | None):
     """Raise TimeoutError in the block after ``seconds`` (None: no limit). SIGALRM: the main
