@@ -178,3 +178,38 @@ def test_a_non_finite_loss_still_names_step_term_and_lr():
         trainer.train_step(batch)
     assert c.num_syncs <= 1, c.report()
     assert trainer.step == 3
+
+
+def test_traffic_counts_the_kernels_launches_and_not_the_interpreters_ops():
+    """``benchmarks/train/traffic.py --backend triton`` on a step of the paper's config (frozen
+    BatchNorm): every Triton launch counted once with its tensors' bytes, at a line of ours (not
+    the launch wrapper's), none of the interpreter's own ATen ops, so it dispatches exactly the
+    ops and launches ``OpCounter`` sees in the same step; no allocation counted as traffic."""
+    pytest.importorskip("triton")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "train"))
+    import traffic
+
+    from benchmarks.syncs.run import batch_of
+    from ciae.config import PRESETS
+
+    torch.manual_seed(0)
+    model = CIAEModel(PRESETS["paper"]().merged({"backbone": {"width": 8}, "fpn": {"channels": 32}}),
+                      stuff_ids=[184, 187], thing_ids=[1, 3])
+    model.kernel_backend = "triton"
+    trainer = Trainer(model)
+    batch = batch_of(2, 64, 96)
+    trainer.train_step(batch)
+    counted = traffic.Traffic()
+    with counted:
+        trainer.train_step(batch)
+    with OpCounter() as c:
+        trainer.train_step(batch)
+    assert counted.ops == c.num_ops
+    launches = {k: v for k, v in counted.by_op.items() if k.startswith("triton:")}
+    assert set(launches) == {k for k in c.ops if k.startswith("triton:")} and all(launches.values())
+    assert launches["triton:_forward_kernel"] and launches["triton:_backward_kernel"]
+    assert not any("opcount" in site for site in counted.by_site)
+    assert "empty_like" not in counted.by_op and counted.by_op["convolution"] > 0

@@ -106,7 +106,7 @@ class _Dispatch(TorchDispatchMode):
         kwargs = kwargs or {}
         name = _aten_name(func)
         c = self.counter
-        if c._kernel:                   # the Triton interpreter's own work
+        if c._launches.depth:           # the Triton interpreter's own work
             return func(*args, **kwargs)
         c.ops[name] += 1
         if not c._inside:
@@ -132,7 +132,7 @@ class OpCounter:
         self.ops: collections.Counter = collections.Counter()
         self.syncs: list[tuple[str, str]] = []
         self._inside = 0
-        self._kernel = 0
+        self._launches = TritonLaunches(lambda name, args: self.ops.update([f"triton:{name}"]))
         self._modes = (_Functions(self), _Dispatch(self))
 
     def _record(self, what: str) -> None:
@@ -159,41 +159,50 @@ class OpCounter:
     def __enter__(self) -> "OpCounter":
         for m in self._modes:
             m.__enter__()
-        self._launches = _TritonLaunches(self)
+        self._launches.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._launches.close()
+        self._launches.__exit__(*exc)
         for m in reversed(self._modes):
             m.__exit__(*exc)
 
 
-class _TritonLaunches:
-    """Counts ``kernel[grid](...)`` launches into ``ops`` while open: triton's ``KernelInterface``
-    (compiled and interpreted kernels alike) is wrapped, and restored by ``close``."""
+class TritonLaunches:
+    """``with TritonLaunches(on_launch): ...``: every ``kernel[grid](*args)`` launch in the block
+    calls ``on_launch(kernel name, args)`` first; ``depth`` is above 0 while a kernel runs (under
+    the interpreter, the ATen ops it makes then are its own work, which a GPU does not issue).
+    Triton's ``KernelInterface`` (compiled and interpreted kernels alike) is wrapped on entry and
+    restored on exit; where triton was not imported, nothing is."""
 
-    def __init__(self, counter: OpCounter):
-        jit = sys.modules.get("triton.runtime.jit")
-        self._cls = getattr(jit, "KernelInterface", None)
+    def __init__(self, on_launch):
+        self.on_launch = on_launch
+        self.depth = 0
+        self._cls = None
+
+    def __enter__(self) -> "TritonLaunches":
+        self._cls = getattr(sys.modules.get("triton.runtime.jit"), "KernelInterface", None)
         if self._cls is None:
-            return
+            return self
         self._getitem = original = self._cls.__getitem__
 
-        def counted(kernel, grid):
+        def wrapped(kernel, grid):
             launch = original(kernel, grid)
             name = getattr(getattr(kernel, "fn", None), "__name__", "kernel")
 
             def run(*args, **kwargs):
-                counter.ops[f"triton:{name}"] += 1
-                counter._kernel += 1
+                self.on_launch(name, args)
+                self.depth += 1
                 try:
                     return launch(*args, **kwargs)
                 finally:
-                    counter._kernel -= 1
+                    self.depth -= 1
             return run
 
-        self._cls.__getitem__ = counted
+        self._cls.__getitem__ = wrapped
+        return self
 
-    def close(self) -> None:
+    def __exit__(self, *exc) -> None:
         if self._cls is not None:
             self._cls.__getitem__ = self._getitem
+            self._cls = None
