@@ -26,7 +26,7 @@ import triton.language as tl
 from kernels.group_norm import layout
 from kernels.triton_blocks import channel_launch, channel_tile
 
-ELEMENTS = 4096          # elements of a [BLOCK_P, C_PAD] tile on a GPU
+ELEMENTS = 4096          # elements of a [BLOCK_P, BLOCK_C] tile on a GPU
 
 
 @triton.jit

@@ -86,9 +86,16 @@ def _pick(backend: str, tensor: torch.Tensor) -> Backend:
     return BACKENDS[backend]
 
 
-def _check(ok: bool, what: str) -> None:
+def _check(ok: bool, what: str | Callable[[], str]) -> None:
+    """ValueError(what) unless ok; ``what`` a function where formatting it costs (the norms' entry
+    points run once per layer: their messages are made only on failure)."""
     if not ok:
-        raise ValueError(what)
+        raise ValueError(what() if callable(what) else what)
+
+
+def _check_map(x: torch.Tensor) -> None:
+    _check(x.dim() == 4 and x.is_floating_point(),
+           lambda: f"x must be [N, C, H, W] float, got {tuple(x.shape)} {x.dtype}")
 
 
 def _check_queries(emb: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor) -> None:
@@ -203,11 +210,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     """x [N, C, H, W] float, num_groups dividing C, weight and bias [C] -> relu(group_norm(x)),
     or without the ReLU, in x's dtype and memory layout (statistics in float32).
     See ``kernels.group_norm``."""
-    _check(x.dim() == 4 and x.is_floating_point(), f"x must be [N, C, H, W] float, got {tuple(x.shape)} {x.dtype}")
+    _check_map(x)
     _check(num_groups >= 1 and x.shape[1] % num_groups == 0,
-           f"num_groups must divide the {x.shape[1]} channels, got {num_groups}")
+           lambda: f"num_groups must divide the {x.shape[1]} channels, got {num_groups}")
     _check(weight.shape == bias.shape == (x.shape[1],),
-           f"weight and bias must be [C={x.shape[1]}], got {tuple(weight.shape)} and {tuple(bias.shape)}")
+           lambda: f"weight and bias must be [C={x.shape[1]}], got {tuple(weight.shape)} and {tuple(bias.shape)}")
     return _pick(backend, x).group_norm(x, num_groups, weight, bias, eps, relu)
 
 
@@ -219,21 +226,21 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     (residual_scale and residual_shift [C, 1, 1] in its dtype, or None) -> relu(x * scale + shift +
     residual * residual_scale + residual_shift) in x's dtype and layout, each term and the ReLU
     where given. Differentiable w.r.t. x and residual. See ``kernels.channel_affine``."""
-    _check(x.dim() == 4 and x.is_floating_point(), f"x must be [N, C, H, W] float, got {tuple(x.shape)} {x.dtype}")
+    _check_map(x)
     c = x.shape[1]
     _check(scale.shape == shift.shape == (c, 1, 1) and scale.dtype == shift.dtype == x.dtype,
-           f"scale and shift must be [C={c}, 1, 1] {x.dtype}, got {tuple(scale.shape)} {scale.dtype} and "
-           f"{tuple(shift.shape)} {shift.dtype}")
+           lambda: f"scale and shift must be [C={c}, 1, 1] {x.dtype}, got {tuple(scale.shape)} {scale.dtype} "
+                   f"and {tuple(shift.shape)} {shift.dtype}")
     _check(not (scale.requires_grad or shift.requires_grad),
            "scale and shift are constants: they must not require grad")
     _check((residual_scale is None) == (residual_shift is None) and (residual is not None or residual_scale is None),
            "residual_scale and residual_shift come together, and only with a residual")
     if residual is not None:
         _check(residual.shape == x.shape and residual.is_floating_point(),
-               f"residual must be {tuple(x.shape)} float, got {tuple(residual.shape)} {residual.dtype}")
+               lambda: f"residual must be {tuple(x.shape)} float, got {tuple(residual.shape)} {residual.dtype}")
     if residual_scale is not None:
         _check(residual_scale.shape == residual_shift.shape == (c, 1, 1)
                and residual_scale.dtype == residual_shift.dtype == residual.dtype
                and not (residual_scale.requires_grad or residual_shift.requires_grad),
-               f"residual_scale and residual_shift must be constant [C={c}, 1, 1] {residual.dtype}")
+               lambda: f"residual_scale and residual_shift must be constant [C={c}, 1, 1] {residual.dtype}")
     return _pick(backend, x).channel_affine(x, scale, shift, residual, residual_scale, residual_shift, relu)
