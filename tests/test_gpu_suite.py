@@ -57,7 +57,7 @@ def test_env_and_ceilings(smoke):
 def test_correctness_cases_pass(smoke):
     c = smoke[0]["sections"]["correctness"]
     cases = c["cases"]
-    assert len(cases) == c["n_cases"] == 30 and c["passed_all"] and c["n_failed"] == 0
+    assert len(cases) == c["n_cases"] == 34 and c["passed_all"] and c["n_failed"] == 0
     assert {(x["op"], x["dtype"]) for x in cases if x["case"] == "COCO"} == {
         (op, dt) for op in ("segment_sums", "loss", "assign", "assign_upsampled")
         for dt in ("fp32", "bf16")}
@@ -149,7 +149,7 @@ def test_a_cuda_fault_ends_only_its_kernel(tmp_path):
         assert all("loss faulted earlier" in x for x in entry["skipped"])
     cases = sections["correctness"]["cases"]
     others = [c for c in cases if c["op"] != "loss"]
-    assert len(others) == 21 and all(c["passed"] for c in others)
+    assert len(others) == 25 and all(c["passed"] for c in others)
     assert not any(c["passed"] for c in cases if c["op"] == "loss")
     for rows in sections["kernels"]["tables_by_dtype"].values():
         assert {r["op"] for r in rows} == {"segment_sums", "assign", "assign_upsampled"}

@@ -216,6 +216,11 @@ def correctness_cases(smoke: bool) -> list[tuple]:
                 for op in ops),
               *(("channels-last", op, dt, edge(32, 5, 8, 2), {"layout": "pixels"})
                 for dt in (bf16, f32) for op in ops)]
+    # the network's norms on channels-last maps of the paper's model at batch 8, 800 x 1216: the
+    # head's P3 (GroupNorm + ReLU), layer1's end with its projection (frozen BatchNorm)
+    maps = ({"group_norm": (2, 32, 6, 10), "channel_affine": (2, 32, 6, 10)} if smoke else
+            {"group_norm": (8, 256, 100, 152), "channel_affine": (8, 256, 200, 304)})
+    cases += [("COCO map", op, dt, maps[op], {}) for dt in (f32, bf16) for op in MAP_CHECKS]
     return cases
 
 
@@ -277,6 +282,57 @@ def check_loss(ctx, inputs, seed):
     ref, ref_n = run(twin, True)
     eager, _ = run(twin, False)
     return out, ref, eager, {"num_valid_exact": n == ref_n}
+
+
+def _channels_last_map(shape, dtype, g, device, scale=1.0, offset=0.0):
+    return (torch.randn(shape, generator=g) * scale + offset).to(device, dtype).contiguous(
+        memory_format=torch.channels_last)
+
+
+def _map_check(run, inputs):
+    """``run(fn, *inputs)`` -> {output and gradients} for the Triton kernel, the twin on float64
+    copies and the twin in the inputs' dtype: ``check_case``'s (out, ref, eager, extra)."""
+    up = [t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs]
+    return run("triton", *inputs), run("twin", *up), run("twin", *inputs), {}
+
+
+def check_group_norm(ctx, shape, dtype, seed):
+    from kernels.group_norm import group_norm as twin
+    from kernels.group_norm_triton import group_norm as triton_gn
+
+    g = torch.Generator().manual_seed(seed)
+    x = _channels_last_map(shape, dtype, g, ctx.device, 2.0, 0.5)
+    weight, bias = (torch.randn(shape[1], generator=g).to(ctx.device) for _ in range(2))
+    probe = _channels_last_map(shape, torch.float32, g, ctx.device)
+
+    def run(impl, x, weight, bias):
+        x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+        y = (triton_gn if impl == "triton" else twin)(x, 32, weight, bias, relu=True)
+        grads = torch.autograd.grad((y.float() * probe.to(y.dtype)).sum(), (x, weight, bias))
+        return dict(zip(("y", "d_x", "d_weight", "d_bias"), (y.detach(), *grads)))
+
+    return _map_check(run, (x, weight, bias))
+
+
+def check_channel_affine(ctx, shape, dtype, seed):
+    from kernels.channel_affine import channel_affine as twin
+    from kernels.channel_affine_triton import channel_affine as triton_affine
+
+    g = torch.Generator().manual_seed(seed)
+    x, r, probe = (_channels_last_map(shape, dtype, g, ctx.device) for _ in range(3))
+    constants = [torch.randn(shape[1], 1, 1, generator=g).to(ctx.device, dtype) for _ in range(4)]
+
+    def run(impl, x, r, *constants):
+        x, r = (t.detach().clone().requires_grad_() for t in (x, r))
+        s, b, rs, rb = constants
+        y = (triton_affine if impl == "triton" else twin)(x, s, b, r, rs, rb, True)
+        grads = torch.autograd.grad((y.float() * probe.to(y.dtype)).sum(), (x, r))
+        return dict(zip(("y", "d_x", "d_residual"), (y.detach(), *grads)))
+
+    return _map_check(run, (x, r, *constants))
+
+
+MAP_CHECKS = {"group_norm": check_group_norm, "channel_affine": check_channel_affine}
 
 
 def reference_assign(full: torch.Tensor, queries: torch.Tensor, boxes: torch.Tensor,
@@ -360,8 +416,10 @@ def check_assign(ctx, inputs, upsampled: bool):
 def check_case(ctx: Context, shape, dtype, edits: dict, seed: int, rec: dict) -> dict:
     """Run one case on fresh inputs -> ``rec`` with its figures, ``passed`` and ``cells`` (the
     Triton figure and the eager twin's, as table cells)."""
-    inputs = case_inputs(ctx, shape, dtype, edits, seed)
     tol, op = rec["tol"], rec["op"]
+    if op in MAP_CHECKS:
+        return compare(rec, *MAP_CHECKS[op](ctx, shape, dtype, seed + 1000))
+    inputs = case_inputs(ctx, shape, dtype, edits, seed)
     if op.startswith("assign"):
         res = check_assign(ctx, inputs, op == "assign_upsampled")
         rec.update(res, passed=(res["not_near_tie"] == 0 and res["best_rel_err"] < tol
@@ -372,7 +430,13 @@ def check_case(ctx: Context, shape, dtype, edits: dict, seed: int, rec: dict) ->
                         f"labels {100 * res['eager_labels_equal']:.4f}% equal"]
         return rec
     check = check_segment_sums if op == "segment_sums" else check_loss
-    out, ref, twin_out, extra = check(ctx, inputs, seed + 1000)
+    return compare(rec, *check(ctx, inputs, seed + 1000))
+
+
+def compare(rec: dict, out: dict, ref: dict, twin_out: dict, extra: dict) -> dict:
+    """``rec`` with the Triton outputs' relative errors against float64 and the eager twin's,
+    ``passed`` and ``cells``."""
+    tol = rec["tol"]
     errors = {key: rel(out[key], ref[key]) for key in ref}
     eager_errors = {key: rel(twin_out[key], ref[key]) for key in ref}
     worst = max(errors, key=lambda key: errors[key] if math.isfinite(errors[key]) else math.inf)
@@ -393,8 +457,8 @@ def section_correctness(ctx: Context, sec) -> None:
         what = f"{case} {op} {dname}"
         if not sec.affords(2 if ctx.smoke else 6, what):
             continue
-        desc = (f"{shape.images} x {shape.height}x{shape.width}, D {shape.dim}, "
-                f"Q {shape.queries}")
+        desc = (f"map {list(shape)}, channels-last" if isinstance(shape, tuple) else
+                f"{shape.images} x {shape.height}x{shape.width}, D {shape.dim}, Q {shape.queries}")
         rec = {"case": case, "op": op, "dtype": dname, "inputs": desc, "tol": TOL[dtype],
                "passed": False, "cells": ["error (see errors)", "-"]}
         result, _ = sec.unit(op, what, functools.partial(check_case, ctx, shape, dtype, edits,
