@@ -55,7 +55,7 @@ def _forward_kernel(x_ptr, s_ptr, b_ptr, r_ptr, rs_ptr, rb_ptr, y_ptr, HW, C, C_
                  + tl.load(rb_ptr + c, mask=cm, other=0).to(ACC)[None, :])
         z += r
     if RELU:
-        z = tl.where(z < 0, 0, z)
+        z = tl.maximum(z, 0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=m)
 
 

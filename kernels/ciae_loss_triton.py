@@ -120,9 +120,11 @@ def _loss_fwd_kernel(e_ptr, qt_ptr, box_ptr, t_ptr, w_ptr, c_ptr, loss_ptr, coun
     two_m = tl.load(c_ptr + 1)
     e = load_pixels(e_ptr, pix, n, D, s_d, s_p, D_PAD, ACC)
     qt = load_queries_t(qt_ptr, D_PAD, Q_PAD)
-    _, _, s, _ = box_cosine(e, qt, box_ptr, pix, width, Q, Q_PAD, DOT)
+    _, norm, s, _ = box_cosine(e, qt, box_ptr, pix, width, Q, Q_PAD, DOT)
     valid, w, _, z = _hinge(s, t_ptr, w_ptr, pix, n, Q, margin, Q_PAD)
     lsum, _ = _top_k(z, top_k, two_m, w, Q_PAD, False)
+    # a NaN embedding makes the loss NaN, as in the twin (its top-k keeps NaN; max drops it)
+    lsum = tl.where(norm != norm, float("nan"), lsum)
     tl.store(loss_ptr + pid, tl.sum(w * lsum, axis=0))
     tl.store(count_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
 

@@ -15,7 +15,8 @@ Backward, two kernels of the same shapes (dz = dy where y > 0 with the ReLU, x^ 
   sums: per channel sum(dz) and sum(dz x^) (atomically into [2, C]: the bias and weight
       gradients) and per group sum(weight dz) and sum(weight dz x^) (into [N, 2, G]);
   dx = (weight dz - mean_g(weight dz) - x^ mean_g(weight dz x^)) / std.
-Atomics make the summation order, hence the last bits, vary from run to run.
+Atomics make the summation order, hence the last bits, vary from run to run. A NaN stays NaN
+through the ReLU and passes its gradient (PyTorch's rules), so a diverging map reaches the loss.
 
 Cost per element of a bfloat16 map: forward reads it twice and writes it once (6 bytes);
 backward reads x, y and dy twice and writes dx (14 bytes). C <= 1024.
@@ -57,7 +58,7 @@ def _dz_xhat(x_ptr, y_ptr, dy_ptr, offs, m, mean, rstd, RELU: tl.constexpr, ACC:
     """The gradient at the norm's output (dy, 0 where the ReLU cut) and the normalised x."""
     dz = tl.load(dy_ptr + offs, mask=m, other=0).to(ACC)
     if RELU:
-        dz = tl.where(tl.load(y_ptr + offs, mask=m, other=0) > 0, dz, 0)
+        dz = tl.where(tl.load(y_ptr + offs, mask=m, other=0) <= 0, 0, dz)     # threshold_backward's rule
     xhat = (tl.load(x_ptr + offs, mask=m, other=0).to(ACC) - mean[None, :]) * rstd[None, :]
     return dz, xhat
 
@@ -99,7 +100,7 @@ def _apply_kernel(x_ptr, y_ptr, st_ptr, w_ptr, b_ptr, HW, C, G, CG, sN, sC, sP, 
     offs, m = channel_tile(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), HW, c, cm, n, sN, sC, sP)
     y = tl.load(x_ptr + offs, mask=m, other=0).to(ACC) * scale[None, :] + shift[None, :]
     if RELU:
-        y = tl.maximum(y, 0)
+        y = tl.maximum(y, 0, propagate_nan=tl.PropagateNan.ALL)       # NaN stays NaN, as PyTorch's ReLU
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
 
 

@@ -173,6 +173,20 @@ def test_embedding_loss_singularity_is_finite():
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("target_of_the_pixel", [1, -1], ids=["counted", "ignored"])
+def test_embedding_loss_of_a_nan_embedding_is_nan_as_the_twins(target_of_the_pixel):
+    """A pixel's NaN embedding makes the loss NaN, counted pixel or ignored, as the twin's (its
+    top-k keeps NaN, and an ignored pixel's weight 0 times NaN is NaN), so that a diverging
+    embedding reaches the training's non-finite check; the kernel's max dropped the NaN (a
+    finite loss)."""
+    emb, queries, boxes, target, weight = make_case(9, d=4, h=5, w=6, q=5)
+    target[2, 3] = target_of_the_pixel
+    emb[:, 2, 3] = float("nan")
+    for fn in (ciae_loss_triton.embedding_loss, twin_loss):
+        loss, n = fn(emb.to(DEV), queries.to(DEV), boxes.to(DEV), target.to(DEV), weight.to(DEV), MARGIN, 3)
+        assert loss.isnan(), fn.__module__
+
+
 def test_embedding_loss_gradcheck():
     emb, queries, boxes, target, weight = (x.to(DEV) for x in make_case(9, d=3, h=3, w=4, q=3))
     fn = lambda e, q, wt: ciae_loss_triton.embedding_loss(e, q, boxes, target, wt, MARGIN, 2)[0]
@@ -486,6 +500,22 @@ def test_group_norm_of_a_constant_group_is_its_bias():
     for a, b in zip(got, ref):
         assert torch.isfinite(a).all()
         close(a, b, 1e-6)
+
+
+def test_group_norm_keeps_nan_as_the_twin():
+    """A NaN in a group makes the group's output NaN through the ReLU, and the ReLU passes a NaN's
+    gradient, as PyTorch's (the kernel's ReLU turned the group to 0: a diverging map vanished)."""
+    x = torch.randn(1, 8, 4, 4, dtype=torch.float64)
+    x[0, 1, 2, 2] = float("nan")                       # group 0 of 2
+    weight, bias = torch.randn(2, 8, dtype=torch.float64)
+    probe = torch.randn(1, 8, 4, 4, dtype=torch.float64)
+    got = run_group_norm(group_norm_triton.group_norm, x.to(DEV), 2, weight.to(DEV), bias.to(DEV), True,
+                         probe.to(DEV))
+    ref = run_group_norm(twin_group_norm, x, 2, weight, bias, True, probe)
+    assert got[0][0, :4].isnan().all() and not got[0][0, 4:].isnan().any()
+    for a, b in zip(got[:2], ref[:2]):
+        assert torch.equal(a.isnan().cpu(), b.isnan()), (a, b)
+        torch.testing.assert_close(a.cpu(), b, equal_nan=True)
 
 
 @pytest.mark.parametrize("shape", [(0, 8, 4, 4), (2, 8, 0, 5)], ids=["no image", "no pixel"])

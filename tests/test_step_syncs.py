@@ -180,6 +180,25 @@ def test_a_non_finite_loss_still_names_step_term_and_lr():
     assert trainer.step == 3
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_nan_in_the_embedding_branch_stops_training_on_either_path(backend):
+    """A NaN weight in the embedding branch (only there: the detector's losses stay finite) stops
+    the step with the non-finite loss error on the kernels' path as on the twins': the GroupNorm
+    kernel's ReLU and the loss kernel's hinge keep NaN as PyTorch's (they dropped it: the step
+    went on, finite, with a dead branch)."""
+    if backend not in dispatch.BACKENDS:
+        pytest.skip(f"no {backend} backend here")
+    torch.manual_seed(0)
+    model = CIAEModel(tiny_config(), stuff_ids=[184, 187], thing_ids=[1, 3])
+    model.kernel_backend = backend
+    name, weight = next((n, p) for n, p in model.named_parameters()
+                        if n.startswith("embedding.") and p.dim() == 4)
+    with torch.no_grad():
+        weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0: loss_(cae|iae|ciae) = nan"):
+        Trainer(model).train_step(toy_batch(2, 64, 96))
+
+
 def test_traffic_counts_the_kernels_launches_and_not_the_interpreters_ops():
     """``benchmarks/train/traffic.py --backend triton`` on a step of the paper's config (frozen
     BatchNorm): every Triton launch counted once with its tensors' bytes, at a line of ours (not
