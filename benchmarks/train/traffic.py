@@ -45,10 +45,10 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from ciae.utils.opcount import TritonLaunches  # noqa: E402
 
-VIEWS = {"view", "_unsafe_view", "_reshape_alias", "unsqueeze", "squeeze", "detach", "alias", "select",
+MOVES_NOTHING = {"view", "_unsafe_view", "_reshape_alias", "unsqueeze", "squeeze", "detach", "alias", "select",
          "slice", "transpose", "t", "permute", "expand", "as_strided", "split", "split_with_sizes",
          "unbind", "chunk", "narrow", "diagonal", "unfold", "lift_fresh",
-         "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}   # and allocations
+         "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}   # views and allocations
 _OURS = tuple(os.path.join(ROOT, p) + os.sep for p in ("ciae", "kernels"))
 _COUNTER = os.path.join(ROOT, "ciae", "utils", "opcount.py")     # the launch wrapper's frame
 
@@ -99,7 +99,7 @@ class Traffic(TorchDispatchMode):
         if self.launches.depth:             # the Triton interpreter's own work
             return out
         name = func._schema.name.split("::")[-1]
-        if name in VIEWS:
+        if name in MOVES_NOTHING:
             self.ops += 1
         else:
             self._count(name, _bytes(args) + _bytes(list((kwargs or {}).values())) + _bytes(out))
